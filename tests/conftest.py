@@ -1,0 +1,32 @@
+"""Shared pytest setup. Fixture modules per concern are listed in pytest_plugins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VECTORS = REPO.parent / "shared" / "vectors" / "ringkernel-core-1.1.0"
+
+pytest_plugins: list[str] = []
+for _name in ("fixtures_s3", "fixtures_slurm", "fixtures_kernel"):
+    if (Path(__file__).parent / f"{_name}.py").exists():
+        pytest_plugins.append(_name)
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    if not VECTORS.is_dir():
+        pytest.fail(f"reference vectors not found at {VECTORS}")
+    return VECTORS
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RKSLURM_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test; set RKSLURM_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
