@@ -1,35 +1,196 @@
-"""Delta checkpoints and chains (whole-chunk deltas, as the reference does).
+"""Delta checkpoints and chains: whole-chunk (reference) and block-level patches.
 
-A delta records its parent's content digest; applying it anywhere else is an
-error, so a chain can never silently mix states.
+A delta records the content digest of its parent's *materialised full state*
+in ``ringkernel.delta.parent_digest``; applying it to any other state raises
+``DeltaMismatchError``, so a chain can never silently mix states. Block
+deltas also record the digest of the state they produce in
+``rkckpt.state_digest``, and applying checks it, so a corrupt patch that
+still parses is caught at the link that introduced it.
+
+``Checkpoint.content_digest()`` of a delta object is the digest of what it
+stores (for a block delta: the patch bytes), exactly as the reference
+defines it for its whole-chunk deltas; it is never what a chain links by.
+
+Block patch (the data of a chunk flagged ``CHUNK_BLOCK_DELTA``)::
+
+    4s  magic b"RKBD"
+    u32 block_size
+    u64 parent_size       size of the parent chunk it applies to
+    u64 target_size       size of the chunk after applying
+    u32 run_count
+    u32 reserved (0)
+    run_count x (u64 first_block, u64 block_count)   sorted, disjoint
+    the bytes of those blocks, in order (the last block of the chunk is
+    short when target_size is not a multiple of block_size)
+
+Applying: the parent's bytes, cut or zero-extended to ``target_size``, with
+the listed blocks overwritten. Its size grows with the bytes that changed.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
+from typing import Literal
 
-from .errors import DeltaMismatchError
+import numpy as np
+
+from .errors import CheckpointError, DeltaMismatchError
+from .flags import CHUNK_BLOCK_DELTA
 from .model import PARENT_DIGEST_KEY, Checkpoint, Chunk
 
+STATE_DIGEST_KEY = "rkckpt.state_digest"
+PATCH_MAGIC = b"RKBD"
+DEFAULT_BLOCK = 4096
+_PATCH = struct.Struct("<4sIQQII")
+_SLAB_BLOCKS = 8192  # compare this many blocks at a time: bounded temporaries
 
-def make_delta(parent: Checkpoint, child: Checkpoint) -> Checkpoint:
-    """Whole-chunk delta: chunks of ``child`` that are new or differ from ``parent``."""
+Mode = Literal["block", "whole"]
+
+
+def _u8(data: bytes | bytearray | memoryview) -> np.ndarray:
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+
+
+def changed_blocks(old: np.ndarray, new: np.ndarray, block: int) -> np.ndarray:
+    """Boolean per block of ``new``: does it differ from ``old`` (or lie past its end)?"""
+    n = new.size
+    nb = -(-n // block)
+    changed = np.ones(nb, dtype=bool)
+    common = min(old.size, n)
+    full = common // block
+    wide = np.uint64 if block % 8 == 0 else np.uint8
+    per = block // np.dtype(wide).itemsize
+    for s in range(0, full, _SLAB_BLOCKS):
+        e = min(full, s + _SLAB_BLOCKS)
+        a = old[s * block : e * block].view(wide).reshape(e - s, per)
+        b = new[s * block : e * block].view(wide).reshape(e - s, per)
+        changed[s:e] = (a != b).any(axis=1)
+    if full < nb:  # a short last block, or the first block past the old end
+        end = min(n, (full + 1) * block)
+        if old.size >= end:
+            changed[full] = not np.array_equal(old[full * block : end], new[full * block : end])
+    return changed
+
+
+def make_patch(old: bytes | memoryview, new: bytes | memoryview, block: int = DEFAULT_BLOCK) -> bytes | None:
+    """Block patch turning ``old`` into ``new``; ``None`` when they are equal."""
+    a, b = _u8(old), _u8(new)
+    changed = changed_blocks(a, b, block)
+    if a.size == b.size and not changed.any():
+        return None
+    idx = np.flatnonzero(changed)
+    header = _PATCH.pack(PATCH_MAGIC, block, a.size, b.size, 0, 0)
+    if idx.size == 0:  # only a truncation
+        return header
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], brk))]
+    ends = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
+    runs = np.empty((starts.size, 2), dtype="<u8")
+    runs[:, 0], runs[:, 1] = starts, ends - starts
+    header = _PATCH.pack(PATCH_MAGIC, block, a.size, b.size, starts.size, 0)
+    nfull = b.size // block
+    body = b[: nfull * block].reshape(nfull, block)[idx[idx < nfull]]
+    tail = b[nfull * block :] if (b.size % block and idx[-1] == nfull) else b[:0]
+    return b"".join((header, runs.tobytes(), body.tobytes(), tail.tobytes()))
+
+
+def apply_patch(old: bytes | memoryview, patch: bytes | memoryview, source: str | None = None) -> memoryview:
+    """Materialise ``old`` + ``patch``; every field is checked against the bytes present."""
+    a, p = _u8(old), memoryview(patch).cast("B")
+    if p.nbytes < _PATCH.size:
+        raise CheckpointError(source, f"block patch of {p.nbytes} bytes is shorter than its header")
+    magic, block, parent_size, target, nruns, _ = _PATCH.unpack_from(p, 0)
+    if magic != PATCH_MAGIC or block == 0:
+        raise CheckpointError(source, "block patch has a bad magic or block size")
+    if parent_size != a.size:
+        raise DeltaMismatchError(source, f"block patch expects a parent chunk of {parent_size} bytes, base has {a.size}")
+    pos = _PATCH.size
+    if nruns > (p.nbytes - pos) // 16:
+        raise CheckpointError(source, f"block patch declares {nruns} runs, more than its {p.nbytes} bytes hold")
+    runs = np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2).astype(np.int64) if nruns else np.zeros((0, 2), np.int64)
+    pos += 16 * nruns
+    data_len = p.nbytes - pos
+    if target > parent_size + data_len:
+        raise CheckpointError(source, f"block patch grows the chunk to {target} bytes with only {data_len} bytes of data")
+    nb = -(-target // block)
+    starts, counts = runs[:, 0], runs[:, 1]
+    if nruns and ((counts <= 0).any() or (starts < 0).any() or (starts[1:] < starts[:-1] + counts[:-1]).any() or starts[-1] + counts[-1] > nb):
+        raise CheckpointError(source, "block patch runs are out of order, overlapping or past the chunk end")
+    total = int(counts.sum())
+    idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(total)
+    nfull = target // block
+    has_tail = bool(total and target % block and idx[-1] == nfull)
+    want = (total - has_tail) * block + (target % block if has_tail else 0)
+    if want != data_len:
+        raise CheckpointError(source, f"block patch holds {data_len} data bytes, its runs need {want}")
+    # blocks past the parent must all be in the patch (else they would be zeros nobody wrote)
+    covered = np.zeros(nb, dtype=bool)
+    covered[idx] = True
+    if not covered[a.size // block if a.size < target else nb :].all():
+        raise CheckpointError(source, "block patch leaves bytes past the parent's end unwritten")
+    out = np.empty(target, dtype=np.uint8)
+    keep = min(a.size, target)
+    out[:keep] = a[:keep]
+    out[keep:] = 0
+    data = np.frombuffer(p, dtype=np.uint8, offset=pos)
+    full_idx = idx[: total - has_tail]
+    out[: nfull * block].reshape(nfull, block)[full_idx] = data[: full_idx.size * block].reshape(-1, block)
+    if has_tail:
+        out[nfull * block :] = data[full_idx.size * block :]
+    return memoryview(out).cast("B")
+
+
+def make_delta(
+    parent: Checkpoint,
+    child: Checkpoint,
+    mode: Mode = "whole",
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    parent_digest: str | None = None,
+    state_digest: str | None = None,
+) -> Checkpoint:
+    """Delta from ``parent`` (a full state) to ``child``: only what changed.
+
+    ``mode="whole"`` stores changed chunks whole (the reference's deltas, for
+    compat files); ``"block"`` stores a block patch when that is smaller.
+    Pass digests already known to skip recomputing them.
+    """
+    if mode not in ("block", "whole"):
+        raise ValueError(f"unknown delta mode {mode!r}")
+    if any(c.flags & CHUNK_BLOCK_DELTA for c in parent.chunks):
+        raise ValueError("the parent of a delta must be a materialised full state, not a block delta")
     base = {c.identity: c for c in parent.chunks}
     changed: list[Chunk] = []
     for c in child.chunks:
         old = base.get(c.identity)
-        if old is None or bytes(memoryview(old.data)) != bytes(memoryview(c.data)):
+        if old is None:
             changed.append(c)
-    meta = child.metadata.with_custom(**{PARENT_DIGEST_KEY: parent.content_digest()})
+            continue
+        if mode == "whole":
+            a, b = _u8(old.data), _u8(c.data)
+            if a.size != b.size or changed_blocks(a, b, block_size).any():
+                changed.append(c)
+            continue
+        patch = make_patch(old.data, c.data, block_size)
+        if patch is None:
+            continue
+        if len(patch) < c.size:
+            changed.append(Chunk(c.chunk_type, c.chunk_id, patch, flags=CHUNK_BLOCK_DELTA))
+        else:
+            changed.append(c)
+    updates = {PARENT_DIGEST_KEY: parent_digest or parent.content_digest()}
+    if mode == "block":
+        updates[STATE_DIGEST_KEY] = state_digest or child.content_digest()
+    meta = child.metadata.with_custom(**updates)
     return Checkpoint(meta, changed, created_at=child.created_at)
 
 
-def apply_delta(base: Checkpoint, delta: Checkpoint, *, source: str | None = None) -> Checkpoint:
-    """Materialise ``base`` + ``delta`` (reference semantics; see RKCKPT-FORMAT.md)."""
+def _apply(base: Checkpoint, delta: Checkpoint, base_digest: str | None, source: str | None, verify: bool) -> tuple[Checkpoint, str | None]:
     want = delta.metadata.parent_digest
-    have = base.content_digest()
     if want is None:
         raise DeltaMismatchError(source, "not a delta checkpoint (no parent digest)")
+    have = base_digest or base.content_digest()
     if want != have:
         raise DeltaMismatchError(source, f"delta expects parent digest {want}, base has {have}")
     replacement = {c.identity: c for c in delta.chunks}
@@ -37,14 +198,33 @@ def apply_delta(base: Checkpoint, delta: Checkpoint, *, source: str | None = Non
     seen = set()
     for c in base.chunks:
         r = replacement.get(c.identity)
+        if r is not None and r.flags & CHUNK_BLOCK_DELTA:
+            r = Chunk(r.chunk_type, r.chunk_id, apply_patch(c.data, r.data, source), flags=r.flags & ~CHUNK_BLOCK_DELTA)
         out.append(c if r is None else r)
         seen.add(c.identity)
-    out.extend(c for c in delta.chunks if c.identity not in seen)
-    return Checkpoint(delta.metadata, out, created_at=delta.created_at)
+    for c in delta.chunks:
+        if c.identity not in seen:
+            if c.flags & CHUNK_BLOCK_DELTA:
+                raise DeltaMismatchError(source, f"block patch for chunk {c.chunk_type}/{c.chunk_id} that the parent does not have")
+            out.append(c)
+    result = Checkpoint(delta.metadata, out, created_at=delta.created_at)
+    state = delta.metadata.custom.get(STATE_DIGEST_KEY)
+    if state is not None and verify:
+        got = result.content_digest()
+        if got != state:
+            raise CheckpointError(source, f"applying gives state digest {got}, the delta records {state}")
+        return result, got
+    return result, None
+
+
+def apply_delta(base: Checkpoint, delta: Checkpoint, *, source: str | None = None, base_digest: str | None = None, verify: bool = True) -> Checkpoint:
+    """Materialise ``base`` + ``delta`` (reference semantics plus block patches)."""
+    return _apply(base, delta, base_digest, source, verify)[0]
 
 
 def apply_chain(base: Checkpoint, deltas: Sequence[Checkpoint], sources: Sequence[str | None] | None = None) -> Checkpoint:
-    state = base
+    """Apply deltas in order; each link's parent digest is checked."""
+    state, digest = base, None
     for i, d in enumerate(deltas):
-        state = apply_delta(state, d, source=None if sources is None else sources[i])
+        state, digest = _apply(state, d, digest, None if sources is None else sources[i], True)
     return state

@@ -12,10 +12,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import codec
 from .errors import CheckpointError
-from .flags import COMPRESSION_LZ4, COMPRESSION_NONE, COMPRESSION_ZSTD, KNOWN_HEADER_FLAGS
-from .model import Checkpoint, Chunk, Metadata
+from .flags import CHUNK_PART, COMPRESSION_LZ4, COMPRESSION_NONE, COMPRESSION_ZSTD, HDR_SHARD, KNOWN_HEADER_FLAGS
+from .model import Checkpoint, Chunk, ChunkType, Metadata
 
 MAGIC = 0x524B434B50543031
 VERSION = 1
@@ -121,6 +123,8 @@ def parse(buf: bytes | bytearray | memoryview, source: str | os.PathLike[str] | 
     src = _source(source)
     mv = memoryview(buf).cast("B")
     header = parse_header(mv, src, max_size=max_size)
+    if header.flags & HDR_SHARD:
+        raise CheckpointError(src, "stream is one shard of a sharded (> 1 GiB) checkpoint; read the whole file with rkckpt.io.load")
     n = mv.nbytes
     if header.total_size not in (n, n - (HEADER_SIZE - REFERENCE_HEADER_SIZE)):
         raise CheckpointError(src, f"total_size field says {header.total_size} bytes but the file has {n} (truncated or padded)")
@@ -151,6 +155,8 @@ def parse(buf: bytes | bytearray | memoryview, source: str | os.PathLike[str] | 
             raise CheckpointError(src, f"chunk {i} declares {csize} data bytes, only {n - r.pos} present (truncated chunk)")
         if usize > max_size:
             raise CheckpointError(src, f"chunk {i} declares uncompressed_size {usize} over the limit")
+        if cflags & CHUNK_PART:
+            raise CheckpointError(src, f"chunk {i} is a piece of a split chunk (CHUNK_PART) outside a sharded file")
         ch = ChunkHeader(ctype, cflags, usize, csize, cid, r.pos)
         payload = r.take(csize, f"chunk {i} data")
         try:
@@ -204,8 +210,11 @@ def encode(ckpt: Checkpoint, options: codec.WriteOptions = codec.COMPAT, *, head
     body: list[bytes | memoryview] = [struct.pack("<I", len(meta)), meta]
     compression = COMPRESSION_NONE
     flags = header_flags
+    elems = {} if options.compat else elem_sizes(ckpt)
     for c in ckpt.chunks:
-        cflags, payload = codec.encode_payload(c.data, c.flags, options)
+        if c.flags & CHUNK_PART:
+            raise CheckpointError(None, "split-chunk pieces (CHUNK_PART) are only written by rkckpt.io for sharded files")
+        cflags, payload = codec.encode_payload(c.data, c.flags, options, elem_size=elems.get((c.chunk_type, c.chunk_id)))
         compression, flags = codec.header_bits(cflags, compression, flags)
         pv = memoryview(payload).cast("B")
         body.append(_CHUNK.pack(c.chunk_type, cflags, c.size, pv.nbytes, c.chunk_id))
@@ -219,11 +228,31 @@ def encode(ckpt: Checkpoint, options: codec.WriteOptions = codec.COMPAT, *, head
     return header + blob
 
 
+def elem_sizes(ckpt: Checkpoint) -> dict[tuple[int, int], int]:
+    """Shuffle element size per named region chunk (floats only; 0 = no shuffle)."""
+    try:
+        regions = ckpt.regions()
+    except CheckpointError:
+        return {}
+    return {(int(ChunkType.DEVICE_MEMORY), info.chunk_id): codec.elem_size_for(info.dtype) for info in regions.values()}
+
+
 def read(path: str | os.PathLike[str], **kw: object) -> ParsedFile:
     """Read and parse a ``.rkcp`` file."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > kw.get("max_size", MAX_CHECKPOINT_SIZE) + HEADER_SIZE:  # type: ignore[operator]
+                head = f.read(HEADER_SIZE)
+                parse_header(head, path, **{k: v for k, v in kw.items() if k == "max_size"})  # type: ignore[arg-type]
+                raise CheckpointError(path, f"file is {size} bytes, over the RKCKPT limit")
+            data = np.empty(size, dtype=np.uint8)  # one buffer, filled in place: no bytes copies
+            view, got = memoryview(data), 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
     except OSError as exc:
         raise CheckpointError(path, f"cannot read: {exc.strerror}") from None
-    return parse(data, path, **kw)  # type: ignore[arg-type]
+    return parse(memoryview(data)[:got], path, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""Snakemake executor plugin ``rkslurm``: the stock Slurm executor plus
+checkpoint-aware handling of preemption, requeue, node failure and time limits.
+
+Select it with ``snakemake --executor rkslurm``. Submission and all sbatch
+options come from ``snakemake-executor-plugin-slurm`` (its settings are
+available here under the ``--rkslurm-`` prefix); this package adds a status
+loop that maps every Slurm state through :func:`.policy.decide`.
+"""
+
+# No ``from __future__ import annotations`` here: Snakemake's plugin registry
+# uses the dataclass field types as argparse ``type=`` callables.
+from dataclasses import dataclass, field
+
+from snakemake_executor_plugin_slurm import ExecutorSettings as _StockSettings
+from snakemake_interface_executor_plugins.settings import CommonSettings
+
+from .ckptdir import rkslurm_checkpoint_dir
+
+__all__ = ["Executor", "ExecutorSettings", "common_settings", "rkslurm_checkpoint_dir"]
+
+
+@dataclass
+class ExecutorSettings(_StockSettings):
+    """The stock ``--slurm-*`` settings (as ``--rkslurm-*``) plus ours."""
+
+    max_preemptions: int = field(
+        default=10,
+        metadata={"help": "Resubmit a step after at most this many preemptions (CANCEL resubmits and REQUEUE restarts together); one more fails the step, listing all its Slurm job ids.", "env_var": False, "required": False},
+    )
+    max_timeouts: int = field(
+        default=20,
+        metadata={"help": "Continue a step that hit its time limit at most this many times; each continuation needs checkpoint progress since the previous attempt.", "env_var": False, "required": False},
+    )
+    max_node_failures: int = field(
+        default=3,
+        metadata={"help": "Resubmit after NODE_FAIL/BOOT_FAIL at most this many times (the failed node is excluded).", "env_var": False, "required": False},
+    )
+    poll_interval: float = field(
+        default=2.0,
+        metadata={"help": "Seconds between status polls while a step runs on a preemptible partition (PreemptMode CANCEL/REQUEUE).", "env_var": False, "required": False},
+    )
+    slow_poll_interval: float = field(
+        default=15.0,
+        metadata={"help": "Seconds between status polls when no active step is preemptible.", "env_var": False, "required": False},
+    )
+    checkpoint_root: str = field(
+        default=".snakemake/rkslurm",
+        metadata={"help": "Folder under which each step gets <rule>/<wildcards> as its checkpoint folder (exported to the job as RKSLURM_CHECKPOINT_DIR). A rule overrides it with the resource or param 'rkslurm_checkpoint_dir'.", "env_var": False, "required": False},
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Keep a step's checkpoint folder after the step succeeded (default: remove it).", "env_var": False, "required": False},
+    )
+    signal_lead_time: int = field(
+        default=60,
+        metadata={"help": "Seconds before the time limit at which Slurm sends SIGTERM to the step (sbatch --signal=TERM@N), so it can write its final checkpoint.", "env_var": False, "required": False},
+    )
+
+
+common_settings = CommonSettings(
+    non_local_exec=True,
+    implies_no_shared_fs=False,
+    job_deploy_sources=False,
+    pass_default_storage_provider_args=True,
+    pass_default_resources_args=True,
+    pass_envvar_declarations_to_cmd=False,
+    auto_deploy_default_storage_provider=False,
+    init_seconds_before_status_checks=1,
+)
+
+from .executor import Executor  # noqa: E402  (needs ExecutorSettings above)

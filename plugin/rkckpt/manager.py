@@ -1,0 +1,330 @@
+"""Periodic checkpointing for a running kernel: when, full or delta, where, how many.
+
+Kernels hand over a ``SnapshotResponse`` (their full state) and never see
+storage, deltas or retention. Design decisions:
+
+* **Back-pressure: submit waits.** At most one write is in flight; a
+  ``submit`` while one is running blocks until it finishes. A checkpoint the
+  kernel asked for is never dropped silently, and memory stays bounded at
+  the previous state plus one in flight. ``stats.wait_seconds`` shows how
+  long the compute loop was held up.
+* The response's checkpoint belongs to the manager after ``submit``: the
+  caller must not mutate its buffers (kernels copy device memory out anyway).
+* A full checkpoint starts a chain; then deltas, until ``full_every`` deltas
+  were written or a delta would exceed ``max_delta_fraction`` of a full one.
+* Retention keeps the newest ``keep_chains`` complete chains and never
+  deletes anything a kept delta depends on (``chain.plan_gc``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from . import delta as rkdelta
+from . import format as rkformat
+from .chain import STATE_DIGEST_KEY, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable, plan_gc
+from .codec import WriteOptions
+from .errors import CheckpointError
+from .model import Checkpoint
+from .storage import Storage, StorageError, open_storage
+
+log = logging.getLogger("rkckpt.manager")
+
+__all__ = ["CheckpointManager", "CheckpointPolicy", "ManagerStats", "RestorePoint", "SnapshotRequest", "SnapshotResponse"]
+
+Reason = Literal["periodic", "signal", "final"]
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    step: int
+    reason: Reason | str = "periodic"
+
+
+@dataclass(frozen=True)
+class SnapshotResponse:
+    request: SnapshotRequest
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    full_every: int = 8
+    max_delta_fraction: float = 0.5
+    keep_chains: int = 2
+    compat: bool = False
+    level: int | None = None  # zstd level; None: the codec's default
+
+
+@dataclass
+class ManagerStats:
+    completed: int = 0
+    failed: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0  # time spent encoding + writing
+    wait_seconds: float = 0.0  # time callers were blocked by back-pressure
+    full: int = 0
+    deltas: int = 0
+    deleted: int = 0
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK = 4096
+
+
+def _make_delta(parent: Checkpoint, parent_digest: str, child: Checkpoint, child_digest: str, block: bool) -> Checkpoint:
+    return rkdelta.make_delta(parent, child, "block" if block else "whole", parent_digest=parent_digest, state_digest=child_digest)
+
+
+def _estimated_change(parent: Checkpoint, child: Checkpoint) -> float:
+    """Fraction of the child's bytes that changed, from a strided sample of blocks.
+
+    Lets a fully rewritten state (every cell of a stencil changes each step)
+    go straight to a full checkpoint without paying for a delta it would
+    throw away; a small estimate is always confirmed by the real delta.
+    """
+    base = {c.identity: c for c in parent.chunks}
+    total = changed = 0
+    for c in child.chunks:
+        n = c.size
+        total += n
+        old = base.get(c.identity)
+        if old is None or old.size != n:
+            changed += n
+            continue
+        if n <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
+            changed += n if bytes(memoryview(old.data).cast("B")) != bytes(memoryview(c.data).cast("B")) else 0
+            continue
+        a, b = memoryview(old.data).cast("B"), memoryview(c.data).cast("B")
+        stride = (n - _SAMPLE_BLOCK) // (_SAMPLE_BLOCKS - 1)
+        hits = sum(a[i : i + _SAMPLE_BLOCK] != b[i : i + _SAMPLE_BLOCK] for i in range(0, n - _SAMPLE_BLOCK + 1, stride))
+        changed += n * hits // _SAMPLE_BLOCKS
+    return changed / max(1, total)
+
+
+def _payload_bytes(c: Checkpoint) -> int:
+    return sum(ch.size for ch in c.chunks)
+
+
+def _writer(ckpt: Checkpoint, options: WriteOptions):  # noqa: ANN202
+    """Streaming writer from the codec when it has one, else one encoded blob."""
+    try:
+        from . import io as rkio  # type: ignore[attr-defined]
+
+        encode_to = getattr(rkio, "encode_to", None)
+    except ImportError:
+        encode_to = None
+    if encode_to is not None:
+        return lambda f: encode_to(f, ckpt, options)
+    return rkformat.encode(ckpt, options)
+
+
+class CheckpointManager:
+    """Decides when to checkpoint and writes chains of full + delta files."""
+
+    def __init__(self, storage_or_url: str | os.PathLike[str] | Storage, policy: CheckpointPolicy | None = None, kernel_id: str = "kernel") -> None:
+        self.policy = policy or CheckpointPolicy()
+        if self.policy.full_every < 0 or not 0 < self.policy.max_delta_fraction <= 1 or self.policy.keep_chains < 1:
+            raise ValueError(f"invalid checkpoint policy {self.policy}")
+        if not kernel_id or "/" in kernel_id:
+            raise ValueError(f"invalid kernel id {kernel_id!r}")
+        self.storage: Storage = open_storage(storage_or_url)
+        acquire = getattr(self.storage, "acquire_lock", None)
+        if acquire is not None:
+            acquire()
+        self.kernel_id = kernel_id
+        self.options = WriteOptions(compat=True) if self.policy.compat else WriteOptions(compat=False)
+        if not self.policy.compat and self.policy.level is not None:
+            self.options = dataclasses.replace(self.options, level=self.policy.level)
+        self.stats = ManagerStats()
+        self.index = ChainIndex(self.storage)
+        self._indexed = False
+        self._parent: Checkpoint | None = None  # materialised state of the last file written
+        self._parent_digest: str | None = None
+        self._deltas_since_full = 0
+        self._last_step: int | None = None
+        self._last_time = time.monotonic()
+        self._cond = threading.Condition()
+        self._job: SnapshotResponse | None = None
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ scheduling
+    def due(self, step: int, now: float | None = None) -> bool:
+        """True when ``step`` should be checkpointed (by step count or wall time)."""
+        if step == self._last_step:
+            return False
+        p = self.policy
+        if p.every_steps and step % p.every_steps == 0:
+            return True
+        now = time.monotonic() if now is None else now
+        return bool(p.every_seconds and now - self._last_time >= p.every_seconds)
+
+    # ------------------------------------------------------------ restore
+    def latest(self) -> RestorePoint | None:
+        """Newest restorable state; later deltas continue its chain."""
+        self._wait_idle()
+        rp = latest_restorable(self.storage, self.kernel_id, index=self.index)
+        self._indexed = True
+        if rp is not None:
+            self._parent = rp.checkpoint
+            self._parent_digest = rp.checkpoint.content_digest()
+            self._deltas_since_full = len(rp.chain) - 1
+            self._last_step = rp.step
+        return rp
+
+    # ------------------------------------------------------------ writing
+    def _write(self, resp: SnapshotResponse) -> int:
+        step = resp.request.step
+        t0 = time.perf_counter()
+        if not self._indexed:  # learn about files from earlier runs before retention
+            try:
+                self.index.refresh()
+                self._indexed = True
+            except (CheckpointError, OSError) as exc:  # the write itself may still succeed
+                log.warning("cannot read the checkpoint index of %s: %s", self.storage.url, exc)
+        full_state = resp.checkpoint
+        digest = full_state.content_digest()
+        p = self.policy
+        kind = "full"
+        body = full_state
+        if (
+            self._parent is not None
+            and self._parent_digest is not None
+            and self._deltas_since_full < p.full_every
+            and full_state.metadata.kernel_id == self._parent.metadata.kernel_id
+            and _estimated_change(self._parent, full_state) <= p.max_delta_fraction
+        ):
+            d = _make_delta(self._parent, self._parent_digest, full_state, digest, block=not p.compat)
+            if _payload_bytes(d) <= p.max_delta_fraction * max(1, _payload_bytes(full_state)):
+                kind, body = "delta", d
+        meta = body.metadata.with_custom(**{STATE_DIGEST_KEY: digest})
+        body = Checkpoint(meta, body.chunks, created_at=body.created_at)
+        name = checkpoint_name(self.kernel_id, step, kind)
+        try:
+            n = self.storage.save(name, _writer(body, self.options))
+        except (CheckpointError, OSError) as exc:
+            with self._cond:
+                self.stats.failed += 1
+                self.stats.last_error = str(exc)
+            raise
+        entry = Entry(name, self.kernel_id, step, kind, n, digest, body.metadata.parent_digest)
+        self.index.add(entry)
+        # success: this state is the parent of the next delta
+        self._parent, self._parent_digest = full_state, digest
+        self._deltas_since_full = 0 if kind == "full" else self._deltas_since_full + 1
+        with self._cond:
+            self.stats.completed += 1
+            self.stats.bytes_written += n
+            self.stats.seconds += time.perf_counter() - t0
+            if kind == "full":
+                self.stats.full += 1
+            else:
+                self.stats.deltas += 1
+        self._retain()
+        return step
+
+    def _retain(self) -> None:
+        try:
+            doomed = plan_gc(self.index, self.policy.keep_chains, self.kernel_id)
+            for n in doomed:
+                self.storage.delete(n)
+                self.index.remove(n)
+            self.stats.deleted += len(doomed)
+            self.index.save()
+        except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
+            log.warning("checkpoint retention in %s failed: %s", self.storage.url, exc)
+
+    def _mark_written(self, step: int) -> None:
+        self._last_step = step
+        self._last_time = time.monotonic()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job = self._job
+            try:
+                self._write(job)
+            except (CheckpointError, OSError) as exc:
+                log.error("checkpoint at step %d failed: %s", job.request.step, exc)
+            except Exception as exc:  # noqa: BLE001 - never kill the writer thread silently
+                log.exception("checkpoint at step %d failed unexpectedly", job.request.step)
+                with self._cond:
+                    self.stats.failed += 1
+                    self.stats.last_error = repr(exc)
+            with self._cond:
+                self._job = None
+                self._busy = False
+                self._cond.notify_all()
+
+    def _wait_idle(self) -> None:
+        t0 = time.perf_counter()
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+        self.stats.wait_seconds += time.perf_counter() - t0
+
+    def submit(self, resp: SnapshotResponse) -> None:
+        """Write ``resp`` in the background; waits while a previous write is in flight."""
+        if self._closed:
+            raise CheckpointError(self.storage.url, "checkpoint manager is closed")
+        self._wait_idle()
+        self._mark_written(resp.request.step)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="rkckpt-writer", daemon=True)
+            self._thread.start()
+        with self._cond:
+            self._busy = True
+            self._job = resp
+            self._cond.notify_all()
+
+    def final(self, resp: SnapshotResponse) -> int:
+        """Write one last checkpoint synchronously (delta when possible); return its step."""
+        self._wait_idle()
+        self._mark_written(resp.request.step)
+        return self._write(resp)
+
+    def flush(self) -> None:
+        """Wait for the background write and for the storage to make it durable."""
+        self._wait_idle()
+        try:
+            self.storage.flush()
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(self.storage.url, f"flush failed: {exc}") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._wait_idle()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.storage.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,126 @@
+"""The storage interface every back end implements, and name validation.
+
+Checkpoint code never builds paths itself: it hands a flat *name* to a
+``Storage``. Keeping names flat and validated in one place is what makes path
+traversal impossible whichever back end sits underneath.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from ..errors import CheckpointError
+
+#: A writer callback streams the object's bytes into the file it is given.
+Writer = Callable[[BinaryIO], None]
+Payload = bytes | bytearray | memoryview | Writer
+
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
+MAX_NAME = 200
+
+
+class StorageError(CheckpointError):
+    """A storage operation failed (I/O error, missing object, full disk...)."""
+
+
+class InvalidNameError(StorageError):
+    """A checkpoint name that could escape its folder or is unprintable."""
+
+
+class LockedError(StorageError):
+    """Another writer holds the checkpoint folder."""
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a safe flat object name, else raise ``InvalidNameError``."""
+    if not isinstance(name, str):
+        raise InvalidNameError(None, f"checkpoint name must be a string, got {type(name).__name__}")
+    if not name or name in (".", "..") or ".." in name:
+        raise InvalidNameError(name, "invalid checkpoint name: empty or contains '..'")
+    if _BAD_NAME.search(name):
+        raise InvalidNameError(repr(name), "invalid checkpoint name: path separators and control characters are not allowed")
+    if len(name) > MAX_NAME:
+        raise InvalidNameError(name[:40] + "...", f"invalid checkpoint name: longer than {MAX_NAME} characters")
+    return name
+
+
+def write_payload(f: BinaryIO, data: Payload) -> None:
+    if callable(data):
+        data(f)
+    else:
+        f.write(data)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Flat key/value store of immutable objects (checkpoint files).
+
+    ``save`` is atomic: readers see either the whole new object or nothing.
+    """
+
+    url: str
+
+    def save(self, name: str, data: Payload) -> int: ...
+
+    def load(self, name: str) -> bytes: ...
+
+    def open_read(self, name: str) -> BinaryIO: ...
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def size(self, name: str) -> int: ...
+
+    def list(self) -> list[str]: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StorageBase:
+    """Shared helpers; back ends override the primitives."""
+
+    url: str = ""
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        with self.open_read(name) as f:  # type: ignore[attr-defined]
+            f.seek(offset)
+            return f.read(length)
+
+    def iter_chunks(self, name: str, block: int = 1 << 22) -> Iterator[bytes]:
+        with self.open_read(name) as f:  # type: ignore[attr-defined]
+            while True:
+                b = f.read(block)
+                if not b:
+                    return
+                yield b
+
+    def copy_to(self, name: str, f: BinaryIO) -> None:
+        for b in self.iter_chunks(name):
+            f.write(b)
+
+    def flush(self) -> None:
+        """Make everything saved so far durable (no-op for synchronous stores)."""
+
+    def close(self) -> None:
+        pass
+
+    def acquire_lock(self) -> None:
+        """Take the single-writer lock where the back end has one."""
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def as_bytes_io(data: bytes) -> BinaryIO:
+    return io.BytesIO(data)

@@ -1,0 +1,187 @@
+"""A checkpoint folder on a POSIX file system, written crash-safely.
+
+Every save goes to a temporary file in the same folder, is fsynced, renamed
+over the final name and the folder is fsynced, so a SIGKILL or power loss at
+any instant leaves either the old state or the complete new file. One
+exclusive ``flock`` per folder stops two writers from interleaving.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
+
+LOCK_NAME = ".rkckpt.lock"
+TMP_PREFIX = ".rkckpt-tmp-"
+
+
+def _oserror(path: object, op: str, exc: OSError) -> StorageError:
+    what = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        what = "no space left on device (the file system is full)"
+    elif exc.errno == errno.EDQUOT:
+        what = "disk quota exceeded"
+    return StorageError(os.fspath(path), f"{op} failed: {what}")  # type: ignore[arg-type]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStorage(StorageBase):
+    """Checkpoint objects as files in one folder.
+
+    ``file_mode``/``dir_mode`` default to owner-only: checkpoints can hold
+    anything a simulation keeps in memory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, file_mode: int = 0o600, dir_mode: int = 0o700, create: bool = True, fsync: bool = True) -> None:
+        self.root = Path(root).expanduser()
+        self.url = os.fspath(self.root)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.fsync = fsync
+        self._lock_fd: int | None = None
+        if create and not self.root.exists():
+            try:
+                self.root.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+                os.chmod(self.root, dir_mode)
+            except OSError as exc:
+                raise _oserror(self.root, "creating the checkpoint folder", exc) from None
+        elif not self.root.is_dir() and create:
+            raise StorageError(self.url, "not a folder")
+
+    # ---------------------------------------------------------------- lock
+    def acquire_lock(self) -> None:
+        """Become the only writer of this folder (held until ``close``)."""
+        if self._lock_fd is not None:
+            return
+        path = self.root / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, self.file_mode)
+        except OSError as exc:
+            raise _oserror(path, "opening the lock file", exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise LockedError(self.url, f"checkpoint folder is locked by another writer (pid {holder}); refusing to interleave writes") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        # we hold the lock, so any temp file is the leftover of a killed writer
+        for p in self.root.glob(TMP_PREFIX + "*"):
+            p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # releases the flock
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    # ---------------------------------------------------------------- primitives
+    def path(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def local_path(self, name: str) -> Path | None:
+        """The file itself, for readers that stream from a path."""
+        p = self.path(name)
+        return p if p.is_file() else None
+
+    def save(self, name: str, data: Payload) -> int:
+        final = self.path(name)
+        self.acquire_lock()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
+        except OSError as exc:
+            raise _oserror(final, "creating a temporary file", exc) from None
+        try:
+            os.fchmod(fd, self.file_mode)
+            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                write_payload(f, data)
+                f.flush()
+                size = f.tell()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, OSError):
+                raise _oserror(final, "writing", exc) from None
+            raise
+        if self.fsync:
+            fsync_dir(self.root)
+        return size
+
+    def load(self, name: str) -> bytes:
+        p = self.path(name)
+        try:
+            return p.read_bytes()
+        except OSError as exc:
+            raise _oserror(p, "reading", exc) from None
+
+    def open_read(self, name: str) -> BinaryIO:
+        p = self.path(name)
+        try:
+            return open(p, "rb")
+        except OSError as exc:
+            raise _oserror(p, "opening", exc) from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        p = self.path(name)
+        try:
+            with open(p, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except OSError as exc:
+            raise _oserror(p, "reading", exc) from None
+
+    def size(self, name: str) -> int:
+        p = self.path(name)
+        try:
+            return p.stat().st_size
+        except OSError as exc:
+            raise _oserror(p, "stat", exc) from None
+
+    def list(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_file())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _oserror(self.root, "listing", exc) from None
+
+    def delete(self, name: str) -> None:
+        p = self.path(name)
+        self.acquire_lock()
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _oserror(p, "deleting", exc) from None
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def __repr__(self) -> str:
+        return f"FileStorage({self.url!r})"

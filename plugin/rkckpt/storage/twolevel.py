@@ -1,0 +1,175 @@
+"""Node-local first, shared store later: fast saves that become durable.
+
+A save lands in the fast local folder (atomic, fsynced) and returns; a
+background thread then copies it to the shared/object store. A checkpoint
+is only *durable* once that copy has finished, which ``durable(name)`` and
+``flush()`` expose. Reads prefer the local copy (complete by construction,
+because local saves are atomic) and fall back to the shared one, so a job
+restarted on another node still finds its state. Deletes (retention) go
+through the same queue behind the uploads (both copies are removed there)
+and are held back while any upload has failed, so the shared copy never
+loses an old chain before the newer one has arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import Payload, Storage, StorageBase, StorageError, validate_name
+from .file import FileStorage
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class TwoLevelStorage(StorageBase):
+    def __init__(self, local: FileStorage, shared: Storage) -> None:
+        self.local = local
+        self.shared = shared
+        self.url = f"{local.url} -> {shared.url}"
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending: dict[str, int] = {}  # name -> outstanding operations
+        self._failed: dict[str, str] = {}  # name -> last error (upload still owed)
+        self._durable: set[str] = set()
+        self.flushed_bytes = 0
+        self.flush_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="rkckpt-flush", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- background
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            op, name = item  # type: ignore[misc]
+            try:
+                if op == "put":
+                    if self.local.exists(name):
+                        t0 = time.perf_counter()
+                        put_local = getattr(self.shared, "put_local", None)
+                        if put_local is not None:
+                            n = put_local(self.local.path(name), name)
+                        else:
+                            n = self.shared.save(name, lambda f, name=name: self.local.copy_to(name, f))
+                        self.flush_seconds += time.perf_counter() - t0
+                        self.flushed_bytes += n
+                        with self._cond:
+                            self._durable.add(name)
+                            self._failed.pop(name, None)
+                else:
+                    with self._cond:
+                        owed = [n for n, what in self._failed.items() if what.startswith("put:")]
+                    if owed:
+                        # never thin out the shared copy while newer saves have not reached it
+                        raise StorageError(self.shared.url, f"delete deferred: {len(owed)} newer object(s) not yet uploaded")
+                    self.shared.delete(name)
+                    self.local.delete(name)  # only now: a queued upload may still need it
+                    with self._cond:
+                        self._failed.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried by flush()
+                log.warning("flushing %s to %s failed: %s", name, self.shared.url, exc)
+                with self._cond:
+                    self._failed[name] = f"{op}:{exc}"
+            finally:
+                with self._cond:
+                    self._pending[name] -= 1
+                    if not self._pending[name]:
+                        del self._pending[name]
+                    self._cond.notify_all()
+
+    def _enqueue(self, op: str, name: str) -> None:
+        with self._cond:
+            self._pending[name] = self._pending.get(name, 0) + 1
+            if op == "put":
+                self._durable.discard(name)
+        self._queue.put((op, name))
+
+    # ---------------------------------------------------------------- interface
+    def acquire_lock(self) -> None:
+        self.local.acquire_lock()
+
+    def save(self, name: str, data: Payload) -> int:
+        n = self.local.save(name, data)
+        self._enqueue("put", name)
+        return n
+
+    def durable(self, name: str) -> bool:
+        with self._cond:
+            return name in self._durable
+
+    def flush(self, timeout: float | None = None, *, retry: bool = True) -> None:
+        """Wait until every save has reached the shared store; raise if one could not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if retry:
+            with self._cond:
+                owed = list(self._failed.items())
+            owed.sort(key=lambda item: not item[1].startswith("put:"))  # uploads before deletes
+            for name, what in owed:
+                self._enqueue("put" if what.startswith("put:") else "delete", name)
+        with self._cond:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise StorageError(self.shared.url, f"flush timed out with {len(self._pending)} object(s) still uploading")
+                self._cond.wait(left)
+            if self._failed:
+                name, what = next(iter(self._failed.items()))
+                raise StorageError(self.shared.url, f"{len(self._failed)} object(s) not durable; {name}: {what.split(':', 1)[1]}")
+
+    def local_path(self, name: str) -> Path | None:
+        return self.local.local_path(name)
+
+    def _pick(self, name: str) -> Storage:
+        validate_name(name)
+        return self.local if self.local.exists(name) else self.shared
+
+    def load(self, name: str) -> bytes:
+        return self._pick(name).load(name)
+
+    def open_read(self, name: str) -> BinaryIO:
+        return self._pick(name).open_read(name)
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        return self._pick(name).read_range(name, offset, length)
+
+    def size(self, name: str) -> int:
+        return self._pick(name).size(name)
+
+    def list(self) -> list[str]:
+        names = set(self.local.list())
+        try:
+            names.update(self.shared.list())
+        except StorageError as exc:
+            log.warning("cannot list %s, using the node-local copy only: %s", self.shared.url, exc)
+        return sorted(names)
+
+    def delete(self, name: str) -> None:
+        """Queued behind earlier uploads; removes the shared copy, then the local one."""
+        validate_name(name)
+        self._enqueue("delete", name)
+
+    def exists(self, name: str) -> bool:
+        if self.local.exists(name):
+            return True
+        try:
+            return self.shared.exists(name)
+        except StorageError:
+            return False
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout=60)
+        self.local.close()
+        self.shared.close()
+
+    def __repr__(self) -> str:
+        return f"TwoLevelStorage({self.local!r}, {self.shared!r})"

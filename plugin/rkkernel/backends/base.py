@@ -1,0 +1,65 @@
+"""What a back end does: keep regions, control block and queues resident, and run batches.
+
+The runtime (``runtime.PersistentKernel``) owns the host-side protocol; a back
+end only moves bytes and enqueues launches. Everything except ``sync`` and
+the ``read_*`` calls is asynchronous and ordered (one in-order device queue).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..spec import KernelSpec
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+class Backend(ABC):
+    name: str = "?"
+    description: str = ""
+
+    @abstractmethod
+    def load(self, spec: KernelSpec, regions: dict[str, np.ndarray], control: np.ndarray, h2k: np.ndarray, k2h: np.ndarray) -> None:
+        """Allocate device memory, upload the initial state, build kernels once."""
+
+    @abstractmethod
+    def enqueue_steps(self, first_step: int, count: int) -> None:
+        """Enqueue a step-boundary poll and ``count`` steps, without waiting."""
+
+    @abstractmethod
+    def read_control(self) -> np.ndarray:
+        """Wait for queued work and return a copy of the control block."""
+
+    @abstractmethod
+    def write_control(self, field: str, value: int) -> None:
+        """Write one control-block field (ordered after queued work)."""
+
+    @abstractmethod
+    def write_message(self, slot: int, message: np.ndarray) -> None:
+        """Write one H2K queue slot (ordered after queued work)."""
+
+    @abstractmethod
+    def read_queue(self, which: str) -> np.ndarray:
+        """Copy of the ``h2k`` or ``k2h`` ring buffer."""
+
+    @abstractmethod
+    def read_region(self, name: str) -> np.ndarray:
+        """Host copy of a region (waits for queued work)."""
+
+    @abstractmethod
+    def write_region(self, name: str, array: np.ndarray) -> None: ...
+
+    def write_control_block(self, control: np.ndarray) -> None:
+        for f in control.dtype.names or ():
+            if not f.startswith("_"):
+                self.write_control(f, int(control[0][f]))
+
+    def write_queue(self, which: str, array: np.ndarray) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        return None

@@ -1,0 +1,199 @@
+"""CUDA back end (cupy + NVRTC).
+
+Same protocol as the OpenCL back end: device-resident regions, control block
+and queues; a batch is a poll plus one launch group per step, with no host
+synchronisation inside it. When the spec names a persistent CUDA kernel and
+the device supports cooperative launches, a whole batch is a single launch
+of that kernel, which loops over the steps itself with ``grid.sync()``
+between them (a true persistent kernel). Built with ``--fmad=false`` so the
+arithmetic matches the NumPy reference bit for bit.
+
+Tests skip this back end without cupy and a GPU; ``bench/gpu_check.sh``
+exercises it on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+
+from ..control import CONTROL_BLOCK_DTYPE
+from ..spec import CONTROL, H2K, K2H, KERNELS_DIR, STEPS, KernelSpec, Swap
+from .base import Backend, BackendUnavailable
+
+log = logging.getLogger("rkkernel")
+
+NVRTC_OPTIONS = ("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "-std=c++17")
+
+
+def probe() -> tuple[bool, str]:
+    try:
+        import cupy as cp
+    except ImportError:
+        return False, "cupy is not installed"
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "no CUDA device"
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    except Exception as exc:  # noqa: BLE001 - no driver, no device, ...
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, f"CUDA {name}"
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def load(self, spec: KernelSpec, regions, control, h2k, k2h) -> None:  # type: ignore[override]
+        try:
+            import cupy as cp
+        except ImportError as exc:  # pragma: no cover - probed before
+            raise BackendUnavailable("cupy is not installed") from exc
+        self.cp = cp
+        self.spec = spec
+        ok, why = probe()
+        if not ok:
+            raise BackendUnavailable(why)
+        self.description = why
+        self.bufs = {r.name: cp.asarray(np.ascontiguousarray(regions[r.name], dtype=r.dtype)) for r in spec.regions}
+        self.ctl = cp.asarray(control.view(np.uint8))
+        self.h2k = cp.asarray(h2k.view(np.uint8))
+        self.k2h = cp.asarray(k2h.view(np.uint8))
+        self.msg_dtype = h2k.dtype
+        self.h2k_len, self.k2h_len = len(h2k), len(k2h)
+        source = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + spec.source_text("cuda")
+        options = NVRTC_OPTIONS + tuple(spec.build_options.get("cuda", []))
+        persistent = spec.persistent.get("cuda")
+        self.source, self.options = source, options
+        self.module = cp.RawModule(code=source, options=options)
+        self.k_advance = self.module.get_function("rk_advance")
+        self.launches = []
+        for launch in spec.launches:
+            fn = self.module.get_function(launch.function)
+            block, grid = _geometry(launch.global_size, launch.local_size)
+            args = [tuple(self._arg(a, parity) for a in launch.args) for parity in (0, 1)]
+            self.launches.append((fn, grid, block, args))
+        self.persistent = None
+        if os.environ.get("RKKERNEL_CUDA_PERSISTENT", "1") != "0" and persistent:
+            self.persistent = self._setup_persistent(persistent)
+
+    def _setup_persistent(self, launch):
+        cp = self.cp
+        name = launch.function
+        try:
+            fn = None
+            # grid.sync() needs no separate compilation since CUDA 11; cupy's
+            # enable_cooperative_groups (-rdc + cudadevrt) is the fallback.
+            for coop_build in (False, True):
+                try:
+                    module = cp.RawModule(
+                        code=self.source, options=self.options + ("-DRK_PERSISTENT",), enable_cooperative_groups=coop_build
+                    )
+                    fn = module.get_function(name)
+                    self.persistent_module = module
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("cuda: persistent build (cooperative=%s) failed: %s", coop_build, exc)
+            if fn is None:
+                raise RuntimeError("could not build the persistent kernel")
+            dev = cp.cuda.Device()
+            coop = dev.attributes.get("CooperativeLaunch", 0)
+            if not coop:
+                log.info("cuda: device has no cooperative launch; using one launch per step")
+                return None
+            block = 256
+            per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, block, 0)
+            blocks = max(1, per_sm) * dev.attributes["MultiProcessorCount"]
+            log.info("cuda: persistent kernel %s, %d blocks x %d threads", name, blocks, block)
+            return fn, blocks, block, launch.args
+        except Exception as exc:  # noqa: BLE001
+            log.info("cuda: persistent kernel unavailable (%s); using one launch per step", exc)
+            return None
+
+    def _arg(self, a, parity: int, steps: int = 0):
+        if a is CONTROL:
+            return self.ctl
+        if a is H2K:
+            return self.h2k
+        if a is K2H:
+            return self.k2h
+        if a is STEPS:
+            return np.int32(steps)
+        if isinstance(a, Swap):
+            return self.bufs[a.pick(parity)]
+        if isinstance(a, str):
+            return self.bufs[a]
+        if isinstance(a, np.generic):
+            return a
+        raise TypeError(f"unsupported kernel argument {a!r}")
+
+    def enqueue_steps(self, first_step: int, count: int) -> None:
+        if self.persistent is not None and count > 0:
+            fn, blocks, block, spec_args = self.persistent
+            args = tuple(self._arg(a, 0, count) for a in spec_args)
+            try:
+                fn((blocks,), (block,), args, enable_cooperative_groups=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. too many blocks for a cooperative launch
+                log.warning("cuda: persistent launch failed (%s); using one launch per step from now on", exc)
+                self.persistent = None
+        self.k_advance((1,), (1,), (self.ctl, self.h2k, self.k2h, np.uint32(0)))
+        for s in range(first_step, first_step + count):
+            for fn, grid, block, args in self.launches:
+                fn(grid, block, args[s % 2])
+            self.k_advance((1,), (1,), (self.ctl, self.h2k, self.k2h, np.uint32(1)))
+
+    def read_control(self) -> np.ndarray:
+        return self.cp.asnumpy(self.ctl).view(CONTROL_BLOCK_DTYPE).copy()
+
+    def write_control(self, field: str, value: int) -> None:
+        dt, off = CONTROL_BLOCK_DTYPE.fields[field][:2]
+        raw = np.array([value], dtype=dt).view(np.uint8)
+        self.ctl[off : off + raw.size] = self.cp.asarray(raw)
+        self.cp.cuda.Stream.null.synchronize()
+
+    def write_control_block(self, control: np.ndarray) -> None:
+        self.ctl[...] = self.cp.asarray(np.ascontiguousarray(control).view(np.uint8))
+        self.cp.cuda.Stream.null.synchronize()
+
+    def write_message(self, slot: int, message: np.ndarray) -> None:
+        raw = np.ascontiguousarray(np.asarray(message, dtype=self.msg_dtype).reshape(1)).view(np.uint8)
+        off = slot * self.msg_dtype.itemsize
+        self.h2k[off : off + raw.size] = self.cp.asarray(raw)
+        self.cp.cuda.Stream.null.synchronize()
+
+    def read_queue(self, which: str) -> np.ndarray:
+        buf = self.h2k if which == "h2k" else self.k2h
+        return self.cp.asnumpy(buf).view(self.msg_dtype).copy()
+
+    def write_queue(self, which: str, array: np.ndarray) -> None:
+        buf = self.h2k if which == "h2k" else self.k2h
+        buf[...] = self.cp.asarray(np.ascontiguousarray(array, dtype=self.msg_dtype).view(np.uint8))
+        self.cp.cuda.Stream.null.synchronize()
+
+    def read_region(self, name: str) -> np.ndarray:
+        return self.cp.asnumpy(self.bufs[name])
+
+    def write_region(self, name: str, array: np.ndarray) -> None:
+        buf = self.bufs[name]
+        buf[...] = self.cp.asarray(np.ascontiguousarray(array, dtype=buf.dtype).reshape(buf.shape))
+        self.cp.cuda.Stream.null.synchronize()
+
+    def close(self) -> None:
+        try:
+            self.cp.cuda.Stream.null.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _geometry(global_size: tuple[int, ...], local_size: tuple[int, ...] | None) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """OpenCL-style sizes → CUDA (block, grid): x is tiled by the block, y and z are one block each."""
+    gs = tuple(global_size) + (1,) * (3 - len(global_size))
+    bx = local_size[0] if local_size else min(128, 1 << max(0, math.ceil(math.log2(max(1, gs[0])))))
+    block = (int(bx), 1, 1)
+    grid = ((gs[0] + bx - 1) // bx, gs[1], gs[2])
+    return block, grid

@@ -1,0 +1,177 @@
+"""OpenCL back end (pyopencl; pocl on CPU-only machines).
+
+State lives in device buffers for the kernel's whole life. Kernels are built
+once and their ``cl.Kernel`` objects created once per (launch, step parity)
+with arguments bound up front, so enqueuing a step is only
+``enqueue_nd_range_kernel`` calls — no per-step argument setting, no
+host synchronisation inside a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from ..cache import setup_opencl_cache
+from ..control import CONTROL_BLOCK_DTYPE
+from ..spec import CONTROL, KERNELS_DIR, KernelSpec, Swap
+from .base import Backend, BackendUnavailable
+
+log = logging.getLogger("rkkernel")
+
+#: Options every build gets: the same arithmetic on every device. Deliberately
+#: no -cl-denorms-are-zero: it *allows* a device to flush intermediates (pocl
+#: does, others may not), which would make bits vendor-dependent; kernels
+#: flush stored values explicitly instead (rk_ftz).
+BASE_OPTIONS = ["-cl-std=CL1.2"]
+
+
+def _cl():
+    setup_opencl_cache()
+    import pyopencl as cl
+
+    return cl
+
+
+def _pick_device():
+    cl = _cl()
+    want = os.environ.get("RKKERNEL_OPENCL_DEVICE")  # "platform:device" indices
+    devices = []
+    for p in cl.get_platforms():
+        try:
+            devices.extend(p.get_devices())
+        except cl.Error:
+            continue
+    if not devices:
+        raise BackendUnavailable("no OpenCL device found")
+    if want:
+        pi, di = (int(x) for x in want.split(":"))
+        return cl.get_platforms()[pi].get_devices()[di]
+    # Prefer GPUs, then whatever is there (pocl's CPU device).
+    devices.sort(key=lambda d: 0 if d.type & cl.device_type.GPU else 1)
+    return devices[0]
+
+
+def probe() -> tuple[bool, str]:
+    try:
+        dev = _pick_device()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, f"{dev.platform.name.strip()} / {dev.name.strip()}"
+
+
+class OpenCLBackend(Backend):
+    name = "opencl"
+
+    def load(self, spec: KernelSpec, regions, control, h2k, k2h) -> None:  # type: ignore[override]
+        cl = _cl()
+        self.cl = cl
+        self.spec = spec
+        dev = _pick_device()
+        self.description = f"OpenCL {dev.platform.name.strip()} / {dev.name.strip()}"
+        self.ctx = cl.Context([dev])
+        self.queue = cl.CommandQueue(self.ctx)
+        mf = cl.mem_flags
+        self.bufs = {}
+        self.shapes = {}
+        for r in spec.regions:
+            arr = np.ascontiguousarray(regions[r.name], dtype=r.dtype)
+            self.shapes[r.name] = (np.dtype(r.dtype), tuple(r.shape))
+            self.bufs[r.name] = (
+                cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=arr) if arr.nbytes else cl.Buffer(self.ctx, mf.READ_WRITE, 4)
+            )
+        self.ctl = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=control)
+        self.h2k = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=h2k)
+        self.k2h = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=k2h)
+        self.h2k_len = len(h2k)
+        self.k2h_len = len(k2h)
+        self.msg_dtype = h2k.dtype
+
+        source = (KERNELS_DIR / "rk_runtime_cl.h").read_text() + "\n" + spec.source_text("opencl")
+        options = BASE_OPTIONS + list(spec.build_options.get("opencl", []))
+        cache_dir = str(setup_opencl_cache())
+        self.program = cl.Program(self.ctx, source).build(options=options, cache_dir=cache_dir)
+
+        # Kernel objects bound once: per launch, one per step parity.
+        self.launches = []
+        for launch in spec.launches:
+            pair = []
+            for parity in (0, 1):
+                k = cl.Kernel(self.program, launch.function)
+                for i, a in enumerate(launch.args):
+                    k.set_arg(i, self._arg(a, parity))
+                pair.append(k)
+            self.launches.append((launch, pair))
+        self.k_poll = cl.Kernel(self.program, "rk_advance")
+        self.k_step = cl.Kernel(self.program, "rk_advance")
+        for k, done in ((self.k_poll, 0), (self.k_step, 1)):
+            k.set_args(self.ctl, self.h2k, self.k2h, np.uint32(done))
+
+    def _arg(self, a, parity: int):
+        if a is CONTROL:
+            return self.ctl
+        if isinstance(a, Swap):
+            return self.bufs[a.pick(parity)]
+        if isinstance(a, str):
+            return self.bufs[a]
+        if isinstance(a, np.generic):
+            return a
+        raise TypeError(f"unsupported kernel argument {a!r}")
+
+    def enqueue_steps(self, first_step: int, count: int) -> None:
+        cl = self.cl
+        q = self.queue
+        cl.enqueue_nd_range_kernel(q, self.k_poll, (1,), (1,))
+        for s in range(first_step, first_step + count):
+            for launch, pair in self.launches:
+                cl.enqueue_nd_range_kernel(q, pair[s % 2], launch.global_size, launch.local_size)
+            cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+        q.flush()
+
+    def read_control(self) -> np.ndarray:
+        out = np.zeros(1, dtype=CONTROL_BLOCK_DTYPE)
+        self.cl.enqueue_copy(self.queue, out, self.ctl, is_blocking=True)
+        return out
+
+    def write_control(self, field: str, value: int) -> None:
+        dt = CONTROL_BLOCK_DTYPE.fields[field][0]
+        off = CONTROL_BLOCK_DTYPE.fields[field][1]
+        self.cl.enqueue_copy(self.queue, self.ctl, np.array([value], dtype=dt), dst_offset=off, is_blocking=True)
+
+    def write_control_block(self, control: np.ndarray) -> None:
+        self.cl.enqueue_copy(self.queue, self.ctl, np.ascontiguousarray(control), is_blocking=True)
+
+    def write_message(self, slot: int, message: np.ndarray) -> None:
+        msg = np.ascontiguousarray(np.asarray(message, dtype=self.msg_dtype).reshape(1))
+        self.cl.enqueue_copy(self.queue, self.h2k, msg, dst_offset=slot * self.msg_dtype.itemsize, is_blocking=True)
+
+    def read_queue(self, which: str) -> np.ndarray:
+        buf, n = (self.h2k, self.h2k_len) if which == "h2k" else (self.k2h, self.k2h_len)
+        out = np.zeros(n, dtype=self.msg_dtype)
+        self.cl.enqueue_copy(self.queue, out, buf, is_blocking=True)
+        return out
+
+    def write_queue(self, which: str, array: np.ndarray) -> None:
+        buf = self.h2k if which == "h2k" else self.k2h
+        self.cl.enqueue_copy(self.queue, buf, np.ascontiguousarray(array, dtype=self.msg_dtype), is_blocking=True)
+
+    def read_region(self, name: str) -> np.ndarray:
+        dt, shape = self.shapes[name]
+        out = np.empty(shape, dtype=dt)
+        if out.nbytes:
+            self.cl.enqueue_copy(self.queue, out, self.bufs[name], is_blocking=True)
+        return out
+
+    def write_region(self, name: str, array: np.ndarray) -> None:
+        dt, shape = self.shapes[name]
+        arr = np.ascontiguousarray(array, dtype=dt).reshape(shape)
+        if arr.nbytes:
+            self.cl.enqueue_copy(self.queue, self.bufs[name], arr, is_blocking=True)
+
+    def close(self) -> None:
+        try:
+            self.queue.finish()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,310 @@
+"""The persistent kernel: device-resident state, command queues, checkpoints.
+
+The host never synchronises inside a batch: ``run`` enqueues a poll and N
+steps and only then reads the control block. Commands (snapshot, terminate,
+inject) are written into the device's H2K ring and take effect when the
+device's step counter reaches their step; snapshot and inject pause the
+kernel there, and ``run`` serves them and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rkckpt.delta import make_delta
+from rkckpt.errors import CheckpointError
+from rkckpt.model import Checkpoint, Chunk, ChunkType, Metadata
+
+from .backends import Backend, make_backend, select_backend
+from .control import (
+    CONTROL_BLOCK_DTYPE,
+    DEFAULT_QUEUE_CAPACITY,
+    HLC_DTYPE,
+    MESSAGE_DTYPE,
+    Command,
+    Reply,
+    new_control_block,
+    new_queue,
+)
+from .spec import KernelSpec
+
+log = logging.getLogger("rkkernel")
+
+FINGERPRINT_KEY = "rkkernel.params_fingerprint"
+BACKEND_KEY = "rkkernel.backend"
+HALOS_KEY = "rkkernel.halos"
+DTYPES_KEY = "rkkernel.dtypes"
+
+
+class RestoreMismatch(CheckpointError):
+    """The checkpoint belongs to another simulation (kernel type, grid, dtype or parameters)."""
+
+
+@dataclass
+class KernelEvent:
+    kind: Reply
+    step: int
+    arg: int
+    a: int
+    b: int
+
+
+@dataclass
+class PersistentKernel:
+    """A kernel whose state stays on one device between batches of steps."""
+
+    spec: KernelSpec
+    backend_name: str = "auto"
+    kernel_id: str = "kernel-0"
+    node_id: int = 0
+    queue_capacity: int = DEFAULT_QUEUE_CAPACITY
+    on_event: Callable[[KernelEvent, PersistentKernel], None] | None = None
+    backend: Backend = field(init=False)
+    _h2k_tail: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.spec.validate()
+        self.backend_name = select_backend(self.backend_name)
+        self.backend = make_backend(self.backend_name)
+        cb = new_control_block(self.queue_capacity)
+        self._load(self.spec.initial(), cb, new_queue(self.queue_capacity), new_queue(self.queue_capacity))
+
+    def _load(self, regions: dict[str, np.ndarray], cb: np.ndarray, h2k: np.ndarray, k2h: np.ndarray) -> None:
+        for r in self.spec.regions:
+            arr = regions[r.name]
+            if arr.shape != tuple(r.shape) or arr.dtype != np.dtype(r.dtype):
+                raise ValueError(f"region {r.name!r}: got {arr.dtype}{list(arr.shape)}, declared {r.dtype}{list(r.shape)}")
+        self.backend.load(self.spec, regions, cb, h2k, k2h)
+        self._h2k_tail = int(cb[0]["input_tail"])
+
+    # ------------------------------------------------------------ state
+    @property
+    def description(self) -> str:
+        return self.backend.description
+
+    def control(self) -> np.ndarray:
+        """Synchronise and return a copy of the control block."""
+        return self.backend.read_control()
+
+    @property
+    def step(self) -> int:
+        return int(self.control()[0]["current_step"])
+
+    def region(self, name: str) -> np.ndarray:
+        return self.backend.read_region(name)
+
+    # ------------------------------------------------------------ commands
+    def send(self, kind: Command, step: int, *, arg: int = 0, a: int = 0, b: int = 0) -> None:
+        """Append a command to the device's H2K ring (ordered after queued work)."""
+        cb = self.control()[0]
+        cap = int(cb["input_capacity"])
+        if self._h2k_tail - int(cb["input_head"]) >= cap:
+            raise RuntimeError(f"H2K queue full ({cap} messages pending)")
+        msg = np.zeros(1, dtype=MESSAGE_DTYPE)
+        msg["kind"], msg["arg"], msg["step"], msg["a"], msg["b"] = int(kind), arg, step, a, b
+        self.backend.write_message(self._h2k_tail & (cap - 1), msg)
+        self._h2k_tail += 1
+        phys = max(int(time.time() * 1e6), int(cb["hlc_physical"]))
+        self.backend.write_control("hlc_physical", phys)
+        self.backend.write_control("input_tail", self._h2k_tail)
+
+    def request_snapshot(self, step: int, tag: int = 0) -> None:
+        self.send(Command.SNAPSHOT, step, a=tag)
+
+    def terminate(self, step: int) -> None:
+        self.send(Command.TERMINATE, step)
+
+    def inject(self, step: int, region: str, index: int, value: float) -> None:
+        """Add ``value`` to cell ``index`` (flat) of float32 region ``region`` at ``step``'s boundary."""
+        slot = [r.name for r in self.spec.regions].index(region)
+        bits = int(np.array([value], dtype="<f4").view("<u4")[0])
+        self.send(Command.INJECT, step, arg=slot, a=index, b=bits)
+
+    def _drain_k2h(self) -> list[KernelEvent]:
+        cb = self.control()[0]
+        head, tail = int(cb["output_head"]), int(cb["output_tail"])
+        if head == tail:
+            return []
+        ring = self.backend.read_queue("k2h")
+        mask = int(cb["output_mask"])
+        events = []
+        for i in range(head, tail):
+            m = ring[i & mask]
+            events.append(KernelEvent(Reply(int(m["kind"])), int(m["step"]), int(m["arg"]), int(m["a"]), int(m["b"])))
+        self.backend.write_control("output_head", tail)
+        return events
+
+    def _serve(self, ev: KernelEvent) -> None:
+        if ev.kind == Reply.INJECT_READY:
+            spec = self.spec.regions[ev.arg]
+            arr = self.backend.read_region(spec.name)
+            flat = arr.reshape(-1)
+            val = np.array([ev.b & 0xFFFFFFFF], dtype="<u4").view("<f4")[0]
+            flat[ev.a] = flat.dtype.type(flat[ev.a] + val)
+            self.backend.write_region(spec.name, arr)
+        if self.on_event is not None:
+            self.on_event(ev, self)
+
+    # ------------------------------------------------------------ running
+    def run(self, count: int) -> list[KernelEvent]:
+        """Advance ``count`` steps in one batch (fewer if terminated); serve pauses.
+
+        Returns the kernel→host events seen. A snapshot pause calls
+        ``on_event`` while the device holds the state of that step.
+        """
+        events: list[KernelEvent] = []
+        start = self.step
+        target = start + count
+        while True:
+            cb = self.control()[0]
+            step = int(cb["current_step"])
+            if cb["has_terminated"] or step >= target:
+                # Commands due exactly at the target step still run (a zero-step poll).
+                if not cb["has_terminated"] and self._pending_due(cb, step):
+                    self.backend.enqueue_steps(step, 0)
+                    new = self._after_batch()
+                    events.extend(new)
+                    if new:
+                        continue
+                break
+            self.backend.enqueue_steps(step, target - step)
+            events.extend(self._after_batch())
+        return events
+
+    def _pending_due(self, cb: np.void, step: int) -> bool:
+        if int(cb["input_head"]) == int(cb["input_tail"]):
+            return False
+        ring = self.backend.read_queue("h2k")
+        m = ring[int(cb["input_head"]) & int(cb["input_mask"])]
+        return int(m["step"]) <= step
+
+    def _after_batch(self) -> list[KernelEvent]:
+        events = self._drain_k2h()
+        for ev in events:
+            self._serve(ev)
+        cb = self.control()[0]
+        if not cb["is_active"] and not cb["has_terminated"]:
+            self.backend.write_control("is_active", 1)  # resume after a pause
+        return events
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self.control()[0]["has_terminated"])
+
+    # ------------------------------------------------------------ checkpoints
+    def create_checkpoint(self) -> Checkpoint:
+        """Full state at the current step boundary (device → host copy)."""
+        cb = self.control()
+        c = cb[0]
+        hlc = np.zeros(1, dtype=HLC_DTYPE)
+        hlc["physical"], hlc["logical"], hlc["node_id"] = c["hlc_physical"], c["hlc_logical"], self.node_id
+        meta = Metadata(
+            kernel_id=self.kernel_id,
+            kernel_type=self.spec.kernel_type,
+            current_step=int(c["current_step"]),
+            grid_size=tuple(int(g) for g in self.spec.grid),
+            tile_size=tuple(int(t) for t in self.spec.tile_size),
+            hlc=(int(c["hlc_physical"]), int(c["hlc_logical"]), self.node_id),
+            custom={FINGERPRINT_KEY: self.spec.fingerprint(), BACKEND_KEY: self.backend_name},
+        )
+        ckpt = Checkpoint(meta, [], created_at=int(time.time() * 1e6))
+        ckpt.chunks.append(Chunk(int(ChunkType.CONTROL_BLOCK), 0, cb.tobytes()))
+        ckpt.chunks.append(Chunk(int(ChunkType.H2K_QUEUE), 0, self.backend.read_queue("h2k").tobytes()))
+        ckpt.chunks.append(Chunk(int(ChunkType.K2H_QUEUE), 0, self.backend.read_queue("k2h").tobytes()))
+        ckpt.chunks.append(Chunk(int(ChunkType.HLC_STATE), 0, hlc.tobytes()))
+        halos = []
+        halo_bytes = []
+        offset = 0
+        for r in self.spec.regions:
+            arr = self.backend.read_region(r.name)
+            if r.role == "halo":
+                halos.append({"name": r.name, "dtype": np.dtype(r.dtype).str, "shape": list(r.shape), "offset": offset})
+                halo_bytes.append(arr.tobytes())
+                offset += arr.nbytes
+            else:
+                ckpt.add_region(r.name, arr)
+        if halos:
+            ckpt.chunks.append(Chunk(int(ChunkType.HALO_BUFFERS), 0, b"".join(halo_bytes)))
+            ckpt.metadata = ckpt.metadata.with_custom(**{HALOS_KEY: json.dumps(halos, sort_keys=True, separators=(",", ":"))})
+        return ckpt
+
+    def create_incremental_checkpoint(self, base: Checkpoint) -> Checkpoint:
+        """Delta against ``base`` (a full state, e.g. the last checkpoint written)."""
+        return make_delta(base, self.create_checkpoint())
+
+    def check_compatible(self, ckpt: Checkpoint, source: str | None = None) -> None:
+        m = ckpt.metadata
+        if m.kernel_type != self.spec.kernel_type:
+            raise RestoreMismatch(source, f"checkpoint is of kernel type {m.kernel_type!r}, this kernel is {self.spec.kernel_type!r}")
+        if tuple(m.grid_size) != tuple(self.spec.grid):
+            raise RestoreMismatch(source, f"checkpoint grid is {list(m.grid_size)}, this run's grid is {list(self.spec.grid)}")
+        regions = ckpt.regions()
+        for r in self.spec.regions:
+            if r.role == "halo":
+                continue
+            info = regions.get(r.name)
+            if info is None:
+                raise RestoreMismatch(source, f"checkpoint has no region {r.name!r}")
+            if np.dtype(info.dtype) != np.dtype(r.dtype) or tuple(info.shape) != tuple(r.shape):
+                raise RestoreMismatch(
+                    source,
+                    f"region {r.name!r} is {info.dtype}{list(info.shape)} in the checkpoint, {np.dtype(r.dtype).str}{list(r.shape)} here",
+                )
+        fp = m.custom.get(FINGERPRINT_KEY)
+        if fp != self.spec.fingerprint():
+            raise RestoreMismatch(
+                source, f"parameter fingerprint {fp} differs from this run's {self.spec.fingerprint()} (other physical parameters)"
+            )
+
+    def restore_from_checkpoint(self, ckpt: Checkpoint, source: str | None = None) -> int:
+        """Replace the device state with ``ckpt`` (a full state); returns its step."""
+        self.check_compatible(ckpt, source)
+
+        def chunk(t: ChunkType, size: int | None) -> bytes:
+            c = ckpt.find(int(t))
+            if c is None:
+                raise CheckpointError(source, f"{t.name} chunk missing")
+            data = bytes(memoryview(c.data))
+            if size is not None and len(data) != size:
+                raise CheckpointError(source, f"{t.name} chunk is {len(data)} bytes, expected {size}")
+            return data
+
+        cb = np.frombuffer(chunk(ChunkType.CONTROL_BLOCK, CONTROL_BLOCK_DTYPE.itemsize), dtype=CONTROL_BLOCK_DTYPE).copy()
+        cap_in, cap_out = int(cb[0]["input_capacity"]), int(cb[0]["output_capacity"])
+        for cap in (cap_in, cap_out):
+            if cap <= 0 or cap > 1 << 20 or cap & (cap - 1):
+                raise CheckpointError(source, f"control block has invalid queue capacity {cap}")
+        h2k = np.frombuffer(chunk(ChunkType.H2K_QUEUE, cap_in * MESSAGE_DTYPE.itemsize), dtype=MESSAGE_DTYPE).copy()
+        k2h = np.frombuffer(chunk(ChunkType.K2H_QUEUE, cap_out * MESSAGE_DTYPE.itemsize), dtype=MESSAGE_DTYPE).copy()
+        if int(cb[0]["current_step"]) != ckpt.metadata.current_step:
+            raise CheckpointError(
+                source, f"control block step {int(cb[0]['current_step'])} differs from metadata step {ckpt.metadata.current_step}"
+            )
+        regions: dict[str, np.ndarray] = {}
+        halos_raw = ckpt.metadata.custom.get(HALOS_KEY)
+        halo_data = chunk(ChunkType.HALO_BUFFERS, None) if halos_raw else b""
+        halo_layout = {h["name"]: h for h in json.loads(halos_raw)} if halos_raw else {}
+        for r in self.spec.regions:
+            if r.role == "halo":
+                h = halo_layout.get(r.name)
+                if h is None:
+                    raise RestoreMismatch(source, f"checkpoint has no halo buffer {r.name!r}")
+                off, n = int(h["offset"]), r.nbytes
+                if off < 0 or off + n > len(halo_data):
+                    raise CheckpointError(source, f"halo {r.name!r} lies outside the HaloBuffers chunk")
+                regions[r.name] = np.frombuffer(halo_data[off : off + n], dtype=r.dtype).reshape(r.shape).copy()
+            else:
+                regions[r.name] = np.array(ckpt.region(r.name), copy=True)
+        for r in self.spec.regions:
+            self.backend.write_region(r.name, regions[r.name])
+        self.backend.write_queue("h2k", h2k)
+        self.backend.write_queue("k2h", k2h)
+        self.backend.write_control_block(cb)
+        self._h2k_tail = int(cb[0]["input_tail"])
+        return int(cb[0]["current_step"])

@@ -1,0 +1,158 @@
+"""The user-facing description of a persistent kernel ("bring your own kernel").
+
+A kernel is declared, not subclassed: its regions (device arrays), its source
+per back end, the launches that make one step (with their arguments) and a
+NumPy reference of the same step. The runtime does the rest: device
+residency, control block and queues, batching, checkpoint/restore. The wave
+simulation in ``wavesim.py`` is written against this API like any user's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+
+Role = Literal["field", "static", "halo"]
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """A named device array.
+
+    ``field``: evolving state (DeviceMemory chunk); ``static``: set once
+    (material models, source wavelets; still checkpointed so a restore needs
+    nothing else, and unchanged bytes cost nothing in a delta); ``halo``:
+    exchange buffers, stored together in the HaloBuffers chunk.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    role: Role = "field"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Argument that names region ``even`` on even steps and ``odd`` on odd steps (leapfrog)."""
+
+    even: str
+    odd: str
+
+    def pick(self, step: int) -> str:
+        return self.even if step % 2 == 0 else self.odd
+
+
+class _Placeholder:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: Argument placeholders the runtime fills in: the control-block pointer (first
+#: argument of every step kernel), the two queues, and (persistent kernels
+#: only) the number of steps of the batch.
+CONTROL = _Placeholder("CONTROL")
+H2K = _Placeholder("H2K")
+K2H = _Placeholder("K2H")
+STEPS = _Placeholder("STEPS")
+
+Arg = str | Swap | np.generic | _Placeholder
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a step. ``global_size`` is in work items (x fastest)."""
+
+    function: str
+    global_size: tuple[int, ...]
+    args: tuple[Arg, ...]
+    local_size: tuple[int, ...] | None = None
+
+
+NumpyStep = Callable[[Mapping[str, np.ndarray], int], None]
+
+
+@dataclass
+class KernelSpec:
+    """Everything the runtime needs to run, checkpoint and restore a kernel.
+
+    ``numpy_step(regions, step)`` must update the arrays in place exactly as
+    the device launches do (same operation order, same flush-to-zero) — it is
+    both the CPU fallback and the bit-identity reference.
+    """
+
+    kernel_type: str
+    grid: tuple[int, int, int]
+    regions: list[RegionSpec]
+    launches: list[Launch]
+    sources: dict[str, str]
+    numpy_step: NumpyStep
+    initial: Callable[[], dict[str, np.ndarray]]
+    params: dict[str, Any] = field(default_factory=dict)
+    build_options: dict[str, list[str]] = field(default_factory=dict)
+    tile_size: tuple[int, int, int] = (0, 0, 0)
+    #: Optional per-back-end persistent kernel: one launch runs a whole batch
+    #: (it must loop over STEPS steps and run rk_advance_dev between them).
+    #: ``global_size``/``local_size`` are ignored; the back end sizes the grid.
+    persistent: dict[str, Launch] = field(default_factory=dict)
+
+    def region(self, name: str) -> RegionSpec:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(f"kernel {self.kernel_type!r} has no region {name!r}")
+
+    def fingerprint(self) -> str:
+        """Stable digest of what makes two runs the same simulation.
+
+        Restoring a checkpoint whose fingerprint differs would silently
+        continue a different simulation, so the runtime refuses it.
+        """
+        doc = {
+            "kernel_type": self.kernel_type,
+            "grid": list(self.grid),
+            "regions": [[r.name, np.dtype(r.dtype).str, list(r.shape), r.role] for r in self.regions],
+            "params": self.params,
+        }
+        raw = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+        return hashlib.sha256(raw).hexdigest()[:32]
+
+    def source_text(self, backend: str) -> str:
+        name = self.sources.get(backend)
+        if name is None:
+            raise KeyError(f"kernel {self.kernel_type!r} has no {backend} source")
+        path = Path(name)
+        if not path.is_absolute():
+            path = KERNELS_DIR / path
+        return path.read_text()
+
+    def validate(self) -> None:
+        names = [r.name for r in self.regions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate region names in {names}")
+        for launch in self.launches:
+            for a in launch.args:
+                for n in _arg_regions(a):
+                    self.region(n)
+
+
+def _arg_regions(a: Arg) -> list[str]:
+    if isinstance(a, str):
+        return [a]
+    if isinstance(a, Swap):
+        return [a.even, a.odd]
+    return []

@@ -1,0 +1,223 @@
+"""3D acoustic wave FDTD — the first kernel built on the ``spec`` API.
+
+Leapfrog over two pressure fields (``pressure_a``/``pressure_b``: on even
+steps a is current and b previous; the new field overwrites the previous),
+a static velocity model and a Ricker source wavelet sampled on the host in
+float64 and stored as float32, so no transcendental function runs on a
+device (their last bits differ between vendors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .ftz import ftz
+from .spec import CONTROL, H2K, K2H, STEPS, KernelSpec, Launch, RegionSpec, Swap
+
+KERNEL_TYPE = "fdtd_3d"
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class WaveParams:
+    nx: int
+    ny: int
+    nz: int
+    dx: float = 10.0  # metres
+    v_top: float = 1500.0
+    v_bottom: float = 2500.0
+    courant: float = 0.5  # fraction of the 3D stability limit 1/sqrt(3)
+    f0: float | None = None  # source peak frequency; default: ~12 cells per wavelength
+    src: tuple[int, int, int] | None = None  # (x, y, z); default: centre, upper quarter
+    version: int = 3  # bump when the kernel's arithmetic changes
+    model_sha256: str | None = None  # digest of a user-supplied velocity model (--velocity)
+    model_vmax: float | None = None  # its largest velocity (sets the stable time step)
+
+    def __post_init__(self) -> None:
+        if min(self.nx, self.ny, self.nz) < 3:
+            raise ValueError(f"grid must be at least 3 in each axis, got {self.nx}x{self.ny}x{self.nz}")
+        if self.nx * self.ny * self.nz >= 2**31:
+            raise ValueError("grid too large for 32-bit indexing (2^31 cells)")
+
+    @property
+    def dt(self) -> float:
+        vmax = self.model_vmax if self.model_vmax is not None else max(self.v_top, self.v_bottom)
+        return self.courant * self.dx / (vmax * math.sqrt(3.0))
+
+    @property
+    def source(self) -> tuple[int, int, int]:
+        if self.src is not None:
+            return self.src
+        return (self.nx // 2, self.ny // 2, max(1, self.nz // 4))
+
+    @property
+    def peak_frequency(self) -> float:
+        return self.f0 if self.f0 is not None else self.v_top / (12.0 * self.dx)
+
+
+def velocity_model(p: WaveParams) -> np.ndarray:
+    """Two layers with a gently dipping interface, shape (nz, nx), constant along y.
+
+    A 2-D model keeps the update at 12 bytes of memory traffic per cell (it
+    stays in cache), which is what the stencil's roofline assumes.
+    """
+    z = np.arange(p.nz, dtype=np.float64)[:, None]
+    x = np.arange(p.nx, dtype=np.float64)[None, :]
+    interface = p.nz * 0.55 + 0.1 * (x - p.nx / 2)
+    v = np.where(z < interface, p.v_top, p.v_bottom)
+    return np.ascontiguousarray(v, dtype=F32)
+
+
+def load_velocity(path: str, nx: int, nz: int) -> tuple[np.ndarray, str]:
+    """A user velocity model: .npy, shape (nz, nx), finite and positive; returns it and its SHA-256.
+
+    Raises ValueError naming the file and the problem.
+    """
+    import hashlib
+
+    try:
+        raw = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    if raw.shape != (nz, nx):
+        raise ValueError(f"{path}: velocity model must have shape (nz, nx) = ({nz}, {nx}), got {raw.shape}")
+    if raw.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: velocity model must be numeric, got {raw.dtype}")
+    v = np.ascontiguousarray(raw, dtype=F32)
+    if not np.isfinite(v).all() or float(v.min()) <= 0:
+        raise ValueError(f"{path}: velocities must be finite and positive")
+    return v, hashlib.sha256(v.tobytes()).hexdigest()
+
+
+def ricker(p: WaveParams) -> np.ndarray:
+    f0 = p.peak_frequency
+    t0 = 1.2 / f0
+    n = max(1, int(math.ceil(2 * t0 / p.dt)) + 1)
+    t = np.arange(n, dtype=np.float64) * p.dt - t0
+    a = (math.pi * f0 * t) ** 2
+    w = ((1.0 - 2.0 * a) * np.exp(-a)).astype(F32)
+    return ftz(w)
+
+
+def r2(p: WaveParams) -> np.float32:
+    return F32((p.dt / p.dx) ** 2)
+
+
+def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, params: WaveParams) -> None:
+    """Exactly the arithmetic of ``fdtd_step`` in kernels/fdtd3d.cl, in the same order.
+
+    Plain IEEE float32 operations (NumPy never fuses them), the source added
+    before the single flush of the stored value, like the kernel does.
+    """
+    if step % 2 == 0:
+        cur, nxt = regions["pressure_a"], regions["pressure_b"]
+    else:
+        cur, nxt = regions["pressure_b"], regions["pressure_a"]
+    vel = regions["velocity"]
+    wavelet = regions["wavelet"]
+    c = cur
+    ii = (slice(1, -1), slice(1, -1), slice(1, -1))
+    p = c[ii]
+    s = c[1:-1, 1:-1, :-2] + c[1:-1, 1:-1, 2:]
+    s += c[1:-1, :-2, 1:-1]
+    s += c[1:-1, 2:, 1:-1]
+    s += c[:-2, 1:-1, 1:-1]
+    s += c[2:, 1:-1, 1:-1]
+    lap = np.subtract(s, F32(6.0) * p, out=s)
+    v = vel[1:-1, None, 1:-1]
+    coef = (v * v) * r2(params)
+    acc = np.multiply(coef, lap, out=lap)
+    base = F32(2.0) * p - nxt[ii]
+    out = np.add(base, acc, out=base)
+    if step < len(wavelet):
+        x, y, z = params.source
+        out[z - 1, y - 1, x - 1] += wavelet[step]
+    nxt[ii] = ftz(out)
+
+
+def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_size: tuple[int, int, int] | None = None) -> KernelSpec:
+    """The wave kernel's spec; ``velocity`` (from ``load_velocity``) replaces the built-in model.
+
+    ``params.model_sha256``/``model_vmax`` must describe ``velocity`` so the
+    fingerprint and the time step follow the model.
+    """
+    nx, ny, nz = params.nx, params.ny, params.nz
+    if (velocity is None) != (params.model_sha256 is None):
+        raise ValueError("pass the velocity model together with its digest (see load_velocity)")
+    shape = (nz, ny, nx)
+    wavelet = ricker(params)
+    sx, sy, sz = params.source
+    if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
+        raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
+    src_index = sx + sy * nx + sz * nx * ny
+    regions = [
+        RegionSpec("pressure_a", "<f4", shape, "field"),
+        RegionSpec("pressure_b", "<f4", shape, "field"),
+        RegionSpec("velocity", "<f4", (nz, nx), "static"),
+        RegionSpec("wavelet", "<f4", wavelet.shape, "static"),
+    ]
+    args = (
+        CONTROL,
+        Swap("pressure_a", "pressure_b"),  # cur
+        Swap("pressure_b", "pressure_a"),  # prev -> next
+        "velocity",
+        "wavelet",
+        r2(params),
+        np.int32(nx),
+        np.int32(nx * ny),
+        np.int32(src_index),
+        np.int32(len(wavelet)),
+    )
+    launch = Launch("fdtd_step", (nx - 2, ny - 2, nz - 2), args, local_size)
+    persistent = Launch(
+        "fdtd_persistent",
+        (0,),
+        (
+            CONTROL,
+            H2K,
+            K2H,
+            "pressure_a",
+            "pressure_b",
+            "velocity",
+            "wavelet",
+            r2(params),
+            np.int32(nx),
+            np.int32(ny),
+            np.int32(nz),
+            np.int32(src_index),
+            np.int32(len(wavelet)),
+            STEPS,
+        ),
+    )
+
+    def initial() -> dict[str, np.ndarray]:
+        return {
+            "pressure_a": np.zeros(shape, F32),
+            "pressure_b": np.zeros(shape, F32),
+            "velocity": velocity_model(params) if velocity is None else velocity,
+            "wavelet": wavelet,
+        }
+
+    def step(regions: Mapping[str, np.ndarray], s: int) -> None:
+        numpy_step(regions, s, params=params)
+
+    return KernelSpec(
+        kernel_type=KERNEL_TYPE,
+        grid=(nx, ny, nz),
+        regions=regions,
+        launches=[launch],
+        sources={"opencl": "fdtd3d.cl", "cuda": "fdtd3d.cu"},
+        numpy_step=step,
+        initial=initial,
+        params={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()},
+        persistent={"cuda": persistent},
+    )
+
+
+def current_field(regions: Mapping[str, np.ndarray], step: int) -> np.ndarray:
+    """The pressure at ``step`` (after ``step`` updates)."""
+    return regions["pressure_a"] if step % 2 == 0 else regions["pressure_b"]

@@ -1,0 +1,168 @@
+"""Per-step checkpoint folders: where a step keeps its checkpoint chain between
+Slurm jobs, and how we tell a stale folder (rule changed) from a resumable one.
+
+This module has no Snakemake executor dependency so that a Snakefile run with
+the local executor can point a step at the very same folder
+(``params: rkslurm_checkpoint_dir=rkslurm_checkpoint_dir("simulate")``) and a
+killed workflow resumes every checkpointed step on rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+DEFAULT_ROOT = ".snakemake/rkslurm"
+ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
+PARAM_NAME = "rkslurm_checkpoint_dir"
+FINGERPRINT_FILE = "rkslurm.fingerprint.json"
+STOP_MARKER = "rkrun.stopped.json"
+#: optional: a step that does not write .rkcp chains may report its newest checkpointed step here
+PROGRESS_FILE = "rkslurm.progress.json"
+_CKPT_NAME = re.compile(r"-(\d{12})-(?:full|delta)\.rkcp$")
+
+
+def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:
+    """A stable, filesystem-safe folder name for a wildcard assignment.
+
+    Values are percent-encoded so ``a/b`` cannot escape the folder; ``_`` is
+    the key of a rule without wildcards.
+    """
+    items = sorted((str(k), str(v)) for k, v in dict(wildcards or {}).items())
+    if not items:
+        return "_"
+    return ",".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in items)
+
+
+def default_checkpoint_dir(rule: str, wildcards: Mapping[str, Any] | None, root: str | os.PathLike[str] = DEFAULT_ROOT) -> Path:
+    """``<root>/<rule>/<wildcards-key>``, absolute (jobs may run elsewhere)."""
+    return (Path(root) / quote(rule, safe="") / wildcards_key(wildcards)).absolute()
+
+
+def rkslurm_checkpoint_dir(rule: str, root: str | os.PathLike[str] | None = None) -> Callable[[Any], str]:
+    """Snakefile helper: a params function giving the step's checkpoint folder.
+
+    ``params: rkslurm_checkpoint_dir=rkslurm_checkpoint_dir("simulate")`` yields
+    the same folder the rkslurm executor would use by default, so the rule can
+    pass ``{params.rkslurm_checkpoint_dir}`` to its command under any executor.
+    ``root`` defaults to ``$RKSLURM_CHECKPOINT_ROOT`` or ``.snakemake/rkslurm``.
+    """
+
+    def _dir(wildcards: Any) -> str:
+        r = root if root is not None else os.environ.get("RKSLURM_CHECKPOINT_ROOT", DEFAULT_ROOT)
+        return str(default_checkpoint_dir(rule, dict(wildcards.items()) if wildcards is not None else {}, r))
+
+    return _dir
+
+
+def fingerprint(inputs: list[str], params: Mapping[str, Any], code: str, rule: str) -> str:
+    """Digest of what determines a step's result: input files (path, size,
+    mtime), params and the rule's command/code. Input contents are not hashed:
+    inputs may be many GiB, and Snakemake itself reruns on mtime changes.
+    """
+    files = []
+    for f in inputs:
+        try:
+            st = os.stat(f)
+            files.append([str(f), st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([str(f), None, None])
+    doc = {"rule": rule, "inputs": files, "params": {k: v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
+    blob = json.dumps(doc, sort_keys=True, default=repr).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same dir, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    path: Path
+    fresh: bool  # True when there was nothing to resume from
+    stale_reason: str | None  # set when an existing folder was wiped
+
+
+def prepare(path: Path, digest: str) -> PrepareResult:
+    """Make the folder ready for a (re)start of the step.
+
+    Same fingerprint → keep everything (resume). Different or unreadable
+    fingerprint with content present → wipe, so stale state is never restored.
+    """
+    path = Path(path)
+    fp = path / FINGERPRINT_FILE
+    stale: str | None = None
+    has_content = path.is_dir() and any(p.name != FINGERPRINT_FILE for p in path.iterdir())
+    if fp.exists():
+        try:
+            old = json.loads(fp.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != digest:
+            stale = "the rule's inputs, params or code changed since these checkpoints were written"
+    elif has_content:
+        stale = "the folder has no fingerprint, so its checkpoints cannot be matched to this rule"
+    if stale is not None and path.exists():
+        shutil.rmtree(path)
+        has_content = False
+    path.mkdir(parents=True, exist_ok=True)
+    if stale is not None or not fp.exists():
+        atomic_write_text(fp, json.dumps({"fingerprint": digest}) + "\n")
+    return PrepareResult(path=path, fresh=not has_content, stale_reason=stale)
+
+
+def read_progress(path: Path) -> int | None:
+    """Newest checkpointed step in the folder: from the stop marker written at a
+    signal, ``rkslurm.progress.json``, or the chain's file names
+    (``<kernel>-<step:012d>-<full|delta>.rkcp``); None when nothing was
+    checkpointed. Used to tell progress from a step stuck before its first
+    checkpoint (time-limit continuation needs progress).
+    """
+    path = Path(path)
+    best: int | None = None
+    for name in (STOP_MARKER, PROGRESS_FILE):
+        try:
+            step = json.loads((path / name).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and not isinstance(step, bool):
+            best = step if best is None else max(best, step)
+    try:
+        names = os.listdir(path)
+    except OSError:
+        names = []
+    for n in names:
+        m = _CKPT_NAME.search(n)
+        if m:
+            s = int(m.group(1))
+            best = s if best is None else max(best, s)
+    return best
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

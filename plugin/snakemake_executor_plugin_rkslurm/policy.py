@@ -1,0 +1,510 @@
+"""What to do with a Slurm job of a checkpointed step: wait, succeed, resubmit or fail.
+
+Pure on purpose: no I/O, no clock, no Slurm calls. The executor gathers one
+:class:`JobObservation` per poll (from sacct, squeue or scontrol, whichever
+answers) plus what it knows of the checkpoint folder, and feeds it with the
+step's :class:`StepHistory` and the user's :class:`PolicySettings` to
+:func:`decide`. Keeping the rules here means every Slurm state string and
+every preemption mode can be covered by table tests without a cluster, and
+the executor stays a thin loop around them.
+
+The stock Slurm executor treats PREEMPTED as "Slurm will take care of it" and
+then polls forever under PreemptMode=CANCEL; the rules below never wait on a
+state that cannot change by itself without bounding the wait.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field, replace
+
+__all__ = [
+    "EX_TEMPFAIL",
+    "Action",
+    "Decision",
+    "JobObservation",
+    "PolicySettings",
+    "SlurmJobState",
+    "StepHistory",
+    "decide",
+    "parse_exit_code",
+    "parse_state",
+]
+
+#: Exit status of ``rkrun`` when it stopped on SIGTERM/SIGUSR1 after writing
+#: its final checkpoint (sysexits.h EX_TEMPFAIL: "try again later").
+EX_TEMPFAIL = 75
+
+
+class SlurmJobState(enum.Enum):
+    """Every job state Slurm reports (22.05–24.x), plus UNKNOWN for anything else."""
+
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"
+    RUNNING = "RUNNING"
+    SUSPENDED = "SUSPENDED"
+    STOPPED = "STOPPED"
+    COMPLETING = "COMPLETING"
+    SIGNALING = "SIGNALING"
+    STAGE_OUT = "STAGE_OUT"
+    RESIZING = "RESIZING"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    NODE_FAIL = "NODE_FAIL"
+    BOOT_FAIL = "BOOT_FAIL"
+    PREEMPTED = "PREEMPTED"
+    DEADLINE = "DEADLINE"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    REQUEUED = "REQUEUED"
+    REQUEUE_FED = "REQUEUE_FED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    REVOKED = "REVOKED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def is_active(self) -> bool:
+        """The job is queued or running; it will change state by itself."""
+        return self in _ACTIVE
+
+    @property
+    def is_held(self) -> bool:
+        """Requeued but held: only an operator's ``scontrol release`` moves it on."""
+        return self in _HELD
+
+    @property
+    def is_requeueing(self) -> bool:
+        """Transient states of a job Slurm is putting back in the queue (same job id)."""
+        return self in _REQUEUEING
+
+
+_ACTIVE = frozenset(
+    {
+        SlurmJobState.PENDING,
+        SlurmJobState.CONFIGURING,
+        SlurmJobState.RUNNING,
+        SlurmJobState.SUSPENDED,
+        SlurmJobState.STOPPED,
+        SlurmJobState.COMPLETING,
+        SlurmJobState.SIGNALING,
+        SlurmJobState.STAGE_OUT,
+        SlurmJobState.RESIZING,
+        SlurmJobState.REQUEUED,
+        SlurmJobState.REQUEUE_FED,
+    }
+)
+_HELD = frozenset({SlurmJobState.REQUEUE_HOLD, SlurmJobState.SPECIAL_EXIT, SlurmJobState.RESV_DEL_HOLD})
+_REQUEUEING = frozenset({SlurmJobState.REQUEUED, SlurmJobState.REQUEUE_FED, SlurmJobState.REQUEUE_HOLD})
+
+#: squeue's compact state codes (``%t``).
+_ABBREVIATIONS: dict[str, SlurmJobState] = {
+    "PD": SlurmJobState.PENDING,
+    "CF": SlurmJobState.CONFIGURING,
+    "R": SlurmJobState.RUNNING,
+    "S": SlurmJobState.SUSPENDED,
+    "ST": SlurmJobState.STOPPED,
+    "CG": SlurmJobState.COMPLETING,
+    "SI": SlurmJobState.SIGNALING,
+    "SO": SlurmJobState.STAGE_OUT,
+    "RS": SlurmJobState.RESIZING,
+    "CD": SlurmJobState.COMPLETED,
+    "CA": SlurmJobState.CANCELLED,
+    "F": SlurmJobState.FAILED,
+    "TO": SlurmJobState.TIMEOUT,
+    "NF": SlurmJobState.NODE_FAIL,
+    "BF": SlurmJobState.BOOT_FAIL,
+    "PR": SlurmJobState.PREEMPTED,
+    "DL": SlurmJobState.DEADLINE,
+    "OOM": SlurmJobState.OUT_OF_MEMORY,
+    "RQ": SlurmJobState.REQUEUED,
+    "RF": SlurmJobState.REQUEUE_FED,
+    "RH": SlurmJobState.REQUEUE_HOLD,
+    "SE": SlurmJobState.SPECIAL_EXIT,
+    "RD": SlurmJobState.RESV_DEL_HOLD,
+    "RV": SlurmJobState.REVOKED,
+}
+_FULL_NAMES: dict[str, SlurmJobState] = {s.value: s for s in SlurmJobState if s is not SlurmJobState.UNKNOWN}
+_ALIASES: dict[str, SlurmJobState] = {"OOM": SlurmJobState.OUT_OF_MEMORY, "CANCELED": SlurmJobState.CANCELLED}
+
+
+def parse_state(raw: str | None) -> SlurmJobState:
+    """Normalise a state as sacct, squeue or scontrol print it.
+
+    Accepts ``RUNNING``, ``running``, ``R``, ``CANCELLED by 0``,
+    ``CANCELLED+`` and sacct's width-truncated forms (``OUT_OF_ME+``),
+    ``JobState=PREEMPTED``, and flag lists (``COMPLETING,REQUEUED``: the first
+    one wins). Anything else is UNKNOWN, never an exception: a state string
+    from a newer Slurm must not crash the poll loop.
+    """
+    if raw is None:
+        return SlurmJobState.UNKNOWN
+    text = raw.strip().upper()
+    if text.startswith("JOBSTATE="):
+        text = text[len("JOBSTATE=") :]
+    text = re.split(r"[\s,]", text, maxsplit=1)[0] if text else ""
+    truncated = text.endswith("+")
+    text = text.rstrip("+")
+    if not text:
+        return SlurmJobState.UNKNOWN
+    if text in _FULL_NAMES:
+        return _FULL_NAMES[text]
+    if text in _ALIASES:
+        return _ALIASES[text]
+    if text in _ABBREVIATIONS and not truncated:
+        return _ABBREVIATIONS[text]
+    if truncated and len(text) >= 4:
+        # sacct cuts columns to their width and marks the cut with "+".
+        matches = [state for name, state in _FULL_NAMES.items() if name.startswith(text)]
+        if len(matches) == 1:
+            return matches[0]
+    return SlurmJobState.UNKNOWN
+
+
+def parse_exit_code(raw: str | int | None) -> tuple[int | None, int | None]:
+    """``"143:0"`` → ``(143, 0)``; ``"0:9"`` → ``(0, 9)``; unparsable parts → None."""
+    if raw is None:
+        return None, None
+    if isinstance(raw, int):
+        return raw, None
+    parts = str(raw).strip().split(":")
+
+    def as_int(text: str) -> int | None:
+        text = text.strip()
+        return int(text) if text.isdigit() else None
+
+    code = as_int(parts[0]) if parts else None
+    sig = as_int(parts[1]) if len(parts) > 1 else None
+    return code, sig
+
+
+class Action(enum.Enum):
+    WAIT = "wait"
+    SUCCEED = "succeed"
+    RESUBMIT = "resubmit"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """User limits (the ``--rkslurm-*`` flags). Caps are per step, counted over all its Slurm jobs."""
+
+    max_preemptions: int = 10
+    max_timeouts: int = 20
+    max_node_failures: int = 3
+    #: consecutive polls with an unparsable/unknown state before giving up
+    max_unknown_polls: int = 60
+    #: consecutive polls with the job held (REQUEUE_HOLD, SPECIAL_EXIT, RESV_DEL_HOLD)
+    max_held_polls: int = 720
+    #: consecutive polls of PREEMPTED on a REQUEUE partition before assuming
+    #: Slurm will not requeue it (sacct shows PREEMPTED for ~10 s while requeueing)
+    max_preempted_polls: int = 12
+    #: NODE_FAIL/BOOT_FAIL: ask for the failed node to be excluded on resubmission
+    exclude_failed_nodes: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_preemptions", "max_timeouts", "max_node_failures", "max_unknown_polls", "max_held_polls", "max_preempted_polls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PolicySettings.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """One poll's view of the step's current Slurm job, plus the checkpoint folder."""
+
+    job_id: str
+    state: SlurmJobState
+    exit_code: int | None = None
+    signal: int | None = None
+    #: scontrol's Restarts (times Slurm requeued this job id); None when unknown (sacct/squeue)
+    restarts: int | None = None
+    node: str | None = None
+    partition: str | None = None
+    #: the partition preempts by REQUEUE and the job is requeueable
+    requeue_on_preempt: bool = False
+    #: newest restorable checkpoint step in the step's folder now (None: no checkpoint)
+    checkpoint_step: int | None = None
+    #: step from a fresh ``rkrun.stopped.json`` marker written by this attempt
+    stopped_step: int | None = None
+    log_path: str | None = None
+    raw_state: str | None = None
+
+    @property
+    def stopped_on_signal(self) -> bool:
+        """The step itself says it was interrupted and saved its state (exit 75 or the marker)."""
+        return self.exit_code == EX_TEMPFAIL or self.stopped_step is not None
+
+
+@dataclass(frozen=True)
+class StepHistory:
+    """Everything the policy remembers about one Snakemake step. Immutable: decisions return a new one."""
+
+    job_ids: tuple[str, ...] = ()
+    log_paths: tuple[str, ...] = ()
+    preemptions: int = 0
+    timeouts: int = 0
+    node_failures: int = 0
+    #: checkpoint step when the current attempt started (progress baseline)
+    last_checkpoint_step: int | None = None
+    excluded_nodes: tuple[str, ...] = ()
+    #: requeues of the current job id already counted as preemptions
+    job_requeues: int = 0
+    #: requeue transitions seen for the current job id (sacct/squeue view)
+    requeue_transitions: int = 0
+    #: highest scontrol Restarts seen for the current job id
+    restarts_seen: int = 0
+    #: the previous poll saw the current job in a requeue transition
+    in_requeue: bool = False
+    unknown_polls: int = 0
+    held_polls: int = 0
+    preempted_polls: int = 0
+
+    def with_submission(self, job_id: str, log_path: str | None = None, checkpoint_step: int | None = None) -> StepHistory:
+        """The history after submitting ``job_id`` for this step (first submission or a resubmission)."""
+        baseline = checkpoint_step if checkpoint_step is not None else self.last_checkpoint_step
+        return replace(
+            self,
+            job_ids=(*self.job_ids, str(job_id)),
+            log_paths=(*self.log_paths, log_path) if log_path else self.log_paths,
+            last_checkpoint_step=baseline,
+            job_requeues=0,
+            requeue_transitions=0,
+            restarts_seen=0,
+            in_requeue=False,
+            unknown_polls=0,
+            held_polls=0,
+            preempted_polls=0,
+        )
+
+    def describe(self) -> str:
+        """Slurm ids and logs of every attempt, for failure messages."""
+        ids = ", ".join(self.job_ids) if self.job_ids else "(none)"
+        text = f"Slurm job ids of this step: {ids}; preemptions={self.preemptions}, timeouts={self.timeouts}, node failures={self.node_failures}"
+        if self.log_paths:
+            text += "; logs: " + ", ".join(self.log_paths)
+        return text
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    history: StepHistory
+    exclude_node: str | None = None
+    #: what was counted by this decision: "preemption", "requeue", "timeout", "node_failure", "interrupted" or None
+    event: str | None = None
+    excluded_nodes: tuple[str, ...] = field(default=())
+
+
+def _progress(obs: JobObservation, hist: StepHistory) -> bool:
+    if obs.checkpoint_step is None:
+        return False
+    return hist.last_checkpoint_step is None or obs.checkpoint_step > hist.last_checkpoint_step
+
+
+def _ckpt_text(obs: JobObservation, hist: StepHistory) -> str:
+    now = "none" if obs.checkpoint_step is None else f"step {obs.checkpoint_step}"
+    before = "none" if hist.last_checkpoint_step is None else f"step {hist.last_checkpoint_step}"
+    return f"checkpoint now {now}, at attempt start {before}"
+
+
+def _where(obs: JobObservation) -> str:
+    bits = [f"job {obs.job_id}"]
+    if obs.partition:
+        bits.append(f"partition {obs.partition}")
+    if obs.node:
+        bits.append(f"node {obs.node}")
+    return ", ".join(bits)
+
+
+def _exit_text(obs: JobObservation) -> str:
+    if obs.exit_code is None and obs.signal is None:
+        return "exit code unknown"
+    return f"exit code {obs.exit_code if obs.exit_code is not None else '?'}:{obs.signal if obs.signal is not None else 0}"
+
+
+def _fail(hist: StepHistory, obs: JobObservation, why: str, event: str | None = None) -> Decision:
+    return Decision(Action.FAIL, f"{why} ({_where(obs)}). {hist.describe()}", hist, event=event, excluded_nodes=hist.excluded_nodes)
+
+
+def _resubmit(hist: StepHistory, obs: JobObservation, why: str, event: str, exclude: str | None = None) -> Decision:
+    if obs.checkpoint_step is not None:
+        hist = replace(hist, last_checkpoint_step=obs.checkpoint_step)
+    if exclude and exclude not in hist.excluded_nodes:
+        hist = replace(hist, excluded_nodes=(*hist.excluded_nodes, exclude))
+    restore = (
+        f"restores from checkpoint step {obs.checkpoint_step}"
+        if obs.checkpoint_step is not None
+        else "starts from step 0 (no checkpoint yet)"
+    )
+    return Decision(
+        Action.RESUBMIT,
+        f"{why} ({_where(obs)}); resubmitting, the step {restore}",
+        hist,
+        exclude_node=exclude,
+        event=event,
+        excluded_nodes=hist.excluded_nodes,
+    )
+
+
+def _wait(hist: StepHistory, why: str) -> Decision:
+    return Decision(Action.WAIT, why, hist, excluded_nodes=hist.excluded_nodes)
+
+
+def _count_preemption(hist: StepHistory, obs: JobObservation, settings: PolicySettings, what: str, event: str) -> Decision:
+    hist = replace(hist, preemptions=hist.preemptions + 1)
+    if hist.preemptions > settings.max_preemptions:
+        return _fail(
+            hist, obs, f"{what}: preemption cap reached ({hist.preemptions} > --rkslurm-max-preemptions={settings.max_preemptions})", event
+        )
+    return _resubmit(hist, obs, f"{what} (preemption {hist.preemptions}/{settings.max_preemptions})", event)
+
+
+def _track_requeues(obs: JobObservation, hist: StepHistory) -> tuple[StepHistory, int]:
+    """Count Slurm's own requeues of the current job id exactly once each.
+
+    Two sources that may alternate between polls: scontrol's Restarts counter
+    (exact) and entering a requeue transition (PREEMPTED on a REQUEUE
+    partition, REQUEUED, ...), which is all sacct/squeue show. Each source
+    is counted on its own and the larger count wins, so one requeue seen by
+    both is counted once.
+    """
+    requeueing = obs.state.is_requeueing or (obs.state is SlurmJobState.PREEMPTED and obs.requeue_on_preempt)
+    transitions = hist.requeue_transitions + (1 if requeueing and not hist.in_requeue else 0)
+    restarts = max(hist.restarts_seen, obs.restarts or 0)
+    total = max(transitions, restarts)
+    new = max(0, total - hist.job_requeues)
+    hist = replace(hist, requeue_transitions=transitions, restarts_seen=restarts, job_requeues=total, in_requeue=requeueing)
+    if new:
+        base = obs.checkpoint_step if obs.checkpoint_step is not None else hist.last_checkpoint_step
+        hist = replace(hist, preemptions=hist.preemptions + new, last_checkpoint_step=base)
+    return hist, new
+
+
+def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings | None = None) -> Decision:
+    """Map one observation of the step's current Slurm job to the next action."""
+    settings = settings or PolicySettings()
+    state = obs.state
+    hist = history
+    if hist.job_ids and obs.job_id not in hist.job_ids:
+        # Defensive: an observation of a job we never submitted for this step.
+        return _wait(hist, f"ignoring observation of job {obs.job_id}: not one of this step's jobs {hist.job_ids}")
+
+    if state is not SlurmJobState.UNKNOWN:
+        hist = replace(hist, unknown_polls=0)
+    if not state.is_held:
+        hist = replace(hist, held_polls=0)
+    if state is not SlurmJobState.PREEMPTED:
+        hist = replace(hist, preempted_polls=0)
+
+    # REQUEUE mode: Slurm reruns the same job id. Count it, never resubmit.
+    hist, requeued = _track_requeues(obs, hist)
+    if requeued and hist.preemptions > settings.max_preemptions:
+        return _fail(
+            hist,
+            obs,
+            f"job requeued by Slurm: preemption cap reached ({hist.preemptions} > --rkslurm-max-preemptions={settings.max_preemptions}); cancel it",
+            "requeue",
+        )
+
+    if state is SlurmJobState.UNKNOWN:
+        hist = replace(hist, unknown_polls=hist.unknown_polls + 1)
+        if hist.unknown_polls > settings.max_unknown_polls:
+            return _fail(hist, obs, f"Slurm state {obs.raw_state!r} stayed unknown for {hist.unknown_polls} polls")
+        return _wait(
+            hist,
+            f"unknown Slurm state {obs.raw_state!r} for job {obs.job_id} (poll {hist.unknown_polls}/{settings.max_unknown_polls}); waiting",
+        )
+
+    if state.is_held:
+        hist = replace(hist, held_polls=hist.held_polls + 1)
+        if hist.held_polls > settings.max_held_polls:
+            return _fail(
+                hist, obs, f"job held by Slurm ({state.value}) for {hist.held_polls} polls; release it with `scontrol release {obs.job_id}`"
+            )
+        return _wait(
+            hist,
+            f"job {obs.job_id} is held by Slurm ({state.value}); waiting for `scontrol release` ({hist.held_polls}/{settings.max_held_polls})",
+        )
+
+    if state.is_active:
+        why = f"job {obs.job_id} {state.value.lower()}"
+        if requeued or (hist.job_requeues and state is SlurmJobState.PENDING):
+            why += f" after Slurm requeued it ({hist.job_requeues}x, same job id; no duplicate submitted)"
+        return _wait(hist, why)
+
+    if state is SlurmJobState.COMPLETED:
+        if obs.exit_code not in (None, 0):
+            return _fail(hist, obs, f"Slurm says COMPLETED but {_exit_text(obs)}")
+        return Decision(Action.SUCCEED, f"job {obs.job_id} completed", hist, excluded_nodes=hist.excluded_nodes)
+
+    if state is SlurmJobState.PREEMPTED:
+        if obs.requeue_on_preempt:
+            hist = replace(hist, preempted_polls=hist.preempted_polls + 1)
+            if hist.preempted_polls <= settings.max_preempted_polls:
+                return _wait(hist, f"job {obs.job_id} preempted on a REQUEUE partition; waiting for Slurm to requeue the same job id")
+            # Slurm did not requeue it after all (e.g. --no-requeue): carry on as CANCEL,
+            # without counting the preemption a second time.
+            if hist.preemptions > settings.max_preemptions:
+                return _fail(hist, obs, f"preemption cap reached ({hist.preemptions} > {settings.max_preemptions})", "preemption")
+            return _resubmit(hist, obs, f"preempted and not requeued by Slurm within {settings.max_preempted_polls} polls", "preemption")
+        return _count_preemption(hist, obs, settings, "job preempted (PreemptMode=CANCEL)", "preemption")
+
+    if state in (SlurmJobState.NODE_FAIL, SlurmJobState.BOOT_FAIL):
+        hist = replace(hist, node_failures=hist.node_failures + 1)
+        what = "node failure" if state is SlurmJobState.NODE_FAIL else "node boot failure"
+        if hist.node_failures > settings.max_node_failures:
+            return _fail(
+                hist,
+                obs,
+                f"{what}: cap reached ({hist.node_failures} > --rkslurm-max-node-failures={settings.max_node_failures})",
+                "node_failure",
+            )
+        exclude = obs.node if settings.exclude_failed_nodes and obs.node else None
+        why = f"{what} ({hist.node_failures}/{settings.max_node_failures})"
+        if exclude:
+            why += f", excluding node {exclude}"
+        return _resubmit(hist, obs, why, "node_failure", exclude=exclude)
+
+    if state is SlurmJobState.TIMEOUT:
+        if not _progress(obs, hist):
+            return _fail(
+                hist,
+                obs,
+                f"time limit reached without checkpoint progress ({_ckpt_text(obs, hist)}); raise the time limit or checkpoint more often",
+                "timeout",
+            )
+        hist = replace(hist, timeouts=hist.timeouts + 1)
+        if hist.timeouts > settings.max_timeouts:
+            return _fail(
+                hist, obs, f"time limit: cap reached ({hist.timeouts} > --rkslurm-max-timeouts={settings.max_timeouts})", "timeout"
+            )
+        return _resubmit(
+            hist,
+            obs,
+            f"time limit reached after progress ({_ckpt_text(obs, hist)}); continuing ({hist.timeouts}/{settings.max_timeouts})",
+            "timeout",
+        )
+
+    if state in (SlurmJobState.CANCELLED, SlurmJobState.FAILED) and obs.stopped_on_signal:
+        stopped = f" at step {obs.stopped_step}" if obs.stopped_step is not None else ""
+        return _count_preemption(
+            hist,
+            obs,
+            settings,
+            f"step stopped on a signal{stopped} and saved its checkpoint ({state.value}, {_exit_text(obs)}); treating as interrupted",
+            "interrupted",
+        )
+
+    if state is SlurmJobState.CANCELLED:
+        return _fail(hist, obs, f"job cancelled ({obs.raw_state or state.value}, {_exit_text(obs)})")
+    if state is SlurmJobState.OUT_OF_MEMORY:
+        return _fail(hist, obs, "job ran out of memory; raise mem_mb")
+    if state is SlurmJobState.DEADLINE:
+        return _fail(hist, obs, "job missed its --deadline")
+    if state is SlurmJobState.REVOKED:
+        return _fail(hist, obs, "job revoked (federation: a sibling cluster runs it)")
+    return _fail(hist, obs, f"job failed ({state.value}, {_exit_text(obs)})")

@@ -1,0 +1,97 @@
+"""Fixtures for the rkkernel tests: back-end availability and an ``rkrun`` launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _probe(name: str) -> tuple[bool, str]:
+    from rkkernel.backends import available
+
+    return available(name)
+
+
+@pytest.fixture(scope="session")
+def opencl_backend() -> str:
+    ok, why = _probe("opencl")
+    if not ok:
+        pytest.skip(f"OpenCL not available: {why}")
+    return "opencl"
+
+
+@pytest.fixture(scope="session")
+def cuda_backend() -> str:
+    ok, why = _probe("cuda")
+    if not ok:
+        pytest.skip(f"CUDA not available: {why}")
+    return "cuda"
+
+
+@pytest.fixture(params=["numpy", "opencl"])
+def kernel_backend(request: pytest.FixtureRequest) -> str:
+    if request.param != "numpy":
+        ok, why = _probe(request.param)
+        if not ok:
+            pytest.skip(f"{request.param} not available: {why}")
+    return request.param
+
+
+def rkrun_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RKSLURM_CACHE_DIR", str(REPO / ".cache" / "rkslurm"))
+    env.pop("RKSLURM_CHECKPOINT_DIR", None)
+    return env
+
+
+@dataclass
+class RkrunProc:
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def rkrun(tmp_path: Path) -> Callable[..., RkrunProc]:
+    """Start ``python -m rkkernel.cli ARGS`` with stderr to a log file; killed at teardown if still running."""
+    procs: list[RkrunProc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RkrunProc:
+        log_path = tmp_path / f"rkrun-{len(procs)}.log"
+        fh = open(log_path, "wb")  # noqa: SIM115 - closed by the child's exit
+        p = subprocess.Popen(
+            [sys.executable, "-m", "rkkernel.cli", *args], stdout=fh, stderr=subprocess.STDOUT, env=env or rkrun_env(), cwd=REPO
+        )
+        fh.close()
+        r = RkrunProc(p, log_path)
+        procs.append(r)
+        return r
+
+    yield start
+    for r in procs:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,61 @@
+"""A real full file system (a 2 MiB tmpfs): clear error, earlier checkpoints intact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from rkckpt.chain import latest_restorable
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkckpt.model import Checkpoint, Metadata
+from rkckpt.storage import FileStorage, StorageError
+
+
+def state(step: int, n: int) -> Checkpoint:
+    c = Checkpoint(Metadata("full", "test", step))
+    c.add_region("x", np.random.default_rng(step).random(n, dtype=np.float32))
+    return c
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MiB tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_gives_clear_error_and_keeps_earlier_checkpoints(tiny_fs):
+    d = tiny_fs / "ck"
+    n = 150_000  # 600 KB per checkpoint: the third one cannot fit
+    pol = CheckpointPolicy(every_steps=1, full_every=0, keep_chains=10)  # fulls only, no retention
+    m = CheckpointManager(d, pol, "full")
+    m.final(SnapshotResponse(SnapshotRequest(1), state(1, n)))
+    m.final(SnapshotResponse(SnapshotRequest(2), state(2, n)))
+    with pytest.raises(StorageError) as info:
+        for step in range(3, 10):
+            m.final(SnapshotResponse(SnapshotRequest(step), state(step, n)))
+    msg = str(info.value)
+    assert "no space left on device" in msg and str(d) in msg
+    assert "Traceback" not in msg
+    assert m.stats.failed == 1
+    failed_step = m.stats.completed + 1
+    m.close()
+    leftovers = [p for p in os.listdir(d) if p.startswith(".rkckpt-tmp-")]
+    assert leftovers == [], "partial temp file left on the full disk"
+    assert not (d / f"full-{failed_step:012d}-full.rkcp").exists()
+    rp = latest_restorable(FileStorage(d), "full")
+    assert rp is not None and rp.step == failed_step - 1 and not rp.skipped
+    np.testing.assert_array_equal(rp.checkpoint.region("x"), state(rp.step, n).region("x"))
+    # every earlier checkpoint is intact
+    for step in range(1, failed_step):
+        ck = FileStorage(d).load(f"full-{step:012d}-full.rkcp")
+        assert len(ck) > n * 4

@@ -1,0 +1,240 @@
+"""``.rk.h5`` wrapping: byte-exact stream, attributes, index, partial reads, atomic writes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckpt_helpers import parse_path, sample_checkpoint, small_options, zstd_supported
+from rkckpt import CheckpointError, codec, format, hdf5
+from rkckpt.delta import apply_delta, make_delta
+from rkckpt.flags import CHUNK_ZSTD
+from rkckpt.model import Chunk, ChunkType
+
+
+@pytest.mark.parametrize("compat", [True, False], ids=["compat", "extended"])
+def test_roundtrip_and_stream_matches_format(tmp_path, compat):
+    ck = sample_checkpoint()
+    options = codec.COMPAT if compat else small_options()
+    path = tmp_path / "s.rk.h5"
+    size = hdf5.write_h5(path, ck, options)
+    assert size == path.stat().st_size
+    # the embedded stream is exactly what the .rkcp writer produces
+    assert hdf5.read_stream(path) == format.encode(ck, options)
+    back = hdf5.read_h5(path).checkpoint
+    assert back.content_digest() == ck.content_digest()
+    assert back.metadata == ck.metadata
+    for name in ("pressure", "velocity", "mask"):
+        np.testing.assert_array_equal(back.region(name), ck.region(name))
+        np.testing.assert_array_equal(hdf5.read_region(path, name), ck.region(name))
+        assert hdf5.read_region(path, name).dtype == ck.region(name).dtype
+    hdf5.check_h5(path)
+    assert not [p for p in tmp_path.iterdir() if p.name != "s.rk.h5"]  # no temp files left
+
+
+def test_attributes_index_and_region_table(tmp_path):
+    ck = sample_checkpoint(step=1234)
+    path = tmp_path / "a.rk.h5"
+    hdf5.write_h5(path, ck, codec.COMPAT)
+    attrs = hdf5.attributes(path)
+    assert attrs["kernel_id"] == "sample-0"
+    assert attrs["kernel_type"] == "fdtd_3d"
+    assert attrs["step"] == 1234
+    assert attrs["kind"] == "full"
+    assert attrs["content_digest"] == ck.content_digest()
+    assert attrs["parent_digest"] == ""
+    assert attrs["chain_base"] == ck.content_digest()
+    assert attrs["format_version"] == 1
+    parsed = format.parse(hdf5.read_stream(path))
+    index = hdf5.read_index(path)
+    assert [(e.chunk_type, e.chunk_id, e.offset, e.stored_size) for e in index] == [
+        (h.chunk_type, h.chunk_id, h.data_offset, h.compressed_size) for h in parsed.chunk_headers
+    ]
+    names = {e.chunk_id: e.name for e in index if e.name}
+    assert sorted(names.values()) == ["mask", "pressure", "velocity"]
+    with h5py.File(path, "r") as f:
+        table = {r["name"].decode(): (r["dtype"].decode(), tuple(r["shape"])) for r in f["regions"][()]}
+    assert table == {"mask": ("|u1", (4096,)), "pressure": ("<f4", (256, 16)), "velocity": ("<f8", (4096,))}
+
+
+def test_delta_attributes(tmp_path):
+    parent = sample_checkpoint(step=1)
+    child = sample_checkpoint(step=2)
+    child.add_region("pressure", np.ones((256, 16), np.float32))
+    d = make_delta(parent, child)
+    path = tmp_path / "d.rk.h5"
+    hdf5.write_h5(path, d, codec.COMPAT, chain_base=parent.content_digest())
+    attrs = hdf5.attributes(path)
+    assert attrs["kind"] == "delta"
+    assert attrs["parent_digest"] == parent.content_digest()
+    assert attrs["chain_base"] == parent.content_digest()
+    applied = apply_delta(parent, hdf5.load_h5(path))
+    np.testing.assert_array_equal(applied.region("pressure"), child.region("pressure"))
+    hdf5.check_h5(path)
+
+
+def test_region_read_touches_only_its_slice(tmp_path):
+    """Corrupting one region's bytes breaks the full read but not another region's read."""
+    ck = sample_checkpoint()
+    path = tmp_path / "p.rk.h5"
+    hdf5.write_h5(path, ck, codec.COMPAT)
+    vel = next(e for e in hdf5.read_index(path) if e.name == "velocity")
+    with h5py.File(path, "a") as f:
+        f["rkckpt"][vel.offset + 10] ^= 0xFF
+    np.testing.assert_array_equal(hdf5.read_region(path, "pressure"), ck.region("pressure"))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        hdf5.read_region(path, "velocity")
+    with pytest.raises(CheckpointError, match="checksum"):
+        hdf5.read_h5(path)
+
+
+def test_read_chunk_by_id(tmp_path):
+    ck = sample_checkpoint()
+    ck.chunks.append(Chunk(int(ChunkType.HLC_STATE), 0, b"hlc!"))
+    path = tmp_path / "c.rk.h5"
+    hdf5.write_h5(path, ck, codec.COMPAT)
+    assert bytes(hdf5.read_chunk(path, 42)) == b"custom payload"
+    assert bytes(hdf5.read_chunk(path, 0, int(ChunkType.CONTROL_BLOCK))) == bytes(range(128))
+    assert bytes(hdf5.read_chunk(path, 0, int(ChunkType.HLC_STATE))) == b"hlc!"
+    with pytest.raises(CheckpointError, match="give the chunk type"):
+        hdf5.read_chunk(path, 0)
+    with pytest.raises(CheckpointError, match="no chunk with id"):
+        hdf5.read_chunk(path, 999)
+    with pytest.raises(CheckpointError, match="no region named"):
+        hdf5.read_region(path, "nope")
+
+
+def test_check_detects_tampered_index_and_attributes(tmp_path):
+    path = tmp_path / "t.rk.h5"
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    with h5py.File(path, "a") as f:
+        f.attrs["step"] = np.uint64(99)
+    with pytest.raises(CheckpointError, match="attribute step"):
+        hdf5.check_h5(path)
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    with h5py.File(path, "a") as f:
+        idx = f["index"][()]
+        idx[1]["offset"] += 8
+        f["index"][...] = idx
+    with pytest.raises(CheckpointError, match="/index row 1"):
+        hdf5.check_h5(path)
+    with pytest.raises(CheckpointError, match="disagrees|outside"):
+        hdf5.read_region(path, hdf5.read_index(path)[1].name or "pressure")
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "keep.rk.h5"
+    old = sample_checkpoint(step=1)
+    hdf5.write_h5(path, old, codec.COMPAT)
+    before = path.read_bytes()
+
+    def boom():
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        hdf5.write_h5(path, sample_checkpoint(step=2), codec.COMPAT)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.rk.h5"]
+
+
+@pytest.mark.skipif(not zstd_supported(), reason="codec does not compress yet")
+def test_compressed_region_read(tmp_path):
+    ck = sample_checkpoint()
+    path = tmp_path / "z.rk.h5"
+    hdf5.write_h5(path, ck, small_options())
+    index = {e.name: e for e in hdf5.read_index(path)}
+    assert index["mask"].flags & CHUNK_ZSTD  # zeros compress
+    assert index["mask"].stored_size < index["mask"].uncompressed_size
+    for name in ("pressure", "velocity", "mask"):
+        np.testing.assert_array_equal(hdf5.read_region(path, name), ck.region(name))
+    assert parse_path(path).checkpoint.content_digest() == ck.content_digest()
+    hdf5.check_h5(path)
+
+
+def test_compat_file_has_no_extension_bits(tmp_path):
+    path = tmp_path / "compat.rk.h5"
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    parsed = format.parse(hdf5.read_stream(path))
+    assert parsed.header.flags == 0 and parsed.header.compression == 0
+    assert all(h.flags == 0 for h in parsed.chunk_headers)
+
+
+@pytest.mark.parametrize("la,lb", [(0, 0), (0, 5), (5, 0), (1, 1), (13, 4096), (100000, 77777)])
+def test_crc32_combine_matches_zlib(la, lb):
+    import zlib
+
+    from rkckpt.crc import crc32_combine
+
+    rng = np.random.default_rng(la * 7 + lb)
+    a, b = rng.bytes(la), rng.bytes(lb)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
+
+
+def test_reads_a_chunked_compressed_stream_dataset(tmp_path):
+    """Another tool may rewrite /rkckpt chunked and gzip-compressed (h5repack); it still reads."""
+    path = tmp_path / "repacked.rk.h5"
+    ck = sample_checkpoint()
+    hdf5.write_h5(path, ck, codec.COMPAT)
+    with h5py.File(path, "a") as f:
+        data = f["rkckpt"][()]
+        del f["rkckpt"]
+        f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
+    assert hdf5.read_h5(path).checkpoint.content_digest() == ck.content_digest()
+    np.testing.assert_array_equal(hdf5.read_region(path, "velocity"), ck.region("velocity"))
+    hdf5.check_h5(path)
+
+
+_chunk = st.tuples(
+    st.sampled_from([1, 2, 3, 4, 5, 7, 8, 100, 12345]),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=3000) | st.builds(lambda n, b: bytes([b]) * n, st.integers(0, 20000), st.integers(0, 255)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(_chunk, max_size=6, unique_by=lambda c: (c[0], c[1] if c[0] in (5, 100) else 0)),
+    custom=st.dictionaries(st.text(max_size=8), st.text(max_size=16), max_size=3),
+    compat=st.booleans(),
+)
+def test_roundtrip_property(tmp_path, chunks, custom, compat):
+    from rkckpt.model import Checkpoint, Metadata
+
+    ck = Checkpoint(Metadata("k\u00e9", "t", 3, custom=custom), [Chunk(t, i, d) for t, i, d in chunks], created_at=5)
+    ck.add_region("field", np.arange(97, dtype=np.float64))
+    path = tmp_path / "p.rk.h5"
+    hdf5.write_h5(path, ck, codec.COMPAT if compat else small_options())
+    back = hdf5.check_h5(path).checkpoint
+    assert back.metadata == ck.metadata
+    assert [(c.chunk_type, c.chunk_id, bytes(c.data)) for c in back.chunks] == [
+        (c.chunk_type, c.chunk_id, bytes(c.data)) for c in ck.chunks
+    ]
+    assert hdf5.read_stream(path) == format.encode(ck, codec.COMPAT if compat else small_options())
+    np.testing.assert_array_equal(hdf5.read_region(path, "field"), np.arange(97, dtype=np.float64))
+
+
+def test_probe_survives_a_crashing_or_hanging_hdf5_library(tmp_path, monkeypatch):
+    """libhdf5 can SIGSEGV or spin on damaged metadata; the probe runs it in a child."""
+    import os
+    import signal
+    import time
+
+    path = tmp_path / "p.rk.h5"
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    hdf5.probe(path)  # healthy file: no error
+    monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: os.kill(os.getpid(), signal.SIGSEGV))
+    with pytest.raises(CheckpointError, match="crashed") as exc:
+        hdf5.probe(path)
+    assert exc.value.source == str(path)
+    monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: time.sleep(30))
+    with pytest.raises(CheckpointError, match="did not finish"):
+        hdf5.probe(path, timeout=0.5)
+    monkeypatch.undo()
+    bad = tmp_path / "bad.rk.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(CheckpointError, match="HDF5"):
+        hdf5.probe(bad)

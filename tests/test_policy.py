@@ -1,0 +1,541 @@
+"""Table tests for the pure preemption policy: every Slurm state string, every rule, every cap."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from snakemake_executor_plugin_rkslurm.policy import (
+    EX_TEMPFAIL,
+    Action,
+    JobObservation,
+    PolicySettings,
+    SlurmJobState,
+    StepHistory,
+    decide,
+    parse_exit_code,
+    parse_state,
+)
+
+S = SlurmJobState
+
+# (raw string as some Slurm command prints it, expected state)
+STATE_STRINGS: list[tuple[str, SlurmJobState]] = [
+    # full names (sacct -X -P, squeue %T, scontrol JobState=)
+    ("PENDING", S.PENDING),
+    ("RUNNING", S.RUNNING),
+    ("SUSPENDED", S.SUSPENDED),
+    ("COMPLETING", S.COMPLETING),
+    ("COMPLETED", S.COMPLETED),
+    ("CANCELLED", S.CANCELLED),
+    ("CANCELLED by 0", S.CANCELLED),
+    ("CANCELLED by 1000", S.CANCELLED),
+    ("CANCELLED+", S.CANCELLED),
+    ("FAILED", S.FAILED),
+    ("TIMEOUT", S.TIMEOUT),
+    ("NODE_FAIL", S.NODE_FAIL),
+    ("PREEMPTED", S.PREEMPTED),
+    ("BOOT_FAIL", S.BOOT_FAIL),
+    ("DEADLINE", S.DEADLINE),
+    ("OUT_OF_MEMORY", S.OUT_OF_MEMORY),
+    ("REQUEUED", S.REQUEUED),
+    ("REQUEUE_FED", S.REQUEUE_FED),
+    ("REQUEUE_HOLD", S.REQUEUE_HOLD),
+    ("RESIZING", S.RESIZING),
+    ("REVOKED", S.REVOKED),
+    ("SIGNALING", S.SIGNALING),
+    ("SPECIAL_EXIT", S.SPECIAL_EXIT),
+    ("STAGE_OUT", S.STAGE_OUT),
+    ("STOPPED", S.STOPPED),
+    ("CONFIGURING", S.CONFIGURING),
+    ("RESV_DEL_HOLD", S.RESV_DEL_HOLD),
+    # "+" suffixes and sacct's 10-column truncation
+    ("RUNNING+", S.RUNNING),
+    ("PREEMPTED+", S.PREEMPTED),
+    ("OUT_OF_ME+", S.OUT_OF_MEMORY),
+    ("REQUEUE_H+", S.REQUEUE_HOLD),
+    ("REQUEUE_F+", S.REQUEUE_FED),
+    ("SPECIAL_E+", S.SPECIAL_EXIT),
+    ("RESV_DEL_+", S.RESV_DEL_HOLD),
+    ("CONFIGURI+", S.CONFIGURING),
+    ("REQUEUE+", S.UNKNOWN),  # ambiguous prefix
+    # lowercase / mixed case / whitespace / scontrol form / flag lists
+    ("running", S.RUNNING),
+    ("Preempted", S.PREEMPTED),
+    ("  completed \n", S.COMPLETED),
+    ("cancelled by 0", S.CANCELLED),
+    ("JobState=PREEMPTED", S.PREEMPTED),
+    ("COMPLETING,REQUEUED", S.COMPLETING),
+    ("CANCELED", S.CANCELLED),
+    # squeue %t abbreviations
+    ("PD", S.PENDING),
+    ("R", S.RUNNING),
+    ("S", S.SUSPENDED),
+    ("ST", S.STOPPED),
+    ("CG", S.COMPLETING),
+    ("CD", S.COMPLETED),
+    ("CA", S.CANCELLED),
+    ("F", S.FAILED),
+    ("TO", S.TIMEOUT),
+    ("NF", S.NODE_FAIL),
+    ("PR", S.PREEMPTED),
+    ("BF", S.BOOT_FAIL),
+    ("DL", S.DEADLINE),
+    ("OOM", S.OUT_OF_MEMORY),
+    ("CF", S.CONFIGURING),
+    ("SI", S.SIGNALING),
+    ("SO", S.STAGE_OUT),
+    ("RS", S.RESIZING),
+    ("RQ", S.REQUEUED),
+    ("RF", S.REQUEUE_FED),
+    ("RH", S.REQUEUE_HOLD),
+    ("SE", S.SPECIAL_EXIT),
+    ("RD", S.RESV_DEL_HOLD),
+    ("RV", S.REVOKED),
+    ("pd", S.PENDING),
+    ("oom", S.OUT_OF_MEMORY),
+    # garbage
+    ("", S.UNKNOWN),
+    ("   ", S.UNKNOWN),
+    ("+", S.UNKNOWN),
+    ("LAUNCH_FAILED", S.UNKNOWN),
+    ("R+", S.UNKNOWN),
+    ("X", S.UNKNOWN),
+    ("JobState=", S.UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), STATE_STRINGS)
+def test_parse_state(raw: str, expected: SlurmJobState) -> None:
+    assert parse_state(raw) is expected
+
+
+def test_parse_state_none_is_unknown() -> None:
+    assert parse_state(None) is S.UNKNOWN
+
+
+def test_every_state_has_a_string_in_the_table() -> None:
+    covered = {expected for _, expected in STATE_STRINGS}
+    assert covered == set(SlurmJobState)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0:0", (0, 0)),
+        ("143:0", (143, 0)),
+        ("0:9", (0, 9)),
+        ("75:0", (75, 0)),
+        ("1", (1, None)),
+        (75, (75, None)),
+        (None, (None, None)),
+        ("x:y", (None, None)),
+        ("", (None, None)),
+    ],
+)
+def test_parse_exit_code(raw: object, expected: tuple[int | None, int | None]) -> None:
+    assert parse_exit_code(raw) == expected  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- decisions per state
+
+HIST = StepHistory().with_submission("100", "/logs/100.log", checkpoint_step=None)
+
+
+def obs(state: SlurmJobState, **kw: object) -> JobObservation:
+    base: dict[str, object] = {"job_id": "100", "state": state, "node": "localhost", "partition": "scavenger", "log_path": "/logs/100.log"}
+    base.update(kw)
+    return JobObservation(**base)  # type: ignore[arg-type]
+
+
+# (state, extra observation fields, expected action, expected event)
+DECISION_TABLE: list[tuple[SlurmJobState, dict[str, object], Action, str | None]] = [
+    (S.PENDING, {}, Action.WAIT, None),
+    (S.CONFIGURING, {}, Action.WAIT, None),
+    (S.RUNNING, {}, Action.WAIT, None),
+    (S.SUSPENDED, {}, Action.WAIT, None),
+    (S.STOPPED, {}, Action.WAIT, None),
+    (S.COMPLETING, {}, Action.WAIT, None),
+    (S.SIGNALING, {}, Action.WAIT, None),
+    (S.STAGE_OUT, {}, Action.WAIT, None),
+    (S.RESIZING, {}, Action.WAIT, None),
+    (S.REQUEUED, {}, Action.WAIT, None),
+    (S.REQUEUE_FED, {}, Action.WAIT, None),
+    (S.REQUEUE_HOLD, {}, Action.WAIT, None),
+    (S.SPECIAL_EXIT, {}, Action.WAIT, None),
+    (S.RESV_DEL_HOLD, {}, Action.WAIT, None),
+    (S.UNKNOWN, {"raw_state": "WEIRD"}, Action.WAIT, None),
+    (S.COMPLETED, {"exit_code": 0}, Action.SUCCEED, None),
+    (S.COMPLETED, {}, Action.SUCCEED, None),
+    (S.COMPLETED, {"exit_code": 3}, Action.FAIL, None),
+    (S.PREEMPTED, {"checkpoint_step": 40}, Action.RESUBMIT, "preemption"),
+    (S.PREEMPTED, {}, Action.RESUBMIT, "preemption"),
+    (S.PREEMPTED, {"requeue_on_preempt": True}, Action.WAIT, None),
+    (S.NODE_FAIL, {}, Action.RESUBMIT, "node_failure"),
+    (S.BOOT_FAIL, {}, Action.RESUBMIT, "node_failure"),
+    (S.TIMEOUT, {"checkpoint_step": 50}, Action.RESUBMIT, "timeout"),
+    (S.TIMEOUT, {}, Action.FAIL, "timeout"),
+    (S.CANCELLED, {"exit_code": EX_TEMPFAIL}, Action.RESUBMIT, "interrupted"),
+    (S.FAILED, {"exit_code": EX_TEMPFAIL}, Action.RESUBMIT, "interrupted"),
+    (S.FAILED, {"exit_code": 1, "stopped_step": 30}, Action.RESUBMIT, "interrupted"),
+    (S.CANCELLED, {"exit_code": 0, "signal": 15}, Action.FAIL, None),
+    (S.FAILED, {"exit_code": 1}, Action.FAIL, None),
+    (S.FAILED, {"exit_code": 143}, Action.FAIL, None),
+    (S.OUT_OF_MEMORY, {}, Action.FAIL, None),
+    (S.DEADLINE, {}, Action.FAIL, None),
+    (S.REVOKED, {}, Action.FAIL, None),
+]
+
+
+def test_decision_table_covers_every_state() -> None:
+    assert {row[0] for row in DECISION_TABLE} == set(SlurmJobState)
+
+
+@pytest.mark.parametrize(
+    ("state", "extra", "action", "event"), DECISION_TABLE, ids=[f"{r[0].value}-{i}" for i, r in enumerate(DECISION_TABLE)]
+)
+def test_decision_table(state: SlurmJobState, extra: dict[str, object], action: Action, event: str | None) -> None:
+    d = decide(obs(state, **extra), HIST, PolicySettings())
+    assert d.action is action, d.reason
+    assert d.event == event
+    assert d.reason  # always a human-readable reason
+    if action is Action.FAIL:
+        assert "100" in d.reason and "/logs/100.log" in d.reason
+
+
+@pytest.mark.parametrize(("raw", "expected"), STATE_STRINGS)
+def test_every_state_string_gets_a_decision(raw: str, expected: SlurmJobState) -> None:
+    """From raw string to decision without raising, whatever Slurm prints."""
+    d = decide(obs(parse_state(raw), raw_state=raw, exit_code=0), HIST)
+    assert isinstance(d.action, Action)
+
+
+# ---------------------------------------------------------------- history is immutable and updated
+
+
+def test_history_is_immutable_and_decisions_return_a_new_one() -> None:
+    before = HIST
+    d = decide(obs(S.PREEMPTED, checkpoint_step=40), before)
+    assert before.preemptions == 0 and before.last_checkpoint_step is None
+    assert d.history.preemptions == 1
+    assert d.history.last_checkpoint_step == 40
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.history.preemptions = 5  # type: ignore[misc]
+
+
+def test_with_submission_records_ids_logs_and_baseline() -> None:
+    h = StepHistory().with_submission("7", "/l/7.log", checkpoint_step=12)
+    h = h.with_submission("8", "/l/8.log")
+    assert h.job_ids == ("7", "8")
+    assert h.log_paths == ("/l/7.log", "/l/8.log")
+    assert h.last_checkpoint_step == 12
+
+
+def test_observation_of_foreign_job_is_ignored() -> None:
+    d = decide(obs(S.FAILED, job_id="999"), HIST)
+    assert d.action is Action.WAIT and d.history == HIST
+
+
+# ---------------------------------------------------------------- CANCEL mode: preemption cap
+
+
+def run_preemptions(n: int, settings: PolicySettings) -> tuple[StepHistory, list[Action], str]:
+    h = StepHistory().with_submission("1")
+    actions = []
+    reason = ""
+    for i in range(n):
+        jid = h.job_ids[-1]
+        d = decide(obs(S.PREEMPTED, job_id=jid, checkpoint_step=10 * (i + 1)), h, settings)
+        actions.append(d.action)
+        reason = d.reason
+        h = d.history
+        if d.action is Action.RESUBMIT:
+            h = h.with_submission(str(2 + i))
+        else:
+            break
+    return h, actions, reason
+
+
+def test_preempted_twice_resubmits_twice_then_succeeds() -> None:
+    settings = PolicySettings(max_preemptions=2)
+    h, actions, _ = run_preemptions(2, settings)
+    assert actions == [Action.RESUBMIT, Action.RESUBMIT]
+    assert h.job_ids == ("1", "2", "3") and h.preemptions == 2
+    d = decide(obs(S.COMPLETED, job_id="3", exit_code=0), h, settings)
+    assert d.action is Action.SUCCEED
+
+
+def test_preemption_cap_fails_listing_every_job_id() -> None:
+    settings = PolicySettings(max_preemptions=2)
+    h, actions, reason = run_preemptions(3, settings)
+    assert actions == [Action.RESUBMIT, Action.RESUBMIT, Action.FAIL]
+    for jid in ("1", "2", "3"):
+        assert jid in reason
+    assert "preemption cap" in reason and "max-preemptions=2" in reason
+
+
+def test_zero_preemptions_allowed_fails_on_first() -> None:
+    _, actions, _ = run_preemptions(1, PolicySettings(max_preemptions=0))
+    assert actions == [Action.FAIL]
+
+
+def test_exit_75_counts_against_the_preemption_cap() -> None:
+    settings = PolicySettings(max_preemptions=1)
+    h = StepHistory().with_submission("1")
+    d = decide(obs(S.CANCELLED, job_id="1", exit_code=75, raw_state="CANCELLED by 0"), h, settings)
+    assert d.action is Action.RESUBMIT and d.history.preemptions == 1
+    h = d.history.with_submission("2")
+    d = decide(obs(S.PREEMPTED, job_id="2"), h, settings)
+    assert d.action is Action.FAIL and "1, 2" in d.reason
+
+
+# ---------------------------------------------------------------- REQUEUE mode
+
+
+def test_requeue_via_scontrol_restarts_waits_and_counts_once() -> None:
+    """scontrol: COMPLETING Restarts=1 → PENDING → RUNNING → COMPLETED, same job id."""
+    h = StepHistory().with_submission("5")
+    seq = [
+        (S.RUNNING, 0),
+        (S.COMPLETING, 1),
+        (S.PENDING, 1),
+        (S.PENDING, 1),
+        (S.RUNNING, 1),
+    ]
+    for state, restarts in seq:
+        d = decide(obs(state, job_id="5", restarts=restarts, requeue_on_preempt=True), h)
+        assert d.action is Action.WAIT, (state, d.reason)
+        h = d.history
+    assert h.preemptions == 1 and h.job_ids == ("5",)
+    d = decide(obs(S.COMPLETED, job_id="5", restarts=1, exit_code=0, requeue_on_preempt=True), h)
+    assert d.action is Action.SUCCEED and d.history.job_ids == ("5",)
+
+
+def test_requeue_via_sacct_transient_preempted_counts_once() -> None:
+    """sacct -X shows PREEMPTED for several polls while Slurm requeues; restarts unknown."""
+    h = StepHistory().with_submission("5")
+    seq = [S.RUNNING, S.PREEMPTED, S.PREEMPTED, S.PREEMPTED, S.PENDING, S.RUNNING, S.PREEMPTED, S.RUNNING]
+    for state in seq:
+        d = decide(obs(state, job_id="5", requeue_on_preempt=True), h)
+        assert d.action is Action.WAIT, (state, d.reason)
+        h = d.history
+    assert h.preemptions == 2
+    assert h.job_ids == ("5",)
+
+
+def test_requeue_mixed_sources_do_not_double_count() -> None:
+    h = StepHistory().with_submission("5")
+    # scontrol sees the restart first, then sacct still shows the transient PREEMPTED
+    for o in [
+        obs(S.COMPLETING, job_id="5", restarts=1, requeue_on_preempt=True),
+        obs(S.PREEMPTED, job_id="5", requeue_on_preempt=True),
+        obs(S.PENDING, job_id="5", restarts=1, requeue_on_preempt=True),
+        obs(S.RUNNING, job_id="5", requeue_on_preempt=True),
+    ]:
+        d = decide(o, h)
+        assert d.action is Action.WAIT
+        h = d.history
+    assert h.preemptions == 1
+
+
+def test_requeue_state_strings_count_as_requeue() -> None:
+    h = StepHistory().with_submission("5")
+    for state in (S.RUNNING, S.REQUEUED, S.PENDING, S.RUNNING):
+        d = decide(obs(state, job_id="5"), h)
+        assert d.action is Action.WAIT
+        h = d.history
+    assert h.preemptions == 1
+
+
+def test_requeue_beyond_cap_fails() -> None:
+    settings = PolicySettings(max_preemptions=1)
+    h = StepHistory().with_submission("5")
+    for restarts, expected in [(0, Action.WAIT), (1, Action.WAIT), (1, Action.WAIT), (2, Action.FAIL)]:
+        d = decide(obs(S.PENDING, job_id="5", restarts=restarts), h, settings)
+        assert d.action is expected, d.reason
+        h = d.history
+    assert "5" in d.reason and "preemption cap" in d.reason
+
+
+def test_preempted_on_requeue_partition_that_never_requeues_is_resubmitted_once_counted() -> None:
+    settings = PolicySettings(max_preempted_polls=3)
+    h = StepHistory().with_submission("5")
+    actions = []
+    for _ in range(5):
+        d = decide(obs(S.PREEMPTED, job_id="5", requeue_on_preempt=True, checkpoint_step=20), h, settings)
+        actions.append(d.action)
+        h = d.history
+        if d.action is not Action.WAIT:
+            break
+    assert actions == [Action.WAIT, Action.WAIT, Action.WAIT, Action.RESUBMIT]
+    assert h.preemptions == 1
+    assert h.last_checkpoint_step == 20
+
+
+# ---------------------------------------------------------------- node failures
+
+
+def test_node_fail_excludes_node_and_accumulates() -> None:
+    settings = PolicySettings(max_node_failures=2)
+    h = StepHistory().with_submission("1")
+    d = decide(obs(S.NODE_FAIL, job_id="1", node="n1"), h, settings)
+    assert d.action is Action.RESUBMIT and d.exclude_node == "n1" and d.excluded_nodes == ("n1",)
+    h = d.history.with_submission("2")
+    d = decide(obs(S.BOOT_FAIL, job_id="2", node="n2"), h, settings)
+    assert d.action is Action.RESUBMIT and d.exclude_node == "n2" and d.excluded_nodes == ("n1", "n2")
+    h = d.history.with_submission("3")
+    d = decide(obs(S.NODE_FAIL, job_id="3", node="n3"), h, settings)
+    assert d.action is Action.FAIL and "1, 2, 3" in d.reason
+
+
+def test_node_exclusion_can_be_switched_off() -> None:
+    d = decide(obs(S.NODE_FAIL, node="n1"), HIST, PolicySettings(exclude_failed_nodes=False))
+    assert d.action is Action.RESUBMIT and d.exclude_node is None
+
+
+def test_node_failures_do_not_use_the_preemption_cap() -> None:
+    d = decide(obs(S.NODE_FAIL), HIST, PolicySettings(max_preemptions=0))
+    assert d.action is Action.RESUBMIT and d.history.preemptions == 0
+
+
+# ---------------------------------------------------------------- time limits
+
+
+@pytest.mark.parametrize(
+    ("baseline", "now", "action"),
+    [
+        (None, None, Action.FAIL),  # never checkpointed
+        (None, 10, Action.RESUBMIT),  # first checkpoint in this attempt
+        (10, 10, Action.FAIL),  # no progress since the attempt started
+        (10, 25, Action.RESUBMIT),
+        (10, 5, Action.FAIL),  # went backwards (fell back to an older checkpoint)
+    ],
+)
+def test_timeout_continuation_needs_progress(baseline: int | None, now: int | None, action: Action) -> None:
+    h = StepHistory().with_submission("1", checkpoint_step=baseline)
+    d = decide(obs(S.TIMEOUT, job_id="1", checkpoint_step=now), h)
+    assert d.action is action, d.reason
+    if action is Action.FAIL:
+        assert "without checkpoint progress" in d.reason
+
+
+def test_time_limit_continuation_three_times_maxtime() -> None:
+    """A step needing 3× MaxTime: two timeouts with progress, then completion."""
+    h = StepHistory().with_submission("1")
+    for i, jid in enumerate(["1", "2"]):
+        d = decide(obs(S.TIMEOUT, job_id=jid, checkpoint_step=100 * (i + 1)), h)
+        assert d.action is Action.RESUBMIT
+        h = d.history.with_submission(str(int(jid) + 1))
+    assert h.timeouts == 2 and h.last_checkpoint_step == 200
+    assert decide(obs(S.COMPLETED, job_id="3"), h).action is Action.SUCCEED
+
+
+def test_timeout_cap_is_separate_from_preemption_cap() -> None:
+    settings = PolicySettings(max_preemptions=0, max_timeouts=1)
+    h = StepHistory().with_submission("1")
+    d = decide(obs(S.TIMEOUT, job_id="1", checkpoint_step=10), h, settings)
+    assert d.action is Action.RESUBMIT and d.history.preemptions == 0
+    h = d.history.with_submission("2")
+    d = decide(obs(S.TIMEOUT, job_id="2", checkpoint_step=20), h, settings)
+    assert d.action is Action.FAIL
+    assert "max-timeouts=1" in d.reason and "1, 2" in d.reason
+
+
+# ---------------------------------------------------------------- bounded waits
+
+
+def test_unknown_state_waits_bounded() -> None:
+    settings = PolicySettings(max_unknown_polls=3)
+    h = HIST
+    actions = []
+    for _ in range(4):
+        d = decide(obs(S.UNKNOWN, raw_state="???"), h, settings)
+        actions.append(d.action)
+        h = d.history
+    assert actions == [Action.WAIT] * 3 + [Action.FAIL]
+    assert "100" in d.reason
+
+
+def test_unknown_counter_resets_on_a_known_state() -> None:
+    settings = PolicySettings(max_unknown_polls=2)
+    h = HIST
+    for state in (S.UNKNOWN, S.UNKNOWN, S.RUNNING, S.UNKNOWN, S.UNKNOWN):
+        d = decide(obs(state), h, settings)
+        assert d.action is Action.WAIT
+        h = d.history
+
+
+def test_held_job_waits_bounded() -> None:
+    settings = PolicySettings(max_held_polls=2)
+    h = HIST
+    actions = []
+    for _ in range(3):
+        d = decide(obs(S.REQUEUE_HOLD), h, settings)
+        actions.append(d.action)
+        h = d.history
+    assert actions == [Action.WAIT, Action.WAIT, Action.FAIL]
+    assert "scontrol release 100" in d.reason
+
+
+def test_plain_failure_message_has_ids_and_logs() -> None:
+    h = StepHistory().with_submission("41", "/w/.snakemake/slurm_logs/41.log").with_submission("42", "/w/.snakemake/slurm_logs/42.log")
+    d = decide(obs(S.FAILED, job_id="42", exit_code=1, signal=0), h)
+    assert d.action is Action.FAIL
+    assert "41, 42" in d.reason and "/w/.snakemake/slurm_logs/42.log" in d.reason and "exit code 1:0" in d.reason
+
+
+def test_negative_settings_rejected() -> None:
+    with pytest.raises(ValueError, match="max_preemptions"):
+        PolicySettings(max_preemptions=-1)
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_obs = st.builds(
+    JobObservation,
+    job_id=st.just("1"),
+    state=st.sampled_from(list(SlurmJobState)),
+    exit_code=st.one_of(st.none(), st.integers(0, 255)),
+    signal=st.one_of(st.none(), st.integers(0, 64)),
+    restarts=st.one_of(st.none(), st.integers(0, 5)),
+    node=st.one_of(st.none(), st.sampled_from(["n1", "n2"])),
+    requeue_on_preempt=st.booleans(),
+    checkpoint_step=st.one_of(st.none(), st.integers(0, 1000)),
+    stopped_step=st.one_of(st.none(), st.integers(0, 1000)),
+)
+
+
+@given(st.text(max_size=40))
+def test_parse_state_never_raises(raw: str) -> None:
+    assert isinstance(parse_state(raw), SlurmJobState)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_obs, min_size=1, max_size=30))
+def test_any_sequence_of_polls_is_handled_and_counts_only_grow(seq: list[JobObservation]) -> None:
+    limits = PolicySettings(
+        max_preemptions=3, max_timeouts=2, max_node_failures=1, max_unknown_polls=4, max_held_polls=4, max_preempted_polls=2
+    )
+    h = StepHistory().with_submission("1")
+    for o in seq:
+        d = decide(o, h, limits)
+        assert d.reason
+        for name in ("preemptions", "timeouts", "node_failures"):
+            assert getattr(d.history, name) >= getattr(h, name)
+        if d.action is Action.FAIL:
+            assert "1" in d.reason
+            break
+        if d.action is not Action.WAIT:
+            # a resubmission or success ends this job; caps are never exceeded while resubmitting
+            assert d.history.preemptions <= limits.max_preemptions
+            assert d.history.timeouts <= limits.max_timeouts
+            assert d.history.node_failures <= limits.max_node_failures
+            break
+        h = d.history
+    # waiting on UNKNOWN or held states alone cannot go on for ever
+    assert h.unknown_polls <= limits.max_unknown_polls and h.held_polls <= limits.max_held_polls
+    assert h.preempted_polls <= limits.max_preempted_polls and h.preemptions <= limits.max_preemptions
