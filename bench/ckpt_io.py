@@ -265,8 +265,12 @@ def large(work: Path) -> None:
     r = run(_LARGE_READ)
     state = w["state"]
     ok = r["digest"] == w["digest"]
-    print(f"\n3 GiB state (sharded): file {w['size'] / 2**30:.2f} GiB, save {state / w['seconds'] / 1e9:.2f} GB/s, cold load {state / r['seconds'] / 1e9:.2f} GB/s")
-    print(f"  peak RSS: writer {w['hwm'] / state:.2f}x state, reader {r['hwm'] / state:.2f}x state; digest {'matches' if ok else 'DIFFERS'}")
+    print(
+        f"\n3 GiB state (sharded): file {w['size'] / 2**30:.2f} GiB, save {state / w['seconds'] / 1e9:.2f} GB/s, cold load {state / r['seconds'] / 1e9:.2f} GB/s"
+    )
+    print(
+        f"  peak RSS: writer {w['hwm'] / state:.2f}x state, reader {r['hwm'] / state:.2f}x state; digest {'matches' if ok else 'DIFFERS'}"
+    )
     path.unlink(missing_ok=True)
 
 

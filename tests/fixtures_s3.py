@@ -77,7 +77,11 @@ def _ready(endpoint: str, key: str, secret: str) -> bool:
 
     sess = botocore.session.get_session()
     client = sess.create_client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1",
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
         config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}),
     )
     try:
@@ -94,15 +98,42 @@ def start_weed(base: Path) -> S3Server:
     data = base / "data"
     data.mkdir(parents=True, exist_ok=True)
     conf = base / "s3.json"
-    conf.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    conf.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tester",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     os.chmod(conf, 0o600)
     m, mg, v, vg, f, fg, s3, s3g = free_ports(8)
     args = [
-        weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={m}", f"-master.port.grpc={mg}", f"-volume.port={v}", f"-volume.port.grpc={vg}",
-        f"-filer.port={f}", f"-filer.port.grpc={fg}", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
-        f"-s3.config={conf}", "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        weed,
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={m}",
+        f"-master.port.grpc={mg}",
+        f"-volume.port={v}",
+        f"-volume.port.grpc={vg}",
+        f"-filer.port={f}",
+        f"-filer.port.grpc={fg}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3g}",
+        f"-s3.config={conf}",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=16",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
     ]
     log = base / "weed.log"
     with open(log, "wb") as lf:

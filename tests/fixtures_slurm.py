@@ -103,21 +103,11 @@ def slurm_env() -> dict[str, str]:
     p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
     if p.returncode != 0 or "UP" not in p.stdout:
         pytest.skip(f"local Slurm cluster not answering `scontrol ping`: {p.stdout.strip()} {p.stderr.strip()}")
+    if os.path.realpath("/etc/slurm/slurm.conf") != os.path.realpath(env.get("SLURM_CONF", "")):
+        pytest.skip(
+            "/etc/slurm/slurm.conf does not lead to the test cluster's slurm.conf: the jobstep's inner srun drops SLURM_CONF (slurm/up links it)"
+        )
     return env
-
-
-def slurm_ids_in(text: str) -> list[str]:
-    import re
-
-    return re.findall(r"SLURM jobid (\d+)", text)
-
-
-def squeue_ids(partition: str | None = None) -> list[str]:
-    cmd = ["squeue", "-h", "-o", "%i"]
-    if partition:
-        cmd += ["-p", partition]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    return p.stdout.split()
 
 
 def submit_urgent(seconds: float = 3.0) -> str:
@@ -156,7 +146,15 @@ class SlurmWorkflow:
     def trace_path(self) -> Path:
         return self.root / "trace.jsonl"
 
-    def write(self, steps: int = 40, delay: float = 0.25, partition: str = "scavenger", checkpoint_every: int = 1, extra_resources: str = "", seed: str = "rkslurm") -> None:
+    def write(
+        self,
+        steps: int = 40,
+        delay: float = 0.25,
+        partition: str = "scavenger",
+        checkpoint_every: int = 1,
+        extra_resources: str = "",
+        seed: str = "rkslurm",
+    ) -> None:
         self.step_script.write_text(STEP_SCRIPT)
         res = f'slurm_partition="{partition}", mem_mb=200'
         if extra_resources:
@@ -218,7 +216,20 @@ rule sim:
         d = self.root / "ref"
         d.mkdir(exist_ok=True)
         subprocess.run(
-            [sys.executable, str(self.step_script), "--steps", str(steps), "--seed", seed, "--delay", "0", "--checkpoint-dir", str(d / "ck"), "--out", str(d / "out.json")],
+            [
+                sys.executable,
+                str(self.step_script),
+                "--steps",
+                str(steps),
+                "--seed",
+                seed,
+                "--delay",
+                "0",
+                "--checkpoint-dir",
+                str(d / "ck"),
+                "--out",
+                str(d / "out.json"),
+            ],
             check=True,
             timeout=120,
         )

@@ -46,7 +46,13 @@ def test_ls_json_and_table(folder):
     r = run("ls", folder, "--json")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
-    assert [(x["step"], x["kind"], x["valid"]) for x in rows] == [(1, "full", True), (2, "delta", True), (3, "delta", True), (4, "full", True), (5, "delta", True)]
+    assert [(x["step"], x["kind"], x["valid"]) for x in rows] == [
+        (1, "full", True),
+        (2, "delta", True),
+        (3, "delta", True),
+        (4, "full", True),
+        (5, "delta", True),
+    ]
     assert rows[1]["parent"] == name(1, "full") and rows[2]["parent"] == name(2, "delta") and rows[0]["parent"] is None
     assert all(x["size"] > 0 and len(x["digest"]) == 8 for x in rows)
     t = run("ls", folder)

@@ -24,7 +24,7 @@ from rkckpt.storage import FileStorage
 KILLS = 50
 SEED = 20260
 
-STATE_CODE = r'''
+STATE_CODE = r"""
 import numpy as np
 from rkckpt.model import Checkpoint, Metadata
 
@@ -33,9 +33,11 @@ def state(step):
     c.add_region("a", (np.arange(131072, dtype=np.float32) * 0.5 + (step // 7)))   # 512 KiB, changes every 7 steps
     c.add_region("b", np.full(16384, step, dtype=np.float32))                      # 64 KiB, changes every step
     return c
-'''
+"""
 
-CHILD = STATE_CODE + r'''
+CHILD = (
+    STATE_CODE
+    + r"""
 import sys
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 m = CheckpointManager(sys.argv[1], CheckpointPolicy(every_steps=1, full_every=4, keep_chains=2), "crash")
@@ -50,7 +52,8 @@ while True:
         print("durable", step, flush=True)
     else:
         m.submit(r)
-'''
+"""
+)
 
 ns: dict[str, object] = {}
 exec(STATE_CODE, ns)  # noqa: S102 - the same state function the child uses
@@ -103,7 +106,9 @@ def test_sigkill_at_random_instants_always_restores_exact_state(tmp_path):
         assert rp.step >= durable, f"kill {i}: restored step {rp.step} is behind durable step {durable}"
         want = state(rp.step)
         for name in ("a", "b"):
-            np.testing.assert_array_equal(rp.checkpoint.region(name), want.region(name), err_msg=f"kill {i}: region {name} at step {rp.step}")
+            np.testing.assert_array_equal(
+                rp.checkpoint.region(name), want.region(name), err_msg=f"kill {i}: region {name} at step {rp.step}"
+            )
         assert rp.checkpoint.metadata.current_step == rp.step
         restored_steps.append(rp.step)
     assert len(restored_steps) >= KILLS - 2

@@ -123,7 +123,9 @@ def test_parse_scontrol() -> None:
 
 
 def test_parse_sacct_and_durations() -> None:
-    jobs = slurmquery.parse_sacct("7|PREEMPTED|0:15|localhost|scavenger|00:00:12|00:30:00\n8|CANCELLED by 0|0:0|None assigned|main|00:00:00|UNLIMITED\n")
+    jobs = slurmquery.parse_sacct(
+        "7|PREEMPTED|0:15|localhost|scavenger|00:00:12|00:30:00\n8|CANCELLED by 0|0:0|None assigned|main|00:00:00|UNLIMITED\n"
+    )
     assert jobs["7"].state == "PREEMPTED" and jobs["7"].run_seconds == 12 and jobs["7"].time_limit_seconds == 1800
     assert jobs["8"].node is None and jobs["8"].time_limit_seconds is None
     assert slurmquery.parse_duration("1-02:03:04") == 93784

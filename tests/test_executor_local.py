@@ -44,5 +44,10 @@ def test_local_rerun_resumes_from_checkpoint(tmp_path: Path) -> None:
     starts = [e for e in _trace(tmp_path) if e["event"] == "start"]
     assert [s["step"] for s in starts] == [0, stop]
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "step.py", "--steps", "40", "--delay", "0", "--checkpoint-dir", str(ref), "--out", "ref.json"], cwd=tmp_path, check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "step.py", "--steps", "40", "--delay", "0", "--checkpoint-dir", str(ref), "--out", "ref.json"],
+        cwd=tmp_path,
+        check=True,
+        timeout=60,
+    )
     assert (tmp_path / "result.json").read_bytes() == (tmp_path / "ref.json").read_bytes()

@@ -138,7 +138,14 @@ def test_3gib_state_roundtrips_streaming(tmp_path):
     if shutil.disk_usage(tmp_path).free < 10 << 30:
         pytest.skip("needs 10 GiB free disk")
     path = tmp_path / "huge.rkcp"
-    run = lambda code: json.loads(subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(path)], check=True, capture_output=True, text=True, timeout=1200).stdout)  # noqa: E731
+
+    def run(code):
+        return json.loads(
+            subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(code), str(path)], check=True, capture_output=True, text=True, timeout=1200
+            ).stdout
+        )
+
     w = run(WRITER)
     assert w["size"] == path.stat().st_size
     r = run(READER)

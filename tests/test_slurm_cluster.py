@@ -59,13 +59,19 @@ def test_no_accounting_cluster_up_idempotent_and_down(slurm_env: dict[str, str])
             assert r.returncode == 0, r.stdout + r.stderr
         assert "slurmctld already running" in r.stdout
         assert "RKSLURM_SLURM_ACCOUNTING=0" in (base / "slurm.env").read_text()
-        j = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=env, capture_output=True, text=True, check=True, timeout=20).stdout.strip()
+        j = subprocess.run(
+            ["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=env, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
         sacct = subprocess.run(["sacct", "-j", j], env=env, capture_output=True, text=True, timeout=20)
         assert sacct.returncode != 0  # accounting disabled: the executor must use scontrol
         old = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = env["SLURM_CONF"]
         try:
-            wait_until(lambda: slurmquery.query([j]).get(j) is not None and slurmquery.query([j])[j].state == "COMPLETED", 60, "the job to complete")
+            wait_until(
+                lambda: slurmquery.query([j]).get(j) is not None and slurmquery.query([j])[j].state == "COMPLETED",
+                60,
+                "the job to complete",
+            )
             assert slurmquery.query([j])[j].source == "scontrol"
         finally:
             if old is None:

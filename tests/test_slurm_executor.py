@@ -142,14 +142,26 @@ def test_requeue_cap_cancels_the_requeued_job(slurm_workflow: SlurmWorkflow) -> 
     ids = set(_submitted_ids(out))
     assert len(ids) == 1, out[-5000:]
     assert "preemption cap reached" in out and f"Slurm job ids of this step: {ids.pop()}" in out
-    wait_until(lambda: not [j for j in subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines() if j.split()[0] in _submitted_ids(out)], 30, "the requeued job to be cancelled")
+    wait_until(
+        lambda: (
+            not [
+                j
+                for j in subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines()
+                if j.split()[0] in _submitted_ids(out)
+            ]
+        ),
+        30,
+        "the requeued job to be cancelled",
+    )
 
 
 @pytest.mark.slow
 def test_time_limit_without_progress_fails(slurm_workflow: SlurmWorkflow) -> None:
     """A step that never checkpoints is not continued forever."""
     w = slurm_workflow
-    (w.root / "Snakefile").write_text('rule sim:\n    output: "result.json"\n    resources: slurm_partition="short", mem_mb=100\n    shell: "sleep 300"\n')
+    (w.root / "Snakefile").write_text(
+        'rule sim:\n    output: "result.json"\n    resources: slurm_partition="short", mem_mb=100\n    shell: "sleep 300"\n'
+    )
     rc, out = w.run("--rkslurm-signal-lead-time", "0", timeout=300, poll=2.0)
     assert rc != 0
     assert "without checkpoint progress" in out
@@ -266,21 +278,52 @@ def test_rkrun_step_preempted_twice_restores_and_matches(slurm_workflow: SlurmWo
     (w.root / "Snakefile").write_text(RKRUN_SNAKEFILE.format(steps=steps))
     ref = w.root / "ref.h5"
     subprocess.run(
-        ["rkrun", "wavesim", "--grid", "48", "48", "48", "--steps", str(steps), "--checkpoint-every", "100", "--backend", "numpy", "--batch", "8",
-         "--checkpoint-dir", str(w.root / "refck"), "--out", str(ref)],
-        check=True, capture_output=True, timeout=300,
+        [
+            "rkrun",
+            "wavesim",
+            "--grid",
+            "48",
+            "48",
+            "48",
+            "--steps",
+            str(steps),
+            "--checkpoint-every",
+            "100",
+            "--backend",
+            "numpy",
+            "--batch",
+            "8",
+            "--checkpoint-dir",
+            str(w.root / "refck"),
+            "--out",
+            str(ref),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     ck = w.root / ".snakemake/rkslurm/sim/_"
-    marker = ck / ckptdir.STOP_MARKER
+    log_dir = w.root / ".snakemake/slurm_logs/rule_sim"
+
+    def logged_stops() -> list[int]:
+        # the job logs, not the marker: the next job may already have restored and
+        # finished (removing the folder) before a poll sees a marker
+        found = []
+        for f in sorted(log_dir.glob("*.log"), key=lambda f: int(f.stem) if f.stem.isdigit() else 0):
+            m = re.search(r"stopped at step (\d+)", f.read_text(errors="replace"))
+            if m:
+                found.append(int(m.group(1)))
+        return found
+
     p = w.start("--rkslurm-keep-successful-logs")
     stops: list[int] = []
-    for _ in range(2):
-        base = stops[-1] if stops else 0
+    for i in range(2):
+        base = max(stops, default=0)
         wait_until(lambda b=base: (ckptdir.read_progress(ck) or 0) >= b + 300 or p.poll() is not None, 180, "rkrun to make progress")
         assert p.poll() is None, "workflow ended before the preemption"
         submit_urgent(3)
-        wait_until(lambda b=base: marker.exists() and json.loads(marker.read_text())["step"] > b, 120, "rkrun to stop on the preemption")
-        stops.append(json.loads(marker.read_text())["step"])
+        wait_until(lambda n=i + 1: len(logged_stops()) >= n, 120, "rkrun to stop on the preemption")
+        stops = logged_stops()
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-5000:]
     ids = sorted(set(_submitted_ids(out)), key=int)
@@ -296,9 +339,6 @@ def test_rkrun_step_preempted_twice_restores_and_matches(slurm_workflow: SlurmWo
     assert set(stops) <= set(seen)
     with h5py.File(w.root / "result.h5") as a, h5py.File(ref) as b:
         assert a.attrs["step"] == b.attrs["step"] == steps
-        for name in ("pressure", "pressure_prev"):
+        for name in ("pressure", "pressure_prev", "energy"):
             assert np.asarray(a[name]).tobytes() == np.asarray(b[name]).tobytes(), name
-        # /energy's float64 sums depend on the BLAS thread count (OPENBLAS_NUM_THREADS=1
-        # vs 2 differ in the last bit, with or without interruptions): not bit-compared here
-        assert np.allclose(np.asarray(a["energy"]), np.asarray(b["energy"]), rtol=1e-12, atol=0)
     assert not ck.exists()

@@ -366,7 +366,7 @@ def test_workflow_killed_then_rerun_resumes_bit_identical(tmp_path: Path) -> Non
     assert len(runs) == 2 and runs[0].stopped and runs[1].restored and runs[1].done
     assert runs[1].start_step == marker["step"]  # resumed exactly where it stopped: nothing lost
     ref = tmp_path / "ref.h5"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")  # as Snakemake sets for threads=1
+    env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")  # unlike the job's threads=1: must not matter
     subprocess.run(
         [
             "rkrun",

@@ -254,7 +254,9 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
     return state
 
 
-def latest_restorable(storage: Storage, kernel_id: str | None = None, *, index: ChainIndex | None = None, warn: bool = True) -> RestorePoint | None:
+def latest_restorable(
+    storage: Storage, kernel_id: str | None = None, *, index: ChainIndex | None = None, warn: bool = True
+) -> RestorePoint | None:
     """The newest checkpoint whose whole chain back to a full one is present and valid.
 
     Newer files that cannot be restored are reported in ``skipped`` and with a

@@ -368,7 +368,9 @@ def decode_into(flags: int, payload: memoryview, out: memoryview, source: str | 
             except zstandard.ZstdError as exc:
                 raise CheckpointError(source, f"frame {i} is not a zstd frame: {exc}") from None
             if declared != want:
-                raise CheckpointError(source, f"zstd frame {i} declares {declared} bytes, its block has {want} (decompresses beyond uncompressed_size)")
+                raise CheckpointError(
+                    source, f"zstd frame {i} declares {declared} bytes, its block has {want} (decompresses beyond uncompressed_size)"
+                )
             try:
                 block = _decompressor().decompress(frame, max_output_size=want, allow_extra_data=False)
             except zstandard.ZstdError as exc:

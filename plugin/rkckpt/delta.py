@@ -108,14 +108,20 @@ def apply_patch(old: bytes | memoryview, patch: bytes | memoryview, source: str 
     pos = _PATCH.size
     if nruns > (p.nbytes - pos) // 16:
         raise CheckpointError(source, f"block patch declares {nruns} runs, more than its {p.nbytes} bytes hold")
-    runs = np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2).astype(np.int64) if nruns else np.zeros((0, 2), np.int64)
+    runs = (
+        np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2).astype(np.int64)
+        if nruns
+        else np.zeros((0, 2), np.int64)
+    )
     pos += 16 * nruns
     data_len = p.nbytes - pos
     if target > parent_size + data_len:
         raise CheckpointError(source, f"block patch grows the chunk to {target} bytes with only {data_len} bytes of data")
     nb = -(-target // block)
     starts, counts = runs[:, 0], runs[:, 1]
-    if nruns and ((counts <= 0).any() or (starts < 0).any() or (starts[1:] < starts[:-1] + counts[:-1]).any() or starts[-1] + counts[-1] > nb):
+    if nruns and (
+        (counts <= 0).any() or (starts < 0).any() or (starts[1:] < starts[:-1] + counts[:-1]).any() or starts[-1] + counts[-1] > nb
+    ):
         raise CheckpointError(source, "block patch runs are out of order, overlapping or past the chunk end")
     total = int(counts.sum())
     idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(total)
@@ -217,7 +223,9 @@ def _apply(base: Checkpoint, delta: Checkpoint, base_digest: str | None, source:
     return result, None
 
 
-def apply_delta(base: Checkpoint, delta: Checkpoint, *, source: str | None = None, base_digest: str | None = None, verify: bool = True) -> Checkpoint:
+def apply_delta(
+    base: Checkpoint, delta: Checkpoint, *, source: str | None = None, base_digest: str | None = None, verify: bool = True
+) -> Checkpoint:
     """Materialise ``base`` + ``delta`` (reference semantics plus block patches)."""
     return _apply(base, delta, base_digest, source, verify)[0]
 

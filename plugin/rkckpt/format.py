@@ -118,7 +118,13 @@ def parse_header(buf: bytes | memoryview, source: str | os.PathLike[str] | None 
     return Header(version, header_size, total_size, chunk_count, compression, checksum, flags, created_at)
 
 
-def parse(buf: bytes | bytearray | memoryview, source: str | os.PathLike[str] | None = None, *, verify_checksum: bool = True, max_size: int = MAX_CHECKPOINT_SIZE) -> ParsedFile:
+def parse(
+    buf: bytes | bytearray | memoryview,
+    source: str | os.PathLike[str] | None = None,
+    *,
+    verify_checksum: bool = True,
+    max_size: int = MAX_CHECKPOINT_SIZE,
+) -> ParsedFile:
     """Parse one RKCKPT stream held in memory."""
     src = _source(source)
     mv = memoryview(buf).cast("B")
@@ -224,7 +230,18 @@ def encode(ckpt: Checkpoint, options: codec.WriteOptions = codec.COMPAT, *, head
     blob = b"".join(body)
     total = HEADER_SIZE + len(blob)
     checksum = zlib.crc32(blob) & 0xFFFFFFFF
-    header = _HEADER.pack(MAGIC, VERSION, REFERENCE_HEADER_SIZE, total - (HEADER_SIZE - REFERENCE_HEADER_SIZE), len(ckpt.chunks), compression, checksum, flags, ckpt.created_at, bytes(16))
+    header = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        REFERENCE_HEADER_SIZE,
+        total - (HEADER_SIZE - REFERENCE_HEADER_SIZE),
+        len(ckpt.chunks),
+        compression,
+        checksum,
+        flags,
+        ckpt.created_at,
+        bytes(16),
+    )
     return header + blob
 
 

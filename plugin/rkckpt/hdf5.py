@@ -27,7 +27,6 @@ import os
 import select
 import signal
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import codec, format
+from .atomic import atomic_path
 from .crc import crc32, crc32_combine
 from .errors import CheckpointError
 from .flags import CHUNK_BLOCK_DELTA, CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, HDR_SHARD
@@ -217,19 +217,6 @@ def _stream_parts(
     return header, pieces, total
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_h5(
     path: str | os.PathLike[str], ckpt: Checkpoint, options: codec.WriteOptions | None = None, *, chain_base: str | None = None
 ) -> int:
@@ -256,10 +243,7 @@ def write_h5(
     parent = ckpt.metadata.parent_digest or ""
     base = chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else ".")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target) as tmp:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset(STREAM, shape=(total,), dtype="u1", fill_time="never")
             ds[0 : len(header)] = np.frombuffer(header, np.uint8)
@@ -291,13 +275,6 @@ def write_h5(
             for i, r in enumerate(regions):
                 table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
             f.create_dataset(REGIONS, data=table)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent if str(target.parent) else Path("."))
     return target.stat().st_size
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import codec, format, shard
+from .atomic import atomic_open
 from .codec import WriteOptions
 from .errors import CheckpointError
 from .flags import CHUNK_PART, COMPRESSION_NONE, HDR_EXTENDED, HDR_SHARD
@@ -187,10 +187,23 @@ def _encode_body(
     if total > limit:
         raise CheckpointError(None, f"encoded stream is {total} bytes, over the {MAX_CHECKPOINT_SIZE}-byte RKCKPT limit")
     if sharded:  # exact sizes so streams can follow each other
-        header = _HEADER.pack(format.MAGIC, format.VERSION, HEADER_SIZE, total, len(chunks), compression, checksum, hflags, created_at, bytes(16))
+        header = _HEADER.pack(
+            format.MAGIC, format.VERSION, HEADER_SIZE, total, len(chunks), compression, checksum, hflags, created_at, bytes(16)
+        )
     else:  # the reference's quirks, byte-identical to format.encode
         quirk = total - (HEADER_SIZE - format.REFERENCE_HEADER_SIZE)
-        header = _HEADER.pack(format.MAGIC, format.VERSION, format.REFERENCE_HEADER_SIZE, quirk, len(chunks), compression, checksum, hflags, created_at, bytes(16))
+        header = _HEADER.pack(
+            format.MAGIC,
+            format.VERSION,
+            format.REFERENCE_HEADER_SIZE,
+            quirk,
+            len(chunks),
+            compression,
+            checksum,
+            hflags,
+            created_at,
+            bytes(16),
+        )
     if seekable:
         end = f.tell()
         f.seek(start)
@@ -226,23 +239,12 @@ def encode_to(fileobj: BinaryIO, ckpt: Checkpoint, options: WriteOptions = Write
         for p in sp.pieces:
             c = ckpt.chunks[p.chunk_index]
             data = memoryview(c.data).cast("B")[p.offset : p.offset + p.length]
-            items.append((c.chunk_type, c.chunk_id, data, c.flags | (CHUNK_PART if p.partial else 0), elems.get((c.chunk_type, c.chunk_id))))
+            items.append(
+                (c.chunk_type, c.chunk_id, data, c.flags | (CHUNK_PART if p.partial else 0), elems.get((c.chunk_type, c.chunk_id)))
+            )
         meta = shard.shard_metadata(ckpt.metadata, i, len(plans), sp.pieces)
         written += _encode_stream(fileobj, meta, items, ckpt.created_at, options, sharded=True)
     return written
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save(path: str | os.PathLike[str], ckpt: Checkpoint, options: WriteOptions = WriteOptions()) -> int:  # noqa: B008
@@ -250,18 +252,8 @@ def save(path: str | os.PathLike[str], ckpt: Checkpoint, options: WriteOptions =
     target = Path(path)
     if _is_h5(target):
         return int(_hdf5().write_h5(target, ckpt, options))
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            n = encode_to(f, ckpt, options)  # type: ignore[arg-type]
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    with atomic_open(target) as f:
+        n = encode_to(f, ckpt, options)
     return n
 
 
@@ -354,7 +346,10 @@ class _Assembly:
             if key in self.open:
                 raise CheckpointError(self.source, f"chunk {ctype}/{cid} starts again before it was complete")
             if self.declared.get(key) != total:
-                raise CheckpointError(self.source, f"split chunk {ctype}/{cid} claims {total} bytes, its pieces in the file declare {self.declared.get(key, 0)}")
+                raise CheckpointError(
+                    self.source,
+                    f"split chunk {ctype}/{cid} claims {total} bytes, its pieces in the file declare {self.declared.get(key, 0)}",
+                )
             buf = np.empty(total, dtype=np.uint8)
             chunks.append(Chunk(ctype, cid, memoryview(buf).cast("B"), flags & ~CHUNK_PART))
             self.open[key] = (buf, 0, len(chunks) - 1)
@@ -370,7 +365,9 @@ class _Assembly:
         return memoryview(buf[offset : offset + usize]).cast("B")
 
 
-def _read_stream(rd: _File, sharded_file: bool, chunks: list[Chunk], chunk_headers: list[ChunkHeader], asm: _Assembly) -> tuple[Header, Metadata, int]:
+def _read_stream(
+    rd: _File, sharded_file: bool, chunks: list[Chunk], chunk_headers: list[ChunkHeader], asm: _Assembly
+) -> tuple[Header, Metadata, int]:
     src = rd.source
     start = rd.pos
     head = rd.take(HEADER_SIZE, "header", None)
@@ -505,7 +502,9 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
             if asm.open:
                 raise CheckpointError(src, f"{len(asm.open)} chunk(s) split over shards are incomplete")
             meta = meta.with_custom(**{shard.SHARD_KEY: None})
-            header = Header(header.version, header.header_size, size, len(chunks), header.compression, header.checksum, header.flags, header.created_at)
+            header = Header(
+                header.version, header.header_size, size, len(chunks), header.compression, header.checksum, header.flags, header.created_at
+            )
     return ParsedFile(header, headers, Checkpoint(meta, chunks, created_at=header.created_at))
 
 

@@ -7,13 +7,13 @@ these objects; only ``format`` knows how they are laid out in bytes.
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import numpy as np
 
+from .crc import crc32
 from .errors import CheckpointError
 from .siphash import region_id
 
@@ -114,8 +114,8 @@ def digest_records(chunks: Iterable[tuple[int, int, bytes | memoryview]]) -> str
     for chunk_type, chunk_id, data in chunks:
         ident_id = chunk_id if chunk_type in KEYED_TYPES else 0
         record = chunk_type.to_bytes(4, "little") + ident_id.to_bytes(8, "little") + b"\0\0\0\0"
-        crc = zlib.crc32(record, crc)
-        crc = zlib.crc32(data, crc)
+        crc = crc32(record, crc)
+        crc = crc32(data, crc)  # ISA-L when installed: one pass, ~10x zlib's speed, GIL released
     return f"{crc & 0xFFFFFFFF:08x}"
 
 
@@ -185,7 +185,9 @@ class Checkpoint:
         dt = np.dtype(info.dtype)
         expected = int(np.prod(info.shape, dtype=np.int64)) * dt.itemsize
         if chunk.size != expected:
-            raise CheckpointError(None, f"region {name!r}: {chunk.size} bytes stored, {expected} expected for {info.dtype}{list(info.shape)}")
+            raise CheckpointError(
+                None, f"region {name!r}: {chunk.size} bytes stored, {expected} expected for {info.dtype}{list(info.shape)}"
+            )
         return np.frombuffer(chunk.data, dtype=dt).reshape(info.shape)
 
     def region_names(self) -> dict[int, str]:

@@ -109,6 +109,13 @@ class KernelSpec:
     #: (it must loop over STEPS steps and run rk_advance_dev between them).
     #: ``global_size``/``local_size`` are ignored; the back end sizes the grid.
     persistent: dict[str, Launch] = field(default_factory=dict)
+    #: Optional per-back-end replacement for ``launches`` (same arithmetic,
+    #: different split of the grid), e.g. a geometry one compiler vectorises
+    #: better. Back ends read :meth:`launches_for`.
+    backend_launches: dict[str, list[Launch]] = field(default_factory=dict)
+
+    def launches_for(self, backend: str) -> list[Launch]:
+        return self.backend_launches.get(backend, self.launches)
 
     def region(self, name: str) -> RegionSpec:
         for r in self.regions:
@@ -144,7 +151,7 @@ class KernelSpec:
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate region names in {names}")
-        for launch in self.launches:
+        for launch in [*self.launches, *(x for ls in self.backend_launches.values() for x in ls)]:
             for a in launch.args:
                 for n in _arg_regions(a):
                     self.region(n)

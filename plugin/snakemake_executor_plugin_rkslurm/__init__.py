@@ -25,19 +25,35 @@ class ExecutorSettings(_StockSettings):
 
     max_preemptions: int = field(
         default=10,
-        metadata={"help": "Resubmit a step after at most this many preemptions (CANCEL resubmits and REQUEUE restarts together); one more fails the step, listing all its Slurm job ids.", "env_var": False, "required": False},
+        metadata={
+            "help": "Resubmit a step after at most this many preemptions (CANCEL resubmits and REQUEUE restarts together); one more fails the step, listing all its Slurm job ids.",
+            "env_var": False,
+            "required": False,
+        },
     )
     max_timeouts: int = field(
         default=20,
-        metadata={"help": "Continue a step that hit its time limit at most this many times; each continuation needs checkpoint progress since the previous attempt.", "env_var": False, "required": False},
+        metadata={
+            "help": "Continue a step that hit its time limit at most this many times; each continuation needs checkpoint progress since the previous attempt.",
+            "env_var": False,
+            "required": False,
+        },
     )
     max_node_failures: int = field(
         default=3,
-        metadata={"help": "Resubmit after NODE_FAIL/BOOT_FAIL at most this many times (the failed node is excluded).", "env_var": False, "required": False},
+        metadata={
+            "help": "Resubmit after NODE_FAIL/BOOT_FAIL at most this many times (the failed node is excluded).",
+            "env_var": False,
+            "required": False,
+        },
     )
     poll_interval: float = field(
         default=2.0,
-        metadata={"help": "Seconds between status polls while a step runs on a preemptible partition (PreemptMode CANCEL/REQUEUE).", "env_var": False, "required": False},
+        metadata={
+            "help": "Seconds between status polls while a step runs on a preemptible partition (PreemptMode CANCEL/REQUEUE).",
+            "env_var": False,
+            "required": False,
+        },
     )
     slow_poll_interval: float = field(
         default=15.0,
@@ -45,15 +61,27 @@ class ExecutorSettings(_StockSettings):
     )
     checkpoint_root: str = field(
         default=".snakemake/rkslurm",
-        metadata={"help": "Folder under which each step gets <rule>/<wildcards> as its checkpoint folder (exported to the job as RKSLURM_CHECKPOINT_DIR). A rule overrides it with the resource or param 'rkslurm_checkpoint_dir'.", "env_var": False, "required": False},
+        metadata={
+            "help": "Folder under which each step gets <rule>/<wildcards> as its checkpoint folder (exported to the job as RKSLURM_CHECKPOINT_DIR). A rule overrides it with the resource or param 'rkslurm_checkpoint_dir'.",
+            "env_var": False,
+            "required": False,
+        },
     )
     keep_checkpoints: bool = field(
         default=False,
-        metadata={"help": "Keep a step's checkpoint folder after the step succeeded (default: remove it).", "env_var": False, "required": False},
+        metadata={
+            "help": "Keep a step's checkpoint folder after the step succeeded (default: remove it).",
+            "env_var": False,
+            "required": False,
+        },
     )
     signal_lead_time: int = field(
         default=60,
-        metadata={"help": "Seconds before the time limit at which Slurm sends SIGTERM to the step (sbatch --signal=TERM@N), so it can write its final checkpoint.", "env_var": False, "required": False},
+        metadata={
+            "help": "Seconds before the time limit at which Slurm sends SIGTERM to the step (sbatch --signal=TERM@N), so it can write its final checkpoint.",
+            "env_var": False,
+            "required": False,
+        },
     )
 
 

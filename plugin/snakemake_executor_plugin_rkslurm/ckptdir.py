@@ -14,12 +14,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from rkckpt.atomic import atomic_open
 
 DEFAULT_ROOT = ".snakemake/rkslurm"
 ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
@@ -83,22 +84,8 @@ def fingerprint(inputs: list[str], params: Mapping[str, Any], code: str, rule: s
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Temp file in the same dir, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with atomic_open(path, mkdir=True) as f:
+        f.write(text.encode())
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ class Executor(_stock.Executor):
         super().__post_init__(test_mode=test_mode)
         s = self.workflow.executor_settings
         if self.array_jobs:
-            self.logger.warning("rkslurm: array jobs are not supported (each step must be resubmittable on its own); submitting one job per step.")
+            self.logger.warning(
+                "rkslurm: array jobs are not supported (each step must be resubmittable on its own); submitting one job per step."
+            )
             self.array_jobs = set()
         self._steps: dict[int, Step] = {}
         self._steps_lock = threading.Lock()
@@ -161,7 +163,9 @@ class Executor(_stock.Executor):
                 if prep.stale_reason:
                     self.logger.warning(f"rkslurm: starting rule {job.name} fresh; old checkpoints in {path} removed: {prep.stale_reason}.")
                 elif not prep.fresh:
-                    self.logger.info(f"rkslurm: rule {job.name} will restore from its checkpoint folder {path} (step {ckptdir.read_progress(path)}).")
+                    self.logger.info(
+                        f"rkslurm: rule {job.name} will restore from its checkpoint folder {path} (step {ckptdir.read_progress(path)})."
+                    )
                 step = Step(rule=job.name, checkpoint_dir=path, export=str(path), partition=self._partition_of(job))
         except Exception as e:  # noqa: BLE001 - report, never crash the submit thread
             self._report_job_error_threadsafe(SubmittedJobInfo(job), f"rkslurm: cannot prepare the checkpoint folder: {e}")
@@ -229,7 +233,9 @@ class Executor(_stock.Executor):
         state = parse_state(raw) if rec else SlurmJobState.UNKNOWN
         code, sig = parse_exit_code(rec.exit_code if rec else None)
         partition = (rec.partition if rec else None) or step.partition
-        requeue_on_preempt = self._preempt_modes.get(partition or "", "") == "REQUEUE" and (rec.requeue if rec and rec.requeue is not None else True)
+        requeue_on_preempt = self._preempt_modes.get(partition or "", "") == "REQUEUE" and (
+            rec.requeue if rec and rec.requeue is not None else True
+        )
         stopped = self._fresh_stop_step(step)
         # A victim that exits within its GraceTime ends FAILED (its own exit
         # code), not PREEMPTED; slurmctld's PreemptTime tells the truth.
@@ -296,7 +302,9 @@ class Executor(_stock.Executor):
             now = time.time()
             if now - self._last_query_warning > 30:
                 self._last_query_warning = now
-                self.logger.warning(f"rkslurm: Slurm status query failed ({self._query_failures}x, retrying in {backoff:.0f} s; jobs are not failed for this): {e}")
+                self.logger.warning(
+                    f"rkslurm: Slurm status query failed ({self._query_failures}x, retrying in {backoff:.0f} s; jobs are not failed for this): {e}"
+                )
             self.next_seconds_between_status_checks = backoff
             for j in active_jobs:
                 yield j
@@ -338,7 +346,14 @@ class Executor(_stock.Executor):
                 self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {d.reason}\n", aux_logs=logs)
             else:  # RESUBMIT
                 self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
-                self._event(step, d.event or "resubmit", job_id=obs.job_id, state=obs.state.value, checkpoint_step=obs.checkpoint_step, reason=d.reason)
+                self._event(
+                    step,
+                    d.event or "resubmit",
+                    job_id=obs.job_id,
+                    state=obs.state.value,
+                    checkpoint_step=obs.checkpoint_step,
+                    reason=d.reason,
+                )
                 if d.exclude_node:
                     self._failed_nodes.add(d.exclude_node)
                 info, err = await asyncio.to_thread(self._resubmit_blocking, j.job, step)

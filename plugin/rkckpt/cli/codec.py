@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ import numpy as np
 
 from .. import codec, format, hdf5
 from .. import io as rkio
+from ..atomic import atomic_open
 from ..delta import apply_chain
 from ..errors import CheckpointError
 from ..flags import CHUNK_BLOCK_DELTA
@@ -111,24 +111,8 @@ def _options(compat: bool, compress: str = "auto") -> codec.WriteOptions:
 
 
 def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    parent = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    with atomic_open(target) as fh:
+        write(fh)
 
 
 def _check_out(path: str) -> None:

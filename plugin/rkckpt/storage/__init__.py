@@ -42,7 +42,9 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def open_storage(url_or_path: str | os.PathLike[str] | Storage, *, local: str | os.PathLike[str] | bool | None = None, **options: Any) -> Storage:
+def open_storage(
+    url_or_path: str | os.PathLike[str] | Storage, *, local: str | os.PathLike[str] | bool | None = None, **options: Any
+) -> Storage:
     """A ``Storage`` for a path or URL.
 
     ``local`` (or ``$RKCKPT_LOCAL_DIR`` for remote URLs) stages saves in a

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ..atomic import fsync_dir
 from .base import LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
@@ -30,14 +31,6 @@ def _oserror(path: object, op: str, exc: OSError) -> StorageError:
     return StorageError(os.fspath(path), f"{op} failed: {what}")  # type: ignore[arg-type]
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileStorage(StorageBase):
     """Checkpoint objects as files in one folder.
 
@@ -45,7 +38,9 @@ class FileStorage(StorageBase):
     anything a simulation keeps in memory.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, file_mode: int = 0o600, dir_mode: int = 0o700, create: bool = True, fsync: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, file_mode: int = 0o600, dir_mode: int = 0o700, create: bool = True, fsync: bool = True
+    ) -> None:
         self.root = Path(root).expanduser()
         self.url = os.fspath(self.root)
         self.file_mode = file_mode
@@ -78,7 +73,9 @@ class FileStorage(StorageBase):
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             finally:
                 os.close(fd)
-            raise LockedError(self.url, f"checkpoint folder is locked by another writer (pid {holder}); refusing to interleave writes") from None
+            raise LockedError(
+                self.url, f"checkpoint folder is locked by another writer (pid {holder}); refusing to interleave writes"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

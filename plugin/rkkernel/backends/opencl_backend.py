@@ -62,6 +62,23 @@ def probe() -> tuple[bool, str]:
     return True, f"{dev.platform.name.strip()} / {dev.name.strip()}"
 
 
+def _cpu_local_size(global_size: tuple[int, ...], wg_max: int, target: int = 512) -> tuple[int, ...] | None:
+    """Work-group of whole x rows for a CPU device (pocl), or None to let the driver pick.
+
+    pocl vectorises the loop over a work-group's x, so a group should be
+    whole rows (contiguous x); a few rows per group (up to ``target`` work
+    items, a divisor of the y extent) cut the per-group overhead on short
+    rows. Same results whatever the group shape: work items are independent.
+    """
+    gs = tuple(int(g) for g in global_size)
+    if not gs or gs[0] > min(wg_max, target) or any(g <= 0 for g in gs):
+        return None
+    rows = 1
+    if len(gs) > 1:
+        rows = max(d for d in range(1, gs[1] + 1) if gs[1] % d == 0 and gs[0] * d <= min(wg_max, target))
+    return (gs[0], rows, *(1 for _ in gs[2:]))[: len(gs)]
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
 
@@ -96,14 +113,18 @@ class OpenCLBackend(Backend):
 
         # Kernel objects bound once: per launch, one per step parity.
         self.launches = []
-        for launch in spec.launches:
+        for launch in spec.launches_for("opencl"):
             pair = []
             for parity in (0, 1):
                 k = cl.Kernel(self.program, launch.function)
                 for i, a in enumerate(launch.args):
                     k.set_arg(i, self._arg(a, parity))
                 pair.append(k)
-            self.launches.append((launch, pair))
+            local = launch.local_size
+            if local is None and dev.type & cl.device_type.CPU:
+                wg_max = pair[0].get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
+                local = _cpu_local_size(launch.global_size, wg_max)
+            self.launches.append((launch.global_size, local, pair))
         self.k_poll = cl.Kernel(self.program, "rk_advance")
         self.k_step = cl.Kernel(self.program, "rk_advance")
         for k, done in ((self.k_poll, 0), (self.k_step, 1)):
@@ -125,8 +146,8 @@ class OpenCLBackend(Backend):
         q = self.queue
         cl.enqueue_nd_range_kernel(q, self.k_poll, (1,), (1,))
         for s in range(first_step, first_step + count):
-            for launch, pair in self.launches:
-                cl.enqueue_nd_range_kernel(q, pair[s % 2], launch.global_size, launch.local_size)
+            for global_size, local_size, pair in self.launches:
+                cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
             cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
         q.flush()
 
