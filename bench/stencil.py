@@ -180,7 +180,9 @@ def main() -> None:
         one = bandwidth_gbs()
         bw, where = stream_gbs(cores), f"numpy in-place a+=b on {cores} threads, 2x256 MiB, best of 10"
         old_roof = one * 1e9 / BYTES_PER_CELL / 1e6
-        print(f"single-thread numpy copy: {one:.1f} GB/s -> {old_roof:.0f} Mcells/s (the old, single-core roofline; too low for all-core kernels)")
+        print(
+            f"single-thread numpy copy: {one:.1f} GB/s -> {old_roof:.0f} Mcells/s (the old, single-core roofline; too low for all-core kernels)"
+        )
     roof = bw * 1e9 / BYTES_PER_CELL / 1e6
     print(f"memory bandwidth ({where}): {bw:.1f} GB/s -> roofline {roof:.0f} Mcells/s at {BYTES_PER_CELL} B/cell")
     print(f"{'backend':<8} {'grid':>6} {'Mcells/s':>10} {'x roofline':>11}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-_CKPT = re.compile(r"-(\d{12})-(?:full|delta)\.(?:rkcp|rk\.h5)$")
+from rkckpt.chain import newest_named_step
 
 
 @dataclass
@@ -52,15 +51,8 @@ class Report:
 
 def newest_checkpoint(root: Path) -> int | None:
     """Highest step among checkpoint files under ``root`` (any depth)."""
-    best: int | None = None
-    for dirpath, _dirs, files in os.walk(root):
-        del dirpath
-        for name in files:
-            m = _CKPT.search(name)
-            if m:
-                s = int(m.group(1))
-                best = s if best is None else max(best, s)
-    return best
+    steps = [newest_named_step(files) for _dir, _sub, files in os.walk(root)]
+    return max((s for s in steps if s is not None), default=None)
 
 
 def stopped_step(root: Path) -> int | None:

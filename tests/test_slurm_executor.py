@@ -155,7 +155,6 @@ def test_requeue_cap_cancels_the_requeued_job(slurm_workflow: SlurmWorkflow) -> 
     )
 
 
-@pytest.mark.slow
 def test_time_limit_without_progress_fails(slurm_workflow: SlurmWorkflow) -> None:
     """A step that never checkpoints is not continued forever."""
     w = slurm_workflow
@@ -244,12 +243,13 @@ def test_time_limit_continuation(slurm_workflow: SlurmWorkflow) -> None:
     _time_limit_run(slurm_workflow, steps=130, delay=0.5, min_jobs=2)
 
 
-@pytest.mark.slow
 def test_time_limit_continuation_three_times_max_time(slurm_workflow: SlurmWorkflow) -> None:
     """The step needs 3 min of work on a 1-min partition."""
     _time_limit_run(slurm_workflow, steps=360, delay=0.5, min_jobs=3)
 
 
+# --throttle-ms bounds the speed (<= 400 steps/s): on an idle machine 48^3 runs 5000 steps
+# in ~5 s, faster than the test can preempt it twice.
 RKRUN_SNAKEFILE = """
 rule all:
     input: "result.h5"
@@ -258,7 +258,7 @@ rule sim:
     output: "result.h5"
     params: grid="48 48 48", steps={steps}
     resources: slurm_partition="scavenger", mem_mb=500
-    shell: "rkrun wavesim --grid {{params.grid}} --steps {{params.steps}} --checkpoint-every 100 --backend numpy --batch 8 --out {{output}}"
+    shell: "rkrun wavesim --grid {{params.grid}} --steps {{params.steps}} --checkpoint-every 100 --backend numpy --batch 8 --throttle-ms 20 --out {{output}}"
 """
 
 

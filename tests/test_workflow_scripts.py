@@ -489,15 +489,14 @@ def test_preemptor_preempts_a_scavenger_job_on_the_real_cluster(slurm_env: dict[
 
 
 @pytest.mark.slurm
-@pytest.mark.slow
 def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str], tmp_path: Path) -> None:
-    """scripts/demo end to end on a smaller grid, against the cluster that is already up (no slurm/up or down)."""
+    """scripts/demo end to end with early preemption points, against the cluster that is already up (no slurm/up or down)."""
     env = dict(
         os.environ,
         RKSLURM_DEMO_EXTERNAL_CLUSTER="1",
         RKSLURM_DEMO_DIR=str(tmp_path / "demo"),
         RKSLURM_DEMO_GRID="128 128 128",
-        RKSLURM_DEMO_STEPS="3000",
+        RKSLURM_DEMO_STEPS="8000",
         RKSLURM_DEMO_CHECKPOINT_EVERY="200",
         RKSLURM_DEMO_PREEMPT_AT="600,1400",
     )

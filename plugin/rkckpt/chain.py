@@ -54,6 +54,12 @@ def checkpoint_name(kernel_id: str, step: int, kind: str) -> str:
     return f"{kernel_id}-{step:012d}-{kind}.rkcp"
 
 
+def newest_named_step(names: Iterable[str]) -> int | None:
+    """Highest step among checkpoint file names (by name only: cheap progress checks)."""
+    steps = [int(m.group("step")) for m in map(NAME_RE.match, names) if m]
+    return max(steps, default=None)
+
+
 @dataclass
 class Entry:
     """What the header and metadata of one checkpoint file say."""

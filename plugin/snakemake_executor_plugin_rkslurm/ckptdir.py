@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from rkckpt.atomic import atomic_open
+from rkckpt.chain import newest_named_step
 
 DEFAULT_ROOT = ".snakemake/rkslurm"
 ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
@@ -29,7 +29,6 @@ FINGERPRINT_FILE = "rkslurm.fingerprint.json"
 STOP_MARKER = "rkrun.stopped.json"
 #: optional: a step that does not write .rkcp chains may report its newest checkpointed step here
 PROGRESS_FILE = "rkslurm.progress.json"
-_CKPT_NAME = re.compile(r"-(\d{12})-(?:full|delta)\.rkcp$")
 
 
 def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:
@@ -140,14 +139,11 @@ def read_progress(path: Path) -> int | None:
         if isinstance(step, int) and not isinstance(step, bool):
             best = step if best is None else max(best, step)
     try:
-        names = os.listdir(path)
+        named = newest_named_step(os.listdir(path))
     except OSError:
-        names = []
-    for n in names:
-        m = _CKPT_NAME.search(n)
-        if m:
-            s = int(m.group(1))
-            best = s if best is None else max(best, s)
+        named = None
+    if named is not None:
+        best = named if best is None else max(best, named)
     return best
 
 
