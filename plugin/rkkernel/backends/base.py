@@ -8,10 +8,27 @@ the ``read_*`` calls is asynchronous and ordered (one in-order device queue).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..spec import KernelSpec
+from ..spec import KernelSpec, Swap
+
+
+def resolve_arg(a: object, parity: int, bufs: Mapping[str, object], placeholders: Sequence[tuple[object, object]]) -> object:
+    """A ``Launch`` argument as the device object to pass: a placeholder the back end
+    provides (control block, queues, ...), a region (``Swap`` picks by step parity)
+    or a NumPy scalar. One rule for every back end, so a spec means the same on each."""
+    for key, value in placeholders:
+        if a is key:
+            return value
+    if isinstance(a, Swap):
+        return bufs[a.pick(parity)]
+    if isinstance(a, str):
+        return bufs[a]
+    if isinstance(a, np.generic):
+        return a
+    raise TypeError(f"unsupported kernel argument {a!r}")
 
 
 class BackendUnavailable(RuntimeError):

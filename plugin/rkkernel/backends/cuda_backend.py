@@ -21,8 +21,8 @@ import os
 import numpy as np
 
 from ..control import CONTROL_BLOCK_DTYPE
-from ..spec import CONTROL, H2K, K2H, KERNELS_DIR, STEPS, KernelSpec, Swap
-from .base import Backend, BackendUnavailable
+from ..spec import CONTROL, H2K, K2H, KERNELS_DIR, STEPS, KernelSpec
+from .base import Backend, BackendUnavailable, resolve_arg
 
 log = logging.getLogger("rkkernel")
 
@@ -115,21 +115,8 @@ class CudaBackend(Backend):
             return None
 
     def _arg(self, a, parity: int, steps: int = 0):
-        if a is CONTROL:
-            return self.ctl
-        if a is H2K:
-            return self.h2k
-        if a is K2H:
-            return self.k2h
-        if a is STEPS:
-            return np.int32(steps)
-        if isinstance(a, Swap):
-            return self.bufs[a.pick(parity)]
-        if isinstance(a, str):
-            return self.bufs[a]
-        if isinstance(a, np.generic):
-            return a
-        raise TypeError(f"unsupported kernel argument {a!r}")
+        placeholders = ((CONTROL, self.ctl), (H2K, self.h2k), (K2H, self.k2h), (STEPS, np.int32(steps)))
+        return resolve_arg(a, parity, self.bufs, placeholders)
 
     def enqueue_steps(self, first_step: int, count: int) -> None:
         if self.persistent is not None and count > 0:

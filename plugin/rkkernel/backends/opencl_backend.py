@@ -16,8 +16,8 @@ import numpy as np
 
 from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
-from ..spec import CONTROL, KERNELS_DIR, KernelSpec, Swap
-from .base import Backend, BackendUnavailable
+from ..spec import CONTROL, KERNELS_DIR, KernelSpec
+from .base import Backend, BackendUnavailable, resolve_arg
 
 log = logging.getLogger("rkkernel")
 
@@ -131,15 +131,7 @@ class OpenCLBackend(Backend):
             k.set_args(self.ctl, self.h2k, self.k2h, np.uint32(done))
 
     def _arg(self, a, parity: int):
-        if a is CONTROL:
-            return self.ctl
-        if isinstance(a, Swap):
-            return self.bufs[a.pick(parity)]
-        if isinstance(a, str):
-            return self.bufs[a]
-        if isinstance(a, np.generic):
-            return a
-        raise TypeError(f"unsupported kernel argument {a!r}")
+        return resolve_arg(a, parity, self.bufs, ((CONTROL, self.ctl),))
 
     def enqueue_steps(self, first_step: int, count: int) -> None:
         cl = self.cl
