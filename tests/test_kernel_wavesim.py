@@ -56,6 +56,51 @@ def test_flush_to_zero_region_matches(opencl_backend: str) -> None:
     assert run_field(opencl_backend, PARAMS, 40).tobytes() == ref.tobytes()
 
 
+@pytest.mark.parametrize(
+    ("params", "steps"),
+    [
+        (WaveParams(17, 9, 12, src=(8, 4, 1)), 60),  # source on the first interior plane: no lower bulk
+        (WaveParams(16, 9, 13, src=(1, 4, 11)), 60),  # ... on the last, next to an x wall, odd lower bulk
+        (WaveParams(1024, 8, 130), 12),  # 4 MiB fields: huge-page backed buffers on a CPU device
+    ],
+)
+def test_opencl_equals_numpy_other_geometries(opencl_backend: str, params: WaveParams, steps: int) -> None:
+    ref = run_field("numpy", params, steps)
+    assert np.abs(ref).max() > 0
+    assert run_field(opencl_backend, params, steps, batch=5).tobytes() == ref.tobytes()
+
+
+def test_opencl_launches_cover_each_plane_once() -> None:
+    """The split around the source plane: every interior plane exactly once, whole rows, even bulk parts."""
+    from rkkernel.backends.opencl_backend import _cpu_local_size
+
+    for params in (PARAMS, WaveParams(16, 9, 13, src=(1, 4, 11)), WaveParams(20, 10, 40, src=(5, 5, 1)), WaveParams(256, 256, 256)):
+        launches = make_spec(params).launches_for("opencl")
+        planes = []
+        for launch in launches:
+            nx, rows, n = launch.global_size
+            z0 = int(launch.args[-2])
+            assert (nx, rows) == (params.nx, params.ny - 2)
+            assert launch.args[-1] == "x_interior_mask"
+            planes += range(z0, z0 + n)
+            assert (launch.function == "fdtd_step") == (z0 == params.source[2])
+            assert n == 1 or n % 2 == 0
+            if n % 2 == 0 and 2 * nx <= 512:
+                assert _cpu_local_size(launch.global_size, 4096) == (nx, 1, 2)
+        assert planes == list(range(1, params.nz - 1))
+
+
+def test_huge_page_array_is_aligned_and_zeroed() -> None:
+    from rkkernel.backends.hostmem import HUGE_PAGE, huge_page_array
+
+    a = huge_page_array((3, 1000, 1000), "<f4")
+    assert a.shape == (3, 1000, 1000) and a.dtype == np.dtype("<f4")
+    assert a.ctypes.data % HUGE_PAGE == 0
+    assert not a.any()
+    a[...] = 1.5
+    assert float(a.sum(dtype=np.float64)) == 1.5 * a.size
+
+
 @pytest.mark.gpu
 def test_cuda_equals_numpy(cuda_backend: str, reference: np.ndarray) -> None:
     got = run_field(cuda_backend, PARAMS, 240, batch=50)

@@ -7,6 +7,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +119,58 @@ def test_signal_storm_while_stopping_corrupts_nothing(rkrun, opencl_backend: str
     assert json.loads((ck / "rkrun.stopped.json").read_text())["signal"] == "SIGUSR1"
     run_ok(rkrun, *args)
     assert result(out) == ref
+
+
+def sig_caught(pid: int) -> int:
+    """The process's caught-signals mask (``SigCgt`` in /proc/PID/status); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def test_rkrun_cli_import_starts_no_numpy() -> None:
+    """``import rkkernel.cli`` must not load numpy (rkkernel's exports are lazy).
+
+    Otherwise OpenBLAS's worker threads exist before rkrun can block the stop
+    signals; they never block them, so the kernel hands them a SIGUSR1 while
+    LLVM's handler is in place and it is lost however the main thread masks it.
+    """
+    code = "import sys, rkkernel.cli; print('numpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_sigusr1_during_opencl_startup_is_not_lost(rkrun, opencl_backend: str, tmp_path: Path, uninterrupted: dict) -> None:
+    """A SIGUSR1 while pocl's LLVM has its handlers installed still stops the run (exit 75, marker).
+
+    The signal is sent the moment the process catches SIGUSR2: only LLVM takes
+    that one, when the OpenCL context is created, and rkrun's handlers are in
+    place by then (SIGUSR1 is caught from the start of the CLI), so this is the
+    window between LLVM's handlers and ours, never Python's default action.
+    """
+    usr1, usr2 = 1 << (signal.SIGUSR1 - 1), 1 << (signal.SIGUSR2 - 1)
+    args = ("wavesim", *COMMON, "--backend", opencl_backend)
+    outcomes = []
+    for attempt in range(3):
+        ck, out = tmp_path / f"ck{attempt}", tmp_path / f"r{attempt}.h5"
+        p = rkrun(*args, "--checkpoint-dir", str(ck), "--out", str(out))
+        pid = p.proc.pid
+        wait_for(lambda pid=pid, p=p: bool(sig_caught(pid) & usr1) or p.proc.poll() is not None, 60, "rkrun's SIGUSR1 handler")
+        deadline = time.monotonic() + 60
+        while not sig_caught(pid) & usr2 and p.proc.poll() is None and time.monotonic() < deadline:
+            pass  # busy-wait: the window is a few milliseconds
+        p.proc.send_signal(signal.SIGUSR1)
+        outcomes.append((p.wait(), (ck / "rkrun.stopped.json").exists(), p.log()))
+    for rc, marker, log in outcomes:
+        assert rc == 75 and marker, log
+    assert json.loads((ck / "rkrun.stopped.json").read_text())["signal"] == "SIGUSR1"
+    run_ok(rkrun, *args, "--checkpoint-dir", str(ck), "--out", str(out))
+    assert result(out) == reference(rkrun, "numpy", uninterrupted, tmp_path)
 
 
 def test_opencl_equals_numpy_end_to_end(rkrun, opencl_backend: str, tmp_path: Path, uninterrupted: dict) -> None:

@@ -8,24 +8,63 @@ maps that state to RKCKPT checkpoints, ``wavesim`` is the first kernel and
 
 from __future__ import annotations
 
-from .control import CONTROL_BLOCK_DTYPE, MESSAGE_DTYPE, Command, Reply
-from .runtime import KernelEvent, PersistentKernel, RestoreMismatch
-from .spec import CONTROL, H2K, K2H, STEPS, KernelSpec, Launch, RegionSpec, Swap
+import importlib
+from typing import TYPE_CHECKING
+
+# Exports load on first use, not at ``import rkkernel``: rkrun must block its
+# stop signals before numpy (OpenBLAS threads) or pocl (LLVM's handlers)
+# start any thread, or a SIGUSR1 sent during start-up can land on such a
+# thread, under LLVM's do-nothing handler, and be lost (see signals.StopFlag.held).
+_EXPORTS = {
+    "CONTROL_BLOCK_DTYPE": "control",
+    "MESSAGE_DTYPE": "control",
+    "Command": "control",
+    "Reply": "control",
+    "KernelEvent": "runtime",
+    "PersistentKernel": "runtime",
+    "RestoreMismatch": "runtime",
+    "CONTROL": "spec",
+    "H2K": "spec",
+    "K2H": "spec",
+    "STEPS": "spec",
+    "KernelSpec": "spec",
+    "Launch": "spec",
+    "RegionSpec": "spec",
+    "Swap": "spec",
+}
 
 __all__ = [
     "CONTROL",
     "CONTROL_BLOCK_DTYPE",
+    "Command",
     "H2K",
     "K2H",
-    "MESSAGE_DTYPE",
-    "STEPS",
-    "Command",
     "KernelEvent",
     "KernelSpec",
     "Launch",
+    "MESSAGE_DTYPE",
     "PersistentKernel",
     "RegionSpec",
     "Reply",
     "RestoreMismatch",
+    "STEPS",
     "Swap",
 ]
+
+if TYPE_CHECKING:
+    from .control import CONTROL_BLOCK_DTYPE, MESSAGE_DTYPE, Command, Reply
+    from .runtime import KernelEvent, PersistentKernel, RestoreMismatch
+    from .spec import CONTROL, H2K, K2H, STEPS, KernelSpec, Launch, RegionSpec, Swap
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rkkernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -104,12 +104,16 @@ def _config_from(doc: dict, source: str) -> RunConfig:
 
 def _run(doc: dict, source: str) -> int:
     # Handlers first: a SIGTERM during the (slow) imports below still ends in
-    # a checkpoint and exit 75, not in a killed process.
+    # a checkpoint and exit 75, not in a killed process. The imports run with
+    # the stop signals held, so the threads they start (OpenBLAS's pool, when
+    # numpy is not loaded yet) inherit the blocked mask and a stop signal is
+    # always delivered to this thread: see StopFlag.held.
     stop = StopFlag().install()
-    from rkckpt.errors import CheckpointError
+    with stop.held():
+        from rkckpt.errors import CheckpointError
 
-    from .backends import BackendUnavailable
-    from .runner import run_wavesim
+        from .backends import BackendUnavailable
+        from .runner import run_wavesim
 
     try:
         return run_wavesim(_config_from(doc, source), stop)

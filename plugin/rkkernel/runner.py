@@ -133,11 +133,11 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return EX_USAGE
-    kernel = PersistentKernel(spec, cfg.backend, kernel_id=cfg.kernel_id)
+    # Device runtimes install their own handlers when they load (LLVM in pocl
+    # takes SIGUSR1 and SIGTERM): hold the stop signals until ours are back.
+    with stop.held():
+        kernel = PersistentKernel(spec, cfg.backend, kernel_id=cfg.kernel_id)
     log.info("backend %s: %s", kernel.backend_name, kernel.description)
-    # Device runtimes may install their own handlers when they load (pocl
-    # takes SIGUSR1): take the stop signals back; recorded signals are kept.
-    stop.install()
     policy = CheckpointPolicy(every_steps=cfg.checkpoint_every, every_seconds=cfg.checkpoint_seconds)
     mgr = CheckpointManager(cfg.checkpoint_dir, policy, cfg.kernel_id)
     energy: list[tuple[int, float]] = []

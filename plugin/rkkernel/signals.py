@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger("rkrun")
@@ -42,6 +44,29 @@ class StopFlag:
             old = signal.signal(s, self._handler)
             self._old.setdefault(s, old)
         return self
+
+    @contextmanager
+    def held(self) -> Iterator[StopFlag]:
+        """Hold the stop signals back while native code may replace our handlers.
+
+        LLVM (inside pocl) installs its own SIGUSR1/SIGTERM handlers when an
+        OpenCL context is created; a SIGUSR1 landing before ``install`` takes
+        them back runs LLVM's handler and is lost (Slurm's "time is nearly up"
+        warning, silently ignored). So the signals are blocked in this thread
+        for the duration, our handlers are re-installed, and only then is the
+        mask restored: a signal that came in meanwhile stays pending and is
+        delivered to *our* handler. Threads started inside (pocl's workers)
+        inherit the blocked mask and never take a stop signal. The mask is
+        restored on every exit path, exceptions included.
+        """
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield self
+        finally:
+            try:
+                self.install()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def restore(self) -> None:
         for s, h in self._old.items():

@@ -159,6 +159,7 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
         RegionSpec("pressure_b", "<f4", shape, "field"),
         RegionSpec("velocity", "<f4", (nz, nx), "static"),
         RegionSpec("wavelet", "<f4", wavelet.shape, "static"),
+        RegionSpec("x_interior_mask", "<u4", (nx,), "static"),
     ]
     args = (
         CONTROL,
@@ -201,6 +202,7 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
             "pressure_b": np.zeros(shape, F32),
             "velocity": velocity_model(params) if velocity is None else velocity,
             "wavelet": wavelet,
+            "x_interior_mask": x_interior_mask(nx),
         }
 
     def step(regions: Mapping[str, np.ndarray], s: int) -> None:
@@ -220,21 +222,44 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
     )
 
 
+def x_interior_mask(nx: int) -> np.ndarray:
+    """All ones for the interior columns, zero for the two walls: lets the OpenCL kernel
+    cover whole rows and still store +0.0 on the walls (see kernels/fdtd3d.cl)."""
+    m = np.full(nx, 0xFFFFFFFF, dtype=np.uint32)
+    m[0] = m[-1] = 0
+    return m
+
+
 def _opencl_launches(params: WaveParams, args: tuple, local_size: tuple[int, int, int] | None) -> list[Launch]:
     """One step for OpenCL: z planes split so that only the source's plane tests for the source.
 
     The per-cell source test costs pocl's vectorised loop about a quarter of
     its speed (see kernels/fdtd3d.cl); the other planes run ``fdtd_bulk``,
-    which adds the constant +0.0f source term instead. Launches of one step
-    touch disjoint planes and run in queue order, so the result is the same
-    as one launch over all planes. Each launch gets its first plane ``z0``
-    as an extra argument.
+    which adds the constant +0.0f source term instead. An odd run of bulk
+    planes is split into an even part and one plane, so that CPU back ends
+    can give every big launch two-plane work-groups (the fastest shape on
+    pocl). Launches of one step touch disjoint planes and run in queue
+    order, so the result is the same as one launch over all planes. Each
+    launch gets its first plane ``z0`` and the wall mask as extra arguments.
     """
     nx, ny, nz = params.nx, params.ny, params.nz
     sz = params.source[2]
-    local = None if local_size is None else (local_size[0], local_size[1], 1)
-    parts = [("fdtd_bulk", 1, sz - 1), ("fdtd_step", sz, 1), ("fdtd_bulk", sz + 1, nz - 2 - sz)]
-    return [Launch(fn, (nx - 2, ny - 2, planes), (*args, np.int32(z0)), local) for fn, z0, planes in parts if planes > 0]
+    parts = []
+    for fn, z0, planes in [("fdtd_bulk", 1, sz - 1), ("fdtd_step", sz, 1), ("fdtd_bulk", sz + 1, nz - 2 - sz)]:
+        if planes > 1 and planes % 2:
+            parts += [(fn, z0, planes - 1), (fn, z0 + planes - 1, 1)]
+        elif planes > 0:
+            parts.append((fn, z0, planes))
+    return [
+        Launch(fn, (nx, ny - 2, planes), (*args, np.int32(z0), "x_interior_mask"), _local(local_size, planes)) for fn, z0, planes in parts
+    ]
+
+
+def _local(local_size: tuple[int, int, int] | None, planes: int) -> tuple[int, int, int] | None:
+    if local_size is None:
+        return None  # the back end picks (CPU: whole rows, two planes)
+    lz = local_size[2] if planes % local_size[2] == 0 else 1
+    return (local_size[0], local_size[1], lz)
 
 
 def current_field(regions: Mapping[str, np.ndarray], step: int) -> np.ndarray:

@@ -29,6 +29,22 @@ log = logging.getLogger("rkkernel")
 NVRTC_OPTIONS = ("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "-std=c++17")
 
 
+def cuda_program(spec: KernelSpec, persistent: bool = False) -> tuple[str, tuple[str, ...]]:
+    """The CUDA source text and NVRTC options this back end compiles for ``spec``.
+
+    One definition for the back end and for tests/test_cuda_compile.py, which
+    compiles exactly this with NVRTC on machines without a GPU or cupy.
+    ``persistent`` builds the separate cooperative module (``-DRK_PERSISTENT``)
+    that also holds the spec's persistent kernel. The target architecture and
+    the CUDA include paths are left to the compiler driver (cupy adds them).
+    """
+    source = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + spec.source_text("cuda")
+    options = NVRTC_OPTIONS + tuple(spec.build_options.get("cuda", []))
+    if persistent:
+        options += ("-DRK_PERSISTENT",)
+    return source, options
+
+
 def probe() -> tuple[bool, str]:
     try:
         import cupy as cp
@@ -65,10 +81,8 @@ class CudaBackend(Backend):
         self.k2h = cp.asarray(k2h.view(np.uint8))
         self.msg_dtype = h2k.dtype
         self.h2k_len, self.k2h_len = len(h2k), len(k2h)
-        source = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + spec.source_text("cuda")
-        options = NVRTC_OPTIONS + tuple(spec.build_options.get("cuda", []))
+        source, options = cuda_program(spec)
         persistent = spec.persistent.get("cuda")
-        self.source, self.options = source, options
         self.module = cp.RawModule(code=source, options=options)
         self.k_advance = self.module.get_function("rk_advance")
         self.launches = []
@@ -85,14 +99,13 @@ class CudaBackend(Backend):
         cp = self.cp
         name = launch.function
         try:
+            source, options = cuda_program(self.spec, persistent=True)
             fn = None
             # grid.sync() needs no separate compilation since CUDA 11; cupy's
             # enable_cooperative_groups (-rdc + cudadevrt) is the fallback.
             for coop_build in (False, True):
                 try:
-                    module = cp.RawModule(
-                        code=self.source, options=self.options + ("-DRK_PERSISTENT",), enable_cooperative_groups=coop_build
-                    )
+                    module = cp.RawModule(code=source, options=options, enable_cooperative_groups=coop_build)
                     fn = module.get_function(name)
                     self.persistent_module = module
                     break

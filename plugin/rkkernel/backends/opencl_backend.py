@@ -18,6 +18,7 @@ from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
 from ..spec import CONTROL, KERNELS_DIR, KernelSpec
 from .base import Backend, BackendUnavailable, resolve_arg
+from .hostmem import HUGE_PAGE_MIN_BYTES, huge_page_array
 
 log = logging.getLogger("rkkernel")
 
@@ -66,16 +67,23 @@ def _cpu_local_size(global_size: tuple[int, ...], wg_max: int, target: int = 512
     """Work-group of whole x rows for a CPU device (pocl), or None to let the driver pick.
 
     pocl vectorises the loop over a work-group's x, so a group should be
-    whole rows (contiguous x); a few rows per group (up to ``target`` work
-    items, a divisor of the y extent) cut the per-group overhead on short
-    rows. Same results whatever the group shape: work items are independent.
+    whole rows (contiguous x). For a 3-D launch with an even number of
+    planes, one row in each of two consecutive planes: on pocl 3 (Zen 4,
+    256^3 wave) that shape ran 3.8 Gcells/s against 3.0 for one row, 3.0 for
+    two rows of one plane and 3.5 for 2x2. Otherwise a few rows per group (up
+    to ``target`` work items, a divisor of the y extent) cut the per-group
+    overhead on short rows. Same results whatever the group shape: work
+    items are independent.
     """
     gs = tuple(int(g) for g in global_size)
-    if not gs or gs[0] > min(wg_max, target) or any(g <= 0 for g in gs):
+    limit = min(wg_max, target)
+    if not gs or gs[0] > limit or any(g <= 0 for g in gs):
         return None
+    if len(gs) == 3 and gs[2] % 2 == 0 and 2 * gs[0] <= limit:
+        return (gs[0], 1, 2)
     rows = 1
     if len(gs) > 1:
-        rows = max(d for d in range(1, gs[1] + 1) if gs[1] % d == 0 and gs[0] * d <= min(wg_max, target))
+        rows = max(d for d in range(1, gs[1] + 1) if gs[1] % d == 0 and gs[0] * d <= limit)
     return (gs[0], rows, *(1 for _ in gs[2:]))[: len(gs)]
 
 
@@ -93,12 +101,22 @@ class OpenCLBackend(Backend):
         mf = cl.mem_flags
         self.bufs = {}
         self.shapes = {}
+        # On a CPU device the "device memory" is host memory: back big regions
+        # with huge pages (see hostmem) and let the device use them in place.
+        on_cpu = bool(dev.type & cl.device_type.CPU)
+        self._host_backing = []
         for r in spec.regions:
             arr = np.ascontiguousarray(regions[r.name], dtype=r.dtype)
             self.shapes[r.name] = (np.dtype(r.dtype), tuple(r.shape))
-            self.bufs[r.name] = (
-                cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=arr) if arr.nbytes else cl.Buffer(self.ctx, mf.READ_WRITE, 4)
-            )
+            if not arr.nbytes:
+                self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE, 4)
+            elif on_cpu and arr.nbytes >= HUGE_PAGE_MIN_BYTES:
+                host = huge_page_array(arr.shape, arr.dtype)
+                host[...] = arr
+                self._host_backing.append(host)
+                self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE | mf.USE_HOST_PTR, hostbuf=host)
+            else:
+                self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=arr)
         self.ctl = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=control)
         self.h2k = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=h2k)
         self.k2h = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=k2h)
