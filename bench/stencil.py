@@ -9,6 +9,12 @@ pattern as an OpenCL kernel on the device the stencil runs on), and the
 ratios the issue asks for. The roofline is the higher of the two
 bandwidths: the strictest honest bound, not the one that flatters.
 
+``opencl`` is what rkrun runs: on a CPU device, 4 steps per sweep over z
+(``fdtd_sweep``, temporal blocking), so a cell update moves about 3 bytes
+from memory instead of 12, and the roofline stops being the bound.
+``opencl-1`` is the one-step-per-launch kernel (``fdtd_bulk``, what a GPU
+runs), for comparison. Both give the same bits.
+
 The machine is a shared VM whose memory bandwidth swings by 30-50% from
 second to second, so every figure is the best of several *interleaved*
 rounds (bandwidth, then each back end, then again), not of back-to-back
@@ -16,7 +22,7 @@ repetitions: the roofline and the kernels get the same chances at a quiet
 moment. Timings include the per-step control kernel (what rkrun really
 runs) and exclude compilation. Figures only; nothing here is asserted.
 
-    python3 bench/stencil.py                      # numpy, opencl, numba at 128^3 and 256^3
+    python3 bench/stencil.py                      # numpy, opencl, opencl-1, numba at 128^3 and 256^3
     python3 bench/stencil.py --backends cuda cuda-loop --sizes 512
 """
 
@@ -136,7 +142,9 @@ def bench_runtime(backend: str, n: int, steps: int) -> Callable[[], float]:
         # cuda: one launch per step; cuda-loop: the persistent cooperative kernel
         os.environ["RKKERNEL_CUDA_PERSISTENT"] = "1" if backend == "cuda-loop" else "0"
         backend = "cuda"
-    k = PersistentKernel(make_spec(WaveParams(n, n, n)), backend)
+    # opencl: what rkrun runs (two steps per sweep on a CPU device); opencl-1: one step per sweep
+    os.environ["RKKERNEL_OPENCL_FUSED"] = "0" if backend == "opencl-1" else "1"
+    k = PersistentKernel(make_spec(WaveParams(n, n, n)), backend.removesuffix("-1"))
     k.run(2)  # warm-up: first launches, page faults
     k.step  # noqa: B018 - synchronise
 
@@ -201,7 +209,7 @@ def bench_numba(n: int, steps: int) -> Callable[[], float] | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "numba"])
+    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "opencl-1", "numba"])
     ap.add_argument("--steps", type=int, default=None, help="steps per timing (default: by size)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each figure is the best of them")
     args = ap.parse_args()
@@ -216,7 +224,7 @@ def main() -> None:
     else:
         cores = os.cpu_count() or 1
         bandwidths[f"numpy a += b, {cores} threads, 2x256 MiB"] = numpy_stream(cores)
-        if "opencl" in args.backends:
+        if any(b.startswith("opencl") for b in args.backends):
             try:
                 bandwidths["OpenCL b = 2a - b, 2x64 MiB, device memory as the stencil's"] = opencl_stream()
             except Exception as exc:  # noqa: BLE001 - no OpenCL: the numpy figure stands alone
@@ -259,7 +267,7 @@ def main() -> None:
     for (be, n), v in results.items():
         print(f"{be:<8} {n:>5}^3 {v:>10.0f} {v / roof if roof else float('nan'):>11.2f}")
     for n in args.sizes:
-        for be in ("opencl", "cuda", "cuda-loop"):
+        for be in ("opencl", "opencl-1", "cuda", "cuda-loop"):
             if (be, n) not in results:
                 continue
             v = results[(be, n)]

@@ -28,6 +28,33 @@
  * index instead of loaded from the mask (~25%).
  */
 
+/* One cell update, c pointing at the cell: the stencil's arithmetic, in the
+ * one order every back end uses (numpy_step mirrors it), flushed as stored. */
+inline float fdtd_cell(__global const float *restrict c, const float prev, const float v,
+                       const float r2, const int nx, const int nxy, const float src)
+{
+    const float p = c[0];
+    float s = c[-1] + c[1];
+    s = s + c[-nx];
+    s = s + c[nx];
+    s = s + c[-nxy];
+    s = s + c[nxy];
+    const float lap = s - 6.0f * p;
+    const float coef = (v * v) * r2;
+    const float acc = coef * lap;
+    const float base = 2.0f * p - prev;
+    const float upd = base + acc;
+    return rk_ftz(upd + src);
+}
+
+/* The source amplitude of a step: the wavelet while it lasts, then zero. */
+inline float fdtd_amplitude(const ulong step, __global const float *restrict wavelet, const int wavelet_len)
+{
+    const int live = step < (ulong)wavelet_len;  /* no min(): pocl keeps it an un-inlined call */
+    const float w = wavelet[live ? (int)step : wavelet_len - 1];
+    return live ? w : 0.0f;
+}
+
 inline void fdtd_rows(__global const rk_control *restrict ctl,
                       __global const float *restrict cur,
                       __global float *restrict prev_next,
@@ -43,38 +70,15 @@ inline void fdtd_rows(__global const rk_control *restrict ctl,
     const int z = (int)get_global_id(2) + z0;
     const int row = y * nx + z * nxy;          /* first cell (a wall) of the row */
     __global const float *c = cur + row;
-    __global const float *cym = c - nx;
-    __global const float *cyp = c + nx;
-    __global const float *czm = c - nxy;
-    __global const float *czp = c + nxy;
     __global float *out = prev_next + row;
     __global const float *vrow = vel + z * nx;  /* 2-D (z, x) model: stays in cache */
 
-    const float p = c[x];
-    float s = c[x - 1] + c[x + 1];
-    s = s + cym[x];
-    s = s + cyp[x];
-    s = s + czm[x];
-    s = s + czp[x];
-    const float lap = s - 6.0f * p;
-    const float v = vrow[x];
-    const float coef = (v * v) * r2;
-    const float acc = coef * lap;
-    const float base = 2.0f * p - out[x];
-    const float upd = base + acc;
-
     float src = 0.0f;
-    if (with_source) {  /* compile-time constant after inlining */
-        /* a select, not a branch; the wavelet sample is uniform */
-        const ulong step = ctl->current_step;
-        const int live = step < (ulong)wavelet_len;  /* no min(): pocl keeps it an un-inlined call */
-        const float w = wavelet[live ? (int)step : wavelet_len - 1];
-        const float amp = live ? w : 0.0f;
-        src = ((int)get_global_id(0) == src_index - row) ? amp : 0.0f;
-    }
+    if (with_source)  /* compile-time constant after inlining; a select, not a branch */
+        src = ((int)get_global_id(0) == src_index - row) ? fdtd_amplitude(ctl->current_step, wavelet, wavelet_len) : 0.0f;
     /* c[x - 1] at x = 0 and c[x + 1] at x = nx-1 read the neighbouring rows'
      * walls (in bounds: y and z are interior); the mask discards those cells. */
-    out[x] = as_float(as_uint(rk_ftz(upd + src)) & x_interior[x]);
+    out[x] = as_float(as_uint(fdtd_cell(c + x, out[x], vrow[x], r2, nx, nxy, src)) & x_interior[x]);
 }
 
 /* Planes z0 .. z0 + global_size(2) - 1, including the source's plane. */
@@ -103,4 +107,114 @@ __kernel void fdtd_bulk(__global const rk_control *restrict ctl,
 {
     RK_BEGIN(ctl);
     fdtd_rows(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, z0, x_interior, 0);
+}
+
+/* ------------------------------------------------------------------------
+ * Several steps per sweep, for CPU devices (temporal blocking).
+ *
+ * At 256^3 the fields are 64 MiB each and a step streams them from memory,
+ * 12 bytes per cell. fdtd_sweep does `levels` steps in one sweep over z:
+ * at sweep position z, level j (step t+j) updates plane z-j, reading level
+ * j-1's planes z-j-1 .. z-j+1, which the same sweep has just made and are
+ * still in cache. Levels alternate between the two fields in place, as
+ * single steps do, so each byte crosses the memory bus once per `levels`
+ * steps. The arithmetic is fdtd_rows' own, operation for operation, so the
+ * bits are those of single steps.
+ *
+ * Work item i sweeps slab i of the interior planes (one slab per CPU core,
+ * each at least 2*levels planes), so each core keeps its own planes in its
+ * own caches (handing planes out in turn to the cores ran at half the
+ * speed). Near a boundary between slabs a level needs the other slab's
+ * previous level, and would overwrite values the other slab still reads,
+ * so in a slab level j covers only [lo + j, hi - j] (the full range at the
+ * walls, which never change). The planes left out around a boundary (level
+ * j: the 2j planes nearest it) are done afterwards, level by level, by
+ * whichever of the two slabs finishes second (an atomic counter per
+ * boundary in sync[]). No work item ever waits for another, so this is
+ * correct with any number of threads on any device; it is fast on CPUs
+ * only, where one work item per core is the whole device
+ * (FusedSteps.device_types).
+ *
+ * A work item works its planes as explicit loops, which LLVM vectorises.
+ * pocl's work-group vectoriser (whole rows, as fdtd_rows) cannot express a
+ * sweep: across the barrier the ordering would need, pocl keeps every
+ * private value per work item and runs the body scalar, ~10x slower.
+ *
+ * sync: word b counts the slabs beside boundary b (between slab b and b+1)
+ * that are done; the runtime zeroes it before every launch.
+ */
+
+/* Interior rows of plane z, one step (cur -> prev_next, in place). The
+ * source cell, if in this plane, is computed with the +0.0f of every other
+ * cell first and then again, from its saved old value, with its amplitude:
+ * a per-cell source test in the vectorised loop would cost a quarter of
+ * its speed. */
+inline void fdtd_plane(__global const float *restrict cur, __global float *restrict prev_next,
+                       __global const float *restrict vel, __global const float *restrict wavelet,
+                       const float r2, const int nx, const int nxy, const int src_index,
+                       const int wavelet_len, __global const uint *restrict x_interior,
+                       const int z, const ulong step)
+{
+    const int ny = nxy / nx;
+    const int src_z = src_index / nxy;
+    const int src_y = (src_index - src_z * nxy) / nx;
+    const int src_x = src_index - src_z * nxy - src_y * nx;
+    __global const float *restrict vrow = vel + z * nx;
+    for (int y = 1; y < ny - 1; ++y) {
+        const int row = y * nx + z * nxy;
+        __global const float *restrict c = cur + row;
+        __global float *restrict out = prev_next + row;
+        const float saved = out[src_x];
+        for (int x = 0; x < nx; ++x)
+            out[x] = as_float(as_uint(fdtd_cell(c + x, out[x], vrow[x], r2, nx, nxy, 0.0f)) & x_interior[x]);
+        if (z == src_z && y == src_y)
+            out[src_x] = fdtd_cell(c + src_x, saved, vrow[src_x], r2, nx, nxy,
+                                   fdtd_amplitude(step, wavelet, wavelet_len));
+    }
+}
+
+/* Global size: the number of slabs (>= 1, each at least 2*levels planes), local size 1. */
+__kernel void fdtd_sweep(__global const rk_control *restrict ctl,
+                         __global float *restrict cur,
+                         __global float *restrict prev_next,
+                         __global const float *restrict vel,
+                         __global const float *restrict wavelet,
+                         const float r2, const int nx, const int nxy,
+                         const int src_index, const int wavelet_len, const int nz,
+                         __global const uint *restrict x_interior,
+                         __global volatile uint *sync, const int levels)
+{
+    RK_BEGIN(ctl);
+    const int i = (int)get_global_id(0);
+    const int slabs = (int)get_global_size(0);
+    const ulong t = ctl->current_step;
+    const int planes = nz - 2;
+    const int lo = 1 + i * planes / slabs;
+    const int hi = (i + 1) * planes / slabs;                /* inclusive */
+    /* level j (step t+j) covers [lo + j, hi - j] of this slab; at a wall, no shrink */
+    const int shrink_lo = (i == 0) ? 0 : 1;
+    const int shrink_hi = (i == slabs - 1) ? 0 : 1;
+#define LEVEL(j, z) fdtd_plane(((j) & 1) ? prev_next : cur, ((j) & 1) ? cur : prev_next, vel, wavelet, r2, nx, nxy, \
+                               src_index, wavelet_len, x_interior, (z), t + (ulong)(j))
+    for (int z = lo; z <= hi + levels - 1; ++z) {
+        for (int j = 0; j < levels; ++j) {
+            const int p = z - j;
+            if (p >= lo + j * shrink_lo && p <= hi - j * shrink_hi)
+                LEVEL(j, p);
+        }
+    }
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+    /* Boundary b (between slab b and b+1): levels 1.. on the planes neither slab could do;
+     * the second slab to finish does it. */
+    for (int side = 0; side < 2; ++side) {
+        const int b = side == 0 ? i - 1 : i;
+        if (b < 0 || b >= slabs - 1 || atomic_inc(&sync[b]) != 1u)
+            continue;
+        mem_fence(CLK_GLOBAL_MEM_FENCE);
+        const int top = (b + 1) * planes / slabs;               /* last plane of slab b */
+        for (int j = 1; j < levels; ++j)
+            for (int p = top - j + 1; p <= top + j; ++p)
+                LEVEL(j, p);
+    }
+#undef LEVEL
 }

@@ -27,6 +27,8 @@ _EXPORTS = {
     "H2K": "spec",
     "K2H": "spec",
     "STEPS": "spec",
+    "SYNC": "spec",
+    "FusedSteps": "spec",
     "KernelSpec": "spec",
     "Launch": "spec",
     "RegionSpec": "spec",
@@ -37,6 +39,7 @@ __all__ = [
     "CONTROL",
     "CONTROL_BLOCK_DTYPE",
     "Command",
+    "FusedSteps",
     "H2K",
     "K2H",
     "KernelEvent",
@@ -48,13 +51,14 @@ __all__ = [
     "Reply",
     "RestoreMismatch",
     "STEPS",
+    "SYNC",
     "Swap",
 ]
 
 if TYPE_CHECKING:
     from .control import CONTROL_BLOCK_DTYPE, MESSAGE_DTYPE, Command, Reply
     from .runtime import KernelEvent, PersistentKernel, RestoreMismatch
-    from .spec import CONTROL, H2K, K2H, STEPS, KernelSpec, Launch, RegionSpec, Swap
+    from .spec import CONTROL, H2K, K2H, STEPS, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
 
 
 def __getattr__(name: str) -> object:

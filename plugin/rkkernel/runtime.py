@@ -173,16 +173,22 @@ class PersistentKernel:
                     if new:
                         continue
                 break
-            self.backend.enqueue_steps(step, target - step)
+            self.backend.enqueue_steps(step, target - step, frozenset(self._pending_steps(cb)))
             events.extend(self._after_batch())
         return events
 
-    def _pending_due(self, cb: np.void, step: int) -> bool:
-        if int(cb["input_head"]) == int(cb["input_tail"]):
-            return False
+    def _pending_steps(self, cb: np.void) -> list[int]:
+        """Steps of the commands still in the H2K ring, oldest first."""
+        head, tail = int(cb["input_head"]), int(cb["input_tail"])
+        if head == tail:
+            return []
         ring = self.backend.read_queue("h2k")
-        m = ring[int(cb["input_head"]) & int(cb["input_mask"])]
-        return int(m["step"]) <= step
+        mask = int(cb["input_mask"])
+        return [int(ring[i & mask]["step"]) for i in range(head, tail)]
+
+    def _pending_due(self, cb: np.void, step: int) -> bool:
+        pending = self._pending_steps(cb)
+        return bool(pending) and pending[0] <= step
 
     def _after_batch(self) -> list[KernelEvent]:
         events = self._drain_k2h()

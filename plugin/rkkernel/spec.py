@@ -63,12 +63,14 @@ class _Placeholder:
 
 
 #: Argument placeholders the runtime fills in: the control-block pointer (first
-#: argument of every step kernel), the two queues, and (persistent kernels
-#: only) the number of steps of the batch.
+#: argument of every step kernel), the two queues, (persistent kernels only)
+#: the number of steps of the batch, and (fused steps only) a zeroed uint32
+#: work-ordering buffer of ``FusedSteps.sync_words`` words.
 CONTROL = _Placeholder("CONTROL")
 H2K = _Placeholder("H2K")
 K2H = _Placeholder("K2H")
 STEPS = _Placeholder("STEPS")
+SYNC = _Placeholder("SYNC")
 
 Arg = str | Swap | np.generic | _Placeholder
 
@@ -81,6 +83,33 @@ class Launch:
     global_size: tuple[int, ...]
     args: tuple[Arg, ...]
     local_size: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FusedSteps:
+    """Launches that advance ``steps`` steps at once (temporal blocking), for CPU devices.
+
+    A stencil whose fields do not fit in cache is limited by memory traffic;
+    doing two steps in one sweep (the second trailing the first by a few
+    planes, while they are still in cache) moves each byte once per two
+    steps. The launches must give exactly the bits of ``steps`` single
+    steps, starting at any step parity (``Swap`` arguments resolve by the
+    parity of the first step); the step counter is advanced by the runtime
+    afterwards, ``steps`` times, so commands still see every step. The
+    runtime never fuses across a step at which a command is due.
+
+    The launches' first global dimension is an upper bound: a back end
+    runs one work item per compute unit (core), up to it, so each core can
+    sweep its own slab. ``SYNC`` (``sync_words`` uint32, zeroed before every
+    launch) lets work items order what the slabs share. Only devices in
+    ``device_types`` use the fused launches; elsewhere the single-step
+    launches run.
+    """
+
+    steps: int
+    launches: tuple[Launch, ...]
+    sync_words: int = 0
+    device_types: tuple[str, ...] = ("cpu",)
 
 
 NumpyStep = Callable[[Mapping[str, np.ndarray], int], None]
@@ -113,6 +142,8 @@ class KernelSpec:
     #: different split of the grid), e.g. a geometry one compiler vectorises
     #: better. Back ends read :meth:`launches_for`.
     backend_launches: dict[str, list[Launch]] = field(default_factory=dict)
+    #: Optional per-back-end multi-step launches (see :class:`FusedSteps`).
+    fused: dict[str, FusedSteps] = field(default_factory=dict)
 
     def launches_for(self, backend: str) -> list[Launch]:
         return self.backend_launches.get(backend, self.launches)
@@ -151,7 +182,8 @@ class KernelSpec:
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate region names in {names}")
-        for launch in [*self.launches, *(x for ls in self.backend_launches.values() for x in ls)]:
+        fused = [x for f in self.fused.values() for x in f.launches]
+        for launch in [*self.launches, *(x for ls in self.backend_launches.values() for x in ls), *fused]:
             for a in launch.args:
                 for n in _arg_regions(a):
                     self.region(n)

@@ -44,8 +44,13 @@ class Backend(ABC):
         """Allocate device memory, upload the initial state, build kernels once."""
 
     @abstractmethod
-    def enqueue_steps(self, first_step: int, count: int) -> None:
-        """Enqueue a step-boundary poll and ``count`` steps, without waiting."""
+    def enqueue_steps(self, first_step: int, count: int, stops: frozenset[int] = frozenset()) -> None:
+        """Enqueue a step-boundary poll and ``count`` steps, without waiting.
+
+        ``stops``: steps at which a command is due. A back end that fuses
+        several steps into one launch (``KernelSpec.fused``) must end a fused
+        launch at each of them, so the command takes effect at its step.
+        """
 
     @abstractmethod
     def read_control(self) -> np.ndarray:

@@ -131,7 +131,7 @@ class CudaBackend(Backend):
         placeholders = ((CONTROL, self.ctl), (H2K, self.h2k), (K2H, self.k2h), (STEPS, np.int32(steps)))
         return resolve_arg(a, parity, self.bufs, placeholders)
 
-    def enqueue_steps(self, first_step: int, count: int) -> None:
+    def enqueue_steps(self, first_step: int, count: int, stops: frozenset[int] = frozenset()) -> None:
         if self.persistent is not None and count > 0:
             fn, blocks, block, spec_args = self.persistent
             args = tuple(self._arg(a, 0, count) for a in spec_args)

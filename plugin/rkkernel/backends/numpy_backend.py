@@ -24,7 +24,7 @@ class NumpyBackend(Backend):
         self.h2k = h2k.copy()
         self.k2h = k2h.copy()
 
-    def enqueue_steps(self, first_step: int, count: int) -> None:
+    def enqueue_steps(self, first_step: int, count: int, stops: frozenset[int] = frozenset()) -> None:
         advance(self.control, self.h2k, self.k2h, step_done=False)
         for _ in range(count):
             if self.control[0]["is_active"] == 0:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
-from ..spec import CONTROL, KERNELS_DIR, KernelSpec
+from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
 from .base import Backend, BackendUnavailable, resolve_arg
 from .hostmem import HUGE_PAGE_MIN_BYTES, huge_page_array
 
@@ -87,6 +88,16 @@ def _cpu_local_size(global_size: tuple[int, ...], wg_max: int, target: int = 512
     return (gs[0], rows, *(1 for _ in gs[2:]))[: len(gs)]
 
 
+@dataclass
+class _Fused:
+    """A FusedSteps bound to this device: its kernels per step parity and its SYNC buffer."""
+
+    steps: int
+    sync: object
+    sync_bytes: int
+    launches: list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]]
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
 
@@ -132,33 +143,62 @@ class OpenCLBackend(Backend):
         # Kernel objects bound once: per launch, one per step parity.
         self.launches = []
         for launch in spec.launches_for("opencl"):
-            pair = []
-            for parity in (0, 1):
-                k = cl.Kernel(self.program, launch.function)
-                for i, a in enumerate(launch.args):
-                    k.set_arg(i, self._arg(a, parity))
-                pair.append(k)
+            pair = self._bind(launch, ((CONTROL, self.ctl),))
             local = launch.local_size
             if local is None and dev.type & cl.device_type.CPU:
                 wg_max = pair[0].get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
                 local = _cpu_local_size(launch.global_size, wg_max)
             self.launches.append((launch.global_size, local, pair))
+        self.fused = self._load_fused(spec, dev)
         self.k_poll = cl.Kernel(self.program, "rk_advance")
         self.k_step = cl.Kernel(self.program, "rk_advance")
         for k, done in ((self.k_poll, 0), (self.k_step, 1)):
             k.set_args(self.ctl, self.h2k, self.k2h, np.uint32(done))
 
-    def _arg(self, a, parity: int):
-        return resolve_arg(a, parity, self.bufs, ((CONTROL, self.ctl),))
+    def _load_fused(self, spec: KernelSpec, dev) -> _Fused | None:
+        """The spec's multi-step launches, where this device may run them (see FusedSteps)."""
+        f = spec.fused.get("opencl")
+        kinds = {"cpu": self.cl.device_type.CPU, "gpu": self.cl.device_type.GPU}
+        if f is None or os.environ.get("RKKERNEL_OPENCL_FUSED", "1") == "0":
+            return None
+        if not any(dev.type & kinds.get(t, 0) for t in f.device_types):
+            return None
+        sync = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 4 * max(1, f.sync_words))
+        placeholders = ((CONTROL, self.ctl), (SYNC, sync))
+        # A fused launch's global size is an upper bound: one work item per compute unit.
+        cus = max(1, int(dev.max_compute_units))
+        launches = [((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders)) for x in f.launches]
+        return _Fused(f.steps, sync, 4 * max(1, f.sync_words), launches)
 
-    def enqueue_steps(self, first_step: int, count: int) -> None:
+    def _bind(self, launch: Launch, placeholders: tuple) -> list[object]:
+        """The launch's kernel with its arguments set, once per step parity ([even, odd])."""
+        pair = []
+        for parity in (0, 1):
+            k = self.cl.Kernel(self.program, launch.function)
+            for i, a in enumerate(launch.args):
+                k.set_arg(i, resolve_arg(a, parity, self.bufs, placeholders))
+            pair.append(k)
+        return pair
+
+    def enqueue_steps(self, first_step: int, count: int, stops: frozenset[int] = frozenset()) -> None:
         cl = self.cl
         q = self.queue
         cl.enqueue_nd_range_kernel(q, self.k_poll, (1,), (1,))
-        for s in range(first_step, first_step + count):
-            for global_size, local_size, pair in self.launches:
-                cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
-            cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+        s, end = first_step, first_step + count
+        f = self.fused
+        while s < end:
+            if f is not None and s + f.steps <= end and not any(s < t < s + f.steps for t in stops):
+                cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
+                for global_size, local_size, pair in f.launches:
+                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = f.steps
+            else:
+                for global_size, local_size, pair in self.launches:
+                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = 1
+            for _ in range(taken):
+                cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+            s += taken
         q.flush()
 
     def read_control(self) -> np.ndarray:
