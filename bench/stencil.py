@@ -78,7 +78,7 @@ def opencl_stream(n: int = 256) -> Callable[[], float]:
     the stencil's fields (see rkkernel.backends.hostmem), without the
     neighbours: what the stencil could reach if it were a pure stream.
     """
-    from rkkernel.backends.hostmem import huge_page_array
+    from rkkernel.backends.hostmem import cpu_device_buffer
     from rkkernel.backends.opencl_backend import _cl, _pick_device
 
     cl = _cl()
@@ -89,13 +89,10 @@ def opencl_stream(n: int = 256) -> Callable[[], float]:
     src += " { const size_t i = get_global_id(0); b[i] = 2.0f * a[i] - b[i]; }"
     k = cl.Kernel(cl.Program(ctx, src).build(), "s")
     on_cpu = bool(dev.type & cl.device_type.CPU)
-    host = [huge_page_array((n**3,), np.float32) for _ in range(2)] if on_cpu else None
-    mf = cl.mem_flags
-    bufs = (
-        [cl.Buffer(ctx, mf.READ_WRITE | mf.USE_HOST_PTR, hostbuf=h) for h in host]
-        if host
-        else [cl.Buffer(ctx, mf.READ_WRITE, n**3 * 4) for _ in range(2)]
-    )
+    if on_cpu:
+        bufs, host = zip(*(cpu_device_buffer(cl, ctx, np.zeros(n**3, np.float32)) for _ in range(2)), strict=True)
+    else:
+        bufs, host = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, n**3 * 4) for _ in range(2)], None
     for buf in bufs:
         cl.enqueue_fill_buffer(q, buf, np.float32(1), 0, n**3 * 4)
     local = (512,) if on_cpu and n**3 % 512 == 0 else None
@@ -233,7 +230,8 @@ def main() -> None:
     runners: dict[tuple[str, int], Callable[[], float]] = {}
     for n in args.sizes:
         for be in args.backends:
-            steps = args.steps or max(4, int(4e8 // n**3))
+            # a multiple of 4, like rkrun's default batch (32): whole 4-step sweeps on a CPU device
+            steps = args.steps or max(4, int(4e8 // n**3) // 4 * 4)
             if be.startswith("cuda"):
                 steps = args.steps or 100
             if be == "numpy":

@@ -128,6 +128,31 @@ def test_control_and_queues_round_trip_through_checkpoint(kernel_backend: str) -
     assert fields(r) == fields(k)
 
 
+def test_checkpoint_reuses_the_buffers_it_is_given(kernel_backend: str) -> None:
+    """create_checkpoint(reuse=old) writes the new state into old's region arrays, and nothing else."""
+    k = wave(kernel_backend)
+    k.run(3)
+    old = k.create_checkpoint()
+    old_a = old.region("pressure_a")
+    k.run(4)
+    want = k.create_checkpoint().content_digest()
+    new = k.create_checkpoint(reuse=old)
+    assert new.content_digest() == want
+    for name in ("pressure_a", "pressure_b", "velocity"):
+        assert np.shares_memory(new.region(name), old.region(name)), name
+    assert np.shares_memory(new.region("pressure_a"), old_a)
+    # read-only buffers (a checkpoint parsed from bytes) and other shapes are never written
+    parsed = rkformat.parse(rkformat.encode(k.create_checkpoint()), "mem").checkpoint
+    before = parsed.content_digest()
+    k.run(2)
+    fresh = k.create_checkpoint(reuse=parsed)
+    assert parsed.content_digest() == before and fresh.content_digest() != before
+    other = wave(kernel_backend, WaveParams(12, 10, 14)).create_checkpoint()
+    assert k.create_checkpoint(reuse=other).content_digest() == fresh.content_digest()
+    with pytest.raises(ValueError, match="pressure_a"):
+        k.backend.read_region("pressure_a", np.empty((3, 3), "<f4"))
+
+
 def test_incremental_checkpoint_is_a_delta() -> None:
     k = wave()
     k.run(6)

@@ -166,7 +166,7 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
                 energy.append((step, _energy(kernel, step)))
 
         def snapshot(reason: str):
-            c = kernel.create_checkpoint()
+            c = kernel.create_checkpoint(reuse=mgr.reusable())
             c.add_region(ENERGY_REGION, np.array(energy, dtype="<f8").reshape(-1, 2))
             return SnapshotResponse(SnapshotRequest(step, reason), c)
 

@@ -31,6 +31,13 @@ def resolve_arg(a: object, parity: int, bufs: Mapping[str, object], placeholders
     raise TypeError(f"unsupported kernel argument {a!r}")
 
 
+def check_out(out: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``out`` if a region ``name`` of ``dtype``/``shape`` can be copied into it, else ValueError."""
+    if out.dtype != dtype or out.shape != tuple(shape) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"region {name!r}: cannot read {dtype}{list(shape)} into a {out.dtype}{list(out.shape)} array")
+    return out
+
+
 class BackendUnavailable(RuntimeError):
     pass
 
@@ -69,8 +76,13 @@ class Backend(ABC):
         """Copy of the ``h2k`` or ``k2h`` ring buffer."""
 
     @abstractmethod
-    def read_region(self, name: str) -> np.ndarray:
-        """Host copy of a region (waits for queued work)."""
+    def read_region(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Host copy of a region (waits for queued work), into ``out`` when given.
+
+        ``out`` (the region's dtype and shape, C-contiguous, writable; see
+        ``check_out``) lets a caller reuse host memory snapshot after
+        snapshot instead of allocating and page-faulting the whole state.
+        """
 
     @abstractmethod
     def write_region(self, name: str, array: np.ndarray) -> None: ...

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..control import CONTROL_BLOCK_DTYPE
 from ..spec import CONTROL, H2K, K2H, KERNELS_DIR, STEPS, KernelSpec
-from .base import Backend, BackendUnavailable, resolve_arg
+from .base import Backend, BackendUnavailable, check_out, resolve_arg
 
 log = logging.getLogger("rkkernel")
 
@@ -175,8 +175,11 @@ class CudaBackend(Backend):
         buf[...] = self.cp.asarray(np.ascontiguousarray(array, dtype=self.msg_dtype).view(np.uint8))
         self.cp.cuda.Stream.null.synchronize()
 
-    def read_region(self, name: str) -> np.ndarray:
-        return self.cp.asnumpy(self.bufs[name])
+    def read_region(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        buf = self.bufs[name]
+        if out is None:
+            return self.cp.asnumpy(buf)
+        return buf.get(out=check_out(out, np.dtype(buf.dtype), buf.shape, name))
 
     def write_region(self, name: str, array: np.ndarray) -> None:
         buf = self.bufs[name]

@@ -17,6 +17,7 @@ missing the memory is ordinary pages and everything still works.
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
 import numpy as np
 
@@ -43,3 +44,15 @@ def huge_page_array(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray
     raw = np.frombuffer(m, dtype=np.uint8)
     off = (-raw.ctypes.data) % HUGE_PAGE
     return raw[off : off + nbytes].view(dt).reshape(shape)
+
+
+def cpu_device_buffer(cl: Any, ctx: Any, array: np.ndarray) -> tuple[Any, np.ndarray]:
+    """An OpenCL buffer for a CPU device that works on a huge-page copy of ``array`` in place.
+
+    Returns the buffer and the host array behind it; the caller keeps the
+    array alive as long as the buffer (``USE_HOST_PTR``: the device reads
+    and writes that memory directly).
+    """
+    host = huge_page_array(array.shape, array.dtype)
+    host[...] = array
+    return cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host), host

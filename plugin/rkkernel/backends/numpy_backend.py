@@ -10,7 +10,7 @@ import numpy as np
 
 from ..control import advance
 from ..spec import KernelSpec
-from .base import Backend
+from .base import Backend, check_out
 
 
 class NumpyBackend(Backend):
@@ -50,8 +50,12 @@ class NumpyBackend(Backend):
     def write_queue(self, which: str, array: np.ndarray) -> None:
         (self.h2k if which == "h2k" else self.k2h)[...] = array
 
-    def read_region(self, name: str) -> np.ndarray:
-        return self.regions[name].copy()
+    def read_region(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        src = self.regions[name]
+        if out is None:
+            return src.copy()
+        check_out(out, src.dtype, src.shape, name)[...] = src
+        return out
 
     def write_region(self, name: str, array: np.ndarray) -> None:
         self.regions[name][...] = array

@@ -18,8 +18,8 @@ import numpy as np
 from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
 from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
-from .base import Backend, BackendUnavailable, resolve_arg
-from .hostmem import HUGE_PAGE_MIN_BYTES, huge_page_array
+from .base import Backend, BackendUnavailable, check_out, resolve_arg
+from .hostmem import HUGE_PAGE_MIN_BYTES, cpu_device_buffer
 
 log = logging.getLogger("rkkernel")
 
@@ -122,10 +122,8 @@ class OpenCLBackend(Backend):
             if not arr.nbytes:
                 self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE, 4)
             elif on_cpu and arr.nbytes >= HUGE_PAGE_MIN_BYTES:
-                host = huge_page_array(arr.shape, arr.dtype)
-                host[...] = arr
+                self.bufs[r.name], host = cpu_device_buffer(cl, self.ctx, arr)
                 self._host_backing.append(host)
-                self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE | mf.USE_HOST_PTR, hostbuf=host)
             else:
                 self.bufs[r.name] = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=arr)
         self.ctl = cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=control)
@@ -228,9 +226,9 @@ class OpenCLBackend(Backend):
         buf = self.h2k if which == "h2k" else self.k2h
         self.cl.enqueue_copy(self.queue, buf, np.ascontiguousarray(array, dtype=self.msg_dtype), is_blocking=True)
 
-    def read_region(self, name: str) -> np.ndarray:
+    def read_region(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         dt, shape = self.shapes[name]
-        out = np.empty(shape, dtype=dt)
+        out = np.empty(shape, dtype=dt) if out is None else check_out(out, dt, shape, name)
         if out.nbytes:
             self.cl.enqueue_copy(self.queue, out, self.bufs[name], is_blocking=True)
         return out
