@@ -182,6 +182,24 @@ def test_restore_refuses_other_simulations() -> None:
     assert ei.value.source == "y.rkcp"
 
 
+@pytest.mark.parametrize(("field", "value"), [("input_tail", 1 << 62), ("output_head", 5), ("input_mask", 7)])
+def test_restore_refuses_an_inconsistent_queue(field: str, value: int) -> None:
+    """A control block whose ring indices cannot be right is a clear error, not a hang or a wild read."""
+    from rkckpt.errors import CheckpointError
+    from rkckpt.model import Chunk
+
+    k = wave()
+    k.run(2)
+    ckpt = k.create_checkpoint()
+    cb = k.control().copy()
+    cb[0][field] = value
+    i = next(n for n, c in enumerate(ckpt.chunks) if c.chunk_type == int(ChunkType.CONTROL_BLOCK))
+    ckpt.chunks[i] = Chunk(int(ChunkType.CONTROL_BLOCK), 0, cb.tobytes())
+    with pytest.raises(CheckpointError, match="queue is inconsistent") as ei:
+        wave().restore_from_checkpoint(ckpt, "bad.rkcp")
+    assert ei.value.source == "bad.rkcp"
+
+
 # --------------------------------------------------------------------- bring your own kernel
 TOY_CL = """
 __kernel void toy_step(__global const rk_control *ctl, __global float *a, __global float *halo, const float inc, const int n)

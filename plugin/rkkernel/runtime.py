@@ -198,7 +198,7 @@ class PersistentKernel:
             return []
         ring = self.backend.read_queue("h2k")
         mask = int(cb["input_mask"])
-        return [int(ring[i & mask]["step"]) for i in range(head, tail)]
+        return [int(ring[i & mask]["step"]) for i in range(head, min(tail, head + mask + 1))]
 
     def _pending_due(self, cb: np.void, step: int) -> bool:
         pending = self._pending_steps(cb)
@@ -308,6 +308,13 @@ class PersistentKernel:
         for cap in (cap_in, cap_out):
             if cap <= 0 or cap > 1 << 20 or cap & (cap - 1):
                 raise CheckpointError(source, f"control block has invalid queue capacity {cap}")
+        c0 = cb[0]
+        for q, cap in (("input", cap_in), ("output", cap_out)):
+            head, tail, mask = int(c0[f"{q}_head"]), int(c0[f"{q}_tail"]), int(c0[f"{q}_mask"])
+            if not 0 <= tail - head <= cap or mask != cap - 1:
+                raise CheckpointError(
+                    source, f"control block {q} queue is inconsistent (head {head}, tail {tail}, mask {mask}, capacity {cap})"
+                )
         h2k = np.frombuffer(chunk(ChunkType.H2K_QUEUE, cap_in * MESSAGE_DTYPE.itemsize), dtype=MESSAGE_DTYPE).copy()
         k2h = np.frombuffer(chunk(ChunkType.K2H_QUEUE, cap_out * MESSAGE_DTYPE.itemsize), dtype=MESSAGE_DTYPE).copy()
         if int(cb[0]["current_step"]) != ckpt.metadata.current_step:
