@@ -211,7 +211,7 @@ __kernel void fdtd_sweep(__global const rk_control *restrict ctl,
         if (b < 0 || b >= slabs - 1 || atomic_inc(&sync[b]) != 1u)
             continue;
         mem_fence(CLK_GLOBAL_MEM_FENCE);
-        const int top = (b + 1) * planes / slabs;               /* last plane of slab b */
+        const int top = side == 0 ? lo - 1 : hi;                /* last plane of slab b */
         for (int j = 1; j < levels; ++j)
             for (int p = top - j + 1; p <= top + j; ++p)
                 LEVEL(j, p);

@@ -90,9 +90,9 @@ class FusedSteps:
     """Launches that advance ``steps`` steps at once (temporal blocking), for CPU devices.
 
     A stencil whose fields do not fit in cache is limited by memory traffic;
-    doing two steps in one sweep (the second trailing the first by a few
-    planes, while they are still in cache) moves each byte once per two
-    steps. The launches must give exactly the bits of ``steps`` single
+    doing several steps in one sweep (each trailing the one before by a
+    plane, while its input is still in cache) moves each byte once per
+    ``steps`` steps. The launches must give exactly the bits of ``steps`` single
     steps, starting at any step parity (``Swap`` arguments resolve by the
     parity of the first step); the step counter is advanced by the runtime
     afterwards, ``steps`` times, so commands still see every step. The

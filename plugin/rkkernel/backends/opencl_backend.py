@@ -161,12 +161,13 @@ class OpenCLBackend(Backend):
             return None
         if not any(dev.type & kinds.get(t, 0) for t in f.device_types):
             return None
-        sync = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 4 * max(1, f.sync_words))
+        sync_bytes = 4 * max(1, f.sync_words)
+        sync = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, sync_bytes)
         placeholders = ((CONTROL, self.ctl), (SYNC, sync))
         # A fused launch's global size is an upper bound: one work item per compute unit.
         cus = max(1, int(dev.max_compute_units))
         launches = [((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders)) for x in f.launches]
-        return _Fused(f.steps, sync, 4 * max(1, f.sync_words), launches)
+        return _Fused(f.steps, sync, sync_bytes, launches)
 
     def _bind(self, launch: Launch, placeholders: tuple) -> list[object]:
         """The launch's kernel with its arguments set, once per step parity ([even, odd])."""
