@@ -13,7 +13,10 @@ bandwidths: the strictest honest bound, not the one that flatters.
 (``fdtd_sweep``, temporal blocking), so a cell update moves about 3 bytes
 from memory instead of 12, and the roofline stops being the bound.
 ``opencl-1`` is the one-step-per-launch kernel (``fdtd_bulk``, what a GPU
-runs), for comparison. Both give the same bits.
+runs), for comparison. Both give the same bits. Each gets one row per
+working OpenCL platform (``opencl:pocl``, ``opencl:intel``, ...), and the
+last line says which CPU platform is fastest here next to the order
+``--backend auto`` uses (``clprobe.CPU_PLATFORM_PREFERENCE``).
 
 The machine is a shared VM whose memory bandwidth swings by 30-50% from
 second to second, so every figure is the best of several *interleaved*
@@ -22,7 +25,8 @@ repetitions: the roofline and the kernels get the same chances at a quiet
 moment. Timings include the per-step control kernel (what rkrun really
 runs) and exclude compilation. Figures only; nothing here is asserted.
 
-    python3 bench/stencil.py                      # numpy, opencl, opencl-1, numba at 128^3 and 256^3
+    python3 bench/stencil.py                      # numpy, opencl, opencl-1 (per platform), numba at 128^3 and 256^3
+    python3 bench/stencil.py --backends opencl:intel --sizes 256
     python3 bench/stencil.py --backends cuda cuda-loop --sizes 512
 """
 
@@ -71,7 +75,19 @@ def numpy_stream(threads: int, mib: int = 256) -> Callable[[], float]:
     return measure
 
 
-def opencl_stream(n: int = 256) -> Callable[[], float]:
+def opencl_platforms() -> list[str]:
+    """One selector per OpenCL platform whose best device builds the wave program (pocl, intel, ...)."""
+    from rkkernel.backends.opencl_backend import verdicts
+    from rkkernel.wavesim import WaveParams, make_spec
+
+    out: list[str] = []
+    for v in verdicts(make_spec(WaveParams(8, 8, 8))):
+        if v.ok and v.candidate.alias not in out:
+            out.append(v.candidate.alias)
+    return out
+
+
+def opencl_stream(n: int = 256, selector: str | None = None) -> Callable[[], float]:
     """``b = 2a - b`` over two n^3 float32 buffers on the OpenCL device the stencil uses.
 
     Same 12 bytes per element, same device, same huge-page host memory as
@@ -82,7 +98,7 @@ def opencl_stream(n: int = 256) -> Callable[[], float]:
     from rkkernel.backends.opencl_backend import _cl, _pick_device
 
     cl = _cl()
-    dev = _pick_device()
+    dev = _pick_device(None, selector)
     ctx = cl.Context([dev])
     q = cl.CommandQueue(ctx)
     src = "__kernel void s(__global const float *restrict a, __global float *restrict b)"
@@ -139,9 +155,11 @@ def bench_runtime(backend: str, n: int, steps: int) -> Callable[[], float]:
         # cuda: one launch per step; cuda-loop: the persistent cooperative kernel
         os.environ["RKKERNEL_CUDA_PERSISTENT"] = "1" if backend == "cuda-loop" else "0"
         backend = "cuda"
-    # opencl: what rkrun runs (two steps per sweep on a CPU device); opencl-1: one step per sweep
-    os.environ["RKKERNEL_OPENCL_FUSED"] = "0" if backend == "opencl-1" else "1"
-    k = PersistentKernel(make_spec(WaveParams(n, n, n)), backend.removesuffix("-1"))
+    # opencl[:platform]: what rkrun runs (4 steps per sweep on a CPU device); opencl-1[:platform]: one step per launch
+    family, _, selector = backend.partition(":")
+    os.environ["RKKERNEL_OPENCL_FUSED"] = "0" if family == "opencl-1" else "1"
+    name = family.removesuffix("-1") + (f":{selector}" if selector else "")
+    k = PersistentKernel(make_spec(WaveParams(n, n, n)), name)
     k.run(2)  # warm-up: first launches, page faults
     k.step  # noqa: B018 - synchronise
 
@@ -203,6 +221,15 @@ def bench_numba(n: int, steps: int) -> Callable[[], float] | None:
     return measure
 
 
+def _cpu_order() -> tuple[str, ...]:
+    from rkkernel.backends.clprobe import CPU_PLATFORM_PREFERENCE
+
+    return CPU_PLATFORM_PREFERENCE
+
+
+CPU_ORDER = _cpu_order()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -210,6 +237,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per timing (default: by size)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each figure is the best of them")
     args = ap.parse_args()
+    # "opencl" and "opencl-1" without a platform: one row per working OpenCL platform
+    platforms = opencl_platforms() if any(b in ("opencl", "opencl-1") for b in args.backends) else []
+    args.backends = (
+        [f"{b}:{p}" for b in args.backends for p in (platforms if b in ("opencl", "opencl-1") else [None])] if platforms else args.backends
+    )
+    args.backends = [b.removesuffix(":None") for b in args.backends]
 
     gpu = any(b.startswith("cuda") for b in args.backends)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; best of {args.rounds} interleaved rounds")
@@ -221,9 +254,9 @@ def main() -> None:
     else:
         cores = os.cpu_count() or 1
         bandwidths[f"numpy a += b, {cores} threads, 2x256 MiB"] = numpy_stream(cores)
-        if any(b.startswith("opencl") for b in args.backends):
+        for plat in platforms or ([None] if any(b.startswith("opencl") for b in args.backends) else []):
             try:
-                bandwidths["OpenCL b = 2a - b, 2x64 MiB, device memory as the stencil's"] = opencl_stream()
+                bandwidths[f"OpenCL b = 2a - b, 2x64 MiB, {plat or 'default'} device, stencil's memory"] = opencl_stream(selector=plat)
             except Exception as exc:  # noqa: BLE001 - no OpenCL: the numpy figure stands alone
                 print(f"OpenCL stream unavailable: {type(exc).__name__}: {exc}")
 
@@ -261,12 +294,12 @@ def main() -> None:
     roof = max(best_bw.values(), default=0.0) * 1e9 / BYTES_PER_CELL / 1e6
     print(f"roofline (the higher bandwidth): {roof:.0f} Mcells/s")
     numpy_roof = first * 1e9 / BYTES_PER_CELL / 1e6
-    print(f"{'backend':<8} {'grid':>6} {'Mcells/s':>10} {'x roofline':>11}")
+    print(f"{'backend':<16} {'grid':>6} {'Mcells/s':>10} {'x roofline':>11}")
     for (be, n), v in results.items():
-        print(f"{be:<8} {n:>5}^3 {v:>10.0f} {v / roof if roof else float('nan'):>11.2f}")
+        print(f"{be:<16} {n:>5}^3 {v:>10.0f} {v / roof if roof else float('nan'):>11.2f}")
     for n in args.sizes:
-        for be in ("opencl", "opencl-1", "cuda", "cuda-loop"):
-            if (be, n) not in results:
+        for be in args.backends:
+            if not be.startswith(("opencl", "cuda")) or (be, n) not in results:
                 continue
             v = results[(be, n)]
             line = f"ratios {n}^3: {be}/roofline {v / roof:.2f}"
@@ -276,6 +309,11 @@ def main() -> None:
                 if (peer, n) in results:
                     line += f", {be}/{peer} {v / results[(peer, n)]:.2f}"
             print(line)
+        fused = {p: results[(f"opencl:{p}", n)] for p in platforms if (f"opencl:{p}", n) in results}
+        if len(fused) > 1:
+            best = max(fused, key=fused.__getitem__)
+            others = ", ".join(f"{best}/{p} {fused[best] / v:.2f}" for p, v in fused.items() if p != best)
+            print(f"platforms {n}^3: fastest is {best} ({others}); rkrun's auto order: {' > '.join(CPU_ORDER)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-VECTORS = REPO.parent / "shared" / "vectors" / "ringkernel-core-1.1.0"
+#: The reference implementation's files and manifest, carried in the repository (tests/data/README.md).
+VECTORS = REPO / "tests" / "data" / "ringkernel-core-1.1.0"
 
 pytest_plugins: list[str] = []
 for _name in ("fixtures_s3", "fixtures_slurm", "fixtures_kernel"):

@@ -21,29 +21,50 @@ def _probe(name: str) -> tuple[bool, str]:
     return available(name)
 
 
-@pytest.fixture(scope="session")
-def opencl_backend() -> str:
-    ok, why = _probe("opencl")
+def opencl_platforms() -> list[str]:
+    """``opencl:<platform>`` for every OpenCL platform whose best device builds the wave program.
+
+    The OpenCL tests run once per working platform (pocl and Intel's CPU
+    runtime where both work), so bit-identity holds on each, not just on the
+    one ``auto`` picks.
+    """
+    try:
+        from rkkernel.backends.opencl_backend import verdicts
+        from rkkernel.wavesim import WaveParams, make_spec
+
+        vs = verdicts(make_spec(WaveParams(8, 8, 8)))
+    except Exception:  # noqa: BLE001 - no pyopencl, no loader: no OpenCL parameters
+        return []
+    names: list[str] = []
+    for v in vs:
+        if v.ok and f"opencl:{v.candidate.alias}" not in names:
+            names.append(f"opencl:{v.candidate.alias}")
+    return names
+
+
+OPENCL_PARAMS = opencl_platforms() or ["opencl"]
+
+
+def _require(name: str) -> str:
+    ok, why = _probe(name)
     if not ok:
-        pytest.skip(f"OpenCL not available: {why}")
-    return "opencl"
+        pytest.skip(f"{name} not available: {why}")
+    return name
+
+
+@pytest.fixture(scope="session", params=OPENCL_PARAMS)
+def opencl_backend(request: pytest.FixtureRequest) -> str:
+    return _require(request.param)
 
 
 @pytest.fixture(scope="session")
 def cuda_backend() -> str:
-    ok, why = _probe("cuda")
-    if not ok:
-        pytest.skip(f"CUDA not available: {why}")
-    return "cuda"
+    return _require("cuda")
 
 
-@pytest.fixture(params=["numpy", "opencl"])
+@pytest.fixture(params=["numpy", *OPENCL_PARAMS])
 def kernel_backend(request: pytest.FixtureRequest) -> str:
-    if request.param != "numpy":
-        ok, why = _probe(request.param)
-        if not ok:
-            pytest.skip(f"{request.param} not available: {why}")
-    return request.param
+    return request.param if request.param == "numpy" else _require(request.param)
 
 
 def rkrun_env() -> dict[str, str]:

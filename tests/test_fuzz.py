@@ -34,7 +34,7 @@ def _seeds() -> list[tuple[str, bytes]]:
     from rkckpt import codec, format
     from rkckpt.delta import make_delta
 
-    vectors = Path(__file__).resolve().parent.parent.parent / "shared" / "vectors" / "ringkernel-core-1.1.0"
+    vectors = Path(__file__).resolve().parent / "data" / "ringkernel-core-1.1.0"
     out = [(p.stem, p.read_bytes()) for p in sorted(vectors.glob("*_step*.rkcp"))]
     small = sample_checkpoint(n=512)
     out.append(("sample-compat", format.encode(small, codec.COMPAT)))

@@ -1,4 +1,4 @@
-"""RKCKPT v1 bytes <-> ``Checkpoint`` (see ../shared/RKCKPT-FORMAT.md).
+"""RKCKPT v1 bytes <-> ``Checkpoint`` (see docs/RKCKPT-FORMAT.md).
 
 The reader never trusts a size field before checking it against the bytes
 actually present, so a truncated or hostile file fails with a

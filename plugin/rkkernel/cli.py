@@ -102,6 +102,17 @@ def _config_from(doc: dict, source: str) -> RunConfig:
     )
 
 
+def _check_backend(value: str) -> str:
+    from .backends import BackendUnavailable, split_name
+
+    if value != "auto":
+        try:
+            split_name(value)
+        except BackendUnavailable as exc:
+            raise click.BadParameter(str(exc)) from exc
+    return value
+
+
 def _run(doc: dict, source: str) -> int:
     # Handlers first: a SIGTERM during the (slow) imports below still ends in
     # a checkpoint and exit 75, not in a killed process. The imports run with
@@ -153,7 +164,13 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.option(
     "--checkpoint-seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Also checkpoint after this many seconds."
 )
-@click.option("--backend", type=click.Choice(["auto", "opencl", "cuda", "numpy"]), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: _check_backend(value),
+    help="auto, cuda, opencl, numpy, or opencl:DEVICE (e.g. opencl:intel, opencl:pocl, opencl:0:0).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Result HDF5 file.")
 @click.option("--energy-every", type=click.IntRange(min=0), default=10, show_default=True, help="Record energy every M steps (0: off).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Steps enqueued per batch (signal latency).")

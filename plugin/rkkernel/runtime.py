@@ -84,7 +84,7 @@ class PersistentKernel:
 
     def __post_init__(self) -> None:
         self.spec.validate()
-        self.backend_name = select_backend(self.backend_name)
+        self.backend_name = select_backend(self.backend_name, self.spec)
         self.backend = make_backend(self.backend_name)
         cb = new_control_block(self.queue_capacity)
         self._load(self.spec.initial(), cb, new_queue(self.queue_capacity), new_queue(self.queue_capacity))

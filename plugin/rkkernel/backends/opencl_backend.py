@@ -9,8 +9,10 @@ host synchronisation inside a batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,9 @@ from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
 from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
 from .base import Backend, BackendUnavailable, check_out, resolve_arg
+from .clprobe import Verdict, explain, probe_candidates
 from .hostmem import HUGE_PAGE_MIN_BYTES, cpu_device_buffer
+from .icd import register_pip_runtimes
 
 log = logging.getLogger("rkkernel")
 
@@ -32,36 +36,64 @@ BASE_OPTIONS = ["-cl-std=CL1.2"]
 
 def _cl():
     setup_opencl_cache()
+    register_pip_runtimes()
     import pyopencl as cl
 
     return cl
 
 
-def _pick_device():
-    cl = _cl()
-    want = os.environ.get("RKKERNEL_OPENCL_DEVICE")  # "platform:device" indices
-    devices = []
-    for p in cl.get_platforms():
+def program_for(spec: KernelSpec | None) -> tuple[str, list[str]]:
+    """The OpenCL source and build options of ``spec`` (the runtime header alone without one)."""
+    source = (KERNELS_DIR / "rk_runtime_cl.h").read_text()
+    options = list(BASE_OPTIONS)
+    if spec is not None:
+        source += "\n" + spec.source_text("opencl")
+        options += list(spec.build_options.get("opencl", []))
+    return source, options
+
+
+_verdicts: dict[tuple, list[Verdict]] = {}
+
+
+def verdicts(spec: KernelSpec | None = None, selector: str | None = None) -> list[Verdict]:
+    """Every OpenCL device's verdict on ``spec``'s program, best first (memoised per process)."""
+    source, options = program_for(spec)
+    key = (
+        hashlib.sha256(source.encode()).hexdigest(),
+        tuple(options),
+        selector,
+        os.environ.get("RKKERNEL_OPENCL_DEVICE"),
+        os.environ.get("RKKERNEL_OPENCL_EXCLUDE"),
+    )
+    if key not in _verdicts:
         try:
-            devices.extend(p.get_devices())
-        except cl.Error:
-            continue
-    if not devices:
-        raise BackendUnavailable("no OpenCL device found")
-    if want:
-        pi, di = (int(x) for x in want.split(":"))
-        return cl.get_platforms()[pi].get_devices()[di]
-    # Prefer GPUs, then whatever is there (pocl's CPU device).
-    devices.sort(key=lambda d: 0 if d.type & cl.device_type.GPU else 1)
-    return devices[0]
+            cl = _cl()
+        except Exception as exc:  # noqa: BLE001 - pyopencl missing or its loader broken
+            raise BackendUnavailable(f"pyopencl cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        _verdicts[key] = probe_candidates(cl, source, options, selector)
+    return _verdicts[key]
 
 
-def probe() -> tuple[bool, str]:
+def _pick_device(spec: KernelSpec | None = None, selector: str | None = None):
+    """The best device that builds ``spec``'s program, as a pyopencl device."""
+    vs = verdicts(spec, selector)
+    good = [v for v in vs if v.ok]
+    if not good:
+        raise BackendUnavailable(f"no OpenCL device can run the program: {explain(vs)}")
+    c = good[0].candidate
+    return _cl().get_platforms()[c.platform_index].get_devices()[c.device_index]
+
+
+def probe(spec: KernelSpec | None = None, selector: str | None = None) -> tuple[bool, str]:
+    """(usable, why): the device that would be used, or why none can be."""
     try:
-        dev = _pick_device()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, f"{dev.platform.name.strip()} / {dev.name.strip()}"
+        vs = verdicts(spec, selector)
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    good = [v for v in vs if v.ok]
+    if not good:
+        return False, explain(vs)
+    return True, good[0].candidate.label
 
 
 def _cpu_local_size(global_size: tuple[int, ...], wg_max: int, target: int = 512) -> tuple[int, ...] | None:
@@ -101,11 +133,15 @@ class _Fused:
 class OpenCLBackend(Backend):
     name = "opencl"
 
+    def __init__(self, selector: str | None = None) -> None:
+        #: ``opencl:SELECTOR`` picks the device (see clprobe); None: the best that works.
+        self.selector = selector
+
     def load(self, spec: KernelSpec, regions, control, h2k, k2h) -> None:  # type: ignore[override]
         cl = _cl()
         self.cl = cl
         self.spec = spec
-        dev = _pick_device()
+        dev = _pick_device(spec, self.selector)
         self.description = f"OpenCL {dev.platform.name.strip()} / {dev.name.strip()}"
         self.ctx = cl.Context([dev])
         self.queue = cl.CommandQueue(self.ctx)
@@ -133,10 +169,14 @@ class OpenCLBackend(Backend):
         self.k2h_len = len(k2h)
         self.msg_dtype = h2k.dtype
 
-        source = (KERNELS_DIR / "rk_runtime_cl.h").read_text() + "\n" + spec.source_text("opencl")
-        options = BASE_OPTIONS + list(spec.build_options.get("opencl", []))
+        source, options = program_for(spec)
         cache_dir = str(setup_opencl_cache())
-        self.program = cl.Program(self.ctx, source).build(options=options, cache_dir=cache_dir)
+        try:
+            with warnings.catch_warnings():  # compiler chatter (Intel prints some): the probe logged any problem
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                self.program = cl.Program(self.ctx, source).build(options=options, cache_dir=cache_dir)
+        except cl.Error as exc:  # the probe built it, so this is rare: say which device, no traceback
+            raise BackendUnavailable(f"{self.description}: program build failed: {' '.join(str(exc).split())[-600:]}") from exc
 
         # Kernel objects bound once: per launch, one per step parity.
         self.launches = []
