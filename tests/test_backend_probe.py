@@ -99,6 +99,33 @@ def test_excluding_the_first_choice_uses_the_next_platform(tmp_path: Path) -> No
     assert "rejected OpenCL" in r.stderr and f"excluded by RKKERNEL_OPENCL_EXCLUDE={first}" in r.stderr
 
 
+def test_a_pocl_that_cannot_compile_for_this_cpu_is_skipped(tmp_path: Path) -> None:
+    """What a Zen 5 machine meets: pocl lists its CPU device, and every build fails.
+
+    ``POCL_EXTRA_BUILD_FLAGS`` with a CPU its LLVM does not accept makes pocl's
+    real build fail here too. rkrun must log pocl's build error and run on the
+    next platform (Intel's runtime where installed), bit-identical to NumPy,
+    or on NumPy with the warning where nothing else is left.
+    """
+    if "opencl:pocl" not in opencl_platforms():
+        pytest.skip("pocl does not work here to begin with")
+    ref = _rkrun(tmp_path / "ref", backend="numpy")
+    assert ref.returncode == 0, ref.stderr
+    env = {"POCL_EXTRA_BUILD_FLAGS": "-mcpu=znver5", "RKSLURM_CACHE_DIR": str(tmp_path / "cache")}
+    r = _rkrun(tmp_path / "run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "rejected OpenCL Portable Computing Language" in r.stderr and "program build failed" in r.stderr
+    others = [n for n in opencl_platforms() if n != "opencl:pocl"]
+    with h5py.File(tmp_path / "ref" / "r.h5") as a, h5py.File(tmp_path / "run" / "r.h5") as b:
+        assert a["pressure"][()].tobytes() == b["pressure"][()].tobytes()
+        assert b.attrs["backend"] == ("opencl" if others else "numpy")
+    if others:
+        assert f"({others[0].split(':', 1)[1]}, " in r.stderr.split("backend auto: using opencl", 1)[1].splitlines()[0]
+    else:
+        assert "NO GPU OR OPENCL DEVICE WORKS" in r.stderr
+
+
 @pytest.mark.parametrize("name", OPENCL_PARAMS)
 def test_device_chosen_by_name_runs_and_equals_numpy(tmp_path: Path, name: str) -> None:
     if name == "opencl":
@@ -230,3 +257,10 @@ def test_a_users_own_icd_setting_wins(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("OCL_ICD_VENDORS", str(tmp_path / "mine"))
     assert register_pip_runtimes(tmp_path / "ours") is None
     assert os.environ["OCL_ICD_VENDORS"] == str(tmp_path / "mine") and not (tmp_path / "ours").exists()
+
+
+def test_checking_the_backend_option_does_not_import_numpy() -> None:
+    """rkrun parses --backend before its stop signals are held: numpy's BLAS threads must not start then."""
+    code = "import sys; from rkkernel.cli import _check_backend; _check_backend('opencl:pocl'); print('numpy' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

@@ -103,7 +103,7 @@ def _config_from(doc: dict, source: str) -> RunConfig:
 
 
 def _check_backend(value: str) -> str:
-    from .backends import BackendUnavailable, split_name
+    from .backend_names import BackendUnavailable, split_name
 
     if value != "auto":
         try:

@@ -12,25 +12,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ..backend_names import ORDER, split_name
 from .base import Backend, BackendUnavailable
 
 if TYPE_CHECKING:
     from ..spec import KernelSpec
 
 log = logging.getLogger("rkkernel")
-
-ORDER = ("cuda", "opencl", "numpy")
-FAMILIES = frozenset(ORDER)
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """``"opencl:intel"`` -> ``("opencl", "intel")``; BackendUnavailable for an unknown family."""
-    family, _, selector = name.strip().partition(":")
-    if family not in FAMILIES:
-        raise BackendUnavailable(f"unknown back end {name!r} (choose auto, {', '.join(ORDER)}, or opencl:DEVICE)")
-    if selector and family != "opencl":
-        raise BackendUnavailable(f"back end {name!r}: only opencl takes a device selector")
-    return family, selector or None
 
 
 def available(name: str, spec: KernelSpec | None = None) -> tuple[bool, str]:
@@ -47,7 +35,7 @@ def available(name: str, spec: KernelSpec | None = None) -> tuple[bool, str]:
         return probe(spec, selector)
     from .cuda_backend import probe as cuda_probe
 
-    return cuda_probe()
+    return cuda_probe(spec)
 
 
 def _log_opencl_rejections(spec: KernelSpec | None, selector: str | None) -> None:

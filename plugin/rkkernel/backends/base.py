@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..backend_names import BackendUnavailable as BackendUnavailable  # re-exported: the back ends raise it
 from ..spec import KernelSpec, Swap
 
 
@@ -36,10 +37,6 @@ def check_out(out: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], name: st
     if out.dtype != dtype or out.shape != tuple(shape) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"region {name!r}: cannot read {dtype}{list(shape)} into a {out.dtype}{list(out.shape)} array")
     return out
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 class Backend(ABC):

@@ -45,20 +45,47 @@ def cuda_program(spec: KernelSpec, persistent: bool = False) -> tuple[str, tuple
     return source, options
 
 
-def probe() -> tuple[bool, str]:
+def _device_name(cp, index: int) -> str:
+    props = cp.cuda.runtime.getDeviceProperties(index)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+def usable_device(spec: KernelSpec | None = None) -> tuple[int | None, str]:
+    """(index of the first CUDA device that builds ``spec``'s program, or None; why).
+
+    Every device is tried in turn (a node may mix GPU generations), with the
+    real program when a spec is given, so a device NVRTC cannot target is a
+    logged rejection instead of a failure at start-up.
+    """
     try:
         import cupy as cp
     except ImportError:
-        return False, "cupy is not installed"
+        return None, "cupy is not installed"
     try:
         n = cp.cuda.runtime.getDeviceCount()
-        if n < 1:
-            return False, "no CUDA device"
-        props = cp.cuda.runtime.getDeviceProperties(0)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     except Exception as exc:  # noqa: BLE001 - no driver, no device, ...
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, f"CUDA {name}"
+        return None, f"{type(exc).__name__}: {exc}"
+    if n < 1:
+        return None, "no CUDA device"
+    rejected = []
+    for i in range(n):
+        try:
+            name = _device_name(cp, i)
+            if spec is not None:
+                with cp.cuda.Device(i):
+                    source, options = cuda_program(spec)
+                    cp.RawModule(code=source, options=options).get_function("rk_advance")
+        except Exception as exc:  # noqa: BLE001 - a compile error or a broken device is a verdict
+            rejected.append(f"device {i}: {type(exc).__name__}: {' '.join(str(exc).split())[-300:]}")
+            continue
+        skipped = f" (rejected {'; '.join(rejected)})" if rejected else ""
+        return i, f"CUDA device {i}: {name}{skipped}"
+    return None, "no CUDA device can build the program: " + "; ".join(rejected)
+
+
+def probe(spec: KernelSpec | None = None) -> tuple[bool, str]:
+    index, why = usable_device(spec)
+    return index is not None, why
 
 
 class CudaBackend(Backend):
@@ -71,9 +98,10 @@ class CudaBackend(Backend):
             raise BackendUnavailable("cupy is not installed") from exc
         self.cp = cp
         self.spec = spec
-        ok, why = probe()
-        if not ok:
+        index, why = usable_device(spec)
+        if index is None:
             raise BackendUnavailable(why)
+        cp.cuda.Device(index).use()
         self.description = why
         self.bufs = {r.name: cp.asarray(np.ascontiguousarray(regions[r.name], dtype=r.dtype)) for r in spec.regions}
         self.ctl = cp.asarray(control.view(np.uint8))

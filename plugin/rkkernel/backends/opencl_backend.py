@@ -64,6 +64,7 @@ def verdicts(spec: KernelSpec | None = None, selector: str | None = None) -> lis
         selector,
         os.environ.get("RKKERNEL_OPENCL_DEVICE"),
         os.environ.get("RKKERNEL_OPENCL_EXCLUDE"),
+        os.environ.get("POCL_EXTRA_BUILD_FLAGS"),
     )
     if key not in _verdicts:
         try:
