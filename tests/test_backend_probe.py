@@ -264,3 +264,35 @@ def test_checking_the_backend_option_does_not_import_numpy() -> None:
     code = "import sys; from rkkernel.cli import _check_backend; _check_backend('opencl:pocl'); print('numpy' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+_WITHOUT_EXTRAS = """
+import importlib.abc, sys
+EXTRAS = {"pyopencl", "cupy", "s3fs", "botocore", "aiobotocore", "snakemake", "snakemake_interface_executor_plugins",
+          "snakemake_executor_plugin_slurm", "matplotlib", "isal"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ImportError(f"{name} is not part of the core install")
+sys.meta_path.insert(0, Block())
+tool, *sys.argv[1:] = sys.argv[1:]
+from importlib import import_module
+sys.exit(import_module(tool).main())
+"""
+
+
+def test_the_core_install_works_without_any_extra(tmp_path: Path, vectors_dir: Path) -> None:
+    """`pip install rkslurm` (no extras): checkpoints are read and checked, kernels run on NumPy."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True, text=True, env=rkrun_env(), cwd=REPO, timeout=300
+        )
+
+    v = run("rkckpt.cli", "verify", *map(str, sorted(vectors_dir.glob("*_step*.rkcp"))))
+    assert v.returncode == 0, v.stdout + v.stderr
+    r = run("rkkernel.cli", *ARGS, "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "r.h5"))
+    assert r.returncode == 0, r.stderr
+    assert "NO GPU OR OPENCL DEVICE WORKS" in r.stderr and "pyopencl" in r.stderr and "Traceback" not in r.stderr
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f.attrs["backend"] == "numpy" and int(f.attrs["step"]) == 20
