@@ -457,6 +457,11 @@ def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
         try:
             os.close(r)
             faulthandler.disable()  # a crash is the expected, reported outcome: no dump
+            # Runtimes loaded into this process (LLVM inside pocl or Intel's
+            # OpenCL) install fatal-signal handlers that print, then return;
+            # the child must die by the signal so the parent can report it.
+            for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
+                signal.signal(sig, signal.SIG_DFL)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             try:
