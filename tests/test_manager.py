@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from rkckpt import format as rkformat
+from rkckpt import container
 from rkckpt.chain import latest_restorable
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -112,7 +112,7 @@ def test_compat_policy_writes_reference_files(tmp_path):
         m.submit(resp(1))
         m.submit(resp(2))
     for p in tmp_path.glob("*.rkcp"):
-        parsed = rkformat.parse(p.read_bytes(), p)
+        parsed = container.read(p.read_bytes(), p)
         assert parsed.header.compression == 0 and parsed.header.flags == 0
         assert all(ch.flags == 0 for ch in parsed.chunk_headers)
 
@@ -185,8 +185,8 @@ def test_default_writes_extended_block_deltas(tmp_path):
     with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1), KID) as m:
         for step in (1, 2, 3):
             m.submit(SnapshotResponse(SnapshotRequest(step), sparse(step)))
-    full = rkformat.read(tmp_path / f"{KID}-000000000001-full.rkcp")
-    delta = rkformat.read(tmp_path / f"{KID}-000000000003-delta.rkcp")
+    full = container.read(tmp_path / f"{KID}-000000000001-full.rkcp")
+    delta = container.read(tmp_path / f"{KID}-000000000003-delta.rkcp")
     assert full.header.compression in (0, 2)  # the codec compresses only when it pays off
     assert delta.header.flags & flags.HDR_BLOCK_DELTA and delta.header.flags & flags.HDR_EXTENDED
     assert (tmp_path / f"{KID}-000000000003-delta.rkcp").stat().st_size < 8192

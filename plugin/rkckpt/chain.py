@@ -1,7 +1,8 @@
 """Checkpoint chains in one folder, and the newest point that can be restored.
 
 A folder holds full checkpoints and deltas named
-``<kernel_id>-<step:012d>-<full|delta>.rkcp``. Each delta names its parent
+``<kernel_id>-<step:012d>-<full|delta>.rk.h5`` (or ``.rkcp``; both forms may
+be mixed in one folder and one chain). Each delta names its parent
 by the content digest of the parent's *materialised* state; each file we
 write also records its own materialised digest (``rkckpt.state_digest``), so
 the chain structure can be read from headers alone. The JSON index is only a
@@ -11,53 +12,56 @@ from the files, which are the truth.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
-import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import codec, delta, flags, format
-
-try:
-    from . import shard
-except ImportError:  # pragma: no cover - older checkout
-    shard = None  # type: ignore[assignment]
+from . import codec, container, delta, hdf5
+from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
-from .model import Checkpoint, ChunkType, Metadata
+from .model import Checkpoint, Chunk, ChunkType
+from .source import FileSource, Source, StorageSource
 from .storage.base import Storage, StorageError
-from .storage.memory import MemoryStorage
-
-try:  # the streaming reader (sharded files, no whole-file bytes)
-    from .io import load as _io_load
-except ImportError:  # pragma: no cover - older checkout
-    _io_load = None
 
 log = logging.getLogger("rkckpt.chain")
 
-STATE_DIGEST_KEY = "rkckpt.state_digest"
-HDR_SHARD = getattr(flags, "HDR_SHARD", 0)
-_MAX_STREAM = getattr(shard, "MAX_STREAM", format.MAX_CHECKPOINT_SIZE) if shard is not None else format.MAX_CHECKPOINT_SIZE
 INDEX_NAME = "rkckpt-index.json"
 INDEX_VERSION = 1
-NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.rkcp$")
+#: the file forms a chain may hold, mixed freely in one folder
+SUFFIXES = {"rk.h5": ".rk.h5", "rkcp": ".rkcp"}
+DEFAULT_FORMAT = "rkcp"
+NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
 
 
-def checkpoint_name(kernel_id: str, step: int, kind: str) -> str:
+def checkpoint_name(kernel_id: str, step: int, kind: str, fmt: str = DEFAULT_FORMAT) -> str:
+    """``<kernel_id>-<step:012d>-<full|delta>.<rk.h5|rkcp>``."""
     if kind not in ("full", "delta"):
         raise ValueError(f"kind must be 'full' or 'delta', not {kind!r}")
-    return f"{kernel_id}-{step:012d}-{kind}.rkcp"
+    if fmt not in SUFFIXES:
+        raise ValueError(f"checkpoint format must be one of {sorted(SUFFIXES)}, not {fmt!r}")
+    return f"{kernel_id}-{step:012d}-{kind}{SUFFIXES[fmt]}"
 
 
 def newest_named_step(names: Iterable[str]) -> int | None:
     """Highest step among checkpoint file names (by name only: cheap progress checks)."""
     steps = [int(m.group("step")) for m in map(NAME_RE.match, names) if m]
     return max(steps, default=None)
+
+
+def open_source(storage: Storage, name: str) -> Source:
+    """The RKCKPT stream of checkpoint ``name``: the file itself, or the stream inside a ``.rk.h5``.
+
+    Local files are read from their path; other storage with range requests
+    (an ``.rk.h5`` object's HDF5 structure too), never downloaded whole.
+    """
+    local = getattr(storage, "local_path", lambda _n: None)(name)
+    if name.endswith(SUFFIXES["rk.h5"]):
+        return hdf5.open_stream(local or name, None if local else storage)
+    return FileSource(local) if local is not None else StorageSource(storage, name)
 
 
 @dataclass
@@ -96,20 +100,13 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
     e = Entry(name, m["kernel_id"], int(m["step"]), m["kind"], -1)
     try:
         e.size = storage.size(name) if size is None else size
-        head = storage.read_range(name, 0, format.HEADER_SIZE + 4)
-        hdr = format.parse_header(head, name, max_size=_MAX_STREAM)
-        if hdr.flags & HDR_SHARD:  # the first of several streams: it must fit
-            if hdr.total_size > e.size:
-                raise CheckpointError(name, f"first shard says {hdr.total_size} bytes but the file has {e.size} (truncated)")
-        elif hdr.total_size not in (e.size, e.size - (format.HEADER_SIZE - format.REFERENCE_HEADER_SIZE)):
-            raise CheckpointError(name, f"total_size field says {hdr.total_size} bytes but the file has {e.size} (truncated or padded)")
-        (meta_len,) = struct.unpack_from("<I", head, format.HEADER_SIZE)
-        if meta_len > e.size - format.HEADER_SIZE - 4:
-            raise CheckpointError(name, f"metadata length {meta_len} exceeds the file")
-        raw = storage.read_range(name, format.HEADER_SIZE + 4, meta_len)
-        r = format._Reader(memoryview(raw), name)  # noqa: SLF001 - same package
-        meta = format._parse_metadata(r)  # noqa: SLF001
-        e.checksum = hdr.checksum
+        source = open_source(storage, name)
+        try:
+            scan = container.scan(source, chunks=False)
+        finally:
+            source.close()
+        meta = scan.metadata
+        e.checksum = scan.header.checksum
         e.parent_digest = meta.parent_digest
         e.state_digest = meta.custom.get(STATE_DIGEST_KEY)
         if (e.parent_digest is None) != (e.kind == "full"):
@@ -123,24 +120,13 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
 
 
 def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
-    """Read and fully verify (checksum, sizes) one checkpoint file.
-
-    Local files are parsed by the streaming reader (``rkckpt.io``, which
-    also understands sharded files); remote objects are spooled to a
-    temporary file first rather than held in memory as one ``bytes``.
-    """
+    """Read and fully verify (checksum, sizes) one checkpoint file or object (.rkcp or .rk.h5)."""
     try:
-        local = getattr(storage, "local_path", lambda _n: None)(name)
-        if _io_load is None:
-            return format.parse(storage.load(name), name).checkpoint
-        if local is not None:
-            return _io_load(local)
-        if isinstance(storage, MemoryStorage):
-            return format.parse(storage.load(name), name).checkpoint
-        with tempfile.NamedTemporaryFile(prefix="rkckpt-dl-", suffix=".rkcp") as tmp:
-            storage.copy_to(name, tmp)  # type: ignore[attr-defined]
-            tmp.flush()
-            return _io_load(tmp.name)
+        source = open_source(storage, name)
+        try:
+            return container.read_source(source, allow_shards=not name.endswith(SUFFIXES["rk.h5"])).checkpoint
+        finally:
+            source.close()
     except CheckpointError as exc:
         if exc.source == name or isinstance(exc, StorageError):
             raise
@@ -232,9 +218,6 @@ class ChainIndex:
         return chain, None
 
 
-_APPLY_PARAMS = frozenset(inspect.signature(delta.apply_delta).parameters)
-
-
 def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
     """Materialise ``chain`` and check every link and the final state digest."""
     state: Checkpoint | None = None
@@ -248,11 +231,10 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
             state = ck
             digest = ck.content_digest()
         else:
-            kw = {"base_digest": digest} if "base_digest" in _APPLY_PARAMS else {}
-            state = delta.apply_delta(state, ck, source=e.name, **kw)  # type: ignore[arg-type]
+            state = delta.apply_delta(state, ck, source=e.name, base_digest=digest)
             recorded = ck.metadata.custom.get(STATE_DIGEST_KEY)
-            # apply_delta verifies a recorded state digest itself when it can
-            digest = recorded if recorded is not None and "verify" in _APPLY_PARAMS else state.content_digest()
+            # apply_delta verified a recorded state digest itself
+            digest = recorded if recorded is not None else state.content_digest()
         want = ck.metadata.custom.get(STATE_DIGEST_KEY)
         if want is not None and digest != want:
             raise CheckpointError(e.name, f"restored state digest {digest} differs from the recorded {want}")
@@ -380,38 +362,30 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
     """One named region of a *full* checkpoint, read with range requests only.
 
     Skips every other chunk's payload, so restoring one field from a large
-    object-store checkpoint transfers only that field. The file checksum
-    (which covers the whole body) is not verified on this path.
+    object-store checkpoint transfers only that field (for ``.rk.h5``: the
+    HDF5 structure, then the region's slice of the stream). The file
+    checksum (which covers the whole body) is not verified on this path.
     """
-    size = storage.size(name)
-    head = storage.read_range(name, 0, format.HEADER_SIZE + 4)
-    hdr = format.parse_header(head, name)
-    (meta_len,) = struct.unpack_from("<I", head, format.HEADER_SIZE)
-    if meta_len > size - format.HEADER_SIZE - 4:
-        raise CheckpointError(name, f"metadata length {meta_len} exceeds the file")
-    r = format._Reader(memoryview(storage.read_range(name, format.HEADER_SIZE + 4, meta_len)), name)  # noqa: SLF001
-    meta: Metadata = format._parse_metadata(r)  # noqa: SLF001
-    if meta.parent_digest is not None:
-        raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
-    info = Checkpoint(meta).regions().get(region)
-    if info is None:
-        raise CheckpointError(name, f"no region named {region!r}")
-    pos = format.HEADER_SIZE + 4 + meta_len
-    for i in range(hdr.chunk_count):
-        raw = storage.read_range(name, pos, format.CHUNK_HEADER_SIZE)
-        if len(raw) != format.CHUNK_HEADER_SIZE:
-            raise CheckpointError(name, f"chunk {i} header truncated at offset {pos}")
-        ctype, cflags, usize, csize, cid = format._CHUNK.unpack(raw)  # noqa: SLF001
-        pos += format.CHUNK_HEADER_SIZE
-        if csize > size - pos:
-            raise CheckpointError(name, f"chunk {i} declares {csize} data bytes, only {size - pos} present (truncated chunk)")
-        if ctype == ChunkType.DEVICE_MEMORY and cid == info.chunk_id:
-            payload = storage.read_range(name, pos, csize)
-            data = codec.decode_payload(cflags, memoryview(payload), usize, name)
-            ck = Checkpoint(meta)
-            ck.chunks.append(format.Chunk(ctype, cid, data, codec.logical_flags(cflags)))
-            return ck.region(region)
-        pos += csize
+    source = open_source(storage, name)
+    try:
+        scan = container.scan(source)
+        meta = scan.metadata
+        if meta.parent_digest is not None:
+            raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
+        if name.endswith(SUFFIXES["rk.h5"]):
+            local = getattr(storage, "local_path", lambda _n: None)(name)
+            return hdf5.read_region(local or name, region, None if local else storage)
+        info = Checkpoint(meta).regions().get(region)
+        if info is None:
+            raise CheckpointError(name, f"no region named {region!r}")
+        for ch in scan.chunk_headers:
+            if ch.chunk_type == ChunkType.DEVICE_MEMORY and ch.chunk_id == info.chunk_id:
+                payload = source.read(ch.data_offset, ch.compressed_size)
+                data = codec.decode_payload(ch.flags, payload, ch.uncompressed_size, name)
+                ck = Checkpoint(meta, [Chunk(ch.chunk_type, ch.chunk_id, data, codec.logical_flags(ch.flags))])
+                return ck.region(region)
+    finally:
+        source.close()
     raise CheckpointError(name, f"region {region!r} is declared but its chunk is missing")
 
 

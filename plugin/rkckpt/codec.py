@@ -1,7 +1,7 @@
 """Per-chunk payload encoding: raw (compat) and the project's extensions.
 
-``format`` and ``io`` call ``encode_chunk``/``encode_payload`` and
-``decode_payload`` for every chunk and know nothing about compression.
+The container (``container.py``) calls ``encode_chunk`` and ``decode_into``
+for every chunk and knows nothing about compression.
 
 A compressed chunk (``CHUNK_ZSTD``) is stored as a *frame table* so that its
 sub-blocks are compressed and decompressed in parallel (zstandard releases
@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -300,7 +299,7 @@ def encode_payload(data: Buffer, flags: int, options: WriteOptions, *, elem_size
 
 
 # --------------------------------------------------------------- decode
-def _check_flags(flags: int, source: str | None) -> int:
+def check_flags(flags: int, source: str | None) -> int:
     if flags & ~KNOWN_CHUNK_FLAGS:
         raise CheckpointError(source, f"unknown chunk flags 0x{flags:x}")
     elem = (flags & CHUNK_SHUFFLE_ELEM_MASK) >> CHUNK_SHUFFLE_ELEM_SHIFT
@@ -314,7 +313,7 @@ def _check_flags(flags: int, source: str | None) -> int:
     return elem
 
 
-def _frame_table(payload: memoryview, usize: int, source: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
+def check_frames(payload: memoryview, usize: int, source: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
     """Validate the frame table; return block size and (offset, size, raw) per frame."""
     if payload.nbytes < 8:
         raise CheckpointError(source, f"zstd payload of {payload.nbytes} bytes is shorter than its frame table header")
@@ -342,7 +341,7 @@ def decode_into(flags: int, payload: memoryview, out: memoryview, source: str | 
     size before anything is decompressed, so a "zstd bomb" is rejected
     without allocating; trailing bytes inside a frame's slot are rejected too.
     """
-    elem = _check_flags(flags, source)
+    elem = check_flags(flags, source)
     payload = memoryview(payload).cast("B")
     target = np.frombuffer(out, dtype=np.uint8)
     usize = target.size
@@ -351,7 +350,7 @@ def decode_into(flags: int, payload: memoryview, out: memoryview, source: str | 
             raise CheckpointError(source, f"raw chunk stores {payload.nbytes} bytes but uncompressed_size is {usize}")
         target[:] = np.frombuffer(payload, dtype=np.uint8)
         return
-    bs, frames = _frame_table(payload, usize, source)
+    bs, frames = check_frames(payload, usize, source)
 
     def one(i: int) -> None:
         off, size, raw = frames[i]
@@ -398,13 +397,13 @@ def decode_payload(flags: int, payload: memoryview, uncompressed_size: int, sour
     are decoded into one buffer of exactly ``uncompressed_size`` bytes, which
     is allocated only after the frame table proved consistent.
     """
-    _check_flags(flags, source)
+    check_flags(flags, source)
     payload = memoryview(payload).cast("B")
     if not flags & CHUNK_ZSTD:
         if payload.nbytes != uncompressed_size:
             raise CheckpointError(source, f"raw chunk stores {payload.nbytes} bytes but uncompressed_size is {uncompressed_size}")
         return payload
-    _frame_table(payload, uncompressed_size, source)  # validate before allocating
+    check_frames(payload, uncompressed_size, source)  # validate before allocating
     out = memoryview(np.empty(uncompressed_size, dtype=np.uint8)).cast("B")
     decode_into(flags, payload, out, source)
     return out
@@ -424,14 +423,3 @@ def header_bits(chunk_flags: int, compression: int, header_flags: int) -> tuple[
     if chunk_flags & CHUNK_BLOCK_DELTA:
         header_flags |= HDR_BLOCK_DELTA
     return compression, header_flags
-
-
-def region_elem_sizes(regions: Sequence[tuple[int, str]]) -> dict[int, int]:
-    """Shuffle element size per region chunk id from (chunk_id, dtype) pairs."""
-    out: dict[int, int] = {}
-    for cid, dtype in regions:
-        try:
-            out[cid] = elem_size_for(dtype)
-        except TypeError:
-            out[cid] = 0
-    return out
