@@ -81,3 +81,18 @@ def zstd_supported() -> bool:
 
 def vector_bytes(vectors_dir: Path, name: str) -> bytes:
     return (vectors_dir / f"{name}.rkcp").read_bytes()
+
+
+def stream_span(data: bytes) -> tuple[int, int]:
+    """Where the RKCKPT stream lies in a checkpoint file's bytes: the whole of a .rkcp,
+    the /rkckpt dataset of a .rk.h5 (so tests can damage the stream either way)."""
+    if not data.startswith(container.HDF5_SIGNATURE):
+        return 0, len(data)
+    import io
+
+    import h5py
+
+    with h5py.File(io.BytesIO(data), "r") as f:
+        ds = f["rkckpt"]
+        start = int(ds.id.get_offset())
+        return start, start + int(ds.shape[0])

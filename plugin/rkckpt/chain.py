@@ -33,7 +33,7 @@ INDEX_NAME = "rkckpt-index.json"
 INDEX_VERSION = 1
 #: the file forms a chain may hold, mixed freely in one folder
 SUFFIXES = {"rk.h5": ".rk.h5", "rkcp": ".rkcp"}
-DEFAULT_FORMAT = "rkcp"
+DEFAULT_FORMAT = "rk.h5"
 NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
 
 

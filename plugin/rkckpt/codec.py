@@ -131,7 +131,7 @@ def _threads(options_threads: int) -> int:
 _pools_pid = os.getpid()
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
+def worker_pool(n: int) -> ThreadPoolExecutor:
     """Shared worker pool; rebuilt in a forked child, whose copy has no threads."""
     global _pools_pid
     with _pools_lock:
@@ -277,7 +277,7 @@ def _compress_frames(mv: memoryview, flags: int, options: WriteOptions, elem: in
         return len(out), out
 
     if count > 1 and _threads(options.threads) > 1:
-        results = list(_pool(_threads(options.threads)).map(one, range(count)))
+        results = list(worker_pool(_threads(options.threads)).map(one, range(count)))
     else:
         results = [one(i) for i in range(count)]
     table = bytearray(8 + 4 * count)
@@ -383,7 +383,7 @@ def decode_into(flags: int, payload: memoryview, out: memoryview, source: str | 
 
     n = _threads(threads)
     if len(frames) > 1 and n > 1:
-        for f in [_pool(n).submit(one, i) for i in range(len(frames))]:
+        for f in [worker_pool(n).submit(one, i) for i in range(len(frames))]:
             f.result()
     else:
         for i in range(len(frames)):
