@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -291,18 +292,32 @@ class Row:
 
 
 def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = None) -> list[Row]:
-    """Every checkpoint with its parent and whether it is restorable."""
+    """Every checkpoint with its parent and whether it is restorable.
+
+    With ``verify`` every file is read in full and every chain is applied,
+    so a delta whose recorded state digest is not what applying it gives is
+    reported, not just one whose bytes are damaged. A materialised state is
+    kept only until the last delta that builds on it has been checked.
+    """
     index = ChainIndex(storage)
     index.refresh()
+    entries = index.sorted(kernel_id)
+    parents = {e.name: index.parent_of(e) for e in entries}
+    readers = Counter(p.name for p in parents.values() if p is not None)
+    states: dict[str, Checkpoint] = {}
     status: dict[str, str] = {}
     rows = []
-    for e in index.sorted(kernel_id):
+    for e in entries:
+        parent = parents[e.name]
         if e.ok and verify:
             try:
-                load_checkpoint(storage, e.name)
+                _check_state(storage, e, states.get(parent.name) if parent is not None else None, states, readers)
             except (CheckpointError, StorageError) as exc:
                 e.error = exc.problem
-        parent = index.parent_of(e)
+        if parent is not None:
+            readers[parent.name] -= 1
+            if not readers[parent.name]:
+                states.pop(parent.name, None)
         if not e.ok:
             st = str(e.error)
         elif e.kind == "delta" and parent is None:
@@ -314,6 +329,22 @@ def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = N
         status[e.name] = st
         rows.append(Row(e, parent.name if parent else None, st))
     return rows
+
+
+def _check_state(storage: Storage, e: Entry, base: Checkpoint | None, states: dict[str, Checkpoint], readers: Counter[str]) -> None:
+    """Read ``e`` in full; materialise it on ``base`` (its parent's state) and check its state digest."""
+    ck = load_checkpoint(storage, e.name)
+    if e.kind == "full":
+        state: Checkpoint | None = ck
+        got = ck.content_digest()
+        if e.state_digest is not None and got != e.state_digest:
+            raise CheckpointError(e.name, f"content digest {got} differs from the recorded state digest {e.state_digest}")
+    elif base is not None:
+        state = delta.apply_delta(base, ck, source=e.name)  # checks the recorded state digest
+    else:
+        state = None  # orphaned or after a broken link: reported from the structure
+    if state is not None and readers[e.name]:
+        states[e.name] = state
 
 
 def plan_gc(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:

@@ -108,16 +108,16 @@ def apply_patch(old: bytes | memoryview, patch: bytes | memoryview, source: str 
     pos = _PATCH.size
     if nruns > (p.nbytes - pos) // 16:
         raise CheckpointError(source, f"block patch declares {nruns} runs, more than its {p.nbytes} bytes hold")
-    runs = (
-        np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2).astype(np.int64)
-        if nruns
-        else np.zeros((0, 2), np.int64)
-    )
+    raw_runs = np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2)
     pos += 16 * nruns
     data_len = p.nbytes - pos
     if target > parent_size + data_len:
         raise CheckpointError(source, f"block patch grows the chunk to {target} bytes with only {data_len} bytes of data")
     nb = -(-target // block)
+    # each field alone within the chunk's block count first: a sum of two u64 fields may wrap past int64
+    if (raw_runs > nb).any():
+        raise CheckpointError(source, "block patch runs are out of order, overlapping or past the chunk end")
+    runs = raw_runs.astype(np.int64)
     starts, counts = runs[:, 0], runs[:, 1]
     if nruns and (
         (counts <= 0).any() or (starts < 0).any() or (starts[1:] < starts[:-1] + counts[:-1]).any() or starts[-1] + counts[-1] > nb
