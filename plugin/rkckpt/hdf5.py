@@ -4,7 +4,8 @@ Layout (wrapper version 1):
 
 - ``/rkckpt``: the RKCKPT v1 stream, byte-exact, one contiguous uint8
   dataset, so ``h5py`` or ``h5dump -d /rkckpt -b`` extract a file the
-  reference reader parses.
+  reference reader parses. This writer puts it last in the file, starting
+  on a 4 KiB page, after all the HDF5 structure below.
 - root attributes: ``rkckpt.wrapper`` (= "rkckpt.h5"), ``wrapper_version``,
   ``format_version``, ``kernel_id``, ``kernel_type``, ``step``, ``kind``
   ("full"/"delta"), ``content_digest``, ``parent_digest`` ("" for a full
@@ -17,6 +18,9 @@ Layout (wrapper version 1):
 
 The index and attributes are a convenience for readers; the stream stays
 the source of truth, and ``check_h5`` verifies that they agree with it.
+Readers take the stream's bytes from the file at the dataset's offset (one
+byte-range source, the same reader as ``.rkcp``), after checking that the
+dataset is a plain one stored in this file.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ INDEX = "index"
 REGIONS = "regions"
 CHAIN_BASE_KEY = "rkckpt.chain_base"
 MAX_REGIONS = 1 << 20
+PAGE = 4096
+STREAM_ALIGN_ABOVE = 64 << 10  # objects at least this big (the stream) are page aligned
 
 
 def _index_dtype() -> np.dtype:
@@ -138,25 +144,42 @@ def _stream_dataset(f: Any, length: int) -> Any:
     return h5py.h5d.create(f.id, STREAM.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl)
 
 
-def _layout(folder: str, length: int, fill: Callable[[Any], None] | None) -> tuple[int, bytes, bytes]:
-    """HDF5 bytes around a ``length``-byte ``/rkckpt``: (stream offset, bytes before it, bytes after it).
+@dataclass(frozen=True)
+class _Facts:
+    """What the HDF5 structure records about a stream; sizes never depend on the CRC values."""
 
-    Built in a sparse scratch file: ``/rkckpt`` is created first (so its
-    offset does not depend on what ``fill`` adds later), allocated and
-    never written, so the scratch file costs a few KiB whatever ``length``.
+    crcs: list[int]
+    digest: str
+    chain_base: str
+
+
+def _scratch_folder() -> str | None:
+    shm = "/dev/shm"  # tmpfs: the scratch file never reaches a disk
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def _layout(length: int, fill: Callable[[Any], None]) -> tuple[int, bytes, bytes]:
+    """The HDF5 file around a ``length``-byte ``/rkckpt``: (its offset, the bytes before it, the bytes after it).
+
+    Built in a sparse scratch file: ``fill`` writes the attributes and
+    tables first, then ``/rkckpt`` is created last (contiguous, allocated,
+    never written), so all HDF5 structure comes before the stream, a reader
+    finds it in the first few KiB, and the scratch file costs a few KiB
+    whatever ``length``.
     """
     import h5py
 
-    scratch = os.path.join(folder, "layout.h5")
-    with h5py.File(scratch, "w") as f:
-        offset = int(_stream_dataset(f, length).get_offset())
-        if fill is not None:
+    with tempfile.TemporaryDirectory(prefix="rkckpt-h5-", dir=_scratch_folder()) as folder:
+        scratch = os.path.join(folder, "layout.h5")
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_alignment(STREAM_ALIGN_ABOVE, PAGE)  # the stream starts on a page: whole-page writes and reads
+        with h5py.File(h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl)) as f:
             fill(f)
-    with open(scratch, "rb") as fh:
-        prefix = fh.read(offset)
-        fh.seek(offset + length)
-        suffix = fh.read()
-    os.unlink(scratch)
+            offset = int(_stream_dataset(f, length).get_offset())
+        with open(scratch, "rb") as fh:
+            prefix = fh.read(offset)
+            fh.seek(offset + length)
+            suffix = fh.read()
     return offset, prefix, suffix
 
 
@@ -167,9 +190,10 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
     writer as ``.rkcp``, at the offset where HDF5 puts a contiguous
     ``/rkckpt`` dataset (allocated early, never filled). Each raw chunk is
     checksummed once; that CRC serves the stream checksum, the index and
-    the content digest. The few KiB of HDF5 structure around the stream
-    (attributes, index, region table) are then built in a sparse scratch
-    file and written before and after it.
+    the content digest. The HDF5 structure (attributes, index, region
+    table: a few KiB before the stream) is laid out first with placeholder
+    CRCs of the same size, which fixes the offset, and written for real
+    once the CRCs are known.
     """
     options = options if options is not None else codec.WriteOptions()
     try:
@@ -179,20 +203,14 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
         raise CheckpointError(None, f".rk.h5 needs a seekable sink: {exc}") from None
     enc = container.encode_single(ckpt, options)
     parent = ckpt.metadata.parent_digest or ""
-    with tempfile.TemporaryDirectory(prefix="rkckpt-h5-") as scratch:
-        offset, _, _ = _layout(scratch, enc.length, None)
-        f.seek(start + offset)
-        written = container.emit(f, enc, options, chunk_crcs=True)
-        assert written.payload_crcs is not None
-        data_crcs = [
-            pc if p.raw else crc32(memoryview(c.data).cast("B"))
-            for p, pc, c in zip(enc.chunks, written.payload_crcs, ckpt.chunks, strict=True)
-        ]
-        digest = digest_from_crcs(
-            (p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, data_crcs, strict=True)
-        )
-        base = chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
+    names = ckpt.region_names()
+    regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
+    offsets = enc.chunk_offsets()
 
+    def base_for(digest: str) -> str:
+        return chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
+
+    def filler(facts: _Facts) -> Callable[[Any], None]:
         def fill(h: Any) -> None:
             attrs = h.attrs
             attrs["rkckpt.wrapper"] = WRAPPER
@@ -202,30 +220,45 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
             attrs["kernel_type"] = ckpt.metadata.kernel_type
             attrs["step"] = np.uint64(ckpt.metadata.current_step)
             attrs["kind"] = "delta" if parent else "full"
-            attrs["content_digest"] = digest
+            attrs["content_digest"] = facts.digest
             attrs["parent_digest"] = parent
-            attrs["chain_base"] = base
+            attrs["chain_base"] = facts.chain_base
             attrs["created_at"] = np.uint64(ckpt.created_at)
             attrs["compat"] = bool(options.compat)
-            names = ckpt.region_names()
             index = np.zeros(len(enc.chunks), dtype=_index_dtype())
-            for i, (p, at, crc) in enumerate(zip(enc.chunks, enc.chunk_offsets(), data_crcs, strict=True)):
+            for i, (p, at, crc) in enumerate(zip(enc.chunks, offsets, facts.crcs, strict=True)):
                 name = names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else ""
                 index[i] = (p.chunk_type, p.chunk_id, name, at, p.encoded.size, p.uncompressed_size, p.encoded.flags, crc)
             h.create_dataset(INDEX, data=index)
-            regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
             table = np.zeros(len(regions), dtype=_regions_dtype())
             for i, r in enumerate(regions):
                 table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
             h.create_dataset(REGIONS, data=table)
 
-        final, prefix, suffix = _layout(scratch, enc.length, fill)
-    if final != offset:  # the dataset is created first, so adding metadata cannot move it
-        raise CheckpointError(None, f"HDF5 placed /rkckpt at {final}, not {offset}")
+        return fill
+
+    placeholder = "0" * 8  # a digest's size: the layout does not change when the real one goes in
+    offset, _, _ = _layout(enc.length, filler(_Facts([0] * len(enc.chunks), placeholder, base_for(placeholder))))
+    for _attempt in range(2):
+        f.seek(start + offset)
+        written = container.emit(f, enc, options, chunk_crcs=True)
+        assert written.payload_crcs is not None
+        crcs = [
+            pc if p.raw else crc32(memoryview(c.data).cast("B"))
+            for p, pc, c in zip(enc.chunks, written.payload_crcs, ckpt.chunks, strict=True)
+        ]
+        digest = digest_from_crcs((p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, crcs, strict=True))
+        final, prefix, suffix = _layout(enc.length, filler(_Facts(crcs, digest, base_for(digest))))
+        if final == offset:
+            break
+        offset = final  # not expected (equal sizes give equal layouts); correct either way: write it there
+    else:
+        raise CheckpointError(None, "HDF5 layout of /rkckpt did not settle")
     f.seek(start)
     container.write_fully(f, prefix)
     f.seek(start + offset + enc.length)
     container.write_fully(f, suffix)
+    f.truncate()  # a retried layout may have left bytes past the end
     return offset + enc.length + len(suffix)
 
 
