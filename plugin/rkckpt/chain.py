@@ -53,13 +53,19 @@ def newest_named_step(names: Iterable[str]) -> int | None:
     return max(steps, default=None)
 
 
+def _local_path(storage: Storage, name: str) -> object | None:
+    """The file behind ``name`` when the storage has one (folder, two-level), else None."""
+    local_path = getattr(storage, "local_path", None)
+    return None if local_path is None else local_path(name)
+
+
 def open_source(storage: Storage, name: str) -> Source:
     """The RKCKPT stream of checkpoint ``name``: the file itself, or the stream inside a ``.rk.h5``.
 
     Local files are read from their path; other storage with range requests
     (an ``.rk.h5`` object's HDF5 structure too), never downloaded whole.
     """
-    local = getattr(storage, "local_path", lambda _n: None)(name)
+    local = _local_path(storage, name)
     if name.endswith(SUFFIXES["rk.h5"]):
         return hdf5.open_stream(local or name, None if local else storage)
     return FileSource(local) if local is not None else StorageSource(storage, name)
@@ -404,7 +410,7 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
         if meta.parent_digest is not None:
             raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
         if name.endswith(SUFFIXES["rk.h5"]):
-            local = getattr(storage, "local_path", lambda _n: None)(name)
+            local = _local_path(storage, name)
             return hdf5.read_region(local or name, region, None if local else storage)
         info = Checkpoint(meta).regions().get(region)
         if info is None:
@@ -418,7 +424,3 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
     finally:
         source.close()
     raise CheckpointError(name, f"region {region!r} is declared but its chunk is missing")
-
-
-def names(entries: Iterable[Entry]) -> list[str]:
-    return [e.name for e in entries]
