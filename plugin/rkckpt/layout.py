@@ -1,4 +1,4 @@
-"""The RKCKPT v1 byte layouts, defined once (see ../shared/RKCKPT-FORMAT.md).
+"""The RKCKPT v1 byte layouts, defined once (see docs/RKCKPT-FORMAT.md).
 
 Everything that packs or unpacks a file header, a chunk header or the
 metadata block goes through here, including the reference's size quirk:
