@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ from .source import Buffer, FileSource, MemorySource, Source
 __all__ = ["ParsedFile", "Scan", "check", "encode", "load", "read", "scan", "write"]
 
 _PIECE = 16 << 20  # I/O and CRC granularity: big enough for throughput, small enough to overlap
-_PAGE = 4096
 H5_SUFFIXES = (".rk.h5", ".h5", ".hdf5")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: decoded size a plain (non-sharded) stream may declare in all: its own 1 GiB cap
@@ -155,48 +153,12 @@ class _Cursor:
     def into(self, out: memoryview, what: str) -> None:
         n = out.nbytes
         self._check(n, what)
-        if n > _PIECE:
-            self._into_prefaulted(out)
-            return
         for s in range(0, n, _PIECE):
             piece = out[s : s + _PIECE]
             self.source.read_into(self.pos + s, piece)
             if self.crc is not None:
                 self.crc.update(piece)
         self.pos += n
-
-    def _into_prefaulted(self, out: memoryview) -> None:
-        """Like ``into`` for big buffers, with the buffer's pages faulted in ahead of the reads.
-
-        A fresh buffer's first touch of each page (a trap, a zeroed page) costs
-        about a sixth of a cold read; a helper thread takes it one piece ahead,
-        on the other core, while this thread waits for the disk. Each piece is
-        read only after the helper is done with it, so no data is overwritten.
-        """
-        arr = np.frombuffer(out, dtype=np.uint8)
-        count = -(-out.nbytes // _PIECE)
-        ready = [threading.Event() for _ in range(count)]
-        stop = threading.Event()
-
-        def prefault() -> None:
-            for k in range(count):
-                if stop.is_set():
-                    return
-                arr[k * _PIECE : (k + 1) * _PIECE : _PAGE] = 0
-                ready[k].set()
-
-        helper = codec.worker_pool(1).submit(prefault)
-        try:
-            for k in range(count):
-                ready[k].wait()
-                piece = out[k * _PIECE : (k + 1) * _PIECE]
-                self.source.read_into(self.pos, piece)
-                if self.crc is not None:
-                    self.crc.update(piece)
-                self.pos += piece.nbytes
-        finally:
-            stop.set()
-            helper.result()
 
     def skip(self, n: int, what: str) -> None:
         self._check(n, what)
