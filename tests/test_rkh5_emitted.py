@@ -129,3 +129,21 @@ def test_mixed_folder_every_reader(tmp_path):
     doomed = gc(FileStorage(d), keep=1)
     assert sorted(doomed) == files
     assert latest_restorable(FileStorage(d)).step == 7
+
+
+def test_region_read_from_a_sharded_rkcp(tmp_path, monkeypatch):
+    """A region split over shard streams is read whole (the range-read path falls back to the full read)."""
+    from rkckpt import codec, shard
+
+    monkeypatch.setattr(shard, "MAX_STREAM", 6 << 20)
+    ck = state(1)
+    big = np.random.default_rng(0).standard_normal(2 << 20).astype(np.float32)
+    ck.add_region("big", big)
+    d = tmp_path / "ck"
+    d.mkdir()
+    name = checkpoint_name(KID, 1, "full", "rkcp")
+    container.write(d / name, ck, codec.WriteOptions(compress=False))
+    parsed = container.read(d / name)
+    assert len(parsed.chunk_headers) > len(parsed.checkpoint.chunks)  # some chunk is split
+    np.testing.assert_array_equal(read_region(FileStorage(d), name, "big"), big)
+    np.testing.assert_array_equal(read_region(FileStorage(d), name, "p"), ck.region("p"))

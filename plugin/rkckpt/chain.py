@@ -24,6 +24,7 @@ import numpy as np
 from . import codec, container, delta, hdf5
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
+from .flags import HDR_SHARD
 from .model import Checkpoint, Chunk, ChunkType
 from .source import FileSource, Source, StorageSource
 from .storage.base import Storage, StorageError
@@ -409,6 +410,8 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
         meta = scan.metadata
         if meta.parent_digest is not None:
             raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
+        if scan.header.flags & HDR_SHARD:  # a region may be split over shards: read them all
+            return container.read_source(source).checkpoint.region(region)
         if name.endswith(SUFFIXES["rk.h5"]):
             local = _local_path(storage, name)
             return hdf5.read_region(local or name, region, None if local else storage)

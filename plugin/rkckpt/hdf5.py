@@ -46,7 +46,7 @@ from .errors import CheckpointError
 from .flags import CHUNK_BLOCK_DELTA, CHUNK_PART
 from .layout import CHUNK_HEADER_SIZE, HEADER_SIZE, MAX_CHECKPOINT_SIZE, VERSION, unpack_chunk
 from .model import Checkpoint, ChunkType, RegionInfo, digest_from_crcs
-from .source import FileSource, MemorySource, RangeSource, Source
+from .source import FileSource, MemorySource, RangeSource, Source, StorageSource
 
 WRAPPER = "rkckpt.h5"
 WRAPPER_VERSION = 1
@@ -294,21 +294,22 @@ class _Opened:
 
         self.source = os.fspath(path)
         self.raw: Source
+        self.fileobj: Any = None  # the storage object HDF5 reads its structure from
         if storage is None:
             self.raw = FileSource(self.source)  # refuses FIFOs and devices without blocking
         else:
-            from .source import StorageSource
-
             self.raw = StorageSource(storage, self.source)
         try:
             if self.raw.size < len(HDF5_SIGNATURE) or bytes(self.raw.read(0, len(HDF5_SIGNATURE))) != HDF5_SIGNATURE:
                 raise CheckpointError(self.source, "not an HDF5 file (no HDF5 signature)")
+            if storage is not None:
+                self.fileobj = storage.open_read(self.source)
             try:
-                self.file = h5py.File(self.source if storage is None else storage.open_read(self.source), "r")
+                self.file = h5py.File(self.source if self.fileobj is None else self.fileobj, "r")
             except (OSError, ValueError) as exc:
                 raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
         except BaseException:
-            self.raw.close()  # type: ignore[attr-defined]
+            self._release()
             raise
         try:
             self._check()
@@ -412,8 +413,21 @@ class _Opened:
             for k, v in self.file.attrs.items()
         }
 
-    def close(self) -> None:
+    def close_structure(self) -> None:
+        """Close HDF5 (and the storage object behind it); the stream source stays open."""
         self.file.close()
+        if self.fileobj is not None:
+            self.fileobj.close()
+            self.fileobj = None
+
+    def _release(self) -> None:
+        if self.fileobj is not None:
+            self.fileobj.close()
+            self.fileobj = None
+        self.raw.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.close_structure()
         self.raw.close()  # type: ignore[attr-defined]
 
     def __enter__(self) -> _Opened:
@@ -492,7 +506,7 @@ def open_stream(path: str | os.PathLike[str], storage: Any = None) -> Source:
     The HDF5 file is closed again; the caller closes the returned source.
     """
     h = _Opened(path, storage)
-    h.file.close()
+    h.close_structure()
     if not isinstance(h.stream, RangeSource):
         h.raw.close()  # type: ignore[attr-defined]
     return h.stream
