@@ -147,3 +147,19 @@ def test_region_read_from_a_sharded_rkcp(tmp_path, monkeypatch):
     assert len(parsed.chunk_headers) > len(parsed.checkpoint.chunks)  # some chunk is split
     np.testing.assert_array_equal(read_region(FileStorage(d), name, "big"), big)
     np.testing.assert_array_equal(read_region(FileStorage(d), name, "p"), ck.region("p"))
+
+
+def test_rk_h5_writer_recovers_from_a_wrong_cached_offset(tmp_path, monkeypatch):
+    """The stream offset is remembered per structure shape; a wrong entry costs a rewrite, never a bad file."""
+    from rkckpt import codec, hdf5
+
+    ck = state(1)
+    first = tmp_path / "a.rk.h5"
+    container.write(first, ck, codec.WriteOptions())
+    assert hdf5._OFFSETS  # remembered  # noqa: SLF001
+    monkeypatch.setattr(hdf5, "_OFFSETS", {k: v + 4096 for k, v in hdf5._OFFSETS.items()})  # noqa: SLF001
+    second = tmp_path / "b.rk.h5"
+    container.write(second, ck, codec.WriteOptions())
+    assert second.read_bytes() == first.read_bytes()
+    hdf5.check_h5(second)
+    assert container.load(second).content_digest() == ck.content_digest()

@@ -144,6 +144,10 @@ def _stream_dataset(f: Any, length: int) -> Any:
     return h5py.h5d.create(f.id, STREAM.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl)
 
 
+#: stream offset by the shape of the HDF5 structure (see ``write_to``); a wrong entry only costs a rewrite
+_OFFSETS: dict[tuple[object, ...], int] = {}
+
+
 @dataclass(frozen=True)
 class _Facts:
     """What the HDF5 structure records about a stream; sizes never depend on the CRC values."""
@@ -238,7 +242,19 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
         return fill
 
     placeholder = "0" * 8  # a digest's size: the layout does not change when the real one goes in
-    offset, _, _ = _layout(enc.length, filler(_Facts([0] * len(enc.chunks), placeholder, base_for(placeholder))))
+    # what the layout depends on: every size and string of the structure, none of the numbers, digests or the length
+    shape = (
+        ckpt.metadata.kernel_id,
+        ckpt.metadata.kernel_type,
+        parent,
+        len(base_for(placeholder)),
+        bool(options.compat),
+        tuple((p.chunk_type, names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else "") for p in enc.chunks),
+        tuple((r.name, r.dtype, len(r.shape)) for r in regions),
+    )
+    offset = _OFFSETS.get(shape)
+    if offset is None:
+        offset, _, _ = _layout(enc.length, filler(_Facts([0] * len(enc.chunks), placeholder, base_for(placeholder))))
     for _attempt in range(2):
         f.seek(start + offset)
         written = container.emit(f, enc, options, chunk_crcs=True)
@@ -250,6 +266,9 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
         digest = digest_from_crcs((p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, crcs, strict=True))
         final, prefix, suffix = _layout(enc.length, filler(_Facts(crcs, digest, base_for(digest))))
         if final == offset:
+            if len(_OFFSETS) >= 64:
+                _OFFSETS.clear()
+            _OFFSETS[shape] = offset  # the next checkpoint of this kind skips the placeholder layout
             break
         offset = final  # not expected (equal sizes give equal layouts); correct either way: write it there
     else:
