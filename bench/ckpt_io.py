@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rkckpt import codec
-from rkckpt import io as rkio
+from rkckpt import codec, container, hdf5
+from rkckpt.chain import checkpoint_name, load_checkpoint
 from rkckpt.delta import make_delta
 from rkckpt.model import Checkpoint, Metadata
+from rkckpt.storage import FileStorage
 
 
 def wave_fields(mib: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,13 +119,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     rows.append(("raw bytes", gb / best(raw_write, args.repeat), gb / best(raw_read, args.repeat, lambda: drop_cache(raw))))
 
+    def raw_read_fresh() -> None:  # what any loader that returns new memory pays on top: first-touch page faults
+        fresh = np.empty(nbytes, np.uint8)
+        with open(raw, "rb", buffering=0) as f:
+            mv, got = memoryview(fresh), 0
+            while got < nbytes:
+                got += f.readinto(mv[got:])
+
+    fresh_r = gb / best(raw_read_fresh, args.repeat, lambda: drop_cache(raw))
+
     def rk(name: str, path: Path, options: codec.WriteOptions) -> None:
         def save() -> None:
             path.unlink(missing_ok=True)
-            rkio.save(path, ck, options)
+            container.write(path, ck, options)
 
         def load() -> None:
-            got = rkio.load(path)
+            got = container.load(path)
             assert got.chunks[0].size == p.nbytes
 
         rows.append((name, gb / best(save, args.repeat), gb / best(load, args.repeat, lambda: drop_cache(path))))
@@ -133,12 +143,31 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rk("rkckpt .rkcp", work / "s.rkcp", codec.WriteOptions())
     rk("rkckpt .rkcp compat", work / "c.rkcp", codec.COMPAT)
     rk("rkckpt .rkcp adaptive=size", work / "z.rkcp", codec.WriteOptions(adaptive="size"))
-    try:
-        from rkckpt import hdf5  # noqa: F401
+    rk("rkckpt .rk.h5", work / "s.rk.h5", codec.WriteOptions())
+    h5_row = len(rows) - 1
+    # the emitted form: what CheckpointManager writes (FileStorage temp file, fsync, rename)
+    store = FileStorage(work / "store")
+    name = checkpoint_name("bench", 1, "full", "rk.h5")
 
-        rk("rkckpt .rk.h5", work / "s.rk.h5", codec.WriteOptions())
-    except ImportError as exc:
-        print(f"  note: .rk.h5 skipped, rkckpt.hdf5 not available ({exc})")
+    def emitted_save() -> None:
+        store.save(name, lambda f: hdf5.write_to(f, ck, codec.WriteOptions()))
+
+    def emitted_load() -> None:
+        assert load_checkpoint(store, name).chunks[0].size == p.nbytes
+
+    emitted_save()
+    rows.append(
+        (
+            "rkckpt .rk.h5 (manager)",
+            gb / best(emitted_save, args.repeat),
+            gb / best(emitted_load, args.repeat, lambda: drop_cache(store.path(name))),
+        )
+    )
+    store.close()
+    # raw again, right after: on a shared machine the disk's speed drifts; the better raw figure is the reference
+    again = (gb / best(raw_write, args.repeat), gb / best(raw_read, args.repeat, lambda: drop_cache(raw)))
+    rows.insert(1, ("raw bytes (again)", *again))
+    h5_row += 1
 
     npy = work / "s.npz"
 
@@ -181,8 +210,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     except ImportError:
         print("  note: hdf5plugin not installed, h5py+zstd skipped")
 
-    raw_w, raw_r = rows[0][1], rows[0][2]
+    raw_w, raw_r = max(rows[0][1], rows[1][1]), max(rows[0][2], rows[1][2])
     print(f"\n{'format':28s} {'save GB/s':>10s} {'load GB/s':>10s} {'save/raw':>9s} {'load/raw':>9s}")
+    print(
+        f"(raw load reads into one buffer reused across repeats; into a fresh buffer each time: {fresh_r:.3f} GB/s = {fresh_r / raw_r:.2f}x)"
+    )
     for name, w, r in rows:
         print(f"{name:28s} {w:10.3f} {r:10.3f} {w / raw_w:9.2f} {r / raw_r:9.2f}")
 
@@ -208,19 +240,23 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for mode in ("whole", "block"):
             d = make_delta(base, state(arrs, 2), mode=mode)
             path = work / f"d-{mode}.rkcp"
-            size = rkio.save(path, d, codec.WriteOptions())
+            size = container.write(path, d, codec.WriteOptions())
             print(f"  {label:24s} {mode:5s}: {size / 2**20:8.2f} MiB = {size / region_bytes * 100:6.2f} % of a region")
-    db = rkio.save(work / "db.rkcp", make_delta(base, state(changed_b, 2), mode="block"), codec.WriteOptions())
-    rk_w, rk_r = rows[1][1], rows[1][2]
-    print("\ntargets:")
+    db = container.write(work / "db.rkcp", make_delta(base, state(changed_b, 2), mode="block"), codec.WriteOptions())
+    rk_w, rk_r = rows[2][1], rows[2][2]
+    print("\ntargets (against the better of the two raw figures):")
     print(f"  save .rkcp >= 0.85x raw: {rk_w / raw_w:.2f}x {'OK' if rk_w >= 0.85 * raw_w else 'MISSED'}")
     print(f"  load .rkcp >= 0.85x raw: {rk_r / raw_r:.2f}x {'OK' if rk_r >= 0.85 * raw_r else 'MISSED'}")
+    for i in (h5_row, h5_row + 1):
+        label, w, r = rows[i]
+        print(f"  save {label} >= 0.95x raw: {w / raw_w:.2f}x {'OK' if w >= 0.95 * raw_w else 'MISSED'}")
+        print(f"  load {label} >= 0.95x raw: {r / raw_r:.2f}x {'OK' if r >= 0.95 * raw_r else 'MISSED'}")
     print(f"  block delta (b) <= 6 % of region: {db / region_bytes * 100:.2f} % {'OK' if db <= 0.06 * region_bytes else 'MISSED'}")
 
 
 _LARGE_WRITE = """
 import json, os, sys, time, numpy as np
-from rkckpt import io as rkio, codec
+from rkckpt import codec, container
 from rkckpt.model import Checkpoint, Metadata
 n, step = 3 << 30, 1 << 24
 ck = Checkpoint(Metadata("big", "wave_3d", 1), created_at=1)
@@ -232,7 +268,7 @@ for name, size in (("pressure", n // 4 * 3 // 4), ("velocity", n // 16)):
         a[s : s + step] = np.sin(x * np.float32(1e-4)) + rng.random(x.size, dtype=np.float32) * np.float32(1e-3)
     ck.add_region(name, a)
 t = time.perf_counter()
-size = rkio.save(sys.argv[1], ck, codec.WriteOptions())
+size = container.write(sys.argv[1], ck, codec.WriteOptions())
 dt = time.perf_counter() - t
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps({"digest": ck.content_digest(), "size": size, "seconds": dt, "hwm": hwm, "state": n}))
@@ -240,9 +276,8 @@ print(json.dumps({"digest": ck.content_digest(), "size": size, "seconds": dt, "h
 
 _LARGE_READ = """
 import json, sys, time
-from rkckpt import io as rkio
 t = time.perf_counter()
-ck = rkio.load(sys.argv[1])
+ck = container.load(sys.argv[1])
 dt = time.perf_counter() - t
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps({"digest": ck.content_digest(), "seconds": dt, "hwm": hwm}))

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from rkckpt import format as rkformat  # noqa: E402
+from rkckpt import container  # noqa: E402
 from rkckpt.codec import WriteOptions  # noqa: E402
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse  # noqa: E402
 from rkckpt.model import Checkpoint, Metadata  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> int:
         run_loop(min(n, 64), 2, every, None)  # warm-up
         sim = Sim(n)
         sim.advance()
-        blob = rkformat.encode(sim.snapshot(), WriteOptions())
+        blob = container.encode(sim.snapshot(), WriteOptions())
         # each repetition runs plain loop, checkpointed loop and raw writes back to back, so all
         # three see the same background load; the best of each is the least disturbed
         policy = CheckpointPolicy(every_steps=every, keep_chains=2)

@@ -30,7 +30,7 @@ echo "== bit identity: CUDA vs NumPy"
 "$PY" - <<'PYEOF'
 import os, sys, time
 import numpy as np
-from rkckpt import format as rkformat
+from rkckpt import container
 from rkkernel.runtime import PersistentKernel
 from rkkernel.wavesim import WaveParams, current_field, make_spec
 
@@ -65,7 +65,7 @@ for mode in ("0", "1"):
 os.environ["RKKERNEL_CUDA_PERSISTENT"] = "1"
 k = PersistentKernel(make_spec(params), "cuda")
 k.run(120)
-ck = rkformat.parse(rkformat.encode(k.create_checkpoint())).checkpoint
+ck = container.read(container.encode(k.create_checkpoint())).checkpoint
 r = PersistentKernel(make_spec(params), "numpy")
 r.restore_from_checkpoint(ck)
 k.run(80); r.run(80)

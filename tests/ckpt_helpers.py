@@ -1,7 +1,7 @@
 """Helpers shared by the codec/HDF5/CLI tests (not a fixture module).
 
-Reading goes through ``rkckpt.io`` when it exists, so the tests exercise the
-same entry points the rest of the project uses.
+Reading goes through ``rkckpt.container``, so the tests exercise the same
+entry points the rest of the project uses.
 """
 
 from __future__ import annotations
@@ -13,36 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from rkckpt import codec, format, hdf5
+from rkckpt import codec, container
 from rkckpt.flags import CHUNK_ZSTD
 from rkckpt.model import Checkpoint, Chunk, ChunkType, Metadata
 
 VECTOR_FILES = ("full_step1000", "delta_step1010", "delta_step1020")
 
 
-def rkio():
-    try:
-        from rkckpt import io
-    except ImportError:
-        return None
-    return io
-
-
-def parse_path(path: str | os.PathLike[str]) -> format.ParsedFile:
+def parse_path(path: str | os.PathLike[str]) -> container.ParsedFile:
     """Parse a .rkcp or .rk.h5 file the way the project does."""
-    io = rkio()
-    if io is not None and hasattr(io, "parse_file"):
-        return io.parse_file(path)
-    if hdf5.is_hdf5(path) or os.fspath(path).endswith(".h5"):
-        return hdf5.read_h5(path)
-    return format.read(path)
+    return container.read(path)
 
 
 def load_path(path: str | os.PathLike[str]) -> Checkpoint:
-    io = rkio()
-    if io is not None and hasattr(io, "load"):
-        return io.load(path)
-    return parse_path(path).checkpoint
+    return container.load(path)
 
 
 def fix_checksum(buf: bytes | bytearray) -> bytearray:
@@ -97,3 +81,18 @@ def zstd_supported() -> bool:
 
 def vector_bytes(vectors_dir: Path, name: str) -> bytes:
     return (vectors_dir / f"{name}.rkcp").read_bytes()
+
+
+def stream_span(data: bytes) -> tuple[int, int]:
+    """Where the RKCKPT stream lies in a checkpoint file's bytes: the whole of a .rkcp,
+    the /rkckpt dataset of a .rk.h5 (so tests can damage the stream either way)."""
+    if not data.startswith(container.HDF5_SIGNATURE):
+        return 0, len(data)
+    import io
+
+    import h5py
+
+    with h5py.File(io.BytesIO(data), "r") as f:
+        ds = f["rkckpt"]
+        start = int(ds.id.get_offset())
+        return start, start + int(ds.shape[0])

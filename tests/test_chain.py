@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from ckpt_helpers import stream_span
 from rkckpt.chain import INDEX_NAME, ChainIndex, checkpoint_name, describe, gc, latest_restorable, plan_gc, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -51,14 +52,14 @@ def folder(tmp_path):
 
 
 def test_chain_layout_and_latest(folder):
-    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".rkcp"))
-    kinds = {int(f.split("-")[1]): f.split("-")[2][:-5] for f in files}
+    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".rk.h5"))
+    kinds = {int(f.split("-")[1]): f.split("-")[2].split(".")[0] for f in files}
     assert kinds[1] == "full"
     assert "delta" in kinds.values()
     rp = latest_restorable(FileStorage(folder))
     assert rp is not None and rp.step == 9 and not rp.skipped
     assert_state(rp.checkpoint, 9)
-    assert rp.chain[0].endswith("-full.rkcp") and rp.chain[-1] == name(9, kinds[9])
+    assert rp.chain[0].endswith("-full.rk.h5") and rp.chain[-1] == name(9, kinds[9])
     # every element of the chain is an earlier step
     steps = [int(n.split("-")[1]) for n in rp.chain]
     assert steps == sorted(steps)
@@ -73,7 +74,7 @@ def test_flipped_byte_in_newest_falls_back_with_one_warning(folder, caplog):
     chain = _newest_delta_chain(folder)
     p = folder / chain[-1]
     b = bytearray(p.read_bytes())
-    b[-10] ^= 0xFF
+    b[stream_span(bytes(b))[1] - 10] ^= 0xFF  # inside the stream (the last chunk's data)
     p.write_bytes(bytes(b))
     with caplog.at_level(logging.WARNING):
         rp = latest_restorable(FileStorage(folder))
@@ -118,7 +119,7 @@ def test_corrupt_middle_delta_breaks_chain_not_earlier_state(tmp_path):
     write_steps(d, [1, 2, 3], full_every=8)
     p = d / name(2, "delta")
     b = bytearray(p.read_bytes())
-    b[80] ^= 1
+    b[stream_span(bytes(b))[0] + 80] ^= 1  # in the stream
     p.write_bytes(bytes(b))
     rp = latest_restorable(FileStorage(d))
     assert rp.step == 1
@@ -153,8 +154,8 @@ def test_index_rebuilt_when_damaged_or_missing(folder):
 def test_retention_keeps_newest_complete_chains(tmp_path):
     d = tmp_path / "ck"
     write_steps(d, range(1, 14), full_every=2, keep_chains=2)
-    files = sorted(p.name for p in d.iterdir() if p.name.endswith(".rkcp"))
-    fulls = [f for f in files if f.endswith("-full.rkcp")]
+    files = sorted(p.name for p in d.iterdir() if p.name.endswith(".rk.h5"))
+    fulls = [f for f in files if f.endswith("-full.rk.h5")]
     assert len(fulls) == 2
     oldest_kept = min(int(f.split("-")[1]) for f in fulls)
     assert all(int(f.split("-")[1]) >= oldest_kept for f in files)

@@ -26,7 +26,7 @@ def state(step: int) -> Checkpoint:
 
 
 def name(step: int, kind: str) -> str:
-    return f"{KID}-{step:012d}-{kind}.rkcp"
+    return f"{KID}-{step:012d}-{kind}.rk.h5"
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_gc_keeps_newest_chains(folder):
     assert (folder / name(1, "full")).exists()
     r = run("gc", folder, "--keep", 1)
     assert r.exit_code == 0, r.output
-    left = sorted(p.name for p in folder.glob("*.rkcp"))
+    left = sorted(p.name for p in folder.glob("*.rk.h5"))
     assert left == [name(4, "full"), name(5, "delta")]
     assert json.loads(run("latest", folder, "--json").output)["step"] == 5
     assert run("gc", folder, "--keep", 0).exit_code == 2  # usage error

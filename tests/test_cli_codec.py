@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import VECTOR_FILES, sample_checkpoint, small_options, zstd_supported
-from rkckpt import codec, format
+from rkckpt import codec, container
 
 RKCKPT = shutil.which("rkckpt")
 pytestmark = pytest.mark.skipif(RKCKPT is None, reason="rkckpt is not installed (pip install -e .)")
@@ -47,7 +47,7 @@ def manifest(vectors_dir):
 def sample_files(tmp_path):
     ck = sample_checkpoint()
     rkcp = tmp_path / "sample.rkcp"
-    rkcp.write_bytes(format.encode(ck, codec.COMPAT))
+    rkcp.write_bytes(container.encode(ck, codec.COMPAT))
     h5 = tmp_path / "sample.rk.h5"
     proc = run("convert", rkcp, h5)
     assert proc.returncode == 0, proc.stderr
@@ -208,9 +208,9 @@ def test_block_delta_needs_base_for_compat(tmp_path):
     if not any(c.flags & CHUNK_BLOCK_DELTA for c in d.chunks):
         pytest.skip("block delta stored whole chunks")
     base = tmp_path / "base.rkcp"
-    base.write_bytes(format.encode(parent, codec.COMPAT))
+    base.write_bytes(container.encode(parent, codec.COMPAT))
     delta = tmp_path / "delta.rkcp"
-    delta.write_bytes(format.encode(d, small_options()))
+    delta.write_bytes(container.encode(d, small_options()))
     assert_clean_failure(run("convert", delta, tmp_path / "c.rkcp", "--compat"), 1, delta)
     assert run("verify", delta).returncode == 0
     out = tmp_path / "full.rk.h5"
@@ -224,7 +224,7 @@ def test_human_output_is_not_rich_markup(tmp_path):
     ck = sample_checkpoint()
     ck.metadata = ck.metadata.with_custom(**{"[bold]key": "[/]value"})
     path = tmp_path / "[red]odd.rkcp"
-    path.write_bytes(format.encode(ck, codec.COMPAT))
+    path.write_bytes(container.encode(ck, codec.COMPAT))
     proc = run("inspect", path)
     assert proc.returncode == 0, proc.stderr
     assert "[bold]key" in proc.stdout and "[/]value" in proc.stdout and "[red]odd.rkcp" in proc.stdout
@@ -243,16 +243,15 @@ def test_verify_checks_the_hdf5_wrapper(sample_files):
 def test_sharded_file_inspects_and_exports(tmp_path, monkeypatch):
     """A sharded .rkcp (states over 1 GiB; here with a small shard limit) lists whole chunks."""
     from rkckpt import shard
-    from rkckpt.inspect import describe
+    from rkckpt.describe import describe
 
-    io = pytest.importorskip("rkckpt.io")
     monkeypatch.setattr(shard, "MAX_STREAM", 6 << 20)
     ck = sample_checkpoint()
     big = np.random.default_rng(0).standard_normal(2 << 20).astype(np.float32)
     ck.add_region("big", big)
     path = tmp_path / "sharded.rkcp"
-    io.save(path, ck, codec.WriteOptions())
-    parsed = io.parse_file(path)
+    container.write(path, ck, codec.WriteOptions())
+    parsed = container.read(path)
     if len(parsed.chunk_headers) == len(parsed.checkpoint.chunks):
         pytest.skip("the shard limit did not split a chunk")
     info = describe(parsed)

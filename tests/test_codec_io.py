@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rkckpt import CheckpointError, codec, format
-from rkckpt import io as rkio
+from rkckpt import CheckpointError, codec, container
 from rkckpt.delta import make_delta
 from rkckpt.model import Checkpoint, Metadata
 
@@ -38,33 +37,33 @@ class _Pipe:
 def test_non_seekable_target_gets_same_bytes(opts):
     ck = _ck()
     pipe = _Pipe()
-    n = rkio.encode_to(pipe, ck, opts)
-    assert b"".join(pipe.parts) == format.encode(ck, opts) and n == sum(map(len, pipe.parts))
+    n = container.write(pipe, ck, opts)
+    assert b"".join(pipe.parts) == container.encode(ck, opts) and n == sum(map(len, pipe.parts))
 
 
 def test_file_reader_agrees_with_in_memory_parser(vectors_dir):
     manifest = json.loads((vectors_dir / "manifest.json").read_text())
     for name in ("full_step1000", "delta_step1010", "delta_step1020"):
         path = vectors_dir / f"{name}.rkcp"
-        a, b = rkio.parse_file(path), format.read(path)
+        a, b = container.read(path), container.read(path)
         assert a.header == b.header and a.chunk_headers == b.chunk_headers
         assert a.checkpoint.metadata == b.checkpoint.metadata
         assert a.checkpoint.content_digest() == b.checkpoint.content_digest() == manifest["files"][name]["content_digest"]
     for name in ("corrupt_bitflip", "corrupt_truncated"):
         with pytest.raises(CheckpointError) as ei:
-            rkio.load(vectors_dir / f"{name}.rkcp")
+            container.load(vectors_dir / f"{name}.rkcp")
         assert f"{name}.rkcp" in str(ei.value)
 
 
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "x.rkcp"
-    rkio.save(target, _ck(1), codec.COMPAT)
+    container.write(target, _ck(1), codec.COMPAT)
     before = target.read_bytes()
     parent, child = _ck(1), _ck(2)
     child.chunks[0].data = bytes(child.chunks[0].data[:-8]) + b"\1" * 8
     delta = make_delta(parent, child, mode="block")
     with pytest.raises(CheckpointError, match="compat mode"):
-        rkio.save(target, delta, codec.COMPAT)  # fails after the writer started
+        container.write(target, delta, codec.COMPAT)  # fails after the writer started
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.rkcp"]
 
@@ -73,8 +72,8 @@ def test_save_returns_size_and_load_gives_arrays(tmp_path):
     ck = _ck()
     for opts in (codec.COMPAT, codec.WriteOptions(adaptive="size")):
         p = tmp_path / "y.rkcp"
-        assert rkio.save(p, ck, opts) == p.stat().st_size
-        got = rkio.load(p)
+        assert container.write(p, ck, opts) == p.stat().st_size
+        got = container.load(p)
         np.testing.assert_array_equal(got.region("p"), ck.region("p"))
         np.testing.assert_array_equal(got.region("i"), np.arange(1000))
         assert got.content_digest() == ck.content_digest()
@@ -82,17 +81,17 @@ def test_save_returns_size_and_load_gives_arrays(tmp_path):
 
 def test_missing_and_short_files(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
-        rkio.load(tmp_path / "missing.rkcp")
+        container.load(tmp_path / "missing.rkcp")
     (tmp_path / "short.rkcp").write_bytes(b"\x31\x30")
     with pytest.raises(CheckpointError, match="shorter than the 64-byte header"):
-        rkio.load(tmp_path / "short.rkcp")
+        container.load(tmp_path / "short.rkcp")
 
 
 def test_h5_paths_dispatch_to_wrapper(tmp_path):
     pytest.importorskip("h5py")
-    hdf5 = pytest.importorskip("rkckpt.hdf5")
+    pytest.importorskip("rkckpt.hdf5")
     ck = _ck()
     p = tmp_path / "z.rk.h5"
-    rkio.save(p, ck, codec.WriteOptions())
-    assert hdf5.read_h5(p).checkpoint.content_digest() == ck.content_digest()
-    assert rkio.load(p).content_digest() == ck.content_digest()
+    container.write(p, ck, codec.WriteOptions())
+    assert container.read(p).checkpoint.content_digest() == ck.content_digest()
+    assert container.load(p).content_digest() == ck.content_digest()

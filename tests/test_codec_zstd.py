@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from rkckpt import CheckpointError, codec, format
-from rkckpt import io as rkio
+from rkckpt import CheckpointError, codec, container
 from rkckpt.flags import CHUNK_SHUFFLE, CHUNK_SHUFFLE_ELEM_SHIFT, CHUNK_ZSTD, COMPRESSION_ZSTD, HDR_EXTENDED
 from rkckpt.model import Checkpoint, Metadata
 
@@ -39,7 +38,7 @@ def test_wave_is_compressed_shuffled_in_frames_and_roundtrips(tmp_path):
 
 def test_noise_is_stored_raw_and_file_flags():
     ck = _ckpt()
-    parsed = format.parse(format.encode(ck, SIZE))
+    parsed = container.read(container.encode(ck, SIZE))
     by_size = {h.uncompressed_size: h for h in parsed.chunk_headers}
     assert by_size[NOISE.nbytes].flags == 0 and by_size[NOISE.nbytes].compressed_size == NOISE.nbytes
     assert by_size[WAVE.nbytes].flags & CHUNK_ZSTD
@@ -51,15 +50,15 @@ def test_noise_is_stored_raw_and_file_flags():
 def test_compat_writes_raw_and_encode_to_matches_encode(tmp_path):
     ck = _ckpt()
     for opts in (codec.COMPAT, codec.WriteOptions(), SIZE, codec.WriteOptions(shuffle=False, level=3, adaptive="size")):
-        blob = format.encode(ck, opts)
+        blob = container.encode(ck, opts)
         buf = pyio.BytesIO()
-        assert rkio.encode_to(buf, ck, opts) == len(blob)
+        assert container.write(buf, ck, opts) == len(blob)
         assert buf.getvalue() == blob  # deterministic, same bytes both ways
         p = tmp_path / "c.rkcp"
-        rkio.save(p, ck, opts)
+        container.write(p, ck, opts)
         assert p.read_bytes() == blob
-        assert rkio.load(p).content_digest() == ck.content_digest()
-    assert format.parse(format.encode(ck, codec.COMPAT)).header.compression == 0
+        assert container.load(p).content_digest() == ck.content_digest()
+    assert container.read(container.encode(ck, codec.COMPAT)).header.compression == 0
 
 
 def _frame_payload(frames: list[bytes], bs: int, raw: list[bool] | None = None) -> bytes:
@@ -136,14 +135,14 @@ def test_shuffle_inverse():
 
 def test_corrupt_compressed_file_names_file(tmp_path):
     p = tmp_path / "z.rkcp"
-    rkio.save(p, _ckpt(), SIZE)
+    container.write(p, _ckpt(), SIZE)
     raw = bytearray(p.read_bytes())
     raw[len(raw) // 3] ^= 0x40
     p.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"z\.rkcp: checksum mismatch"):
-        rkio.load(p)
+        container.load(p)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
-        format.parse(bytes(raw), "z.rkcp")
+        container.read(bytes(raw), "z.rkcp")
 
 
 def test_speed_mode_cost_model():

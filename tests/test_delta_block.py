@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rkckpt import CheckpointError, DeltaMismatchError, codec, format
-from rkckpt import io as rkio
+from rkckpt import CheckpointError, DeltaMismatchError, codec, container
 from rkckpt.delta import STATE_DIGEST_KEY, apply_chain, apply_delta, apply_patch, make_delta, make_patch
 from rkckpt.flags import CHUNK_BLOCK_DELTA, HDR_BLOCK_DELTA
 from rkckpt.model import PARENT_DIGEST_KEY, Checkpoint, Metadata
@@ -38,9 +37,9 @@ def test_block_delta_size_follows_changed_bytes(tmp_path):
     assert d.metadata.custom[PARENT_DIGEST_KEY] == parent.content_digest()
     assert d.metadata.custom[STATE_DIGEST_KEY] == child.content_digest()
     p = tmp_path / "d.rkcp"
-    n = rkio.save(p, d, codec.WriteOptions())
+    n = container.write(p, d, codec.WriteOptions())
     assert n <= 0.06 * b.nbytes
-    parsed = rkio.parse_file(p)
+    parsed = container.read(p)
     assert parsed.header.flags & HDR_BLOCK_DELTA
     got = apply_delta(parent, parsed.checkpoint)
     assert got.content_digest() == child.content_digest()
@@ -49,13 +48,13 @@ def test_block_delta_size_follows_changed_bytes(tmp_path):
 
 
 def test_whole_mode_is_reference_compatible(vectors_dir):
-    full = format.read(vectors_dir / "full_step1000.rkcp").checkpoint
-    d1 = format.read(vectors_dir / "delta_step1010.rkcp").checkpoint
+    full = container.read(vectors_dir / "full_step1000.rkcp").checkpoint
+    d1 = container.read(vectors_dir / "delta_step1010.rkcp").checkpoint
     child = apply_delta(full, d1)
     again = make_delta(full, child, mode="whole")
     assert [c.identity for c in again.chunks] == [c.identity for c in d1.chunks]
     assert STATE_DIGEST_KEY not in again.metadata.custom
-    assert format.encode(again, codec.COMPAT) == (vectors_dir / "delta_step1010.rkcp").read_bytes()
+    assert container.encode(again, codec.COMPAT) == (vectors_dir / "delta_step1010.rkcp").read_bytes()
 
 
 def test_compat_refuses_block_patches():
@@ -64,7 +63,7 @@ def test_compat_refuses_block_patches():
     b2[:10] = 0
     d = make_delta(_state(1, a, b, c), _state(2, a, b2, c), mode="block")
     with pytest.raises(CheckpointError, match="compat mode"):
-        format.encode(d, codec.COMPAT)
+        container.encode(d, codec.COMPAT)
 
 
 def test_wrong_parent_and_corrupt_patch():

@@ -51,11 +51,11 @@ def test_full_disk_gives_clear_error_and_keeps_earlier_checkpoints(tiny_fs):
     m.close()
     leftovers = [p for p in os.listdir(d) if p.startswith(".rkckpt-tmp-")]
     assert leftovers == [], "partial temp file left on the full disk"
-    assert not (d / f"full-{failed_step:012d}-full.rkcp").exists()
+    assert not (d / f"full-{failed_step:012d}-full.rk.h5").exists()
     rp = latest_restorable(FileStorage(d), "full")
     assert rp is not None and rp.step == failed_step - 1 and not rp.skipped
     np.testing.assert_array_equal(rp.checkpoint.region("x"), state(rp.step, n).region("x"))
     # every earlier checkpoint is intact
     for step in range(1, failed_step):
-        ck = FileStorage(d).load(f"full-{step:012d}-full.rkcp")
+        ck = FileStorage(d).load(f"full-{step:012d}-full.rk.h5")
         assert len(ck) > n * 4

@@ -31,20 +31,20 @@ def _seeds() -> list[tuple[str, bytes]]:
     """Valid files to mutate: the reference vectors plus our own encodings."""
     sys.path.insert(0, str(Path(__file__).parent))
     from ckpt_helpers import sample_checkpoint, small_options
-    from rkckpt import codec, format
+    from rkckpt import codec, container
     from rkckpt.delta import make_delta
 
     vectors = Path(__file__).resolve().parent / "data" / "ringkernel-core-1.1.0"
     out = [(p.stem, p.read_bytes()) for p in sorted(vectors.glob("*_step*.rkcp"))]
     small = sample_checkpoint(n=512)
-    out.append(("sample-compat", format.encode(small, codec.COMPAT)))
-    out.append(("sample-extended", format.encode(small, small_options())))
+    out.append(("sample-compat", container.encode(small, codec.COMPAT)))
+    out.append(("sample-extended", container.encode(small, small_options())))
     smooth = sample_checkpoint(n=4096)
     try:  # several shuffled zstd frames per chunk, so the frame tables get mutated too
         framed = small_options(block_size=4096, min_ratio=1.0)
     except (TypeError, ValueError):
         framed = small_options()
-    out.append(("sample-frames", format.encode(smooth, framed)))
+    out.append(("sample-frames", container.encode(smooth, framed)))
     child = sample_checkpoint(step=8, n=4096)
     vel = child.region("velocity").copy()
     vel[1000:1010] += 1.0  # a small change: a block patch, not the whole chunk
@@ -54,7 +54,7 @@ def _seeds() -> list[tuple[str, bytes]]:
             d = make_delta(smooth, child, mode=mode)  # type: ignore[call-arg]
         except TypeError:  # codec engineer's block deltas not there yet
             d = make_delta(small, child)
-        out.append((f"delta-{mode}", format.encode(d, small_options())))
+        out.append((f"delta-{mode}", container.encode(d, small_options())))
     return out
 
 
@@ -107,7 +107,7 @@ def _mutate(rng: random.Random, raw: bytes) -> tuple[bytearray, str]:
 def _check_parse(parsed, buf: bytes) -> None:
     """A successful parse must be self-consistent, not just exception-free."""
     from ckpt_helpers import small_options
-    from rkckpt import codec, format
+    from rkckpt import codec, container
 
     assert len(parsed.chunk_headers) == parsed.header.chunk_count == len(parsed.checkpoint.chunks)
     for ch, c in zip(parsed.chunk_headers, parsed.checkpoint.chunks, strict=True):
@@ -115,8 +115,8 @@ def _check_parse(parsed, buf: bytes) -> None:
         assert ch.data_offset + ch.compressed_size <= len(buf)
     ck = parsed.checkpoint
     plain = parsed.header.compression == 0 and parsed.header.flags == 0 and not any(h.flags for h in parsed.chunk_headers)
-    again = bytearray(format.encode(ck, codec.COMPAT if plain else small_options()))
-    back = format.parse(bytes(again), "re-encoded").checkpoint
+    again = bytearray(container.encode(ck, codec.COMPAT if plain else small_options()))
+    back = container.read(bytes(again), "re-encoded").checkpoint
     assert back.metadata == ck.metadata, "metadata changes on re-encoding"
     assert back.content_digest() == ck.content_digest(), "content changes on re-encoding"
     custom = list(ck.metadata.custom)
@@ -128,7 +128,7 @@ def _check_parse(parsed, buf: bytes) -> None:
 def _bombs() -> list[str]:
     """Zstd bombs (4 GiB of RLE blocks in a few KiB) must fail without allocating."""
     from ckpt_helpers import zstd_supported
-    from rkckpt import CheckpointError, format
+    from rkckpt import CheckpointError, container
     from test_malformed import frames_payload, rle_frame, zstd_chunk_stream
 
     if not zstd_supported():
@@ -137,7 +137,7 @@ def _bombs() -> list[str]:
     for label, frame in (("no content size", rle_frame(4 << 30)), ("lying content size", rle_frame(4 << 30, declared=100))):
         buf = zstd_chunk_stream(frames_payload([frame], block_size=1 << 20), 100)
         try:
-            format.parse(buf, "bomb")
+            container.read(buf, "bomb")
             out.append(f"{label}: FAILED, parsed")
         except CheckpointError:
             out.append(f"{label}: rejected")
@@ -161,19 +161,15 @@ def _outcome(parse, arg, source: str) -> tuple[str, object]:
 
 
 def worker(seed: int, cases: int) -> dict:
-    """Mutate, then parse with both readers: in-memory ``format.parse`` and the
-    streaming file reader ``io.parse_file``; both must reject or both must
-    give the same checkpoint."""
+    """Mutate, then parse from both sources: bytes in memory and the same bytes
+    as a file (``container.read``); both must reject or both must give the
+    same checkpoint."""
     import resource
     import tempfile
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    from rkckpt import format
+    from rkckpt import container
 
-    try:
-        from rkckpt import io as rkio
-    except ImportError:
-        rkio = None
     seeds = _seeds()
     rng = random.Random(seed)
     stats = {
@@ -182,7 +178,7 @@ def worker(seed: int, cases: int) -> dict:
         "parsed": 0,
         "failures": [],
         "bombs": _bombs(),
-        "readers": 1 + (rkio is not None),
+        "readers": 2,
     }
     tmpdir = tempfile.TemporaryDirectory(prefix="rkckpt-fuzz-")
     path = os.path.join(tmpdir.name, "case.rkcp")
@@ -192,21 +188,18 @@ def worker(seed: int, cases: int) -> dict:
         data = bytes(buf)
         stats["cases"] += 1
         fail = {"case": case, "seed": name, "mutation": how}
-        kind, res = _outcome(lambda b: format.parse(b, path), data, path)
-        if rkio is not None:
-            with open(path, "wb") as f:
-                f.write(data)
-            kind2, res2 = _outcome(rkio.parse_file, path, path)
-        else:
-            kind2, res2 = kind, res
+        kind, res = _outcome(lambda b: container.read(b, path), data, path)
+        with open(path, "wb") as f:
+            f.write(data)
+        kind2, res2 = _outcome(container.read, path, path)
         if "bug" in (kind, kind2):
-            stats["failures"].append({**fail, "error": f"format: {res}" if kind == "bug" else f"io: {res2}"})
+            stats["failures"].append({**fail, "error": f"memory: {res}" if kind == "bug" else f"file: {res2}"})
             continue
         if kind != kind2:
             stats["failures"].append(
                 {
                     **fail,
-                    "error": f"readers disagree: format {kind} ({res if kind != 'ok' else ''}), io {kind2} ({res2 if kind2 != 'ok' else ''})",
+                    "error": f"readers disagree: memory {kind} ({res if kind != 'ok' else ''}), file {kind2} ({res2 if kind2 != 'ok' else ''})",
                 }
             )
             continue
@@ -215,10 +208,9 @@ def worker(seed: int, cases: int) -> dict:
             continue
         try:
             _check_parse(res, data)
-            if rkio is not None:
-                _check_parse(res2, data)
-                assert res2.checkpoint.content_digest() == res.checkpoint.content_digest(), "readers give different content"
-                assert res2.checkpoint.metadata == res.checkpoint.metadata, "readers give different metadata"
+            _check_parse(res2, data)
+            assert res2.checkpoint.content_digest() == res.checkpoint.content_digest(), "readers give different content"
+            assert res2.checkpoint.metadata == res.checkpoint.metadata, "readers give different metadata"
             stats["parsed"] += 1
         except Exception as exc:  # noqa: BLE001 - an assertion or a re-encoding failure
             stats["failures"].append({**fail, "error": f"bad parse: {type(exc).__name__}: {exc}"})
@@ -252,7 +244,7 @@ def h5_worker(seed: int, cases: int) -> dict:
     import tempfile
 
     from ckpt_helpers import sample_checkpoint
-    from rkckpt import CheckpointError, codec, hdf5
+    from rkckpt import CheckpointError, codec, container, hdf5
 
     tmp = tempfile.TemporaryDirectory(prefix="rkckpt-h5fuzz-")
     base = os.path.join(tmp.name, "base.rk.h5")
@@ -273,7 +265,7 @@ def h5_worker(seed: int, cases: int) -> dict:
         stats["cases"] += 1
         try:
             hdf5.probe(path)
-            got = hdf5.read_h5(path).checkpoint
+            got = container.read(path).checkpoint
             hdf5.read_region(path, "velocity")
             hdf5.check_h5(path)
             assert got.content_digest() == ck.content_digest(), "a damaged file read as different content"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_helpers import parse_path, sample_checkpoint, small_options, zstd_supported
-from rkckpt import CheckpointError, codec, format, hdf5
+from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.delta import apply_delta, make_delta
 from rkckpt.flags import CHUNK_ZSTD
 from rkckpt.model import Chunk, ChunkType
@@ -23,8 +23,8 @@ def test_roundtrip_and_stream_matches_format(tmp_path, compat):
     size = hdf5.write_h5(path, ck, options)
     assert size == path.stat().st_size
     # the embedded stream is exactly what the .rkcp writer produces
-    assert hdf5.read_stream(path) == format.encode(ck, options)
-    back = hdf5.read_h5(path).checkpoint
+    assert hdf5.read_stream(path) == container.encode(ck, options)
+    back = container.read(path).checkpoint
     assert back.content_digest() == ck.content_digest()
     assert back.metadata == ck.metadata
     for name in ("pressure", "velocity", "mask"):
@@ -48,7 +48,7 @@ def test_attributes_index_and_region_table(tmp_path):
     assert attrs["parent_digest"] == ""
     assert attrs["chain_base"] == ck.content_digest()
     assert attrs["format_version"] == 1
-    parsed = format.parse(hdf5.read_stream(path))
+    parsed = container.read(hdf5.read_stream(path))
     index = hdf5.read_index(path)
     assert [(e.chunk_type, e.chunk_id, e.offset, e.stored_size) for e in index] == [
         (h.chunk_type, h.chunk_id, h.data_offset, h.compressed_size) for h in parsed.chunk_headers
@@ -71,7 +71,7 @@ def test_delta_attributes(tmp_path):
     assert attrs["kind"] == "delta"
     assert attrs["parent_digest"] == parent.content_digest()
     assert attrs["chain_base"] == parent.content_digest()
-    applied = apply_delta(parent, hdf5.load_h5(path))
+    applied = apply_delta(parent, container.load(path))
     np.testing.assert_array_equal(applied.region("pressure"), child.region("pressure"))
     hdf5.check_h5(path)
 
@@ -88,7 +88,7 @@ def test_region_read_touches_only_its_slice(tmp_path):
     with pytest.raises(CheckpointError, match="CRC-32"):
         hdf5.read_region(path, "velocity")
     with pytest.raises(CheckpointError, match="checksum"):
-        hdf5.read_h5(path)
+        container.read(path)
 
 
 def test_read_chunk_by_id(tmp_path):
@@ -158,7 +158,7 @@ def test_compressed_region_read(tmp_path):
 def test_compat_file_has_no_extension_bits(tmp_path):
     path = tmp_path / "compat.rk.h5"
     hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
-    parsed = format.parse(hdf5.read_stream(path))
+    parsed = container.read(hdf5.read_stream(path))
     assert parsed.header.flags == 0 and parsed.header.compression == 0
     assert all(h.flags == 0 for h in parsed.chunk_headers)
 
@@ -183,7 +183,7 @@ def test_reads_a_chunked_compressed_stream_dataset(tmp_path):
         data = f["rkckpt"][()]
         del f["rkckpt"]
         f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
-    assert hdf5.read_h5(path).checkpoint.content_digest() == ck.content_digest()
+    assert container.read(path).checkpoint.content_digest() == ck.content_digest()
     np.testing.assert_array_equal(hdf5.read_region(path, "velocity"), ck.region("velocity"))
     hdf5.check_h5(path)
 
@@ -213,7 +213,7 @@ def test_roundtrip_property(tmp_path, chunks, custom, compat):
     assert [(c.chunk_type, c.chunk_id, bytes(c.data)) for c in back.chunks] == [
         (c.chunk_type, c.chunk_id, bytes(c.data)) for c in ck.chunks
     ]
-    assert hdf5.read_stream(path) == format.encode(ck, codec.COMPAT if compat else small_options())
+    assert hdf5.read_stream(path) == container.encode(ck, codec.COMPAT if compat else small_options())
     np.testing.assert_array_equal(hdf5.read_region(path, "field"), np.arange(97, dtype=np.float64))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkckpt import format as rkformat
+from rkckpt import container
 from rkckpt.delta import apply_delta
 from rkckpt.model import ChunkType
 from rkckpt.siphash import region_id
@@ -102,8 +102,8 @@ def test_control_and_queues_round_trip_through_checkpoint(kernel_backend: str) -
     k.request_snapshot(13, tag=2)  # pending across the checkpoint
     k.request_snapshot(15, tag=3)
     ckpt = k.create_checkpoint()
-    data = rkformat.encode(ckpt)
-    back = rkformat.parse(data, "mem").checkpoint
+    data = container.encode(ckpt)
+    back = container.read(data, "mem").checkpoint
 
     cb = np.frombuffer(bytes(back.find(ChunkType.CONTROL_BLOCK).data), CONTROL_BLOCK_DTYPE)[0]
     assert cb["current_step"] == 10 and cb["input_tail"] - cb["input_head"] == 2 and cb["output_tail"] == 1
@@ -142,7 +142,7 @@ def test_checkpoint_reuses_the_buffers_it_is_given(kernel_backend: str) -> None:
         assert np.shares_memory(new.region(name), old.region(name)), name
     assert np.shares_memory(new.region("pressure_a"), old_a)
     # read-only buffers (a checkpoint parsed from bytes) and other shapes are never written
-    parsed = rkformat.parse(rkformat.encode(k.create_checkpoint()), "mem").checkpoint
+    parsed = container.read(container.encode(k.create_checkpoint()), "mem").checkpoint
     before = parsed.content_digest()
     k.run(2)
     fresh = k.create_checkpoint(reuse=parsed)
@@ -175,7 +175,7 @@ def test_restore_refuses_other_simulations() -> None:
         wave(params=WaveParams(20, 18, 24)).restore_from_checkpoint(ckpt, "x.rkcp")
     with pytest.raises(RestoreMismatch, match="fingerprint"):
         wave(params=WaveParams(20, 18, 22, dx=5.0)).restore_from_checkpoint(ckpt, "x.rkcp")
-    other = rkformat.parse(rkformat.encode(ckpt)).checkpoint
+    other = container.read(container.encode(ckpt)).checkpoint
     other.metadata = type(other.metadata)(**{**other.metadata.__dict__, "kernel_type": "heat_2d"})
     with pytest.raises(RestoreMismatch, match="kernel type 'heat_2d'") as ei:
         wave().restore_from_checkpoint(other, "y.rkcp")
@@ -241,7 +241,7 @@ def toy_spec(tmp: Path) -> KernelSpec:
 def test_bring_your_own_kernel_with_halos(kernel_backend: str, tmp_path: Path) -> None:
     k = PersistentKernel(toy_spec(tmp_path), kernel_backend, kernel_id="toy-0")
     k.run(4)
-    ckpt = rkformat.parse(rkformat.encode(k.create_checkpoint())).checkpoint
+    ckpt = container.read(container.encode(k.create_checkpoint())).checkpoint
     halo = ckpt.find(ChunkType.HALO_BUFFERS)
     assert halo is not None and halo.size == 8
     assert "halo" not in ckpt.regions() and "a" in ckpt.regions()

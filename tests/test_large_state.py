@@ -12,10 +12,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from rkckpt import CheckpointError, codec, shard
-from rkckpt import io as rkio
+from rkckpt import CheckpointError, codec, container, shard
 from rkckpt.flags import HDR_SHARD
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint, Chunk, Metadata
 
 
 @pytest.fixture
@@ -36,9 +35,9 @@ def _state() -> Checkpoint:
 def test_sharded_roundtrip(tmp_path, small_shards, options):
     ck = _state()
     p = tmp_path / "big.rkcp"
-    n = rkio.save(p, ck, options)
+    n = container.write(p, ck, options)
     assert n == p.stat().st_size
-    parsed = rkio.parse_file(p)
+    parsed = container.read(p)
     assert parsed.header.flags & HDR_SHARD
     got = parsed.checkpoint
     assert got.metadata == ck.metadata  # shard key removed again
@@ -57,7 +56,7 @@ def test_sharded_roundtrip(tmp_path, small_shards, options):
 
 def test_sharded_truncated_and_corrupt(tmp_path, small_shards):
     p = tmp_path / "big.rkcp"
-    rkio.save(p, _state(), codec.WriteOptions(compress=False))
+    container.write(p, _state(), codec.WriteOptions(compress=False))
     raw = p.read_bytes()
     first = int.from_bytes(raw[16:24], "little")
     cases = {
@@ -69,7 +68,7 @@ def test_sharded_truncated_and_corrupt(tmp_path, small_shards):
     for name, (data, match) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CheckpointError, match=match) as ei:
-            rkio.load(tmp_path / name)
+            container.load(tmp_path / name)
         assert name in str(ei.value)
 
 
@@ -84,28 +83,28 @@ def test_forged_split_total_is_not_allocated(tmp_path, small_shards, monkeypatch
 
     monkeypatch.setattr(shard, "shard_metadata", lying)
     p = tmp_path / "forged.rkcp"
-    rkio.save(p, _state(), codec.WriteOptions(compress=False))
+    container.write(p, _state(), codec.WriteOptions(compress=False))
     with pytest.raises(CheckpointError, match="claims 1152921504606846976 bytes"):
-        rkio.load(p)
+        container.load(p)
 
 
 def test_compat_refuses_to_shard(tmp_path, small_shards):
     with pytest.raises(CheckpointError, match="compat mode cannot shard"):
-        rkio.save(tmp_path / "x.rkcp", _state(), codec.COMPAT)
+        container.write(tmp_path / "x.rkcp", _state(), codec.COMPAT)
     assert list(tmp_path.iterdir()) == []  # no temp file left behind
 
 
 def test_plan_bounds():
     ck = Checkpoint(Metadata("k", "t", 0))
-    ck.chunks = [rkio.Chunk(5, i, memoryview(bytearray(1))) for i in range(3)]
+    ck.chunks = [Chunk(5, i, memoryview(bytearray(1))) for i in range(3)]
     assert not shard.needs_sharding(ck, 100, 4 << 20)
     assert shard.stored_bound(1 << 30, 4 << 20) > 1 << 30
 
 
 WRITER = """
 import json, os, sys, numpy as np
-from rkckpt import io as rkio, codec
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt import codec, container
+from rkckpt.model import Checkpoint, Chunk, Metadata
 n = 3 << 30
 ck = Checkpoint(Metadata("big", "fdtd_3d", 1), created_at=1)
 a = np.empty(n // 4 * 3 // 4, np.float32)   # 2.25 GiB region: split over shards
@@ -119,15 +118,14 @@ for s in range(0, q.size, step):
     q[s : s + step] = rng.random(min(step, q.size - s), dtype=np.float32)
 ck.add_region("q", q)
 digest = ck.content_digest()
-size = rkio.save(sys.argv[1], ck, codec.WriteOptions(adaptive="size"))
+size = container.write(sys.argv[1], ck, codec.WriteOptions(adaptive="size"))
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps({"digest": digest, "size": size, "hwm": hwm, "state": n}))
 """
 
 READER = """
 import json, sys
-from rkckpt import io as rkio
-ck = rkio.load(sys.argv[1])
+ck = container.load(sys.argv[1])
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps({"digest": ck.content_digest(), "hwm": hwm, "chunks": len(ck.chunks)}))
 """

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import fix_checksum, fix_total, parse_path, sample_checkpoint, zstd_supported
-from rkckpt import CheckpointError, codec, format, hdf5
-from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, HDR_SHARD
+from rkckpt import CheckpointError, codec, container, hdf5
+from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, COMPRESSION_ZSTD, HDR_SHARD
 
 META_AT = 64  # metadata length field
 FIRST_STRING_AT = 68  # kernel_id length
 
 
 def base_bytes() -> bytes:
-    return format.encode(sample_checkpoint(), codec.COMPAT)
+    return container.encode(sample_checkpoint(), codec.COMPAT)
 
 
 def chunk_offsets(buf: bytes) -> list[int]:
     """Offsets of the chunk headers of a valid stream."""
-    parsed = format.parse(buf)
+    parsed = container.read(buf)
     return [ch.data_offset - 32 for ch in parsed.chunk_headers]
 
 
@@ -119,12 +119,12 @@ def test_in_memory_parser_rejects_shard_flags(where):
     else:
         struct.pack_into("<I", buf, chunk_offsets(bytes(buf))[1] + 4, CHUNK_PART)
     with pytest.raises(CheckpointError, match="shard|part"):
-        format.parse(bytes(fix_checksum(buf)), "x.rkcp")
+        container.read(bytes(fix_checksum(buf)), "x.rkcp")
 
 
 def test_base_bytes_are_valid():
     raw = base_bytes()
-    assert format.parse(raw).checkpoint.content_digest() == sample_checkpoint().content_digest()
+    assert container.read(raw).checkpoint.content_digest() == sample_checkpoint().content_digest()
 
 
 def test_missing_file_names_it(tmp_path):
@@ -165,11 +165,11 @@ def frames_payload(frames: list[bytes], *, block_size: int, raw: tuple[int, ...]
 
 def zstd_chunk_stream(payload: bytes, uncompressed_size: int, flags: int = CHUNK_ZSTD) -> bytes:
     """A valid stream whose custom chunk (the last one) stores ``payload`` with ``flags``."""
-    raw = bytearray(format.encode(sample_checkpoint(), codec.COMPAT))
+    raw = bytearray(container.encode(sample_checkpoint(), codec.COMPAT))
     last = chunk_offsets(bytes(raw))[-1]
     ctype, _, _, _, cid = struct.unpack_from("<IIQQQ", raw, last)
     out = raw[:last] + struct.pack("<IIQQQ", ctype, flags, uncompressed_size, len(payload), cid) + payload
-    struct.pack_into("<I", out, 28, format.COMPRESSION_ZSTD)
+    struct.pack_into("<I", out, 28, COMPRESSION_ZSTD)
     struct.pack_into("<I", out, 36, 1)  # HDR_EXTENDED
     return bytes(fix_total(out))
 
@@ -272,7 +272,7 @@ def _h5_future_wrapper(path):
 
 def _h5_resized(delta: int):
     def make(path):
-        raw = format.encode(sample_checkpoint(), codec.COMPAT)
+        raw = container.encode(sample_checkpoint(), codec.COMPAT)
         hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
         body = raw[: len(raw) + delta] if delta < 0 else raw + bytes(delta)
         with h5py.File(path, "a") as f:
@@ -347,7 +347,7 @@ def test_malformed_hdf5(tmp_path, case):
     path = tmp_path / "bad.rk.h5"
     make(path)
     with pytest.raises(CheckpointError, match=problem) as exc:
-        hdf5.read_h5(path)
+        container.read(path)
     assert exc.value.source == str(path)
     with pytest.raises(CheckpointError) as exc:  # same through the project's loader
         parse_path(path)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from rkckpt import format as rkformat
+from rkckpt import container, hdf5
 from rkckpt.chain import latest_restorable
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -30,8 +30,8 @@ def resp(step: int, reason: str = "periodic", **kw) -> SnapshotResponse:
 def kinds(storage) -> dict[int, str]:
     out = {}
     for n in storage.list():
-        if n.endswith(".rkcp"):
-            _, step, kind = n[: -len(".rkcp")].rsplit("-", 2)
+        if n.endswith(".rk.h5"):
+            _, step, kind = n[: -len(".rk.h5")].rsplit("-", 2)
             out[int(step)] = kind
     return out
 
@@ -57,7 +57,7 @@ def test_full_every_k_deltas():
             m.submit(resp(step))
         m.flush()
         assert m.stats.completed == 7 and m.stats.full == 3 and m.stats.deltas == 4 and m.stats.failed == 0
-        assert m.stats.bytes_written == sum(len(s.load(n)) for n in s.list() if n.endswith(".rkcp"))
+        assert m.stats.bytes_written == sum(len(s.load(n)) for n in s.list() if n.endswith(".rk.h5"))
         assert m.stats.seconds > 0
     assert kinds(s) == {1: "full", 2: "delta", 3: "delta", 4: "full", 5: "delta", 6: "delta", 7: "full"}
 
@@ -70,15 +70,15 @@ def test_full_when_delta_too_large():
         m.submit(resp(3, big_changes=True))  # 'big' changed: delta would be ~100%
         m.flush()
     assert kinds(s) == {1: "full", 2: "delta", 3: "full"}
-    full = len(s.load(f"{KID}-000000000001-full.rkcp"))
-    assert len(s.load(f"{KID}-000000000002-delta.rkcp")) < full * 0.5
+    full = len(s.load(f"{KID}-000000000001-full.rk.h5"))
+    assert len(s.load(f"{KID}-000000000002-delta.rk.h5")) < full * 0.5
 
 
 def test_final_is_synchronous_and_restores_exactly(tmp_path):
     with CheckpointManager(tmp_path / "ck", CheckpointPolicy(every_steps=5), KID) as m:
         m.submit(resp(5))
         assert m.final(resp(7, "signal")) == 7
-        assert (tmp_path / "ck" / f"{KID}-000000000007-delta.rkcp").exists()  # written before final returned
+        assert (tmp_path / "ck" / f"{KID}-000000000007-delta.rk.h5").exists()  # written before final returned
     rp = latest_restorable(FileStorage(tmp_path / "ck"))
     assert rp.step == 7 and len(rp.chain) == 2
     np.testing.assert_array_equal(rp.checkpoint.region("small"), state(7).region("small"))
@@ -111,8 +111,8 @@ def test_compat_policy_writes_reference_files(tmp_path):
     with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, compat=True), KID) as m:
         m.submit(resp(1))
         m.submit(resp(2))
-    for p in tmp_path.glob("*.rkcp"):
-        parsed = rkformat.parse(p.read_bytes(), p)
+    for p in tmp_path.glob("*.rk.h5"):
+        parsed = container.read(p)
         assert parsed.header.compression == 0 and parsed.header.flags == 0
         assert all(ch.flags == 0 for ch in parsed.chunk_headers)
 
@@ -126,7 +126,7 @@ class FlakyStorage(MemoryStorage):
 
     def save(self, name, data):
         self.gate.wait(10)
-        if self.fail and name.endswith(".rkcp"):
+        if self.fail and name.endswith(".rk.h5"):
             raise StorageError(name, "injected write failure")
         return super().save(name, data)
 
@@ -185,11 +185,12 @@ def test_default_writes_extended_block_deltas(tmp_path):
     with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1), KID) as m:
         for step in (1, 2, 3):
             m.submit(SnapshotResponse(SnapshotRequest(step), sparse(step)))
-    full = rkformat.read(tmp_path / f"{KID}-000000000001-full.rkcp")
-    delta = rkformat.read(tmp_path / f"{KID}-000000000003-delta.rkcp")
+    full = container.read(tmp_path / f"{KID}-000000000001-full.rk.h5")
+    delta = container.read(tmp_path / f"{KID}-000000000003-delta.rk.h5")
     assert full.header.compression in (0, 2)  # the codec compresses only when it pays off
     assert delta.header.flags & flags.HDR_BLOCK_DELTA and delta.header.flags & flags.HDR_EXTENDED
-    assert (tmp_path / f"{KID}-000000000003-delta.rkcp").stat().st_size < 8192
+    assert len(hdf5.read_stream(tmp_path / f"{KID}-000000000003-delta.rk.h5")) < 8192  # the RKCKPT stream inside
+    assert (tmp_path / f"{KID}-000000000003-delta.rk.h5").stat().st_size < 8192 + 16384  # plus the HDF5 structure
     rp = latest_restorable(FileStorage(tmp_path))
     assert rp.step == 3 and len(rp.chain) == 3
     np.testing.assert_array_equal(rp.checkpoint.region("a"), sparse(3).region("a"))

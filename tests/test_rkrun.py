@@ -21,7 +21,7 @@ from fixtures_kernel import wait_for
 GRID = ("24", "22", "26")
 STEPS = 240
 COMMON = ("--grid", *GRID, "--steps", str(STEPS), "--checkpoint-every", "20", "--energy-every", "10", "--batch", "4")
-CKPT_RE = re.compile(r"-(\d{12})-(full|delta)\.rkcp$")
+CKPT_RE = re.compile(r"-(\d{12})-(full|delta)\.(rkcp|rk\.h5)$")
 
 
 def result(path: Path) -> dict[str, bytes | int]:

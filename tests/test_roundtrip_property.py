@@ -8,8 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rkckpt import codec, format
-from rkckpt import io as rkio
+from rkckpt import codec, container
 from rkckpt.delta import apply_chain, make_delta
 from rkckpt.model import Checkpoint, Chunk, Metadata
 
@@ -60,13 +59,13 @@ OPTIONS = st.builds(
 @SETTINGS
 @given(checkpoints(), OPTIONS)
 def test_roundtrip(ck, options):
-    blob = format.encode(ck, options)
-    parsed = format.parse(blob, "mem")
+    blob = container.encode(ck, options)
+    parsed = container.read(blob, "mem")
     assert parsed.checkpoint.content_digest() == ck.content_digest()
     assert parsed.checkpoint.metadata == ck.metadata
     assert [bytes(c.data) for c in parsed.checkpoint.chunks] == [bytes(c.data) for c in ck.chunks]
     buf = pyio.BytesIO()
-    rkio.encode_to(buf, ck, options)
+    container.write(buf, ck, options)
     assert buf.getvalue() == blob
     if options.compat:
         assert parsed.header.compression == 0 and parsed.header.flags == 0
@@ -108,8 +107,8 @@ def test_delta_chains(arg):
     deltas = []
     for parent, child in zip(states, states[1:], strict=False):
         d = make_delta(parent, child, mode=mode)
-        deltas.append(format.parse(format.encode(d, options), "d").checkpoint)
-    base = format.parse(format.encode(states[0], options), "b").checkpoint
+        deltas.append(container.read(container.encode(d, options), "d").checkpoint)
+    base = container.read(container.encode(states[0], options), "b").checkpoint
     got = apply_chain(base, deltas)
     assert got.content_digest() == states[-1].content_digest()
     assert [bytes(c.data) for c in got.chunks] == [bytes(c.data) for c in states[-1].chunks]

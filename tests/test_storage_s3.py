@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from ckpt_helpers import stream_span
 from fixtures_s3 import start_weed, stop_weed
 from rkckpt.chain import describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
@@ -57,19 +58,44 @@ def test_manager_chain_on_s3_and_fallback(s3_server):
         assert m.final(SnapshotResponse(SnapshotRequest(6, "final"), state(6))) == 6
     s = open_storage(url, **s3_server.options())
     rp = latest_restorable(s, KID)
-    assert rp.step == 6 and len(rp.chain) >= 2 and rp.chain[0].endswith("-full.rkcp")
+    assert rp.step == 6 and len(rp.chain) >= 2 and rp.chain[0].endswith("-full.rk.h5")
     check(rp.checkpoint, 6)
     # region read through range requests on the object store
     np.testing.assert_array_equal(read_region(s, rp.chain[0], "big"), state(1).region("big"))
     # corrupt the newest object: restore falls back to step 5
     blob = bytearray(s.load(rp.chain[-1]))
-    blob[-5] ^= 0x55
+    blob[stream_span(bytes(blob))[1] - 5] ^= 0x55
     s.save(rp.chain[-1], bytes(blob))
     rp2 = latest_restorable(s, KID)
     assert rp2.step == 5 and rp2.skipped[0][0] == rp.chain[-1]
     check(rp2.checkpoint, 5)
     status = {r.entry.name: r.status for r in describe(s)}
     assert "checksum" in status[rp.chain[-1]]
+
+
+def test_mixed_forms_on_s3_with_region_range_reads(s3_server):
+    """A chain of .rkcp then .rk.h5 objects restores from S3; a region is read from either form by range requests."""
+    url = f"s3://{s3_server.bucket()}/mixed"
+    for fmt, steps in (("rkcp", (1, 2)), ("rk.h5", (3, 4))):
+        policy = CheckpointPolicy(every_steps=1, full_every=8, checkpoint_format=fmt)
+        with CheckpointManager(open_storage(url, **s3_server.options()), policy, KID) as m:
+            if steps[0] > 1:
+                assert m.latest().step == 2
+            for step in steps:
+                m.submit(SnapshotResponse(SnapshotRequest(step), state(step)))
+    s = open_storage(url, **s3_server.options())
+    rp = latest_restorable(s, KID)
+    assert rp.step == 4 and [n.rsplit("-", 1)[-1] for n in rp.chain] == ["full.rkcp", "delta.rkcp", "delta.rk.h5", "delta.rk.h5"]
+    check(rp.checkpoint, 4)
+    assert all(r.status == "ok" for r in describe(s))
+    np.testing.assert_array_equal(read_region(s, rp.chain[0], "small"), state(1).region("small"))
+    with CheckpointManager(open_storage(url, **s3_server.options()), CheckpointPolicy(every_steps=1, full_every=0), KID) as m:
+        m.latest()
+        m.submit(SnapshotResponse(SnapshotRequest(5), state(5)))  # a full .rk.h5 object
+    name = f"{KID}-000000000005-full.rk.h5"
+    s = open_storage(url, **s3_server.options())
+    np.testing.assert_array_equal(read_region(s, name, "big"), state(5).region("big"))
+    np.testing.assert_array_equal(read_region(s, name, "small"), state(5).region("small"))
 
 
 def test_secret_never_in_errors_or_logs(s3_server, caplog):
@@ -103,7 +129,7 @@ def test_two_level_flush_and_restore_on_another_node(s3_server, tmp_path):
         for step in (1, 2, 3):
             m.submit(SnapshotResponse(SnapshotRequest(step), state(step)))
         m.flush()
-        names = [n for n in two.local.list() if n.endswith(".rkcp")]
+        names = [n for n in two.local.list() if n.endswith(".rk.h5")]
         assert names and all(two.durable(n) for n in names)
         assert two.flushed_bytes > 0
     # a new node: empty local folder, everything comes from the object store
@@ -147,9 +173,9 @@ def test_killing_s3_mid_flush_leaves_local_copy_restorable(tmp_path):
         shared.gate.set()
         with pytest.raises(StorageError, match="not durable"):
             m.flush()
-        assert two.durable(f"{KID}-000000000001-full.rkcp")
+        assert two.durable(f"{KID}-000000000001-full.rk.h5")
         for step in (2, 3, 4):
-            assert not two.durable(f"{KID}-{step:012d}-full.rkcp")
+            assert not two.durable(f"{KID}-{step:012d}-full.rk.h5")
         rp = latest_restorable(two, KID)
         assert rp.step == 4
         check(rp.checkpoint, 4, n)

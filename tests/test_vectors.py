@@ -10,9 +10,9 @@ import h5py
 import pytest
 
 from ckpt_helpers import VECTOR_FILES, load_path, parse_path, vector_bytes
-from rkckpt import CheckpointError, codec, format, hdf5
+from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.delta import apply_delta
-from rkckpt.inspect import describe
+from rkckpt.describe import describe
 from rkckpt.model import Checkpoint
 from rkckpt.siphash import region_id
 
@@ -40,7 +40,7 @@ def assert_state(ck: Checkpoint, want: dict) -> None:
         assert zlib.crc32(c.data) & 0xFFFFFFFF == w["crc32_of_data"]
 
 
-def assert_header(parsed: format.ParsedFile, want: dict) -> None:
+def assert_header(parsed: container.ParsedFile, want: dict) -> None:
     h = parsed.header
     for k in HEADER_KEYS:
         assert getattr(h, k) == want["header"][k], k
@@ -64,7 +64,7 @@ def test_vector_agrees_with_manifest(vectors_dir, manifest, name):
 
 @pytest.mark.parametrize("name", VECTOR_FILES)
 def test_inspect_json_agrees_with_manifest(vectors_dir, manifest, name):
-    info = describe(format.read(vectors_dir / f"{name}.rkcp"))
+    info = describe(container.read(vectors_dir / f"{name}.rkcp"))
     want = manifest["files"][name]
     assert {k: info["header"][k] for k in HEADER_KEYS} == want["header"]
     assert info["content_digest"] == want["content_digest"]
@@ -83,8 +83,8 @@ def test_applied_states(vectors_dir, manifest, applied, deltas):
     want = manifest[applied]
     assert_state(state, want)
     # re-encoded in compatible mode, the header is what the reference wrote
-    raw = format.encode(state, codec.COMPAT)
-    parsed = format.parse(raw, applied)
+    raw = container.encode(state, codec.COMPAT)
+    parsed = container.read(raw, applied)
     assert_header(parsed, want)
     assert_state(parsed.checkpoint, want)
 
@@ -112,7 +112,7 @@ def test_corrupt_vectors_rejected(vectors_dir, name, problem):
 @pytest.mark.parametrize("name", VECTOR_FILES)
 def test_vector_in_hdf5_extracts_byte_exact(vectors_dir, manifest, tmp_path, name):
     raw = vector_bytes(vectors_dir, name)
-    ck = format.parse(raw, name).checkpoint
+    ck = container.read(raw, name).checkpoint
     out = tmp_path / f"{name}.rk.h5"
     hdf5.write_h5(out, ck, codec.COMPAT)
     with h5py.File(out, "r") as f:
@@ -132,7 +132,7 @@ def test_h5dump_extracts_the_stream(vectors_dir, tmp_path):
 
     raw = vector_bytes(vectors_dir, "full_step1000")
     out = tmp_path / "full.rk.h5"
-    hdf5.write_h5(out, format.parse(raw).checkpoint, codec.COMPAT)
+    hdf5.write_h5(out, container.read(raw).checkpoint, codec.COMPAT)
     dumped = tmp_path / "stream.bin"
     subprocess.run(["h5dump", "-d", "/rkckpt", "-b", "LE", "-o", str(dumped), str(out)], check=True, capture_output=True)
     assert dumped.read_bytes() == raw

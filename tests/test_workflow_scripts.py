@@ -333,7 +333,7 @@ def test_workflow_dry_run_and_tiny_run(tmp_path: Path) -> None:
     assert "rkslurm attempt start job=local" in runlog and "done: step 30" in runlog and "rc=0" in runlog
     # checkpoints live outside the declared outputs, in the executor's per-rule folder
     ck = tmp_path / ".snakemake" / "rkslurm" / "simulate" / "name=demo"
-    assert sorted(p.name for p in ck.glob("*.rkcp"))
+    assert sorted(p.name for p in ck.glob("*.rk.h5"))
 
 
 def test_workflow_killed_then_rerun_resumes_bit_identical(tmp_path: Path) -> None:
@@ -349,7 +349,7 @@ def test_workflow_killed_then_rerun_resumes_bit_identical(tmp_path: Path) -> Non
     )
     try:
         deadline = time.monotonic() + 120
-        while not list(ck.glob("*.rkcp")) and p.poll() is None and time.monotonic() < deadline:
+        while not list(ck.glob("*.rk.h5")) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert p.poll() is None, "the simulation finished before it could be interrupted; raise steps"
         os.killpg(p.pid, signal.SIGTERM)

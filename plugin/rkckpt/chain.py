@@ -1,7 +1,8 @@
 """Checkpoint chains in one folder, and the newest point that can be restored.
 
 A folder holds full checkpoints and deltas named
-``<kernel_id>-<step:012d>-<full|delta>.rkcp``. Each delta names its parent
+``<kernel_id>-<step:012d>-<full|delta>.rk.h5`` (or ``.rkcp``; both forms may
+be mixed in one folder and one chain). Each delta names its parent
 by the content digest of the parent's *materialised* state; each file we
 write also records its own materialised digest (``rkckpt.state_digest``), so
 the chain structure can be read from headers alone. The JSON index is only a
@@ -11,53 +12,64 @@ from the files, which are the truth.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
-import struct
-import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import codec, delta, flags, format
-
-try:
-    from . import shard
-except ImportError:  # pragma: no cover - older checkout
-    shard = None  # type: ignore[assignment]
+from . import codec, container, delta, hdf5
+from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
-from .model import Checkpoint, ChunkType, Metadata
+from .flags import HDR_SHARD
+from .model import Checkpoint, Chunk, ChunkType
+from .source import FileSource, Source, StorageSource
 from .storage.base import Storage, StorageError
-from .storage.memory import MemoryStorage
-
-try:  # the streaming reader (sharded files, no whole-file bytes)
-    from .io import load as _io_load
-except ImportError:  # pragma: no cover - older checkout
-    _io_load = None
 
 log = logging.getLogger("rkckpt.chain")
 
-STATE_DIGEST_KEY = "rkckpt.state_digest"
-HDR_SHARD = getattr(flags, "HDR_SHARD", 0)
-_MAX_STREAM = getattr(shard, "MAX_STREAM", format.MAX_CHECKPOINT_SIZE) if shard is not None else format.MAX_CHECKPOINT_SIZE
 INDEX_NAME = "rkckpt-index.json"
 INDEX_VERSION = 1
-NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.rkcp$")
+#: the file forms a chain may hold, mixed freely in one folder
+SUFFIXES = {"rk.h5": ".rk.h5", "rkcp": ".rkcp"}
+DEFAULT_FORMAT = "rk.h5"
+NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
 
 
-def checkpoint_name(kernel_id: str, step: int, kind: str) -> str:
+def checkpoint_name(kernel_id: str, step: int, kind: str, fmt: str = DEFAULT_FORMAT) -> str:
+    """``<kernel_id>-<step:012d>-<full|delta>.<rk.h5|rkcp>``."""
     if kind not in ("full", "delta"):
         raise ValueError(f"kind must be 'full' or 'delta', not {kind!r}")
-    return f"{kernel_id}-{step:012d}-{kind}.rkcp"
+    if fmt not in SUFFIXES:
+        raise ValueError(f"checkpoint format must be one of {sorted(SUFFIXES)}, not {fmt!r}")
+    return f"{kernel_id}-{step:012d}-{kind}{SUFFIXES[fmt]}"
 
 
 def newest_named_step(names: Iterable[str]) -> int | None:
     """Highest step among checkpoint file names (by name only: cheap progress checks)."""
     steps = [int(m.group("step")) for m in map(NAME_RE.match, names) if m]
     return max(steps, default=None)
+
+
+def _local_path(storage: Storage, name: str) -> object | None:
+    """The file behind ``name`` when the storage has one (folder, two-level), else None."""
+    local_path = getattr(storage, "local_path", None)
+    return None if local_path is None else local_path(name)
+
+
+def open_source(storage: Storage, name: str) -> Source:
+    """The RKCKPT stream of checkpoint ``name``: the file itself, or the stream inside a ``.rk.h5``.
+
+    Local files are read from their path; other storage with range requests
+    (an ``.rk.h5`` object's HDF5 structure too), never downloaded whole.
+    """
+    local = _local_path(storage, name)
+    if name.endswith(SUFFIXES["rk.h5"]):
+        return hdf5.open_stream(local or name, None if local else storage)
+    return FileSource(local) if local is not None else StorageSource(storage, name)
 
 
 @dataclass
@@ -96,20 +108,13 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
     e = Entry(name, m["kernel_id"], int(m["step"]), m["kind"], -1)
     try:
         e.size = storage.size(name) if size is None else size
-        head = storage.read_range(name, 0, format.HEADER_SIZE + 4)
-        hdr = format.parse_header(head, name, max_size=_MAX_STREAM)
-        if hdr.flags & HDR_SHARD:  # the first of several streams: it must fit
-            if hdr.total_size > e.size:
-                raise CheckpointError(name, f"first shard says {hdr.total_size} bytes but the file has {e.size} (truncated)")
-        elif hdr.total_size not in (e.size, e.size - (format.HEADER_SIZE - format.REFERENCE_HEADER_SIZE)):
-            raise CheckpointError(name, f"total_size field says {hdr.total_size} bytes but the file has {e.size} (truncated or padded)")
-        (meta_len,) = struct.unpack_from("<I", head, format.HEADER_SIZE)
-        if meta_len > e.size - format.HEADER_SIZE - 4:
-            raise CheckpointError(name, f"metadata length {meta_len} exceeds the file")
-        raw = storage.read_range(name, format.HEADER_SIZE + 4, meta_len)
-        r = format._Reader(memoryview(raw), name)  # noqa: SLF001 - same package
-        meta = format._parse_metadata(r)  # noqa: SLF001
-        e.checksum = hdr.checksum
+        source = open_source(storage, name)
+        try:
+            scan = container.scan(source, chunks=False)
+        finally:
+            source.close()
+        meta = scan.metadata
+        e.checksum = scan.header.checksum
         e.parent_digest = meta.parent_digest
         e.state_digest = meta.custom.get(STATE_DIGEST_KEY)
         if (e.parent_digest is None) != (e.kind == "full"):
@@ -123,24 +128,13 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
 
 
 def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
-    """Read and fully verify (checksum, sizes) one checkpoint file.
-
-    Local files are parsed by the streaming reader (``rkckpt.io``, which
-    also understands sharded files); remote objects are spooled to a
-    temporary file first rather than held in memory as one ``bytes``.
-    """
+    """Read and fully verify (checksum, sizes) one checkpoint file or object (.rkcp or .rk.h5)."""
     try:
-        local = getattr(storage, "local_path", lambda _n: None)(name)
-        if _io_load is None:
-            return format.parse(storage.load(name), name).checkpoint
-        if local is not None:
-            return _io_load(local)
-        if isinstance(storage, MemoryStorage):
-            return format.parse(storage.load(name), name).checkpoint
-        with tempfile.NamedTemporaryFile(prefix="rkckpt-dl-", suffix=".rkcp") as tmp:
-            storage.copy_to(name, tmp)  # type: ignore[attr-defined]
-            tmp.flush()
-            return _io_load(tmp.name)
+        source = open_source(storage, name)
+        try:
+            return container.read_source(source, allow_shards=not name.endswith(SUFFIXES["rk.h5"])).checkpoint
+        finally:
+            source.close()
     except CheckpointError as exc:
         if exc.source == name or isinstance(exc, StorageError):
             raise
@@ -232,9 +226,6 @@ class ChainIndex:
         return chain, None
 
 
-_APPLY_PARAMS = frozenset(inspect.signature(delta.apply_delta).parameters)
-
-
 def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
     """Materialise ``chain`` and check every link and the final state digest."""
     state: Checkpoint | None = None
@@ -248,11 +239,10 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
             state = ck
             digest = ck.content_digest()
         else:
-            kw = {"base_digest": digest} if "base_digest" in _APPLY_PARAMS else {}
-            state = delta.apply_delta(state, ck, source=e.name, **kw)  # type: ignore[arg-type]
+            state = delta.apply_delta(state, ck, source=e.name, base_digest=digest)
             recorded = ck.metadata.custom.get(STATE_DIGEST_KEY)
-            # apply_delta verifies a recorded state digest itself when it can
-            digest = recorded if recorded is not None and "verify" in _APPLY_PARAMS else state.content_digest()
+            # apply_delta verified a recorded state digest itself
+            digest = recorded if recorded is not None else state.content_digest()
         want = ck.metadata.custom.get(STATE_DIGEST_KEY)
         if want is not None and digest != want:
             raise CheckpointError(e.name, f"restored state digest {digest} differs from the recorded {want}")
@@ -309,18 +299,32 @@ class Row:
 
 
 def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = None) -> list[Row]:
-    """Every checkpoint with its parent and whether it is restorable."""
+    """Every checkpoint with its parent and whether it is restorable.
+
+    With ``verify`` every file is read in full and every chain is applied,
+    so a delta whose recorded state digest is not what applying it gives is
+    reported, not just one whose bytes are damaged. A materialised state is
+    kept only until the last delta that builds on it has been checked.
+    """
     index = ChainIndex(storage)
     index.refresh()
+    entries = index.sorted(kernel_id)
+    parents = {e.name: index.parent_of(e) for e in entries}
+    readers = Counter(p.name for p in parents.values() if p is not None)
+    states: dict[str, Checkpoint] = {}
     status: dict[str, str] = {}
     rows = []
-    for e in index.sorted(kernel_id):
+    for e in entries:
+        parent = parents[e.name]
         if e.ok and verify:
             try:
-                load_checkpoint(storage, e.name)
+                _check_state(storage, e, states.get(parent.name) if parent is not None else None, states, readers)
             except (CheckpointError, StorageError) as exc:
                 e.error = exc.problem
-        parent = index.parent_of(e)
+        if parent is not None:
+            readers[parent.name] -= 1
+            if not readers[parent.name]:
+                states.pop(parent.name, None)
         if not e.ok:
             st = str(e.error)
         elif e.kind == "delta" and parent is None:
@@ -332,6 +336,22 @@ def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = N
         status[e.name] = st
         rows.append(Row(e, parent.name if parent else None, st))
     return rows
+
+
+def _check_state(storage: Storage, e: Entry, base: Checkpoint | None, states: dict[str, Checkpoint], readers: Counter[str]) -> None:
+    """Read ``e`` in full; materialise it on ``base`` (its parent's state) and check its state digest."""
+    ck = load_checkpoint(storage, e.name)
+    if e.kind == "full":
+        state: Checkpoint | None = ck
+        got = ck.content_digest()
+        if e.state_digest is not None and got != e.state_digest:
+            raise CheckpointError(e.name, f"content digest {got} differs from the recorded state digest {e.state_digest}")
+    elif base is not None:
+        state = delta.apply_delta(base, ck, source=e.name)  # checks the recorded state digest
+    else:
+        state = None  # orphaned or after a broken link: reported from the structure
+    if state is not None and readers[e.name]:
+        states[e.name] = state
 
 
 def plan_gc(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:
@@ -380,40 +400,30 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
     """One named region of a *full* checkpoint, read with range requests only.
 
     Skips every other chunk's payload, so restoring one field from a large
-    object-store checkpoint transfers only that field. The file checksum
-    (which covers the whole body) is not verified on this path.
+    object-store checkpoint transfers only that field (for ``.rk.h5``: the
+    HDF5 structure, then the region's slice of the stream). The file
+    checksum (which covers the whole body) is not verified on this path.
     """
-    size = storage.size(name)
-    head = storage.read_range(name, 0, format.HEADER_SIZE + 4)
-    hdr = format.parse_header(head, name)
-    (meta_len,) = struct.unpack_from("<I", head, format.HEADER_SIZE)
-    if meta_len > size - format.HEADER_SIZE - 4:
-        raise CheckpointError(name, f"metadata length {meta_len} exceeds the file")
-    r = format._Reader(memoryview(storage.read_range(name, format.HEADER_SIZE + 4, meta_len)), name)  # noqa: SLF001
-    meta: Metadata = format._parse_metadata(r)  # noqa: SLF001
-    if meta.parent_digest is not None:
-        raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
-    info = Checkpoint(meta).regions().get(region)
-    if info is None:
-        raise CheckpointError(name, f"no region named {region!r}")
-    pos = format.HEADER_SIZE + 4 + meta_len
-    for i in range(hdr.chunk_count):
-        raw = storage.read_range(name, pos, format.CHUNK_HEADER_SIZE)
-        if len(raw) != format.CHUNK_HEADER_SIZE:
-            raise CheckpointError(name, f"chunk {i} header truncated at offset {pos}")
-        ctype, cflags, usize, csize, cid = format._CHUNK.unpack(raw)  # noqa: SLF001
-        pos += format.CHUNK_HEADER_SIZE
-        if csize > size - pos:
-            raise CheckpointError(name, f"chunk {i} declares {csize} data bytes, only {size - pos} present (truncated chunk)")
-        if ctype == ChunkType.DEVICE_MEMORY and cid == info.chunk_id:
-            payload = storage.read_range(name, pos, csize)
-            data = codec.decode_payload(cflags, memoryview(payload), usize, name)
-            ck = Checkpoint(meta)
-            ck.chunks.append(format.Chunk(ctype, cid, data, codec.logical_flags(cflags)))
-            return ck.region(region)
-        pos += csize
+    source = open_source(storage, name)
+    try:
+        scan = container.scan(source)
+        meta = scan.metadata
+        if meta.parent_digest is not None:
+            raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
+        if scan.header.flags & HDR_SHARD:  # a region may be split over shards: read them all
+            return container.read_source(source).checkpoint.region(region)
+        if name.endswith(SUFFIXES["rk.h5"]):
+            local = _local_path(storage, name)
+            return hdf5.read_region(local or name, region, None if local else storage)
+        info = Checkpoint(meta).regions().get(region)
+        if info is None:
+            raise CheckpointError(name, f"no region named {region!r}")
+        for ch in scan.chunk_headers:
+            if ch.chunk_type == ChunkType.DEVICE_MEMORY and ch.chunk_id == info.chunk_id:
+                payload = source.read(ch.data_offset, ch.compressed_size)
+                data = codec.decode_payload(ch.flags, payload, ch.uncompressed_size, name)
+                ck = Checkpoint(meta, [Chunk(ch.chunk_type, ch.chunk_id, data, codec.logical_flags(ch.flags))])
+                return ck.region(region)
+    finally:
+        source.close()
     raise CheckpointError(name, f"region {region!r} is declared but its chunk is missing")
-
-
-def names(entries: Iterable[Entry]) -> list[str]:
-    return [e.name for e in entries]

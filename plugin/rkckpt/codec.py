@@ -1,7 +1,7 @@
 """Per-chunk payload encoding: raw (compat) and the project's extensions.
 
-``format`` and ``io`` call ``encode_chunk``/``encode_payload`` and
-``decode_payload`` for every chunk and know nothing about compression.
+The container (``container.py``) calls ``encode_chunk`` and ``decode_into``
+for every chunk and knows nothing about compression.
 
 A compressed chunk (``CHUNK_ZSTD``) is stored as a *frame table* so that its
 sub-blocks are compressed and decompressed in parallel (zstandard releases
@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -132,7 +131,7 @@ def _threads(options_threads: int) -> int:
 _pools_pid = os.getpid()
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
+def worker_pool(n: int) -> ThreadPoolExecutor:
     """Shared worker pool; rebuilt in a forked child, whose copy has no threads."""
     global _pools_pid
     with _pools_lock:
@@ -221,6 +220,127 @@ def _ratio(sample: np.ndarray, elem: int, level: int) -> float:
     return len(_compressor(level).compress(buf)) / max(1, sample.size)
 
 
+# --------------------------------------------------------------- stages
+# A compressed chunk is a small codec pipeline, in the manner of zarr-python's:
+# ``Frames`` cuts the chunk into independent sub-blocks (zarr's sharding
+# codec, within one chunk) and runs each through its block stages in order
+# (``Shuffle`` then ``Zstd``); decoding runs them backwards. The stored chunk
+# flags name the pipeline (``pipeline_for``). Block deltas (``delta.BlockDelta``)
+# act on a chunk's data before it gets here; sharding (``shard``) splits
+# chunks across streams after.
+class Shuffle:
+    """Byte shuffle: byte k of every ``elem``-byte element grouped together (floats compress better)."""
+
+    def __init__(self, elem: int) -> None:
+        self.elem = elem
+
+    def encode(self, block: Buffer) -> Buffer:
+        return shuffle(block, self.elem)
+
+    def decode(self, data: Buffer, want: int, i: int, source: str | None, out: np.ndarray | None = None) -> Buffer:
+        dst = np.empty(want, dtype=np.uint8) if out is None else out
+        unshuffle_into(data, self.elem, dst)
+        return dst.data
+
+
+class Zstd:
+    """One zstd frame per block, with its content size; declines (``None``) when that is not smaller."""
+
+    def __init__(self, level: int = 1) -> None:
+        self.level = level
+
+    def encode(self, block: Buffer) -> Buffer | None:
+        out = _compressor(self.level).compress(block)
+        return None if len(out) >= memoryview(block).nbytes else out
+
+    def decode(self, frame: Buffer, want: int, i: int, source: str | None, out: np.ndarray | None = None) -> Buffer:
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise CheckpointError(source, f"frame {i} is not a zstd frame: {exc}") from None
+        if declared != want:  # checked before decompressing: a "zstd bomb" never allocates
+            raise CheckpointError(
+                source, f"zstd frame {i} declares {declared} bytes, its block has {want} (decompresses beyond uncompressed_size)"
+            )
+        try:
+            block = _decompressor().decompress(frame, max_output_size=want, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CheckpointError(source, f"zstd frame {i} is corrupt: {exc}") from None
+        if len(block) != want:
+            raise CheckpointError(source, f"zstd frame {i} gave {len(block)} bytes, {want} declared")
+        if out is None:
+            return block
+        out[:] = np.frombuffer(block, dtype=np.uint8)
+        return out.data
+
+
+class Frames:
+    """A chunk as independent sub-blocks behind a frame table (layout in the module docstring).
+
+    Each block goes through ``stages`` in order; when the last stage
+    declines, the block is stored as it entered that stage (bit 31 of its
+    table entry). Blocks are encoded and decoded on the worker pool.
+    """
+
+    def __init__(self, block_size: int, stages: tuple[Shuffle | Zstd, ...]) -> None:
+        self.block_size, self.stages = block_size, stages
+
+    def encode(self, mv: memoryview, threads: int) -> list[Buffer]:
+        bs, n = self.block_size, mv.nbytes
+        count = -(-n // bs)
+
+        def one(i: int) -> tuple[int, Buffer]:
+            cur: Buffer = mv[i * bs : min(n, (i + 1) * bs)]
+            for stage in self.stages:
+                out = stage.encode(cur)
+                if out is None:  # the last stage declined: stored as it entered it
+                    return RAW_FRAME | memoryview(cur).nbytes, cur
+                cur = out
+            return memoryview(cur).nbytes, cur
+
+        if count > 1 and threads > 1:
+            results = list(worker_pool(threads).map(one, range(count)))
+        else:
+            results = [one(i) for i in range(count)]
+        table = bytearray(8 + 4 * count)
+        struct.pack_into("<II", table, 0, bs, count)
+        np.frombuffer(table, dtype="<u4", offset=8)[:] = [e for e, _ in results]
+        return [bytes(table)] + [p for _, p in results]
+
+    def decode_into(self, payload: memoryview, target: np.ndarray, source: str | None, threads: int) -> None:
+        usize = target.size
+        bs, frames = check_frames(payload, usize, source)
+
+        def one(i: int) -> None:
+            off, size, raw = frames[i]
+            want = min(usize, (i + 1) * bs) - i * bs
+            data: Buffer = payload[off : off + size]
+            stages = self.stages[:-1] if raw else self.stages
+            if raw and size != want:
+                raise CheckpointError(source, f"raw frame {i} stores {size} bytes, its block has {want}")
+            dst = target[i * bs : i * bs + want]
+            if not stages:
+                dst[:] = np.frombuffer(data, dtype=np.uint8)
+                return
+            for k in range(len(stages) - 1, -1, -1):  # backwards; the first stage writes into place
+                data = stages[k].decode(data, want, i, source, dst if k == 0 else None)
+
+        if len(frames) > 1 and threads > 1:
+            for f in [worker_pool(threads).submit(one, i) for i in range(len(frames))]:
+                f.result()
+        else:
+            for i in range(len(frames)):
+                one(i)
+
+
+def pipeline_for(flags: int, source: str | None) -> Frames | None:
+    """The decoding pipeline the stored chunk flags name (``None``: stored raw)."""
+    elem = check_flags(flags, source)
+    if not flags & CHUNK_ZSTD:
+        return None
+    return Frames(0, ((Shuffle(elem),) if elem > 1 else ()) + (Zstd(),))
+
+
 # --------------------------------------------------------------- encode
 def encode_chunk(data: Buffer, flags: int, options: WriteOptions, *, elem_size: int | None = None) -> Encoded:
     """Encode one chunk's uncompressed ``data``; raw chunks are never copied.
@@ -265,26 +385,8 @@ def _compress_frames(mv: memoryview, flags: int, options: WriteOptions, elem: in
     bs = options.block_size
     if elem > 1 and bs % elem:
         bs -= bs % elem
-    n = mv.nbytes
-    count = -(-n // bs)
-    level = options.level
-
-    def one(i: int) -> tuple[int, Buffer]:
-        block = mv[i * bs : min(n, (i + 1) * bs)]
-        src = shuffle(block, elem) if elem > 1 else block
-        out = _compressor(level).compress(src)
-        if len(out) >= block.nbytes:  # stored as is (after the shuffle, which decoding undoes)
-            return RAW_FRAME | block.nbytes, src
-        return len(out), out
-
-    if count > 1 and _threads(options.threads) > 1:
-        results = list(_pool(_threads(options.threads)).map(one, range(count)))
-    else:
-        results = [one(i) for i in range(count)]
-    table = bytearray(8 + 4 * count)
-    struct.pack_into("<II", table, 0, bs, count)
-    np.frombuffer(table, dtype="<u4", offset=8)[:] = [e for e, _ in results]
-    parts: list[Buffer] = [bytes(table)] + [p for _, p in results]
+    frames = Frames(bs, ((Shuffle(elem),) if elem > 1 else ()) + (Zstd(options.level),))
+    parts = frames.encode(mv, _threads(options.threads))
     out_flags = flags | CHUNK_ZSTD
     if elem > 1:
         out_flags |= CHUNK_SHUFFLE | (elem << CHUNK_SHUFFLE_ELEM_SHIFT)
@@ -300,7 +402,7 @@ def encode_payload(data: Buffer, flags: int, options: WriteOptions, *, elem_size
 
 
 # --------------------------------------------------------------- decode
-def _check_flags(flags: int, source: str | None) -> int:
+def check_flags(flags: int, source: str | None) -> int:
     if flags & ~KNOWN_CHUNK_FLAGS:
         raise CheckpointError(source, f"unknown chunk flags 0x{flags:x}")
     elem = (flags & CHUNK_SHUFFLE_ELEM_MASK) >> CHUNK_SHUFFLE_ELEM_SHIFT
@@ -314,7 +416,7 @@ def _check_flags(flags: int, source: str | None) -> int:
     return elem
 
 
-def _frame_table(payload: memoryview, usize: int, source: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
+def check_frames(payload: memoryview, usize: int, source: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
     """Validate the frame table; return block size and (offset, size, raw) per frame."""
     if payload.nbytes < 8:
         raise CheckpointError(source, f"zstd payload of {payload.nbytes} bytes is shorter than its frame table header")
@@ -342,53 +444,15 @@ def decode_into(flags: int, payload: memoryview, out: memoryview, source: str | 
     size before anything is decompressed, so a "zstd bomb" is rejected
     without allocating; trailing bytes inside a frame's slot are rejected too.
     """
-    elem = _check_flags(flags, source)
     payload = memoryview(payload).cast("B")
     target = np.frombuffer(out, dtype=np.uint8)
-    usize = target.size
-    if not flags & CHUNK_ZSTD:
-        if payload.nbytes != usize:
-            raise CheckpointError(source, f"raw chunk stores {payload.nbytes} bytes but uncompressed_size is {usize}")
+    frames = pipeline_for(flags, source)
+    if frames is None:
+        if payload.nbytes != target.size:
+            raise CheckpointError(source, f"raw chunk stores {payload.nbytes} bytes but uncompressed_size is {target.size}")
         target[:] = np.frombuffer(payload, dtype=np.uint8)
         return
-    bs, frames = _frame_table(payload, usize, source)
-
-    def one(i: int) -> None:
-        off, size, raw = frames[i]
-        want = min(usize, (i + 1) * bs) - i * bs
-        frame = payload[off : off + size]
-        dst = target[i * bs : i * bs + want]
-        if raw:
-            if size != want:
-                raise CheckpointError(source, f"raw frame {i} stores {size} bytes, its block has {want}")
-            block: Buffer = frame
-        else:
-            try:
-                declared = zstandard.frame_content_size(frame)
-            except zstandard.ZstdError as exc:
-                raise CheckpointError(source, f"frame {i} is not a zstd frame: {exc}") from None
-            if declared != want:
-                raise CheckpointError(
-                    source, f"zstd frame {i} declares {declared} bytes, its block has {want} (decompresses beyond uncompressed_size)"
-                )
-            try:
-                block = _decompressor().decompress(frame, max_output_size=want, allow_extra_data=False)
-            except zstandard.ZstdError as exc:
-                raise CheckpointError(source, f"zstd frame {i} is corrupt: {exc}") from None
-            if len(block) != want:
-                raise CheckpointError(source, f"zstd frame {i} gave {len(block)} bytes, {want} declared")
-        if elem > 1:
-            unshuffle_into(block, elem, dst)
-        else:
-            dst[:] = np.frombuffer(block, dtype=np.uint8)
-
-    n = _threads(threads)
-    if len(frames) > 1 and n > 1:
-        for f in [_pool(n).submit(one, i) for i in range(len(frames))]:
-            f.result()
-    else:
-        for i in range(len(frames)):
-            one(i)
+    frames.decode_into(payload, target, source, _threads(threads))
 
 
 def decode_payload(flags: int, payload: memoryview, uncompressed_size: int, source: str | None) -> memoryview | bytes:
@@ -398,13 +462,13 @@ def decode_payload(flags: int, payload: memoryview, uncompressed_size: int, sour
     are decoded into one buffer of exactly ``uncompressed_size`` bytes, which
     is allocated only after the frame table proved consistent.
     """
-    _check_flags(flags, source)
+    check_flags(flags, source)
     payload = memoryview(payload).cast("B")
     if not flags & CHUNK_ZSTD:
         if payload.nbytes != uncompressed_size:
             raise CheckpointError(source, f"raw chunk stores {payload.nbytes} bytes but uncompressed_size is {uncompressed_size}")
         return payload
-    _frame_table(payload, uncompressed_size, source)  # validate before allocating
+    check_frames(payload, uncompressed_size, source)  # validate before allocating
     out = memoryview(np.empty(uncompressed_size, dtype=np.uint8)).cast("B")
     decode_into(flags, payload, out, source)
     return out
@@ -424,14 +488,3 @@ def header_bits(chunk_flags: int, compression: int, header_flags: int) -> tuple[
     if chunk_flags & CHUNK_BLOCK_DELTA:
         header_flags |= HDR_BLOCK_DELTA
     return compression, header_flags
-
-
-def region_elem_sizes(regions: Sequence[tuple[int, str]]) -> dict[int, int]:
-    """Shuffle element size per region chunk id from (chunk_id, dtype) pairs."""
-    out: dict[int, int] = {}
-    for cid, dtype in regions:
-        try:
-            out[cid] = elem_size_for(dtype)
-        except TypeError:
-            out[cid] = 0
-    return out

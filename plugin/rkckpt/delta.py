@@ -108,16 +108,16 @@ def apply_patch(old: bytes | memoryview, patch: bytes | memoryview, source: str 
     pos = _PATCH.size
     if nruns > (p.nbytes - pos) // 16:
         raise CheckpointError(source, f"block patch declares {nruns} runs, more than its {p.nbytes} bytes hold")
-    runs = (
-        np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2).astype(np.int64)
-        if nruns
-        else np.zeros((0, 2), np.int64)
-    )
+    raw_runs = np.frombuffer(p, dtype="<u8", count=2 * nruns, offset=pos).reshape(nruns, 2)
     pos += 16 * nruns
     data_len = p.nbytes - pos
     if target > parent_size + data_len:
         raise CheckpointError(source, f"block patch grows the chunk to {target} bytes with only {data_len} bytes of data")
     nb = -(-target // block)
+    # each field alone within the chunk's block count first: a sum of two u64 fields may wrap past int64
+    if (raw_runs > nb).any():
+        raise CheckpointError(source, "block patch runs are out of order, overlapping or past the chunk end")
+    runs = raw_runs.astype(np.int64)
     starts, counts = runs[:, 0], runs[:, 1]
     if nruns and (
         (counts <= 0).any() or (starts < 0).any() or (starts[1:] < starts[:-1] + counts[:-1]).any() or starts[-1] + counts[-1] > nb
@@ -145,6 +145,26 @@ def apply_patch(old: bytes | memoryview, patch: bytes | memoryview, source: str 
     if has_tail:
         out[nfull * block :] = data[full_idx.size * block :]
     return memoryview(out).cast("B")
+
+
+class BlockDelta:
+    """The block-delta stage: a chunk's data as a patch against the same chunk of the parent state.
+
+    The first stage of the payload pipeline (``CHUNK_BLOCK_DELTA``): its
+    output is what ``codec``'s stages (shuffle, zstd frames) then encode.
+    ``encode`` gives ``None`` when the data equals the parent's.
+    """
+
+    flag = CHUNK_BLOCK_DELTA
+
+    def __init__(self, parent: bytes | bytearray | memoryview, block_size: int = DEFAULT_BLOCK) -> None:
+        self.parent, self.block_size = parent, block_size
+
+    def encode(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        return make_patch(self.parent, data, self.block_size)
+
+    def decode(self, patch: bytes | bytearray | memoryview, source: str | None = None) -> memoryview:
+        return apply_patch(self.parent, patch, source)
 
 
 def make_delta(
@@ -178,7 +198,7 @@ def make_delta(
             if a.size != b.size or changed_blocks(a, b, block_size).any():
                 changed.append(c)
             continue
-        patch = make_patch(old.data, c.data, block_size)
+        patch = BlockDelta(old.data, block_size).encode(c.data)
         if patch is None:
             continue
         if len(patch) < c.size:
@@ -205,7 +225,7 @@ def _apply(base: Checkpoint, delta: Checkpoint, base_digest: str | None, source:
     for c in base.chunks:
         r = replacement.get(c.identity)
         if r is not None and r.flags & CHUNK_BLOCK_DELTA:
-            r = Chunk(r.chunk_type, r.chunk_id, apply_patch(c.data, r.data, source), flags=r.flags & ~CHUNK_BLOCK_DELTA)
+            r = Chunk(r.chunk_type, r.chunk_id, BlockDelta(c.data).decode(r.data, source), flags=r.flags & ~CHUNK_BLOCK_DELTA)
         out.append(c if r is None else r)
         seen.add(c.identity)
     for c in delta.chunks:

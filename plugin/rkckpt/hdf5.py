@@ -4,7 +4,8 @@ Layout (wrapper version 1):
 
 - ``/rkckpt``: the RKCKPT v1 stream, byte-exact, one contiguous uint8
   dataset, so ``h5py`` or ``h5dump -d /rkckpt -b`` extract a file the
-  reference reader parses.
+  reference reader parses. This writer puts it last in the file, starting
+  on a 4 KiB page, after all the HDF5 structure below.
 - root attributes: ``rkckpt.wrapper`` (= "rkckpt.h5"), ``wrapper_version``,
   ``format_version``, ``kernel_id``, ``kernel_type``, ``step``, ``kind``
   ("full"/"delta"), ``content_digest``, ``parent_digest`` ("" for a full
@@ -17,6 +18,9 @@ Layout (wrapper version 1):
 
 The index and attributes are a convenience for readers; the stream stays
 the source of truth, and ``check_h5`` verifies that they agree with it.
+Readers take the stream's bytes from the file at the dataset's offset (one
+byte-range source, the same reader as ``.rkcp``), after checking that the
+dataset is a plain one stored in this file.
 """
 
 from __future__ import annotations
@@ -26,20 +30,23 @@ import functools
 import os
 import select
 import signal
-import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
-from . import codec, format
-from .atomic import atomic_path
-from .crc import crc32, crc32_combine
+from . import codec, container
+from .atomic import atomic_open
+from .container import HDF5_SIGNATURE, ParsedFile
+from .crc import crc32
 from .errors import CheckpointError
-from .flags import CHUNK_BLOCK_DELTA, CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, HDR_SHARD
-from .model import KEYED_TYPES, Checkpoint, ChunkType, RegionInfo
+from .flags import CHUNK_BLOCK_DELTA, CHUNK_PART
+from .layout import CHUNK_HEADER_SIZE, HEADER_SIZE, MAX_CHECKPOINT_SIZE, VERSION, unpack_chunk
+from .model import Checkpoint, ChunkType, RegionInfo, digest_from_crcs
+from .source import FileSource, MemorySource, RangeSource, Source, StorageSource
 
 WRAPPER = "rkckpt.h5"
 WRAPPER_VERSION = 1
@@ -47,12 +54,9 @@ STREAM = "rkckpt"
 INDEX = "index"
 REGIONS = "regions"
 CHAIN_BASE_KEY = "rkckpt.chain_base"
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_REGIONS = 1 << 20
-
-_CHUNK = struct.Struct("<IIQQQ")  # same layouts as format.py
-_HEADER = struct.Struct("<QIIQIIIIQ16s")
-assert _CHUNK.size == format.CHUNK_HEADER_SIZE and _HEADER.size == format.HEADER_SIZE
+PAGE = 4096
+STREAM_ALIGN_ABOVE = 64 << 10  # objects at least this big (the stream) are page aligned
 
 
 def _index_dtype() -> np.dtype:
@@ -119,187 +123,217 @@ def _guarded(fn: F) -> F:
 def is_hdf5(path: str | os.PathLike[str]) -> bool:
     """True when the file starts with the HDF5 signature (no user block)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == HDF5_SIGNATURE
-    except OSError:
+        with FileSource(path) as f:  # a FIFO or device is refused, never waited on
+            return f.size >= len(HDF5_SIGNATURE) and bytes(f.read(0, len(HDF5_SIGNATURE))) == HDF5_SIGNATURE
+    except CheckpointError:
         return False
 
 
 # --------------------------------------------------------------------- write
 
 
-@dataclass
-class _Planned:
-    chunk_type: int
-    chunk_id: int
-    name: str
-    stored_flags: int
-    payload: memoryview
-    uncompressed_size: int
-    data_crc: int
-    payload_crc: int
+def _stream_dataset(f: Any, length: int) -> Any:
+    """``/rkckpt``: contiguous, allocated now, never filled (the stream is written in place)."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple((length,))
+    return h5py.h5d.create(f.id, STREAM.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl)
 
 
-def _plan(ckpt: Checkpoint, options: codec.WriteOptions) -> tuple[bytes, list[_Planned], int, int]:
-    """Encode payloads (compressing where the codec says so) and size the stream."""
+#: stream offset by the shape of the HDF5 structure (see ``write_to``); a wrong entry only costs a rewrite
+_OFFSETS: dict[tuple[object, ...], int] = {}
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the HDF5 structure records about a stream; sizes never depend on the CRC values."""
+
+    crcs: list[int]
+    digest: str
+    chain_base: str
+
+
+def _scratch_folder() -> str | None:
+    shm = "/dev/shm"  # tmpfs: the scratch file never reaches a disk
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def _layout(length: int, fill: Callable[[Any], None]) -> tuple[int, bytes, bytes]:
+    """The HDF5 file around a ``length``-byte ``/rkckpt``: (its offset, the bytes before it, the bytes after it).
+
+    Built in a sparse scratch file: ``fill`` writes the attributes and
+    tables first, then ``/rkckpt`` is created last (contiguous, allocated,
+    never written), so all HDF5 structure comes before the stream, a reader
+    finds it in the first few KiB, and the scratch file costs a few KiB
+    whatever ``length``.
+    """
+    import h5py
+
+    with tempfile.TemporaryDirectory(prefix="rkckpt-h5-", dir=_scratch_folder()) as folder:
+        scratch = os.path.join(folder, "layout.h5")
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_alignment(STREAM_ALIGN_ABOVE, PAGE)  # the stream starts on a page: whole-page writes and reads
+        with h5py.File(h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl)) as f:
+            fill(f)
+            offset = int(_stream_dataset(f, length).get_offset())
+        with open(scratch, "rb") as fh:
+            prefix = fh.read(offset)
+            fh.seek(offset + length)
+            suffix = fh.read()
+    return offset, prefix, suffix
+
+
+def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None = None, *, chain_base: str | None = None) -> int:
+    """Stream ``ckpt`` as ``.rk.h5`` into a seekable binary sink (a new file); return the bytes written.
+
+    At disk speed: the stream is written with plain writes by the same
+    writer as ``.rkcp``, at the offset where HDF5 puts a contiguous
+    ``/rkckpt`` dataset (allocated early, never filled). Each raw chunk is
+    checksummed once; that CRC serves the stream checksum, the index and
+    the content digest. The HDF5 structure (attributes, index, region
+    table: a few KiB before the stream) is laid out first with placeholder
+    CRCs of the same size, which fixes the offset, and written for real
+    once the CRCs are known.
+    """
+    options = options if options is not None else codec.WriteOptions()
+    try:
+        start = f.tell()
+        f.seek(start)
+    except (AttributeError, OSError, ValueError) as exc:
+        raise CheckpointError(None, f".rk.h5 needs a seekable sink: {exc}") from None
+    enc = container.encode_single(ckpt, options)
+    parent = ckpt.metadata.parent_digest or ""
     names = ckpt.region_names()
-    planned: list[_Planned] = []
-    compression = format.COMPRESSION_NONE
-    hflags = 0
-    elems = {} if options.compat else format.elem_sizes(ckpt)  # same choices as format.encode
-    for c in ckpt.chunks:
-        data = memoryview(c.data).cast("B")
-        cflags, payload = codec.encode_payload(data, c.flags, options, elem_size=elems.get((c.chunk_type, c.chunk_id)))
-        compression, hflags = codec.header_bits(cflags, compression, hflags)
-        pv = memoryview(payload).cast("B")
-        data_crc = crc32(data)
-        stored_raw = not (cflags & (CHUNK_ZSTD | CHUNK_SHUFFLE)) and pv.nbytes == data.nbytes
-        payload_crc = data_crc if stored_raw else crc32(pv)
-        name = names.get(c.chunk_id, "") if c.chunk_type == ChunkType.DEVICE_MEMORY else ""
-        planned.append(_Planned(c.chunk_type, c.chunk_id, name, cflags, pv, data.nbytes, data_crc, payload_crc))
-    if options.compat and (hflags or compression):
-        raise CheckpointError(None, "compat mode cannot encode extension chunks (block deltas or flags)")
-    meta = format.encode_metadata(ckpt.metadata)
-    return meta, planned, compression, hflags
+    regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
+    offsets = enc.chunk_offsets()
 
+    def base_for(digest: str) -> str:
+        return chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
 
-def _content_digest(planned: list[_Planned]) -> str:
-    """``Checkpoint.content_digest`` from the per-chunk CRCs (no second pass over the data)."""
-    crc = 0
-    for p in planned:
-        ident = p.chunk_id if p.chunk_type in KEYED_TYPES else 0
-        crc = crc32(p.chunk_type.to_bytes(4, "little") + ident.to_bytes(8, "little") + bytes(4), crc)
-        crc = crc32_combine(crc, p.data_crc, p.uncompressed_size)
-    return f"{crc:08x}"
+    def filler(facts: _Facts) -> Callable[[Any], None]:
+        def fill(h: Any) -> None:
+            attrs = h.attrs
+            attrs["rkckpt.wrapper"] = WRAPPER
+            attrs["wrapper_version"] = WRAPPER_VERSION
+            attrs["format_version"] = VERSION
+            attrs["kernel_id"] = ckpt.metadata.kernel_id
+            attrs["kernel_type"] = ckpt.metadata.kernel_type
+            attrs["step"] = np.uint64(ckpt.metadata.current_step)
+            attrs["kind"] = "delta" if parent else "full"
+            attrs["content_digest"] = facts.digest
+            attrs["parent_digest"] = parent
+            attrs["chain_base"] = facts.chain_base
+            attrs["created_at"] = np.uint64(ckpt.created_at)
+            attrs["compat"] = bool(options.compat)
+            index = np.zeros(len(enc.chunks), dtype=_index_dtype())
+            for i, (p, at, crc) in enumerate(zip(enc.chunks, offsets, facts.crcs, strict=True)):
+                name = names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else ""
+                index[i] = (p.chunk_type, p.chunk_id, name, at, p.encoded.size, p.uncompressed_size, p.encoded.flags, crc)
+            h.create_dataset(INDEX, data=index)
+            table = np.zeros(len(regions), dtype=_regions_dtype())
+            for i, r in enumerate(regions):
+                table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
+            h.create_dataset(REGIONS, data=table)
 
+        return fill
 
-def _stream_parts(
-    meta: bytes, planned: list[_Planned], compression: int, hflags: int, created_at: int
-) -> tuple[bytes, list[tuple[int, bytes | memoryview]], int]:
-    """Header bytes, (offset, bytes) pieces of the stream, and its total length."""
-    pieces: list[tuple[int, bytes | memoryview]] = []
-    pos = format.HEADER_SIZE
-    head = struct.pack("<I", len(meta)) + meta
-    crc = crc32(head)
-    pending = bytearray(head)
-    pending_at = pos
-    pos += len(head)
-    for p in planned:
-        ch = _CHUNK.pack(p.chunk_type, p.stored_flags, p.uncompressed_size, p.payload.nbytes, p.chunk_id)
-        crc = crc32(ch, crc)
-        crc = crc32_combine(crc, p.payload_crc, p.payload.nbytes)
-        pending += ch
-        pos += len(ch)
-        if p.payload.nbytes <= 1 << 16:
-            pending += p.payload
-        else:
-            pieces.append((pending_at, bytes(pending)))
-            pieces.append((pos, p.payload))
-            pending = bytearray()
-            pending_at = pos + p.payload.nbytes
-        pos += p.payload.nbytes
-    if pending:
-        pieces.append((pending_at, bytes(pending)))
-    total = pos
-    quirk_total = total - (format.HEADER_SIZE - format.REFERENCE_HEADER_SIZE)
-    header = _HEADER.pack(
-        format.MAGIC,
-        format.VERSION,
-        format.REFERENCE_HEADER_SIZE,
-        quirk_total,
-        len(planned),
-        compression,
-        crc,
-        hflags,
-        created_at,
-        bytes(16),
+    placeholder = "0" * 8  # a digest's size: the layout does not change when the real one goes in
+    # what the layout depends on: every size and string of the structure, none of the numbers, digests or the length
+    shape = (
+        ckpt.metadata.kernel_id,
+        ckpt.metadata.kernel_type,
+        parent,
+        len(base_for(placeholder)),
+        bool(options.compat),
+        tuple((p.chunk_type, names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else "") for p in enc.chunks),
+        tuple((r.name, r.dtype, len(r.shape)) for r in regions),
     )
-    return header, pieces, total
+    offset = _OFFSETS.get(shape)
+    if offset is None:
+        offset, _, _ = _layout(enc.length, filler(_Facts([0] * len(enc.chunks), placeholder, base_for(placeholder))))
+    for _attempt in range(2):
+        f.seek(start + offset)
+        written = container.emit(f, enc, options, chunk_crcs=True)
+        assert written.payload_crcs is not None
+        crcs = [
+            pc if p.raw else crc32(memoryview(c.data).cast("B"))
+            for p, pc, c in zip(enc.chunks, written.payload_crcs, ckpt.chunks, strict=True)
+        ]
+        digest = digest_from_crcs((p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, crcs, strict=True))
+        final, prefix, suffix = _layout(enc.length, filler(_Facts(crcs, digest, base_for(digest))))
+        if final == offset:
+            if len(_OFFSETS) >= 64:
+                _OFFSETS.clear()
+            _OFFSETS[shape] = offset  # the next checkpoint of this kind skips the placeholder layout
+            break
+        offset = final  # not expected (equal sizes give equal layouts); correct either way: write it there
+    else:
+        raise CheckpointError(None, "HDF5 layout of /rkckpt did not settle")
+    f.seek(start)
+    container.write_fully(f, prefix)
+    f.seek(start + offset + enc.length)
+    container.write_fully(f, suffix)
+    f.truncate()  # a retried layout may have left bytes past the end
+    return offset + enc.length + len(suffix)
 
 
 def write_h5(
     path: str | os.PathLike[str], ckpt: Checkpoint, options: codec.WriteOptions | None = None, *, chain_base: str | None = None
 ) -> int:
-    """Write ``ckpt`` as ``.rk.h5`` atomically; returns the file size.
-
-    Payloads are written straight into slices of a dataset created at its
-    final size, so no second full copy of the state is built in memory.
-    """
-    import h5py
-
+    """Write ``ckpt`` as ``.rk.h5`` atomically (temp file, fsync, rename); returns the file size."""
     target = Path(path)
-    options = options if options is not None else codec.WriteOptions()
     try:
-        meta, planned, compression, hflags = _plan(ckpt, options)
+        with atomic_open(target) as f:
+            return write_to(f, ckpt, options, chain_base=chain_base)
     except CheckpointError as exc:
-        raise CheckpointError(target, exc.problem) from None
-    header, pieces, total = _stream_parts(meta, planned, compression, hflags, ckpt.created_at)
-    if total > format.MAX_CHECKPOINT_SIZE:
-        raise CheckpointError(
-            target,
-            f"encoded stream is {total} bytes, over the {format.MAX_CHECKPOINT_SIZE}-byte RKCKPT limit; save states over 1 GiB as sharded .rkcp",
-        )
-    digest = _content_digest(planned)
-    parent = ckpt.metadata.parent_digest or ""
-    base = chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
-
-    with atomic_path(target) as tmp:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset(STREAM, shape=(total,), dtype="u1", fill_time="never")
-            ds[0 : len(header)] = np.frombuffer(header, np.uint8)
-            for offset, piece in pieces:
-                arr = np.frombuffer(piece, np.uint8)
-                ds[offset : offset + arr.size] = arr
-            attrs = f.attrs
-            attrs["rkckpt.wrapper"] = WRAPPER
-            attrs["wrapper_version"] = WRAPPER_VERSION
-            attrs["format_version"] = format.VERSION
-            attrs["kernel_id"] = ckpt.metadata.kernel_id
-            attrs["kernel_type"] = ckpt.metadata.kernel_type
-            attrs["step"] = np.uint64(ckpt.metadata.current_step)
-            attrs["kind"] = "delta" if parent else "full"
-            attrs["content_digest"] = digest
-            attrs["parent_digest"] = parent
-            attrs["chain_base"] = base
-            attrs["created_at"] = np.uint64(ckpt.created_at)
-            attrs["compat"] = bool(options.compat)
-            index = np.zeros(len(planned), dtype=_index_dtype())
-            pos = format.HEADER_SIZE + 4 + len(meta)
-            for i, p in enumerate(planned):
-                pos += format.CHUNK_HEADER_SIZE
-                index[i] = (p.chunk_type, p.chunk_id, p.name, pos, p.payload.nbytes, p.uncompressed_size, p.stored_flags, p.data_crc)
-                pos += p.payload.nbytes
-            f.create_dataset(INDEX, data=index)
-            regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
-            table = np.zeros(len(regions), dtype=_regions_dtype())
-            for i, r in enumerate(regions):
-                table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
-            f.create_dataset(REGIONS, data=table)
-    return target.stat().st_size
+        if exc.source is None:
+            raise CheckpointError(target, exc.problem) from None
+        raise
 
 
 # ---------------------------------------------------------------------- read
 
 
 class _Opened:
-    """An open ``.rk.h5`` whose wrapper identity and stream size were checked."""
+    """An open ``.rk.h5`` whose wrapper identity, stream dataset and stream size were checked.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``stream`` is a byte-range source over the embedded RKCKPT stream: the
+    dataset's bytes in the file (or storage object), read with plain reads.
+    The dataset must be a plain one stored in this file: external storage,
+    external or soft links and virtual datasets are refused, since following
+    them would read whatever other file they name.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], storage: Any = None) -> None:
         import h5py
 
         self.source = os.fspath(path)
-        if not os.path.exists(self.source):
-            raise CheckpointError(self.source, "no such file")
-        if not is_hdf5(self.source):
-            raise CheckpointError(self.source, "not an HDF5 file (no HDF5 signature)")
+        self.raw: Source
+        self.fileobj: Any = None  # the storage object HDF5 reads its structure from
+        if storage is None:
+            self.raw = FileSource(self.source)  # refuses FIFOs and devices without blocking
+        else:
+            self.raw = StorageSource(storage, self.source)
         try:
-            self.file = h5py.File(self.source, "r")
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
+            if self.raw.size < len(HDF5_SIGNATURE) or bytes(self.raw.read(0, len(HDF5_SIGNATURE))) != HDF5_SIGNATURE:
+                raise CheckpointError(self.source, "not an HDF5 file (no HDF5 signature)")
+            if storage is not None:
+                self.fileobj = storage.open_read(self.source)
+            try:
+                self.file = h5py.File(self.source if self.fileobj is None else self.fileobj, "r")
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
+        except BaseException:
+            self._release()
+            raise
         try:
             self._check()
         except BaseException:
-            self.file.close()
+            self.close()
             raise
 
     def _check(self) -> None:
@@ -309,6 +343,9 @@ class _Opened:
         marker = f.attrs.get("rkckpt.wrapper")
         if isinstance(marker, bytes):
             marker = marker.decode("utf-8", "replace")
+        link = f.get(STREAM, getlink=True)
+        if link is not None and not isinstance(link, h5py.HardLink):
+            raise CheckpointError(self.source, f"/rkckpt is a {type(link).__name__}, not a dataset stored in this file: refused")
         ds = f.get(STREAM)
         if marker != WRAPPER or not isinstance(ds, h5py.Dataset):
             raise CheckpointError(self.source, "HDF5 file is not an rkckpt checkpoint (no rkckpt.wrapper attribute or /rkckpt dataset)")
@@ -317,60 +354,39 @@ class _Opened:
             raise CheckpointError(self.source, f"unsupported .rk.h5 wrapper version {version!r}")
         if ds.dtype != np.uint8 or ds.ndim != 1:
             raise CheckpointError(self.source, f"/rkckpt must be a 1-D uint8 dataset, found {ds.dtype} with shape {ds.shape}")
-        self.stream = ds
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.VIRTUAL:
+            raise CheckpointError(self.source, "/rkckpt is a virtual dataset (it maps other files): refused")
+        if dcpl.get_external_count():
+            raise CheckpointError(self.source, "/rkckpt uses HDF5 external storage (its bytes live in other files): refused")
         self.length = int(ds.shape[0])
-        self.offset = self._file_offset(ds)
-        head = self.read(0, min(self.length, format.HEADER_SIZE))
-        self.header = format.parse_header(head, self.source)
-        if self.header.flags & HDR_SHARD:
-            raise CheckpointError(self.source, "/rkckpt holds a sharded (> 1 GiB) stream, which .rk.h5 files do not support")
-        if self.header.total_size not in (self.length, self.length - (format.HEADER_SIZE - format.REFERENCE_HEADER_SIZE)):
-            raise CheckpointError(
-                self.source, f"/rkckpt dataset holds {self.length} bytes but the RKCKPT header's total_size says {self.header.total_size}"
-            )
+        if self.length > MAX_CHECKPOINT_SIZE + HEADER_SIZE:
+            raise CheckpointError(self.source, f"/rkckpt holds {self.length} bytes, over the RKCKPT limit")
+        offset = ds.id.get_offset() if layout == h5py.h5d.CONTIGUOUS and dcpl.get_nfilters() == 0 else None
+        if offset is not None:
+            self.stream: Source = RangeSource(self.raw, int(offset), self.length)
+        else:  # chunked or compact (another writer's file): HDF5 reads it, bounded above
+            try:
+                self.stream = MemorySource(ds[()], self.source)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(self.source, f"cannot read /rkckpt: {exc}") from None
+        self.stream.name = self.source
 
-    def _file_offset(self, ds: object) -> int | None:
-        """File offset of a contiguous, unfiltered, allocated /rkckpt (else None).
-
-        Reading those bytes with plain file I/O is what HDF5 would do, minus
-        its per-call overhead; anything else goes through h5py.
-        """
-        import h5py
-
-        try:
-            if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or ds.compression is not None:  # type: ignore[attr-defined]
-                return None
-            offset = ds.id.get_offset()  # type: ignore[attr-defined]
-        except (OSError, ValueError, AttributeError):
-            return None
-        if offset is None or offset + self.length > os.path.getsize(self.source):
-            return None
-        return int(offset)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int) -> memoryview:
         """Bytes [start, stop) of the stream, reading only that slice."""
         if start < 0 or stop > self.length or start > stop:
             raise CheckpointError(self.source, f"range {start}..{stop} lies outside the {self.length}-byte stream")
-        if stop == start:
-            return np.empty(0, dtype=np.uint8)
-        try:
-            if self.offset is not None:
-                out = np.empty(stop - start, dtype=np.uint8)
-                _pread_into(self.source, self.offset + start, memoryview(out))
-            else:
-                out = self.stream[start:stop]  # h5py's read_direct with a selection is ~10x slower
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(self.source, f"cannot read /rkckpt: {exc}") from None
-        return out
+        return self.stream.read(start, stop - start)
 
-    def index(self) -> list[IndexEntry]:
+    def index(self, chunk_count: int) -> list[IndexEntry]:
         import h5py
 
         ds = self.file.get(INDEX)
         if not isinstance(ds, h5py.Dataset):
             raise CheckpointError(self.source, "missing /index dataset")
-        if ds.ndim != 1 or ds.shape[0] != self.header.chunk_count:  # bounded before reading
-            raise CheckpointError(self.source, f"/index has shape {ds.shape}, the stream has {self.header.chunk_count} chunks")
+        if ds.ndim != 1 or ds.shape[0] != chunk_count:  # bounded before reading
+            raise CheckpointError(self.source, f"/index has shape {ds.shape}, the stream has {chunk_count} chunks")
         try:
             rows = ds[()]
             return [
@@ -388,6 +404,9 @@ class _Opened:
             ]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise CheckpointError(self.source, f"/index is malformed: {exc}") from None
+
+    def chunk_count(self) -> int:
+        return container.scan(self.stream, chunks=False).header.chunk_count
 
     def regions(self) -> dict[str, RegionInfo]:
         import h5py
@@ -413,25 +432,28 @@ class _Opened:
             for k, v in self.file.attrs.items()
         }
 
-    def close(self) -> None:
+    def close_structure(self) -> None:
+        """Close HDF5 (and the storage object behind it); the stream source stays open."""
         self.file.close()
+        if self.fileobj is not None:
+            self.fileobj.close()
+            self.fileobj = None
+
+    def _release(self) -> None:
+        if self.fileobj is not None:
+            self.fileobj.close()
+            self.fileobj = None
+        self.raw.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.close_structure()
+        self.raw.close()  # type: ignore[attr-defined]
 
     def __enter__(self) -> _Opened:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _pread_into(path: str, offset: int, out: memoryview, piece: int = 32 << 20) -> None:
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < out.nbytes:
-            n = f.readinto(out[done : min(out.nbytes, done + piece)])
-            if not n:
-                raise OSError(f"file ends {out.nbytes - done} bytes early")
-            done += n
 
 
 def _text(v: object) -> str:
@@ -467,7 +489,7 @@ def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
             try:
                 with _Opened(src) as h:
                     h.attrs()
-                    h.index()
+                    h.index(h.chunk_count())
                     h.regions()
             except CheckpointError as exc:
                 os.write(w, exc.problem.encode("utf-8", "replace")[:4000])
@@ -498,31 +520,27 @@ def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
 def read_stream(path: str | os.PathLike[str]) -> bytes:
     """The embedded RKCKPT stream, byte-exact (what ``h5dump -b`` extracts)."""
     with _Opened(path) as h:
-        return h.read(0, h.length).tobytes()
-
-
-def _parse_stream(buf: np.ndarray, src: str, checksum: int | None) -> format.ParsedFile:
-    if checksum is not None:  # checked here with the fast CRC; format.parse would use zlib's
-        got = crc32(memoryview(buf)[format.HEADER_SIZE :])
-        if got != checksum:
-            raise CheckpointError(src, f"checksum mismatch: header says 0x{checksum:08x}, data gives 0x{got:08x}")
-    parsed = format.parse(memoryview(buf), src, verify_checksum=False)
-    if any(h.flags & CHUNK_PART for h in parsed.chunk_headers):
-        raise CheckpointError(src, "/rkckpt holds pieces of a sharded checkpoint (CHUNK_PART), which .rk.h5 files do not support")
-    return parsed
+        return bytes(h.read(0, h.length))
 
 
 @_guarded
-def read_h5(path: str | os.PathLike[str], *, verify_checksum: bool = True) -> format.ParsedFile:
-    """Parse the stream embedded in a ``.rk.h5`` file."""
-    with _Opened(path) as h:
-        buf = h.read(0, h.length)
-        checksum = h.header.checksum if verify_checksum else None
-    return _parse_stream(buf, os.fspath(path), checksum)
+def open_stream(path: str | os.PathLike[str], storage: Any = None) -> Source:
+    """A byte-range source over the stream inside a ``.rk.h5`` (HDF5 structure checked first).
+
+    The HDF5 file is closed again; the caller closes the returned source.
+    """
+    h = _Opened(path, storage)
+    h.close_structure()
+    if not isinstance(h.stream, RangeSource):
+        h.raw.close()  # type: ignore[attr-defined]
+    return h.stream
 
 
-def load_h5(path: str | os.PathLike[str]) -> Checkpoint:
-    return read_h5(path).checkpoint
+@_guarded
+def read(path: str | os.PathLike[str], storage: Any = None) -> ParsedFile:
+    """Parse the stream embedded in a ``.rk.h5`` file (or, with ``storage``, object)."""
+    with _Opened(path, storage) as h:
+        return container.read_source(h.stream, allow_shards=False)
 
 
 @_guarded
@@ -535,7 +553,7 @@ def attributes(path: str | os.PathLike[str]) -> dict[str, object]:
 @_guarded
 def read_index(path: str | os.PathLike[str]) -> list[IndexEntry]:
     with _Opened(path) as h:
-        return h.index()
+        return h.index(h.chunk_count())
 
 
 def _read_entry(h: _Opened, entry: IndexEntry, what: str) -> bytes | memoryview:
@@ -543,17 +561,23 @@ def _read_entry(h: _Opened, entry: IndexEntry, what: str) -> bytes | memoryview:
         raise CheckpointError(h.source, f"{what} is a piece of a sharded chunk, which .rk.h5 files do not support")
     if entry.flags & CHUNK_BLOCK_DELTA:
         raise CheckpointError(h.source, f"{what} is stored as a block-delta patch; apply the chain to a full checkpoint first")
-    if entry.offset < format.HEADER_SIZE or entry.offset + entry.stored_size > h.length:
+    if entry.offset < HEADER_SIZE + CHUNK_HEADER_SIZE or entry.offset + entry.stored_size > h.length:
         raise CheckpointError(h.source, f"/index entry for {what} points outside the stream")
     # the 32-byte chunk header right before the payload must agree with the index
-    raw = h.read(entry.offset - format.CHUNK_HEADER_SIZE, entry.offset + entry.stored_size)
-    ctype, cflags, usize, csize, cid = _CHUNK.unpack_from(raw, 0)
-    if (ctype, cflags, usize, csize, cid) != (entry.chunk_type, entry.flags, entry.uncompressed_size, entry.stored_size, entry.chunk_id):
+    raw = h.read(entry.offset - CHUNK_HEADER_SIZE, entry.offset + entry.stored_size)
+    ch = unpack_chunk(raw[:CHUNK_HEADER_SIZE], entry.offset)
+    if (ch.chunk_type, ch.flags, ch.uncompressed_size, ch.compressed_size, ch.chunk_id) != (
+        entry.chunk_type,
+        entry.flags,
+        entry.uncompressed_size,
+        entry.stored_size,
+        entry.chunk_id,
+    ):
         raise CheckpointError(h.source, f"/index entry for {what} disagrees with the chunk header in the stream")
-    if usize > format.MAX_CHECKPOINT_SIZE:
-        raise CheckpointError(h.source, f"{what} declares uncompressed_size {usize} over the limit")
+    if ch.uncompressed_size > MAX_CHECKPOINT_SIZE:
+        raise CheckpointError(h.source, f"{what} declares uncompressed_size {ch.uncompressed_size} over the limit")
     try:
-        data = codec.decode_payload(cflags, memoryview(raw)[format.CHUNK_HEADER_SIZE :], usize, h.source)
+        data = codec.decode_payload(ch.flags, raw[CHUNK_HEADER_SIZE:], ch.uncompressed_size, h.source)
     except CheckpointError as exc:
         raise CheckpointError(h.source, f"{what}: {exc.problem}") from None
     if crc32(data) != entry.crc32:
@@ -562,9 +586,9 @@ def _read_entry(h: _Opened, entry: IndexEntry, what: str) -> bytes | memoryview:
 
 
 @_guarded
-def read_region(path: str | os.PathLike[str], name: str) -> np.ndarray:
-    """One named region as an array, reading only its slice of the stream."""
-    with _Opened(path) as h:
+def read_region(path: str | os.PathLike[str], name: str, storage: Any = None) -> np.ndarray:
+    """One named region as an array, reading only its slice of the stream (also from a storage object)."""
+    with _Opened(path, storage) as h:
         info = h.regions().get(name)
         if info is None:
             raise CheckpointError(h.source, f"no region named {name!r}")
@@ -584,7 +608,8 @@ def read_region(path: str | os.PathLike[str], name: str) -> np.ndarray:
 def read_chunk(path: str | os.PathLike[str], chunk_id: int, chunk_type: int | None = None) -> bytes | memoryview:
     """Uncompressed data of one chunk picked by id (and type when ids repeat)."""
     with _Opened(path) as h:
-        matches = [e for e in h.index() if e.chunk_id == chunk_id and (chunk_type is None or e.chunk_type == chunk_type)]
+        rows = h.index(h.chunk_count())
+        matches = [e for e in rows if e.chunk_id == chunk_id and (chunk_type is None or e.chunk_type == chunk_type)]
         if not matches:
             raise CheckpointError(h.source, f"no chunk with id {chunk_id}")
         if len(matches) > 1:
@@ -593,23 +618,21 @@ def read_chunk(path: str | os.PathLike[str], chunk_id: int, chunk_type: int | No
 
 
 def _find(h: _Opened, chunk_type: int, chunk_id: int, what: str) -> IndexEntry:
-    for e in h.index():
+    for e in h.index(h.chunk_count()):
         if e.chunk_type == chunk_type and e.chunk_id == chunk_id:
             return e
     raise CheckpointError(h.source, f"{what} is declared but has no chunk in /index")
 
 
 @_guarded
-def check_h5(path: str | os.PathLike[str]) -> format.ParsedFile:
+def check_h5(path: str | os.PathLike[str]) -> ParsedFile:
     """Full check: the stream parses and the index/attributes agree with it."""
     src = os.fspath(path)
     with _Opened(path) as h:
-        buf = h.read(0, h.length)
-        entries = h.index()
+        parsed = container.read_source(h.stream, allow_shards=False)
+        entries = h.index(parsed.header.chunk_count)
         attrs = h.attrs()
         regions = h.regions()
-        checksum = h.header.checksum
-    parsed = _parse_stream(buf, src, checksum)
     ck = parsed.checkpoint
     if len(entries) != len(parsed.chunk_headers):
         raise CheckpointError(src, f"/index has {len(entries)} rows, the stream {len(parsed.chunk_headers)} chunks")

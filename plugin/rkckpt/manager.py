@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from . import container, hdf5
 from . import delta as rkdelta
-from . import format as rkformat
-from .chain import STATE_DIGEST_KEY, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable, plan_gc
+from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable, plan_gc
 from .codec import WriteOptions
+from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
 from .model import Checkpoint
 from .storage import Storage, StorageError, open_storage
@@ -67,6 +68,8 @@ class CheckpointPolicy:
     keep_chains: int = 2
     compat: bool = False
     level: int | None = None  # zstd level; None: the codec's default
+    #: file form of the chain: "rk.h5" (the stream wrapped in HDF5) or "rkcp" (the bare stream)
+    checkpoint_format: str = DEFAULT_FORMAT
 
 
 @dataclass
@@ -139,17 +142,11 @@ def _payload_bytes(c: Checkpoint) -> int:
     return sum(ch.size for ch in c.chunks)
 
 
-def _writer(ckpt: Checkpoint, options: WriteOptions):  # noqa: ANN202
-    """Streaming writer from the codec when it has one, else one encoded blob."""
-    try:
-        from . import io as rkio  # type: ignore[attr-defined]
-
-        encode_to = getattr(rkio, "encode_to", None)
-    except ImportError:
-        encode_to = None
-    if encode_to is not None:
-        return lambda f: encode_to(f, ckpt, options)
-    return rkformat.encode(ckpt, options)
+def _writer(ckpt: Checkpoint, options: WriteOptions, fmt: str, chain_base: str | None):  # noqa: ANN202
+    """Streaming writer for ``Storage.save`` in the chain's file form."""
+    if fmt == "rk.h5":
+        return lambda f: hdf5.write_to(f, ckpt, options, chain_base=chain_base)
+    return lambda f: container.write_to(f, ckpt, options)
 
 
 class CheckpointManager:
@@ -161,6 +158,8 @@ class CheckpointManager:
         self.policy = policy or CheckpointPolicy()
         if self.policy.full_every < 0 or not 0 < self.policy.max_delta_fraction <= 1 or self.policy.keep_chains < 1:
             raise ValueError(f"invalid checkpoint policy {self.policy}")
+        if self.policy.checkpoint_format not in SUFFIXES:
+            raise ValueError(f"checkpoint_format must be one of {sorted(SUFFIXES)}, not {self.policy.checkpoint_format!r}")
         if not kernel_id or "/" in kernel_id:
             raise ValueError(f"invalid kernel id {kernel_id!r}")
         self.storage: Storage = open_storage(storage_or_url)
@@ -176,6 +175,7 @@ class CheckpointManager:
         self._indexed = False
         self._parent: Checkpoint | None = None  # materialised state of the last file written
         self._parent_digest: str | None = None
+        self._chain_base: str | None = None  # digest of the full checkpoint the current chain starts from
         self._handed_in: set[int] = set()  # id() of live states that came through submit/final
         self._released: Checkpoint | None = None  # one of those the manager no longer reads
         self._deltas_since_full = 0
@@ -208,6 +208,7 @@ class CheckpointManager:
             self._parent = rp.checkpoint  # the caller holds it too: never handed back by reusable()
             self._handed_in.discard(id(rp.checkpoint))
             self._parent_digest = rp.checkpoint.content_digest()
+            self._chain_base = None  # the chain's first file knows it; not needed to continue
             self._deltas_since_full = len(rp.chain) - 1
             self._last_step = rp.step
         return rp
@@ -239,9 +240,10 @@ class CheckpointManager:
                 kind, body = "delta", d
         meta = body.metadata.with_custom(**{STATE_DIGEST_KEY: digest})
         body = Checkpoint(meta, body.chunks, created_at=body.created_at)
-        name = checkpoint_name(self.kernel_id, step, kind)
+        name = checkpoint_name(self.kernel_id, step, kind, p.checkpoint_format)
+        base = digest if kind == "full" else self._chain_base
         try:
-            n = self.storage.save(name, _writer(body, self.options))
+            n = self.storage.save(name, _writer(body, self.options, p.checkpoint_format, base or ""))
         except (CheckpointError, OSError) as exc:
             with self._cond:
                 self._handed_in.discard(id(full_state))
@@ -258,6 +260,7 @@ class CheckpointManager:
                 self._handed_in.discard(id(old))
                 self._released = old
         self._deltas_since_full = 0 if kind == "full" else self._deltas_since_full + 1
+        self._chain_base = base
         with self._cond:
             self.stats.completed += 1
             self.stats.bytes_written += n

@@ -27,6 +27,7 @@ CONFIG_KEYS = {
     "checkpoint_dir",
     "checkpoint_every",
     "checkpoint_seconds",
+    "checkpoint_format",
     "out",
     "backend",
     "energy_every",
@@ -89,6 +90,7 @@ def _config_from(doc: dict, source: str) -> RunConfig:
         checkpoint_dir=str(doc["checkpoint_dir"]),
         checkpoint_every=doc.get("checkpoint_every"),
         checkpoint_seconds=doc.get("checkpoint_seconds"),
+        checkpoint_format=str(doc.get("checkpoint_format") or "rk.h5"),
         out=str(doc["out"]),
         backend=str(doc.get("backend") or "auto"),
         energy_every=int(doc.get("energy_every", 10) or 0),
@@ -163,6 +165,13 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
 @click.option(
     "--checkpoint-seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Also checkpoint after this many seconds."
+)
+@click.option(
+    "--checkpoint-format",
+    type=click.Choice(["rk.h5", "rkcp"]),
+    default="rk.h5",
+    show_default=True,
+    help="Checkpoint files: HDF5-wrapped or bare RKCKPT.",
 )
 @click.option(
     "--backend",

@@ -41,6 +41,7 @@ class RunConfig:
     out: str
     backend: str = "auto"
     checkpoint_seconds: float | None = None
+    checkpoint_format: str = "rk.h5"  # "rkcp": bare RKCKPT files
     energy_every: int = 10
     batch: int = 32
     kernel_id: str = "wavesim"
@@ -138,7 +139,9 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
     with stop.held():
         kernel = PersistentKernel(spec, cfg.backend, kernel_id=cfg.kernel_id)
     log.info("backend %s: %s", kernel.backend_name, kernel.description)
-    policy = CheckpointPolicy(every_steps=cfg.checkpoint_every, every_seconds=cfg.checkpoint_seconds)
+    policy = CheckpointPolicy(
+        every_steps=cfg.checkpoint_every, every_seconds=cfg.checkpoint_seconds, checkpoint_format=cfg.checkpoint_format
+    )
     mgr = CheckpointManager(cfg.checkpoint_dir, policy, cfg.kernel_id)
     energy: list[tuple[int, float]] = []
     try:

@@ -27,7 +27,7 @@ ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
 PARAM_NAME = "rkslurm_checkpoint_dir"
 FINGERPRINT_FILE = "rkslurm.fingerprint.json"
 STOP_MARKER = "rkrun.stopped.json"
-#: optional: a step that does not write .rkcp chains may report its newest checkpointed step here
+#: optional: a step that does not write checkpoint chains may report its newest checkpointed step here
 PROGRESS_FILE = "rkslurm.progress.json"
 
 
@@ -125,7 +125,7 @@ def prepare(path: Path, digest: str) -> PrepareResult:
 def read_progress(path: Path) -> int | None:
     """Newest checkpointed step in the folder: from the stop marker written at a
     signal, ``rkslurm.progress.json``, or the chain's file names
-    (``<kernel>-<step:012d>-<full|delta>.rkcp``); None when nothing was
+    (``<kernel>-<step:012d>-<full|delta>.rk.h5`` or ``.rkcp``); None when nothing was
     checkpointed. Used to tell progress from a step stuck before its first
     checkpoint (time-limit continuation needs progress).
     """

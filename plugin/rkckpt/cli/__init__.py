@@ -1,4 +1,4 @@
-"""The ``rkckpt`` command. Subcommands live in one module per concern."""
+"""The ``rkckpt`` command. Each subcommand lives in the module named after it (``<command>_cmd.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def main() -> None:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``main``.
-    from . import chains, codec  # noqa: F401
+    from . import apply_cmd, convert_cmd, export_cmd, gc_cmd, inspect_cmd, latest_cmd, ls_cmd, verify_cmd  # noqa: F401
 
 
 _register()

@@ -7,7 +7,6 @@ traversal impossible whichever back end sits underneath.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -120,7 +119,3 @@ class StorageBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def as_bytes_io(data: bytes) -> BinaryIO:
-    return io.BytesIO(data)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from .container import ParsedFile
 from .flags import CHUNK_PART
-from .format import ParsedFile
 from .model import ChunkType
 
 

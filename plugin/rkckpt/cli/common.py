@@ -1,0 +1,126 @@
+"""Plumbing shared by the ``rkckpt`` subcommands: errors as one line, reading, writing, locations.
+
+Every failure ends as one line on stderr naming the file and exit status 1
+(2 for usage errors, from click); no traceback reaches the user unless
+``RKCKPT_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import click
+
+from .. import codec, container, hdf5
+from ..container import ParsedFile
+from ..errors import CheckpointError
+from ..flags import CHUNK_BLOCK_DELTA
+from ..model import Checkpoint
+from ..storage import FileStorage, Storage, open_storage
+
+F = TypeVar("F", bound=Callable[..., Any])
+COMPRESS_CHOICES = ("auto", "always", "never")
+
+
+@contextlib.contextmanager
+def about(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn any failure while handling ``path`` into a CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if exc.source is None:
+            raise CheckpointError(path, exc.problem) from None
+        raise
+    except OSError as exc:
+        raise CheckpointError(exc.filename or path, exc.strerror or str(exc)) from None
+    except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if os.environ.get("RKCKPT_DEBUG") == "1":
+            raise
+        raise CheckpointError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split("\n"))
+
+
+def errors_exit(fn: F) -> F:
+    """A CheckpointError ends the command with one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as exc:
+            click.echo(f"rkckpt: error: {one_line(str(exc))}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def is_h5_name(path: str | os.PathLike[str]) -> bool:
+    return os.fspath(path).lower().endswith(container.H5_SUFFIXES)
+
+
+def parse(path: str, *, deep: bool = False) -> tuple[ParsedFile, dict[int, str]]:
+    """Parse ``path`` (.rkcp or .rk.h5, by content); also return the HDF5 index's region names."""
+    with about(path):
+        if hdf5.is_hdf5(path):
+            hdf5.probe(path)  # a damaged HDF5 structure can crash libhdf5: try it in a child first
+            parsed = hdf5.check_h5(path) if deep else container.read(path)
+            names = {e.chunk_id: e.name for e in hdf5.read_index(path) if e.name}
+            return parsed, names
+        return container.read(path), {}
+
+
+def load(path: str) -> Checkpoint:
+    return parse(path)[0].checkpoint
+
+
+def options(compat: bool, compress: str = "auto") -> codec.WriteOptions:
+    """``auto``: the codec's default (compress only when that is not slower than
+    the disk); ``always``: whenever it makes the file smaller; ``never``: raw."""
+    if compat:
+        return codec.COMPAT
+    extra: dict[str, Any] = {"auto": {}, "always": {"adaptive": "size"}, "never": {"compress": False}}[compress]
+    return codec.WriteOptions(**extra)
+
+
+def check_out(path: str) -> None:
+    if not (is_h5_name(path) or path.endswith(".rkcp")):
+        raise click.BadParameter(f"{path}: output must end in .rkcp or .rk.h5", param_hint="OUT")
+
+
+def refuse_compat_delta(path: str, ckpt: Checkpoint, compat: bool) -> None:
+    if compat and any(c.flags & CHUNK_BLOCK_DELTA for c in ckpt.chunks):
+        raise CheckpointError(
+            path,
+            "is a block-level delta; --compat needs whole chunks: apply it to its base first (rkckpt apply BASE DELTA -o OUT --compat)",
+        )
+
+
+def save(path: str, ckpt: Checkpoint, compat: bool, compress: str = "auto") -> int:
+    """Write ``ckpt`` atomically as .rkcp (streaming, shards over 1 GiB) or .rk.h5, by suffix."""
+    with about(path):
+        refuse_compat_delta(path, ckpt, compat)
+        check_out(path)
+        return container.write(path, ckpt, options(compat, compress))
+
+
+def open_location(location: str) -> Storage:
+    """A checkpoint folder or storage URL, read-only (no staging, no folder created)."""
+    try:
+        if "://" not in location or location.startswith("file://"):
+            return FileStorage(location.removeprefix("file://"), create=False)
+        return open_storage(location, local=False)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def where(storage: Storage, name: str) -> str:
+    return f"{storage.url.rstrip('/')}/{name}"

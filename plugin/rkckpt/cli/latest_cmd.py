@@ -1,0 +1,50 @@
+"""``rkckpt latest``: the newest restorable checkpoint (exit 3: none)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..chain import ChainIndex, latest_restorable
+from ..errors import CheckpointError
+from . import main
+from .common import open_location, where
+
+EXIT_NOTHING = 3
+
+
+@main.command("latest")
+@click.argument("location")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (default: path and step).")
+@click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
+def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
+    """The newest restorable checkpoint in DIR|URL; exit 3 when there is none."""
+    storage = open_location(location)
+    try:
+        index = ChainIndex(storage)
+        rp = latest_restorable(storage, kernel_id, index=index, warn=False)  # skipped files are reported below
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    skipped = []
+    if rp is None:
+        # everything was skipped; recompute reasons for the report
+        for e in reversed(index.sorted(kernel_id)):
+            _, problem = index.chain_of(e)
+            skipped.append({"path": where(storage, e.name), "reason": problem or e.error or "not restorable"})
+        doc = {"path": None, "step": None, "chain": [], "skipped": skipped}
+    else:
+        skipped = [{"path": where(storage, n), "reason": why} for n, why in rp.skipped]
+        doc = {"path": where(storage, rp.chain[-1]), "step": rp.step, "chain": [where(storage, n) for n in rp.chain], "skipped": skipped}
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        for s in skipped:
+            click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+        if rp is not None:
+            click.echo(f"{doc['path']}\tstep {rp.step}\tchain of {len(rp.chain)}")
+    if rp is None:
+        if not as_json:
+            click.echo(f"nothing restorable in {storage.url}", err=True)
+        sys.exit(EXIT_NOTHING)
