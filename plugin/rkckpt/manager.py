@@ -17,8 +17,9 @@ storage, deltas or retention. Design decisions:
   every digest is computed once per checkpoint (and passed to the delta).
 * A full checkpoint starts a chain; then deltas, until ``full_every`` deltas
   were written or a delta would exceed ``max_delta_fraction`` of a full one.
-* Retention keeps the newest ``keep_chains`` complete chains and never
-  deletes anything a kept delta depends on (``chain.plan_gc``).
+* Retention keeps the newest ``keep_chains`` chains whose full checkpoint
+  reads back intact, never deletes anything a kept delta depends on, and
+  deletes deltas before their root (``rkckpt.retention``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Literal
 
 from . import delta as rkdelta
 from . import format as rkformat
-from .chain import STATE_DIGEST_KEY, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable, plan_gc
+from . import retention
+from .chain import STATE_DIGEST_KEY, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable
 from .codec import WriteOptions
 from .errors import CheckpointError
 from .model import Checkpoint
@@ -271,12 +273,10 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         try:
-            doomed = plan_gc(self.index, self.policy.keep_chains, self.kernel_id)
-            for n in doomed:
-                self.storage.delete(n)
-                self.index.remove(n)
-            self.stats.deleted += len(doomed)
-            self.index.save()
+            doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id)
+            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed))
+            if not doomed:
+                self.index.save()
         except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
             log.warning("checkpoint retention in %s failed: %s", self.storage.url, exc)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import click
@@ -86,7 +85,6 @@ def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> 
 def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     """The newest restorable checkpoint in DIR|URL; exit 3 when there is none."""
     storage = _open(location)
-    logging.getLogger("rkckpt.chain").setLevel(logging.ERROR)  # reported below instead
     try:
         index = ChainIndex(storage)
         rp = latest_restorable(storage, kernel_id, index=index, warn=False)

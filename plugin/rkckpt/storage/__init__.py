@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import InvalidNameError, LockedError, Storage, StorageBase, StorageError, validate_name
+from .base import InvalidNameError, ListingError, LockedError, Storage, StorageBase, StorageError, UnsafeFolderError, validate_name
 from .file import FileStorage
 from .memory import MemoryStorage
 from .remote import FsspecStorage, redact_url
@@ -19,12 +19,14 @@ __all__ = [
     "FileStorage",
     "FsspecStorage",
     "InvalidNameError",
+    "ListingError",
     "LockedError",
     "MemoryStorage",
     "Storage",
     "StorageBase",
     "StorageError",
     "TwoLevelStorage",
+    "UnsafeFolderError",
     "open_storage",
     "redact_url",
     "validate_name",

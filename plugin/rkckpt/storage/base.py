@@ -34,6 +34,14 @@ class LockedError(StorageError):
     """Another writer holds the checkpoint folder."""
 
 
+class UnsafeFolderError(StorageError):
+    """A checkpoint folder (or its lock file) that someone else could tamper with."""
+
+
+class ListingError(StorageError):
+    """The store could not be listed (after retries): unknown, which is not the same as empty."""
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe flat object name, else raise ``InvalidNameError``."""
     if not isinstance(name, str):

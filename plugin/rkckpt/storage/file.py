@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..atomic import fsync_dir
+from ..lock import check_private_folder, open_lock_file
 from .base import LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
@@ -58,19 +59,21 @@ class FileStorage(StorageBase):
 
     # ---------------------------------------------------------------- lock
     def acquire_lock(self) -> None:
-        """Become the only writer of this folder (held until ``close``)."""
+        """Become the only writer of this folder (held until ``close``).
+
+        The folder must be ours and not writable by anyone else, and the lock
+        file is opened without following links: a ``.rkckpt.lock`` symlink or
+        hard link planted by someone else is refused, never truncated.
+        """
         if self._lock_fd is not None:
             return
-        path = self.root / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, self.file_mode)
-        except OSError as exc:
-            raise _oserror(path, "opening the lock file", exc) from None
+        check_private_folder(self.root)
+        fd = open_lock_file(self.root / LOCK_NAME, self.file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = "".join(c for c in os.pread(fd, 64, 0).decode(errors="replace") if c.isdigit())[:20] or "unknown"
             finally:
                 os.close(fd)
             raise LockedError(
