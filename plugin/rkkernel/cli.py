@@ -41,6 +41,9 @@ CONFIG_KEYS = {
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rkckpt.logsafe import install
+
+    install()  # -v lets botocore log signed request headers: mask credentials in every record
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="rkrun: %(message)s", stream=sys.stderr, force=True)
 
 
