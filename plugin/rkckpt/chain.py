@@ -146,6 +146,7 @@ def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
     also understands sharded files); remote objects are spooled to a
     temporary file first rather than held in memory as one ``bytes``.
     """
+    spool: str | None = None
     try:
         local = getattr(storage, "local_path", lambda _n: None)(name)
         if _io_load is None:
@@ -155,13 +156,15 @@ def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
         if isinstance(storage, MemoryStorage):
             return format.parse(storage.load(name), name).checkpoint
         with tempfile.NamedTemporaryFile(prefix="rkckpt-dl-", suffix=".rkcp") as tmp:
+            spool = tmp.name
             storage.copy_to(name, tmp)  # type: ignore[attr-defined]
             tmp.flush()
             return _io_load(tmp.name)
     except CheckpointError as exc:
         if exc.source == name or isinstance(exc, StorageError):
             raise
-        raise CheckpointError(name, exc.problem) from None
+        problem = exc.problem if spool is None else exc.problem.replace(spool, name)  # name the object, not our spool file
+        raise CheckpointError(name, problem) from None
 
 
 def _cached_entry(name: object, v: object) -> Entry | None:
@@ -246,7 +249,9 @@ class ChainIndex:
             try:
                 size = self.storage.size(n)
             except StorageError:
-                continue  # vanished between list and stat
+                if not self.storage.exists(n):  # raises when we may not even look
+                    continue  # vanished between list and stat
+                raise
             if c is not None and c.size == size and c.error is None:
                 out[n] = c
             else:

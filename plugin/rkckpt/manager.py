@@ -243,7 +243,12 @@ class CheckpointManager:
         body = Checkpoint(meta, body.chunks, created_at=body.created_at)
         name = checkpoint_name(self.kernel_id, step, kind)
         try:
-            n = self.storage.save(name, _writer(body, self.options))
+            try:
+                n = self.storage.save(name, _writer(body, self.options))
+            except CheckpointError as exc:
+                if exc.source is None:  # an encoder error: say which checkpoint it was writing
+                    raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
+                raise
         except (CheckpointError, OSError) as exc:
             with self._cond:
                 self._handed_in.discard(id(full_state))

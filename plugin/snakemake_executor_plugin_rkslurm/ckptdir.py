@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rkckpt import safejson
 from rkckpt.atomic import atomic_open
 from rkckpt.chain import newest_named_step
 
@@ -29,6 +30,8 @@ FINGERPRINT_FILE = "rkslurm.fingerprint.json"
 STOP_MARKER = "rkrun.stopped.json"
 #: optional: a step that does not write .rkcp chains may report its newest checkpointed step here
 PROGRESS_FILE = "rkslurm.progress.json"
+#: markers are a few lines of JSON; anything bigger is not ours
+MARKER_MAX_BYTES = 64 << 10
 
 
 def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:
@@ -106,7 +109,7 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     has_content = path.is_dir() and any(p.name != FINGERPRINT_FILE for p in path.iterdir())
     if fp.exists():
         try:
-            old = json.loads(fp.read_text()).get("fingerprint")
+            old = safejson.load_file(fp, max_bytes=MARKER_MAX_BYTES).get("fingerprint")
         except (OSError, ValueError, AttributeError):
             old = None
         if old != digest:
@@ -116,7 +119,7 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     if stale is not None and path.exists():
         shutil.rmtree(path)
         has_content = False
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # checkpoint writers refuse group/other-writable folders
     if stale is not None or not fp.exists():
         atomic_write_text(fp, json.dumps({"fingerprint": digest}) + "\n")
     return PrepareResult(path=path, fresh=not has_content, stale_reason=stale)
@@ -133,8 +136,8 @@ def read_progress(path: Path) -> int | None:
     best: int | None = None
     for name in (STOP_MARKER, PROGRESS_FILE):
         try:
-            step = json.loads((path / name).read_text()).get("step")
-        except (OSError, ValueError, AttributeError):
+            step = safejson.load_file(path / name, max_bytes=MARKER_MAX_BYTES).get("step")
+        except (OSError, ValueError, AttributeError):  # a damaged marker is only a hint: ignore it
             continue
         if isinstance(step, int) and not isinstance(step, bool):
             best = step if best is None else max(best, step)

@@ -22,6 +22,7 @@ from .. import codec, format, hdf5
 from .. import io as rkio
 from ..atomic import atomic_open
 from ..delta import apply_chain
+from ..display import printable
 from ..errors import CheckpointError
 from ..flags import CHUNK_BLOCK_DELTA
 from ..inspect import describe
@@ -59,7 +60,7 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str) -> None:
-    click.echo(f"rkckpt: error: {_one_line(message)}", err=True)
+    click.echo(f"rkckpt: error: {printable(_one_line(message))}", err=True)
 
 
 def _errors_exit(fn: F) -> F:
@@ -161,16 +162,16 @@ def _print_table(path: str, info: dict[str, Any]) -> None:
         console = Console(width=160)
     h, m = info["header"], info["metadata"]
     console.print(
-        f"[bold]{escape(path)}[/bold]  RKCKPT v{h['version']}  {h['total_size']} bytes  digest [cyan]{info['content_digest']}[/cyan]"
+        f"[bold]{escape(printable(path))}[/bold]  RKCKPT v{h['version']}  {h['total_size']} bytes  digest [cyan]{info['content_digest']}[/cyan]"
     )
     console.print(
-        f"kernel [bold]{escape(m['kernel_id'])}[/bold] ({escape(m['kernel_type'])})  step {m['current_step']}  grid {tuple(m['grid_size'])}  tile {tuple(m['tile_size'])}  hlc {tuple(m['hlc'])}"
+        f"kernel [bold]{escape(printable(m['kernel_id']))}[/bold] ({escape(printable(m['kernel_type']))})  step {m['current_step']}  grid {tuple(m['grid_size'])}  tile {tuple(m['tile_size'])}  hlc {tuple(m['hlc'])}"
     )
     console.print(f"compression {h['compression']}  flags 0x{h['flags']:x}  checksum 0x{h['checksum']:08x}  created_at {h['created_at']}")
     if m["custom"]:
         custom = Table("key", "value", title="custom metadata", title_justify="left")
         for k, v in m["custom"].items():
-            custom.add_row(escape(k), escape(v if len(v) <= 80 else v[:77] + "..."))
+            custom.add_row(escape(printable(k)), escape(printable(v if len(v) <= 80 else v[:77] + "...")))
         console.print(custom)
     table = Table(title="chunks", title_justify="left")
     table.add_column("#", justify="right")
@@ -186,7 +187,7 @@ def _print_table(path: str, info: dict[str, Any]) -> None:
             str(i),
             f"{c['type']} {type_name(c['type'])}",
             str(c["chunk_id"]),
-            escape(c.get("name", "")),
+            escape(printable(c.get("name", ""))),
             f"0x{c['flags']:x}",
             str(c["compressed_size"]),
             str(c["uncompressed_size"]),
@@ -206,7 +207,7 @@ def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
             _verify_one(path)
         except CheckpointError as exc:
             bad += 1
-            click.echo(f"BAD {_one_line(str(exc))}", err=True)
+            click.echo(f"BAD {printable(_one_line(str(exc)))}", err=True)
             continue
         if not quiet:
             click.echo(f"OK  {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -105,7 +106,7 @@ class FileStorage(StorageBase):
     def local_path(self, name: str) -> Path | None:
         """The file itself, for readers that stream from a path."""
         p = self.path(name)
-        return p if p.is_file() else None
+        return p if self.exists(name) else None
 
     def save(self, name: str, data: Payload) -> int:
         final = self.path(name)
@@ -166,6 +167,16 @@ class FileStorage(StorageBase):
 
     def list(self) -> list[str]:
         try:
+            searchable = not self.root.is_dir() or os.access(
+                self.root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids
+            )
+        except OSError as exc:
+            raise _oserror(self.root, "listing", exc) from None
+        if not searchable:
+            raise StorageError(
+                self.url, "permission denied: the checkpoint folder cannot be listed and searched (it needs r and x for you)"
+            )
+        try:
             return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_file())
         except FileNotFoundError:
             return []
@@ -181,7 +192,14 @@ class FileStorage(StorageBase):
             raise _oserror(p, "deleting", exc) from None
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+        """True for a regular file; a folder we may not search is an error, not "absent"."""
+        p = self.path(name)
+        try:
+            return stat.S_ISREG(os.stat(p).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _oserror(p, "checking", exc) from None
 
     def __repr__(self) -> str:
         return f"FileStorage({self.url!r})"
