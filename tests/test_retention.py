@@ -1,0 +1,113 @@
+"""Retention and ``rkckpt gc`` only delete what a verified, newer restorable chain supersedes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from rkckpt.chain import latest_restorable
+from rkckpt.cli import main
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkckpt.model import Checkpoint, Metadata
+from rkckpt.storage import FileStorage
+
+KID = "ret"
+
+
+def state(step: int) -> Checkpoint:
+    c = Checkpoint(Metadata(KID, "test", step))
+    c.add_region("big", np.arange(4096, dtype=np.float32))
+    c.add_region("small", np.full(64, step, dtype=np.int32))
+    return c
+
+
+def name(step: int, kind: str) -> str:
+    return f"{KID}-{step:012d}-{kind}.rkcp"
+
+
+def two_chains(d):
+    """full 1, delta 2, delta 3 | full 4, delta 5."""
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=2, keep_chains=10), KID) as m:
+        for s in range(1, 6):
+            m.submit(SnapshotResponse(SnapshotRequest(s), state(s)))
+    assert sorted(p.name for p in d.glob("*.rkcp")) == [
+        name(1, "full"),
+        name(2, "delta"),
+        name(3, "delta"),
+        name(4, "full"),
+        name(5, "delta"),
+    ]
+
+
+def flip_payload_byte(p):
+    b = bytearray(p.read_bytes())
+    b[-10] ^= 0xFF  # same size, perfect header, bad checksum
+    p.write_bytes(bytes(b))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_gc_never_deletes_the_only_restorable_chain(tmp_path):
+    d = tmp_path / "ck"
+    two_chains(d)
+    flip_payload_byte(d / name(4, "full"))
+    r = run("gc", d, "--keep", 1)
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert "0 file(s) deleted" in r.output
+    for s, k in ((1, "full"), (2, "delta"), (3, "delta")):
+        assert (d / name(s, k)).exists()
+    doc = json.loads(run("latest", d, "--json").output)
+    assert doc["step"] == 3
+    # a dry run plans from the same verified view
+    assert "0 file(s) to delete" in run("gc", d, "--keep", 1, "--dry-run").output
+
+
+def test_manager_retention_keeps_older_chain_when_newest_full_is_corrupt(tmp_path):
+    d = tmp_path / "ck"
+    two_chains(d)
+    flip_payload_byte(d / name(4, "full"))
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=8, keep_chains=1), KID) as m:
+        rp = m.latest()
+        assert rp.step == 3
+        m.final(SnapshotResponse(SnapshotRequest(6), state(6)))  # continues the older chain; retention runs
+        assert m.stats.deleted == 0
+    rp = latest_restorable(FileStorage(d), KID, warn=False)
+    assert rp.step == 6 and rp.chain[0] == name(1, "full")
+    np.testing.assert_array_equal(rp.checkpoint.region("small"), state(6).region("small"))
+
+
+def test_manager_retention_counts_only_verified_chains(tmp_path):
+    d = tmp_path / "ck"
+    two_chains(d)
+    flip_payload_byte(d / name(4, "full"))
+    # a writer that does not restore first (the header of full 4 looks fine)
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, keep_chains=2), KID) as m:
+        m.final(SnapshotResponse(SnapshotRequest(6), state(6)))
+    # two restorable chains are kept, as asked: 6 and the older 1-2-3 (full 4 does not count)
+    for s, k in ((1, "full"), (2, "delta"), (3, "delta"), (6, "full")):
+        assert (d / name(s, k)).exists(), name(s, k)
+    (d / name(6, "full")).unlink()
+    assert latest_restorable(FileStorage(d), KID, warn=False).step == 3
+
+
+def test_gc_removes_orphans_a_verified_chain_supersedes(tmp_path):
+    d = tmp_path / "ck"
+    two_chains(d)
+    (d / name(1, "full")).unlink()  # what an older gc killed after deleting the root left behind
+    r = run("gc", d, "--keep", 2)
+    assert r.exit_code == 0, r.output
+    left = sorted(p.name for p in d.glob("*.rkcp"))
+    assert left == [name(4, "full"), name(5, "delta")]
+    assert json.loads(run("latest", d, "--json").output)["step"] == 5
+
+
+def test_gc_deletes_deltas_before_their_root(tmp_path):
+    d = tmp_path / "ck"
+    two_chains(d)
+    r = run("gc", d, "--keep", 1)
+    deleted = [line.split()[-1].rsplit("/", 1)[-1] for line in r.output.splitlines() if line.startswith("deleted ")]
+    assert deleted == [name(3, "delta"), name(2, "delta"), name(1, "full")]
