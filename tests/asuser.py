@@ -9,10 +9,13 @@ process state (no capabilities, so no root overrides of file permissions).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 NOBODY = 65534
@@ -78,3 +81,14 @@ def cli_as_nobody(args: list[str]) -> dict[str, Any]:
         }
 
     return run_as_nobody(go)
+
+
+@contextlib.contextmanager
+def enterable_tmp() -> Iterator[str]:
+    """A temporary folder every user can enter (pytest's ``tmp_path`` is root-only)."""
+    d = tempfile.mkdtemp(prefix="rkckpt-asuser-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -7,14 +7,12 @@ the writer running as uid 65534 (no capabilities, so no root overrides).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from asuser import NOBODY, run_as_nobody
+from asuser import NOBODY, enterable_tmp, run_as_nobody
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -32,13 +30,8 @@ def state(step: int) -> Checkpoint:
 
 @pytest.fixture
 def shared_tmp():
-    """A folder every user can enter (pytest's tmp_path is root-only)."""
-    d = tempfile.mkdtemp(prefix="rkckpt-safety-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
+    with enterable_tmp() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_symlinked_lock_is_refused_and_target_untouched(tmp_path):
