@@ -11,33 +11,28 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from chain_helpers import ckpt_name, small_state, write_steps
 from rkckpt.chain import INDEX_NAME, latest_restorable
 from rkckpt.cli import main
-from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.manager import CheckpointManager, CheckpointPolicy
 from rkckpt.storage import FileStorage
 from snakemake_executor_plugin_rkslurm.ckptdir import STOP_MARKER, read_progress
 
 KID = "idx"
 
 
-def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(2048, dtype=np.float32))
-    c.add_region("small", np.full(32, step, dtype=np.int64))
-    return c
+def state(step: int):
+    return small_state(KID, step)
 
 
 def name(step: int, kind: str) -> str:
-    return f"{KID}-{step:012d}-{kind}.rkcp"
+    return ckpt_name(KID, step, kind)
 
 
 @pytest.fixture
 def folder(tmp_path):
     d = tmp_path / "ck"
-    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=2, keep_chains=10), KID) as m:
-        for s in range(1, 6):  # full 1, delta 2 3, full 4, delta 5
-            m.submit(SnapshotResponse(SnapshotRequest(s), state(s)))
+    write_steps(d, KID, range(1, 6))  # full 1, delta 2 3, full 4, delta 5
     assert (d / INDEX_NAME).exists()
     return d
 

@@ -7,31 +7,26 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
+from chain_helpers import ckpt_name, flip_payload_byte, small_state, write_steps
 from rkckpt.chain import latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
 from rkckpt.storage import FileStorage
 
 KID = "ret"
 
 
-def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(4096, dtype=np.float32))
-    c.add_region("small", np.full(64, step, dtype=np.int32))
-    return c
+def state(step: int):
+    return small_state(KID, step)
 
 
 def name(step: int, kind: str) -> str:
-    return f"{KID}-{step:012d}-{kind}.rkcp"
+    return ckpt_name(KID, step, kind)
 
 
 def two_chains(d):
     """full 1, delta 2, delta 3 | full 4, delta 5."""
-    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=2, keep_chains=10), KID) as m:
-        for s in range(1, 6):
-            m.submit(SnapshotResponse(SnapshotRequest(s), state(s)))
+    write_steps(d, KID, range(1, 6))
     assert sorted(p.name for p in d.glob("*.rkcp")) == [
         name(1, "full"),
         name(2, "delta"),
@@ -39,12 +34,6 @@ def two_chains(d):
         name(4, "full"),
         name(5, "delta"),
     ]
-
-
-def flip_payload_byte(p):
-    b = bytearray(p.read_bytes())
-    b[-10] ^= 0xFF  # same size, perfect header, bad checksum
-    p.write_bytes(bytes(b))
 
 
 def run(*args):
