@@ -100,3 +100,32 @@ def test_gc_deletes_deltas_before_their_root(tmp_path):
     r = run("gc", d, "--keep", 1)
     deleted = [line.split()[-1].rsplit("/", 1)[-1] for line in r.output.splitlines() if line.startswith("deleted ")]
     assert deleted == [name(3, "delta"), name(2, "delta"), name(1, "full")]
+
+
+def _write(d, step: int, *, restore: bool) -> None:
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=8, keep_chains=1000), KID) as m:
+        if restore:
+            m.latest()
+        m.final(SnapshotResponse(SnapshotRequest(step), state(step)))
+
+
+def test_gc_leaves_no_orphan_beside_a_kept_root_of_the_same_step(tmp_path):
+    d = tmp_path / "ck"
+    write_steps(d, KID, [1, 2, 3])  # full 1, delta 2, delta 3
+    _write(d, 3, restore=False)  # a full at step 3 too (a rerun after a fallback)
+    r = run("gc", d, "--keep", 1)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in d.glob("*.rkcp")) == [name(3, "full")]
+
+
+def test_gc_keeps_the_chain_of_anything_newer_than_the_kept_root(tmp_path):
+    d = tmp_path / "ck"
+    _write(d, 1, restore=False)  # full 1
+    _write(d, 2, restore=False)  # full 2
+    (d / name(2, "full")).rename(tmp_path / "aside")
+    _write(d, 3, restore=True)  # delta 3 on top of full 1
+    (tmp_path / "aside").rename(d / name(2, "full"))
+    assert (d / name(3, "delta")).exists()
+    r = run("gc", d, "--keep", 1)
+    assert r.exit_code == 0 and "0 file(s) deleted" in r.output, r.output
+    assert json.loads(run("latest", d, "--json").output)["step"] == 3

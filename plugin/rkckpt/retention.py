@@ -47,7 +47,8 @@ def _verified(index: ChainIndex, root: Entry) -> bool:
 
 def _plan_kernel(index: ChainIndex, es: list[Entry], keep: int) -> list[Entry]:
     fulls = sorted((e for e in es if e.kind == "full" and e.ok), key=lambda e: e.step, reverse=True)
-    orphans = [e for e in es if e.kind == "delta" and (index.chain_of(e)[1] or "").startswith(ORPHANED)]
+    chains = {e.name: index.chain_of(e) for e in es}
+    orphans = [e for e in es if e.kind == "delta" and (chains[e.name][1] or "").startswith(ORPHANED)]
     older = [e for e in es if fulls and e.step < fulls[min(keep, len(fulls)) - 1].step]
     if not orphans and (len(fulls) <= keep or not older):
         return []  # nothing could go: skip reading the roots
@@ -59,22 +60,27 @@ def _plan_kernel(index: ChainIndex, es: list[Entry], keep: int) -> list[Entry]:
             roots.append(r)
     if not roots:
         return []
-    doomed: dict[str, Entry] = {}
     newest = roots[0].step
-    for e in orphans:  # unrestorable anyway, and a verified newer chain supersedes them
-        if e.step < newest:
+    root_names = {r.name for r in roots}
+    kept = {c.name for e in es if chains[e.name][0] and chains[e.name][0][0].name in root_names for c in chains[e.name][0]}
+    doomed: dict[str, Entry] = {}
+    for e in orphans:  # unrestorable anyway, and a verified chain at least as new supersedes them
+        if e.step <= newest:
             doomed[e.name] = e
     if len(roots) == keep:
         cutoff = roots[-1].step
-        root_names = {r.name for r in roots}
-        kept: set[str] = set()
-        for e in es:  # everything that chains back to a kept root
-            chain, _ = index.chain_of(e)
-            if chain and chain[0].name in root_names:
-                kept.update(c.name for c in chain)
         for e in es:
             if e.step < cutoff and e.name not in kept:
                 doomed[e.name] = e
+    # anything newer than the newest verified chain is not superseded: keep its whole chain
+    for e in es:
+        if e.step > newest:
+            for c in chains[e.name][0]:
+                doomed.pop(c.name, None)
+    # what would lose an ancestor goes too (it is no newer than a verified chain): no orphans left behind
+    for e in es:
+        if e.name not in doomed and e.name not in kept and any(c.name in doomed for c in chains[e.name][0]):
+            doomed[e.name] = e
     return list(doomed.values())
 
 
