@@ -116,3 +116,9 @@ def test_executor_ignores_damaged_stop_marker(tmp_path):
         assert read_progress(d) == 40
     (d / STOP_MARKER).write_text('{"step": 50}')
     assert read_progress(d) == 50
+
+
+def test_ls_shows_the_files_structure_not_the_index(folder):
+    edit_index(folder, lambda es: es[name(4, "full")].update(state_digest="deadbeef"))
+    rows = {x["name"]: x for x in json.loads(cli("ls", folder, "--json").output)}
+    assert rows[name(5, "delta")]["parent"] == name(4, "full") and all(x["valid"] for x in rows.values())

@@ -392,7 +392,7 @@ class Row:
 def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = None) -> list[Row]:
     """Every checkpoint with its parent and whether it is restorable."""
     index = ChainIndex(storage)
-    index.refresh()
+    index.refresh(trust_cache=not verify)  # a full check reads every file anyway: take nothing from the cache
     status: dict[str, str] = {}
     rows = []
     for e in index.sorted(kernel_id):

@@ -119,5 +119,5 @@ def delete(storage: Storage, index: ChainIndex, names: Iterable[str]) -> list[st
 def gc(storage: Storage, keep: int, kernel_id: str | None = None, *, index: ChainIndex | None = None) -> list[str]:
     """Plan from the files (not the cached index alone) and delete; return the deleted names."""
     index = index or ChainIndex(storage)
-    index.refresh()
+    index.refresh(trust_cache=False)
     return delete(storage, index, plan(index, keep, kernel_id))
