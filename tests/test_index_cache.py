@@ -122,3 +122,16 @@ def test_ls_shows_the_files_structure_not_the_index(folder):
     edit_index(folder, lambda es: es[name(4, "full")].update(state_digest="deadbeef"))
     rows = {x["name"]: x for x in json.loads(cli("ls", folder, "--json").output)}
     assert rows[name(5, "delta")]["parent"] == name(4, "full") and all(x["valid"] for x in rows.values())
+
+
+def test_executor_fresh_stop_step_survives_a_damaged_marker(tmp_path):
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_rkslurm.executor import Executor
+
+    step = SimpleNamespace(checkpoint_dir=tmp_path, submitted_at=0.0)
+    for junk in ("[" * 100000, '{"step": "five"}', "[1, 2]", "\x00\x01"):
+        (tmp_path / STOP_MARKER).write_text(junk)
+        assert Executor._fresh_stop_step(None, step) is None  # type: ignore[arg-type]
+    (tmp_path / STOP_MARKER).write_text('{"step": 120, "signal": "SIGUSR1"}')
+    assert Executor._fresh_stop_step(None, step) == 120  # type: ignore[arg-type]

@@ -108,10 +108,7 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     stale: str | None = None
     has_content = path.is_dir() and any(p.name != FINGERPRINT_FILE for p in path.iterdir())
     if fp.exists():
-        try:
-            old = safejson.load_file(fp, max_bytes=MARKER_MAX_BYTES).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            old = None
+        old = (read_marker(fp) or {}).get("fingerprint")
         if old != digest:
             stale = "the rule's inputs, params or code changed since these checkpoints were written"
     elif has_content:
@@ -125,6 +122,19 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     return PrepareResult(path=path, fresh=not has_content, stale_reason=stale)
 
 
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file (stop marker, progress, fingerprint), or None when missing or damaged.
+
+    Bounded and depth-limited (``rkckpt.safejson``): anyone who can write the
+    folder can write these files, and they are only hints.
+    """
+    try:
+        doc = safejson.load_file(path, max_bytes=MARKER_MAX_BYTES)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def read_progress(path: Path) -> int | None:
     """Newest checkpointed step in the folder: from the stop marker written at a
     signal, ``rkslurm.progress.json``, or the chain's file names
@@ -135,10 +145,7 @@ def read_progress(path: Path) -> int | None:
     path = Path(path)
     best: int | None = None
     for name in (STOP_MARKER, PROGRESS_FILE):
-        try:
-            step = safejson.load_file(path / name, max_bytes=MARKER_MAX_BYTES).get("step")
-        except (OSError, ValueError, AttributeError):  # a damaged marker is only a hint: ignore it
-            continue
+        step = (read_marker(path / name) or {}).get("step")
         if isinstance(step, int) and not isinstance(step, bool):
             best = step if best is None else max(best, step)
     try:
