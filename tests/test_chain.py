@@ -176,8 +176,9 @@ def test_gc_never_deletes_parent_of_kept_delta(tmp_path):
     s = FileStorage(d)
     idx = ChainIndex(s)
     idx.refresh()
-    assert plan_gc(idx, 1) == [name(1, "full"), name(2, "delta"), name(3, "delta"), name(4, "full"), name(5, "delta"), name(6, "delta")]
-    assert plan_gc(idx, 2) == [name(1, "full"), name(2, "delta"), name(3, "delta")]
+    # newest first: a chain loses its deltas before its root
+    assert plan_gc(idx, 1) == [name(6, "delta"), name(5, "delta"), name(4, "full"), name(3, "delta"), name(2, "delta"), name(1, "full")]
+    assert plan_gc(idx, 2) == [name(3, "delta"), name(2, "delta"), name(1, "full")]
     assert plan_gc(idx, 3) == []
     # a corrupt newest full does not count as a complete chain
     p = d / name(7, "full")
@@ -186,7 +187,7 @@ def test_gc_never_deletes_parent_of_kept_delta(tmp_path):
     idx.refresh()
     assert plan_gc(idx, 2) == []
     deleted = gc(s, 1)
-    assert deleted == [name(1, "full"), name(2, "delta"), name(3, "delta")]
+    assert deleted == [name(3, "delta"), name(2, "delta"), name(1, "full")]
     assert latest_restorable(s).step == 6
 
 

@@ -13,7 +13,7 @@ from fixtures_s3 import start_weed, stop_weed
 from rkckpt.chain import describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
-from rkckpt.storage import FileStorage, FsspecStorage, StorageError, TwoLevelStorage, open_storage
+from rkckpt.storage import FileStorage, FsspecStorage, ListingError, StorageError, TwoLevelStorage, open_storage
 
 pytestmark = pytest.mark.s3
 
@@ -176,9 +176,10 @@ def test_killing_s3_mid_flush_leaves_local_copy_restorable(tmp_path):
         assert two.durable(f"{KID}-000000000001-full.rk.h5")
         for step in (2, 3, 4):
             assert not two.durable(f"{KID}-{step:012d}-full.rk.h5")
-        rp = latest_restorable(two, KID)
-        assert rp.step == 4
-        check(rp.checkpoint, 4, n)
+        # the shared store cannot be listed: that is an error, not "only what is local"
+        shared.list_delay = 0.01
+        with pytest.raises(ListingError):
+            latest_restorable(two, KID)
         m.close()
         # the node-local folder alone is a complete checkpoint folder
         rp = latest_restorable(FileStorage(tmp_path / "local"), KID)

@@ -17,15 +17,15 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from . import codec, container, delta, hdf5
+from . import codec, container, delta, hdf5, safejson
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
 from .flags import HDR_SHARD
-from .model import Checkpoint, Chunk, ChunkType
+from .model import Checkpoint, Chunk, ChunkType, Metadata
 from .source import FileSource, Source, StorageSource
 from .storage.base import Storage, StorageError
 
@@ -37,6 +37,7 @@ INDEX_VERSION = 1
 SUFFIXES = {"rk.h5": ".rk.h5", "rkcp": ".rkcp"}
 DEFAULT_FORMAT = "rk.h5"
 NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
+MAX_INDEX_BYTES = 16 << 20
 
 
 def checkpoint_name(kernel_id: str, step: int, kind: str, fmt: str = DEFAULT_FORMAT) -> str:
@@ -102,6 +103,9 @@ class RestorePoint:
     kernel_id: str = ""
 
 
+_ENTRY_FIELDS = frozenset(f.name for f in fields(Entry))
+
+
 def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
     m = NAME_RE.match(name)
     assert m is not None
@@ -115,6 +119,7 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
             source.close()
         meta = scan.metadata
         e.checksum = scan.header.checksum
+        check_identity(name, e.kernel_id, e.step, meta)
         e.parent_digest = meta.parent_digest
         e.state_digest = meta.custom.get(STATE_DIGEST_KEY)
         if (e.parent_digest is None) != (e.kind == "full"):
@@ -125,6 +130,18 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
     except (CheckpointError, StorageError) as exc:
         e.error = exc.problem
     return e
+
+
+def check_identity(name: str, kernel_id: str, step: int, meta: Metadata) -> None:
+    """The kernel id and step in a file's name must be the ones its metadata records.
+
+    Otherwise a file named step 900 that holds step 5 would send every resume
+    back to step 5, and a chain could mix two kernels' files.
+    """
+    if meta.current_step != step:
+        raise CheckpointError(name, f"named step {step} but its metadata says step {meta.current_step}")
+    if meta.kernel_id != kernel_id:
+        raise CheckpointError(name, f"named for kernel {kernel_id!r} but its metadata says kernel {meta.kernel_id!r}")
 
 
 def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
@@ -141,6 +158,30 @@ def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
         raise CheckpointError(name, exc.problem) from None
 
 
+def _cached_entry(name: object, v: object) -> Entry | None:
+    """An ``Entry`` from the index file, or None when it is malformed or contradicts its file name."""
+    m = NAME_RE.match(name) if isinstance(name, str) else None
+    if m is None or not isinstance(v, dict) or set(v) - _ENTRY_FIELDS:
+        return None
+    opt_str = (type(None), str)
+    if not (
+        v.get("name") == name
+        and v.get("kernel_id") == m["kernel_id"]
+        and type(v.get("step")) is int
+        and v["step"] == int(m["step"])
+        and v.get("kind") == m["kind"]
+        and type(v.get("size")) is int
+        and v["size"] >= 0
+        and isinstance(v.get("state_digest"), opt_str)
+        and isinstance(v.get("parent_digest"), opt_str)
+        and isinstance(v.get("error"), opt_str)
+        and (v.get("checksum") is None or type(v.get("checksum")) is int)
+        and (v.get("parent_digest") is None) == (m["kind"] == "full")
+    ):
+        return None
+    return Entry(**v)
+
+
 class ChainIndex:
     """Cached view of the checkpoint files in one storage location."""
 
@@ -148,17 +189,29 @@ class ChainIndex:
         self.storage = storage
         self.entries: dict[str, Entry] = {}
         self.rebuilt = False
+        self.verified: dict[str, int] = {}  # name -> size of full files read back completely (retention)
+        self.unverified: set[str] = set()  # entries taken from the index file, not yet read from their files
 
     # ------------------------------------------------------------ index file
     def _load_index(self) -> dict[str, Entry]:
         try:
             if not self.storage.exists(INDEX_NAME):
                 return {}
-            doc = json.loads(self.storage.load(INDEX_NAME))
-            if doc.get("version") != INDEX_VERSION:
-                raise ValueError(f"version {doc.get('version')!r}")
-            return {n: Entry(**v) for n, v in doc["entries"].items() if NAME_RE.match(n)}
-        except (StorageError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            size = self.storage.size(INDEX_NAME)
+            if size > MAX_INDEX_BYTES:
+                raise ValueError(f"{size} bytes, more than the {MAX_INDEX_BYTES} an index may have")
+            doc = safejson.loads(self.storage.load(INDEX_NAME), max_bytes=MAX_INDEX_BYTES)
+            if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("entries"), dict):
+                raise ValueError("not a version 1 index")
+            out = {}
+            for n, v in doc["entries"].items():
+                e = _cached_entry(n, v)
+                if e is not None:  # entries that contradict their own file name are dropped: re-read from the file
+                    out[n] = e
+            if len(out) != len(doc["entries"]):
+                log.info("ignoring %d inconsistent entries of the checkpoint index in %s", len(doc["entries"]) - len(out), self.storage.url)
+            return out
+        except (StorageError, ValueError) as exc:
             log.info("checkpoint index in %s is damaged (%s); rebuilding it from the files", self.storage.url, exc)
             self.rebuilt = True
             return {}
@@ -167,9 +220,19 @@ class ChainIndex:
         doc = {"version": INDEX_VERSION, "entries": {n: asdict(e) for n, e in sorted(self.entries.items())}}
         self.storage.save(INDEX_NAME, json.dumps(doc, indent=1, sort_keys=True).encode())
 
-    def refresh(self) -> list[Entry]:
-        """Reconcile the cached index with the objects actually present."""
-        cached = self._load_index() if not self.entries else self.entries
+    def refresh(self, *, trust_cache: bool = True) -> list[Entry]:
+        """Reconcile the cached index with the objects actually present.
+
+        With ``trust_cache=False`` every header is read from the files again
+        (what a full listing or gc does, and restore when the cache led it astray).
+        """
+        if not trust_cache:
+            cached: dict[str, Entry] = {}
+        elif self.entries:
+            cached = self.entries
+        else:
+            cached = self._load_index()
+            self.unverified = set(cached)
         names = [n for n in self.storage.list() if NAME_RE.match(n)]
         out: dict[str, Entry] = {}
         for n in names:
@@ -177,16 +240,21 @@ class ChainIndex:
             try:
                 size = self.storage.size(n)
             except StorageError:
-                continue  # vanished between list and stat
+                if not self.storage.exists(n):  # raises when we may not even look
+                    continue  # vanished between list and stat
+                raise
             if c is not None and c.size == size and c.error is None:
                 out[n] = c
             else:
                 out[n] = _read_entry(self.storage, n, size)
+                self.unverified.discard(n)
         self.entries = out
+        self.unverified &= set(out)
         return self.sorted()
 
     def add(self, entry: Entry) -> None:
         self.entries[entry.name] = entry
+        self.unverified.discard(entry.name)
 
     def remove(self, name: str) -> None:
         self.entries.pop(name, None)
@@ -235,6 +303,7 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
         if ck is None:
             ck = load_checkpoint(storage, e.name)
             cache[e.name] = ck
+        check_identity(e.name, e.kernel_id, e.step, ck.metadata)
         if state is None:
             state = ck
             digest = ck.content_digest()
@@ -260,6 +329,22 @@ def latest_restorable(
     """
     index = index or ChainIndex(storage)
     index.refresh()
+    result, skipped = _newest_restorable(storage, kernel_id, index)
+    if skipped and index.unverified:
+        # the index file is a cache: when it led us past a file, ask the files themselves
+        index.refresh(trust_cache=False)
+        result, skipped = _newest_restorable(storage, kernel_id, index)
+    if skipped and warn:
+        log.warning(
+            "skipped %d unrestorable newer checkpoint(s) in %s: %s",
+            len(skipped),
+            storage.url,
+            "; ".join(f"{n} ({why})" for n, why in skipped),
+        )
+    return result
+
+
+def _newest_restorable(storage: Storage, kernel_id: str | None, index: ChainIndex) -> tuple[RestorePoint | None, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     cache: dict[str, Checkpoint] = {}
     result: RestorePoint | None = None
@@ -280,14 +365,7 @@ def latest_restorable(
                 result = RestorePoint(e.step, state, [c.name for c in chain], skipped, e.kernel_id)
                 break
         skipped.append((e.name, problem))
-    if skipped and warn:
-        log.warning(
-            "skipped %d unrestorable newer checkpoint(s) in %s: %s",
-            len(skipped),
-            storage.url,
-            "; ".join(f"{n} ({why})" for n, why in skipped),
-        )
-    return result
+    return result, skipped
 
 
 # ---------------------------------------------------------------- listing / gc
@@ -307,7 +385,7 @@ def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = N
     kept only until the last delta that builds on it has been checked.
     """
     index = ChainIndex(storage)
-    index.refresh()
+    index.refresh(trust_cache=not verify)  # a full check reads every file anyway: take nothing from the cache
     entries = index.sorted(kernel_id)
     parents = {e.name: index.parent_of(e) for e in entries}
     readers = Counter(p.name for p in parents.values() if p is not None)
@@ -355,44 +433,17 @@ def _check_state(storage: Storage, e: Entry, base: Checkpoint | None, states: di
 
 
 def plan_gc(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:
-    """Names that can go while keeping the newest ``keep`` complete chains.
+    """Names that can go while keeping the newest ``keep`` verified chains (``rkckpt.retention.plan``)."""
+    from .retention import plan
 
-    A chain is a valid full checkpoint and every delta descending from it.
-    Nothing newer than the oldest kept full checkpoint is touched, so no kept
-    delta can lose an ancestor and no in-progress chain is cut.
-    """
-    if keep < 1:
-        raise ValueError("keep must be at least 1")
-    entries = index.sorted(kernel_id)
-    by_kernel: dict[str, list[Entry]] = {}
-    for e in entries:
-        by_kernel.setdefault(e.kernel_id, []).append(e)
-    doomed: list[str] = []
-    for es in by_kernel.values():
-        roots = [e for e in es if e.kind == "full" and e.ok]
-        if len(roots) <= keep:
-            continue
-        kept_roots = sorted(roots, key=lambda e: e.step)[-keep:]
-        cutoff = kept_roots[0].step
-        kept: set[str] = set()
-        for e in es:  # everything that chains back to a kept root
-            chain, _ = index.chain_of(e)
-            if chain and chain[0] in kept_roots:
-                kept.update(c.name for c in chain)
-        doomed.extend(e.name for e in es if e.step < cutoff and e.name not in kept)
-    return doomed
+    return plan(index, keep, kernel_id)
 
 
 def gc(storage: Storage, keep: int, kernel_id: str | None = None, *, index: ChainIndex | None = None) -> list[str]:
-    index = index or ChainIndex(storage)
-    index.refresh()
-    doomed = plan_gc(index, keep, kernel_id)
-    for n in doomed:
-        storage.delete(n)
-        index.remove(n)
-    if doomed:
-        index.save()
-    return doomed
+    """Delete what newer verified chains supersede, deltas before their root (``rkckpt.retention.gc``)."""
+    from .retention import gc as _gc
+
+    return _gc(storage, keep, kernel_id, index=index)
 
 
 # ---------------------------------------------------------------- region reads

@@ -17,8 +17,9 @@ storage, deltas or retention. Design decisions:
   every digest is computed once per checkpoint (and passed to the delta).
 * A full checkpoint starts a chain; then deltas, until ``full_every`` deltas
   were written or a delta would exceed ``max_delta_fraction`` of a full one.
-* Retention keeps the newest ``keep_chains`` complete chains and never
-  deletes anything a kept delta depends on (``chain.plan_gc``).
+* Retention keeps the newest ``keep_chains`` chains whose full checkpoint
+  reads back intact, never deletes anything a kept delta depends on, and
+  deletes deltas before their root (``rkckpt.retention``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from . import container, hdf5
+from . import container, hdf5, retention
 from . import delta as rkdelta
-from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable, plan_gc
+from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable
 from .codec import WriteOptions
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
@@ -243,7 +244,12 @@ class CheckpointManager:
         name = checkpoint_name(self.kernel_id, step, kind, p.checkpoint_format)
         base = digest if kind == "full" else self._chain_base
         try:
-            n = self.storage.save(name, _writer(body, self.options, p.checkpoint_format, base or ""))
+            try:
+                n = self.storage.save(name, _writer(body, self.options, p.checkpoint_format, base or ""))
+            except CheckpointError as exc:
+                if exc.source is None:  # an encoder error: say which checkpoint it was writing
+                    raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
+                raise
         except (CheckpointError, OSError) as exc:
             with self._cond:
                 self._handed_in.discard(id(full_state))
@@ -274,12 +280,10 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         try:
-            doomed = plan_gc(self.index, self.policy.keep_chains, self.kernel_id)
-            for n in doomed:
-                self.storage.delete(n)
-                self.index.remove(n)
-            self.stats.deleted += len(doomed)
-            self.index.save()
+            doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id)
+            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed))
+            if not doomed:
+                self.index.save()
         except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
             log.warning("checkpoint retention in %s failed: %s", self.storage.url, exc)
 

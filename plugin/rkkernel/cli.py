@@ -124,10 +124,12 @@ def _run(doc: dict, source: str) -> int:
     stop = StopFlag().install()
     with stop.held():
         from rkckpt.errors import CheckpointError
+        from rkckpt.logsafe import install as mask_credentials_in_logs
 
         from .backends import BackendUnavailable
         from .runner import run_wavesim
 
+    mask_credentials_in_logs()  # -v lets botocore log signed request headers
     try:
         return run_wavesim(_config_from(doc, source), stop)
     except (CheckpointError, BackendUnavailable) as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rkckpt import safejson
 from rkckpt.atomic import atomic_open
 from rkckpt.chain import newest_named_step
 
@@ -29,6 +30,8 @@ FINGERPRINT_FILE = "rkslurm.fingerprint.json"
 STOP_MARKER = "rkrun.stopped.json"
 #: optional: a step that does not write checkpoint chains may report its newest checkpointed step here
 PROGRESS_FILE = "rkslurm.progress.json"
+#: markers are a few lines of JSON; anything bigger is not ours
+MARKER_MAX_BYTES = 64 << 10
 
 
 def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:
@@ -105,10 +108,7 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     stale: str | None = None
     has_content = path.is_dir() and any(p.name != FINGERPRINT_FILE for p in path.iterdir())
     if fp.exists():
-        try:
-            old = json.loads(fp.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            old = None
+        old = (read_marker(fp) or {}).get("fingerprint")
         if old != digest:
             stale = "the rule's inputs, params or code changed since these checkpoints were written"
     elif has_content:
@@ -116,10 +116,23 @@ def prepare(path: Path, digest: str) -> PrepareResult:
     if stale is not None and path.exists():
         shutil.rmtree(path)
         has_content = False
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # checkpoint writers refuse group/other-writable folders
     if stale is not None or not fp.exists():
         atomic_write_text(fp, json.dumps({"fingerprint": digest}) + "\n")
     return PrepareResult(path=path, fresh=not has_content, stale_reason=stale)
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file (stop marker, progress, fingerprint), or None when missing or damaged.
+
+    Bounded and depth-limited (``rkckpt.safejson``): anyone who can write the
+    folder can write these files, and they are only hints.
+    """
+    try:
+        doc = safejson.load_file(path, max_bytes=MARKER_MAX_BYTES)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_progress(path: Path) -> int | None:
@@ -132,10 +145,7 @@ def read_progress(path: Path) -> int | None:
     path = Path(path)
     best: int | None = None
     for name in (STOP_MARKER, PROGRESS_FILE):
-        try:
-            step = json.loads((path / name).read_text()).get("step")
-        except (OSError, ValueError, AttributeError):
-            continue
+        step = (read_marker(path / name) or {}).get("step")
         if isinstance(step, int) and not isinstance(step, bool):
             best = step if best is None else max(best, step)
     try:

@@ -282,9 +282,9 @@ class Executor(_stock.Executor):
         try:
             if marker.stat().st_mtime + 1 < step.submitted_at:
                 return None
-            value = json.loads(marker.read_text()).get("step")
+            value = (ckptdir.read_marker(marker) or {}).get("step")
             return value if isinstance(value, int) else None
-        except (OSError, ValueError, AttributeError):
+        except OSError:
             return None
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import click
 
+from rkckpt import logsafe
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rkslurm")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug, the S3 client's too; credentials are masked).")
+def main(verbose: int = 0) -> None:
     """Inspect, verify, convert and manage RKCKPT checkpoints."""
+    logsafe.configure(verbose, "rkckpt")
 
 
 def _register() -> None:

@@ -17,6 +17,7 @@ import click
 
 from .. import codec, container, hdf5
 from ..container import ParsedFile
+from ..display import printable
 from ..errors import CheckpointError
 from ..flags import CHUNK_BLOCK_DELTA
 from ..model import Checkpoint
@@ -57,7 +58,7 @@ def errors_exit(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CheckpointError as exc:
-            click.echo(f"rkckpt: error: {one_line(str(exc))}", err=True)
+            click.echo(f"rkckpt: error: {printable(one_line(str(exc)))}", err=True)
             raise click.exceptions.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -112,14 +113,33 @@ def save(path: str, ckpt: Checkpoint, compat: bool, compress: str = "auto") -> i
         return container.write(path, ckpt, options(compat, compress))
 
 
-def open_location(location: str) -> Storage:
+def open_location(location: str, *, must_exist: bool = True) -> Storage:
     """A checkpoint folder or storage URL, read-only (no staging, no folder created)."""
     try:
         if "://" not in location or location.startswith("file://"):
-            return FileStorage(location.removeprefix("file://"), create=False)
+            path = location.removeprefix("file://")
+            if must_exist and not os.path.isdir(path):
+                what = "not a folder" if os.path.exists(path) else "no such checkpoint folder"
+                raise click.ClickException(f"{printable(path)}: {what}")
+            return FileStorage(path, create=False)
         return open_storage(location, local=False)
     except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(exc)) from None
+
+
+def clean_errors(fn: F) -> F:
+    """A storage or permission problem is one line naming the folder, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as exc:
+            raise click.ClickException(printable(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(printable(f"{exc.filename or kwargs.get('location', '')}: {exc.strerror or exc}")) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def where(storage: Storage, name: str) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from ..chain import ChainIndex, gc, plan_gc
+from ..display import printable
 from ..errors import CheckpointError
 from . import main
-from .common import open_location, where
+from .common import clean_errors, open_location, where
 
 
 @main.command("gc")
@@ -15,6 +16,7 @@ from .common import open_location, where
 @click.option("--keep", type=click.IntRange(min=1), required=True, help="Complete chains to keep (newest first).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
+@clean_errors
 def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> None:
     """Delete checkpoints outside the newest KEEP complete chains (never a kept delta's parent)."""
     storage = open_location(location)
@@ -32,5 +34,5 @@ def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> No
     finally:
         storage.close()
     for n in doomed:
-        click.echo(("would delete " if dry_run else "deleted ") + where(storage, n))
+        click.echo(("would delete " if dry_run else "deleted ") + printable(where(storage, n)))
     click.echo(f"{len(doomed)} file(s) {'to delete' if dry_run else 'deleted'}", err=True)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..describe import describe
+from ..display import printable
 from ..model import type_name
 from . import main
 from .common import about, errors_exit, parse
@@ -38,16 +39,16 @@ def _print_table(path: str, info: dict[str, Any]) -> None:
         console = Console(width=160)
     h, m = info["header"], info["metadata"]
     console.print(
-        f"[bold]{escape(path)}[/bold]  RKCKPT v{h['version']}  {h['total_size']} bytes  digest [cyan]{info['content_digest']}[/cyan]"
+        f"[bold]{escape(printable(path))}[/bold]  RKCKPT v{h['version']}  {h['total_size']} bytes  digest [cyan]{info['content_digest']}[/cyan]"
     )
     console.print(
-        f"kernel [bold]{escape(m['kernel_id'])}[/bold] ({escape(m['kernel_type'])})  step {m['current_step']}  grid {tuple(m['grid_size'])}  tile {tuple(m['tile_size'])}  hlc {tuple(m['hlc'])}"
+        f"kernel [bold]{escape(printable(m['kernel_id']))}[/bold] ({escape(printable(m['kernel_type']))})  step {m['current_step']}  grid {tuple(m['grid_size'])}  tile {tuple(m['tile_size'])}  hlc {tuple(m['hlc'])}"
     )
     console.print(f"compression {h['compression']}  flags 0x{h['flags']:x}  checksum 0x{h['checksum']:08x}  created_at {h['created_at']}")
     if m["custom"]:
         custom = Table("key", "value", title="custom metadata", title_justify="left")
         for k, v in m["custom"].items():
-            custom.add_row(escape(k), escape(v if len(v) <= 80 else v[:77] + "..."))
+            custom.add_row(escape(printable(k)), escape(printable(v if len(v) <= 80 else v[:77] + "...")))
         console.print(custom)
     table = Table(title="chunks", title_justify="left")
     table.add_column("#", justify="right")
@@ -63,7 +64,7 @@ def _print_table(path: str, info: dict[str, Any]) -> None:
             str(i),
             f"{c['type']} {type_name(c['type'])}",
             str(c["chunk_id"]),
-            escape(c.get("name", "")),
+            escape(printable(c.get("name", ""))),
             f"0x{c['flags']:x}",
             str(c["compressed_size"]),
             str(c["uncompressed_size"]),

@@ -8,9 +8,10 @@ import sys
 import click
 
 from ..chain import ChainIndex, latest_restorable
+from ..display import printable
 from ..errors import CheckpointError
 from . import main
-from .common import open_location, where
+from .common import clean_errors, open_location, where
 
 EXIT_NOTHING = 3
 
@@ -19,9 +20,10 @@ EXIT_NOTHING = 3
 @click.argument("location")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (default: path and step).")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
+@clean_errors
 def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     """The newest restorable checkpoint in DIR|URL; exit 3 when there is none."""
-    storage = open_location(location)
+    storage = open_location(location, must_exist=False)
     try:
         index = ChainIndex(storage)
         rp = latest_restorable(storage, kernel_id, index=index, warn=False)  # skipped files are reported below
@@ -41,10 +43,10 @@ def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
         click.echo(json.dumps(doc, indent=1))
     else:
         for s in skipped:
-            click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+            click.echo(printable(f"skipped {s['path']}: {s['reason']}"), err=True)
         if rp is not None:
-            click.echo(f"{doc['path']}\tstep {rp.step}\tchain of {len(rp.chain)}")
+            click.echo(f"{printable(doc['path'])}\tstep {rp.step}\tchain of {len(rp.chain)}")
     if rp is None:
         if not as_json:
-            click.echo(f"nothing restorable in {storage.url}", err=True)
+            click.echo(f"nothing restorable in {printable(storage.url)}", err=True)
         sys.exit(EXIT_NOTHING)

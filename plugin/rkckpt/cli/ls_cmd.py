@@ -7,9 +7,10 @@ import json
 import click
 
 from ..chain import describe
+from ..display import printable
 from ..errors import CheckpointError
 from . import main
-from .common import open_location, where
+from .common import clean_errors, open_location, where
 
 
 @main.command("ls")
@@ -17,6 +18,7 @@ from .common import open_location, where
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quick", is_flag=True, help="Check headers only, not every byte.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
+@clean_errors
 def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> None:
     """List the checkpoints in DIR|URL as chains (step, kind, size, digest, parent, valid?)."""
     storage = open_location(location)
@@ -43,9 +45,10 @@ def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> 
         click.echo(json.dumps(out, indent=1))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"checkpoints in {storage.url}")
+    table = Table(title=escape(f"checkpoints in {printable(storage.url)}"))
     for col in ("step", "kind", "size", "digest", "parent", "valid?"):
         table.add_column(col, justify="right" if col in ("step", "size") else "left")
     for r in rows:
@@ -54,8 +57,8 @@ def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> 
             str(r.entry.step),
             r.entry.kind,
             f"{r.entry.size:,}",
-            r.entry.state_digest or "?",
-            r.parent or "-",
-            "[green]yes[/green]" if ok else f"[red]NO: {r.status}[/red]",
+            escape(printable(r.entry.state_digest or "?")),
+            escape(printable(r.parent or "-")),
+            "[green]yes[/green]" if ok else f"[red]NO: {escape(printable(r.status))}[/red]",
         )
     Console(width=200).print(table)

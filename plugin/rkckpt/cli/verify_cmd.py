@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..container import check
+from ..display import printable
 from ..errors import CheckpointError
 from . import main
 from .common import about, one_line, parse
@@ -21,7 +22,7 @@ def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
             _verify_one(path)
         except CheckpointError as exc:
             bad += 1
-            click.echo(f"BAD {one_line(str(exc))}", err=True)
+            click.echo(f"BAD {printable(one_line(str(exc)))}", err=True)
             continue
         if not quiet:
             click.echo(f"OK  {path}")

@@ -6,10 +6,12 @@ of the back ends; everything above it only sees the ``Storage`` interface.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from typing import Any
 
-from .base import InvalidNameError, LockedError, Storage, StorageBase, StorageError, validate_name
+from .base import InvalidNameError, ListingError, LockedError, Storage, StorageBase, StorageError, UnsafeFolderError, validate_name
 from .file import FileStorage
 from .memory import MemoryStorage
 from .remote import FsspecStorage, redact_url
@@ -19,14 +21,17 @@ __all__ = [
     "FileStorage",
     "FsspecStorage",
     "InvalidNameError",
+    "ListingError",
     "LockedError",
     "MemoryStorage",
     "Storage",
     "StorageBase",
     "StorageError",
     "TwoLevelStorage",
+    "UnsafeFolderError",
     "open_storage",
     "redact_url",
+    "scoped_local_dir",
     "validate_name",
 ]
 
@@ -66,5 +71,16 @@ def open_storage(
         if local is None:
             local = os.environ.get(LOCAL_ENV) or None
     if local is not None and local is not False and local is not True:
-        return TwoLevelStorage(FileStorage(local), base)
+        return TwoLevelStorage(FileStorage(scoped_local_dir(local, base)), base)
     return base
+
+
+def scoped_local_dir(local: str | os.PathLike[str], shared: Storage) -> str:
+    """The node-local folder of one shared location: ``<local>/<tail>-<digest>``.
+
+    Jobs that share ``$RKCKPT_LOCAL_DIR`` but write to different buckets or
+    prefixes get different folders, so one job never restores another's files.
+    """
+    where = f"{getattr(shared, 'endpoint', '')}|{shared.url}"
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", shared.url.rstrip("/").rsplit("/", 1)[-1])[-40:] or "root"
+    return os.path.join(os.fspath(local), f"{tail}-{hashlib.sha256(where.encode()).hexdigest()[:16]}")

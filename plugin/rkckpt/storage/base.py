@@ -7,15 +7,20 @@ traversal impossible whichever back end sits underneath.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from ..errors import CheckpointError
 
 #: A writer callback streams the object's bytes into the file it is given.
 Writer = Callable[[BinaryIO], None]
 Payload = bytes | bytearray | memoryview | Writer
+
+log = logging.getLogger("rkckpt.storage")
+T = TypeVar("T")
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
 MAX_NAME = 200
@@ -33,6 +38,14 @@ class LockedError(StorageError):
     """Another writer holds the checkpoint folder."""
 
 
+class UnsafeFolderError(StorageError):
+    """A checkpoint folder (or its lock file) that someone else could tamper with."""
+
+
+class ListingError(StorageError):
+    """The store could not be listed (after retries): unknown, which is not the same as empty."""
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe flat object name, else raise ``InvalidNameError``."""
     if not isinstance(name, str):
@@ -44,6 +57,19 @@ def validate_name(name: str) -> str:
     if len(name) > MAX_NAME:
         raise InvalidNameError(name[:40] + "...", f"invalid checkpoint name: longer than {MAX_NAME} characters")
     return name
+
+
+def retry(op: Callable[[], T], what: str, *, attempts: int, delay: float) -> T:
+    """``op()``, retried with exponential backoff on ``StorageError``; the last failure becomes ``ListingError``."""
+    for i in range(max(1, attempts)):
+        try:
+            return op()
+        except StorageError as exc:
+            last = exc
+            if i + 1 < attempts:
+                log.info("%s failed (attempt %d of %d), retrying: %s", what, i + 1, attempts, exc.problem)
+                time.sleep(delay * (1 << i))
+    raise ListingError(last.source, f"{last.problem} (gave up after {max(1, attempts)} attempts)") from None
 
 
 def write_payload(f: BinaryIO, data: Payload) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from ..atomic import fsync_dir
+from ..lock import check_private_folder, open_lock_file
 from .base import LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
@@ -58,19 +60,21 @@ class FileStorage(StorageBase):
 
     # ---------------------------------------------------------------- lock
     def acquire_lock(self) -> None:
-        """Become the only writer of this folder (held until ``close``)."""
+        """Become the only writer of this folder (held until ``close``).
+
+        The folder must be ours and not writable by anyone else, and the lock
+        file is opened without following links: a ``.rkckpt.lock`` symlink or
+        hard link planted by someone else is refused, never truncated.
+        """
         if self._lock_fd is not None:
             return
-        path = self.root / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, self.file_mode)
-        except OSError as exc:
-            raise _oserror(path, "opening the lock file", exc) from None
+        check_private_folder(self.root)
+        fd = open_lock_file(self.root / LOCK_NAME, self.file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = "".join(c for c in os.pread(fd, 64, 0).decode(errors="replace") if c.isdigit())[:20] or "unknown"
             finally:
                 os.close(fd)
             raise LockedError(
@@ -102,7 +106,7 @@ class FileStorage(StorageBase):
     def local_path(self, name: str) -> Path | None:
         """The file itself, for readers that stream from a path."""
         p = self.path(name)
-        return p if p.is_file() else None
+        return p if self.exists(name) else None
 
     def save(self, name: str, data: Payload) -> int:
         final = self.path(name)
@@ -163,6 +167,16 @@ class FileStorage(StorageBase):
 
     def list(self) -> list[str]:
         try:
+            searchable = not self.root.is_dir() or os.access(
+                self.root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids
+            )
+        except OSError as exc:
+            raise _oserror(self.root, "listing", exc) from None
+        if not searchable:
+            raise StorageError(
+                self.url, "permission denied: the checkpoint folder cannot be listed and searched (it needs r and x for you)"
+            )
+        try:
             return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_file())
         except FileNotFoundError:
             return []
@@ -178,7 +192,14 @@ class FileStorage(StorageBase):
             raise _oserror(p, "deleting", exc) from None
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+        """True for a regular file; a folder we may not search is an error, not "absent"."""
+        p = self.path(name)
+        try:
+            return stat.S_ISREG(os.stat(p).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _oserror(p, "checking", exc) from None
 
     def __repr__(self) -> str:
         return f"FileStorage({self.url!r})"

@@ -16,8 +16,12 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from .base import Payload, StorageBase, StorageError, validate_name, write_payload
+from ..logsafe import register_secret
+from .base import Payload, StorageBase, StorageError, retry, validate_name, write_payload
 
+#: A listing is retried this often, waiting LIST_DELAY, 2*LIST_DELAY... seconds in between.
+LIST_ATTEMPTS = 5
+LIST_DELAY = 0.5
 _SECRET_KEYS = ("secret", "key", "token", "password", "aws_secret_access_key", "aws_access_key_id", "aws_session_token")
 _URL_CREDS = re.compile(r"(?P<scheme>[a-z0-9+.-]+://)[^/@\s]+@", re.I)
 
@@ -56,10 +60,16 @@ class FsspecStorage(StorageBase):
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = redact_url(url.rstrip("/"))
+        self.endpoint = redact_url(
+            str(storage_options.get("endpoint_url") or storage_options.get("client_kwargs", {}).get("endpoint_url") or "")
+        )
+        self.list_attempts = LIST_ATTEMPTS
+        self.list_delay = LIST_DELAY
         self._secrets = _secrets(storage_options)
         m = _URL_CREDS.match(url)
         if m:  # credentials embedded in the URL: remember them for scrubbing
             self._secrets += [p for p in url[len(m.group("scheme")) : m.end() - 1].split(":") if len(p) >= 4]
+        register_secret(*self._secrets)  # masked in every log message too (rkckpt.logsafe)
         # a cached instance would keep credentials from an earlier, different environment
         storage_options.setdefault("skip_instance_cache", True)
         try:
@@ -139,14 +149,22 @@ class FsspecStorage(StorageBase):
         except Exception as exc:  # noqa: BLE001
             raise self._error(self._where(name), "stat", exc) from None
 
-    def list(self) -> list[str]:
+    def _ls(self) -> list[dict[str, Any]]:
         try:
             self.fs.invalidate_cache(self.root)
-            entries = self.fs.ls(self.root, detail=True)
+            return self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return []
         except Exception as exc:  # noqa: BLE001
             raise self._error(self.url, "listing", exc) from None
+
+    def list(self) -> list[str]:
+        """Object names under the prefix; transient failures are retried, then raise ``ListingError``.
+
+        A listing that failed says nothing about what is stored: it must never
+        look like an empty prefix (that would restart a job from step 0).
+        """
+        entries = retry(self._ls, f"listing {self.url}", attempts=self.list_attempts, delay=self.list_delay)
         names = []
         for e in entries:
             if e.get("type") == "directory":

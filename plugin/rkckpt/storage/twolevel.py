@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import Payload, Storage, StorageBase, StorageError, validate_name
+from .base import ListingError, Payload, Storage, StorageBase, StorageError, validate_name
 from .file import FileStorage
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,15 @@ class TwoLevelStorage(StorageBase):
         return self._pick(name).size(name)
 
     def list(self) -> list[str]:
+        """Both levels. A shared store that cannot be listed is an error, not an empty store:
+        newer checkpoints from another node may be there."""
         names = set(self.local.list())
         try:
             names.update(self.shared.list())
+        except ListingError:
+            raise
         except StorageError as exc:
-            log.warning("cannot list %s, using the node-local copy only: %s", self.shared.url, exc)
+            raise ListingError(exc.source, exc.problem) from None
         return sorted(names)
 
     def delete(self, name: str) -> None:
@@ -159,10 +163,7 @@ class TwoLevelStorage(StorageBase):
     def exists(self, name: str) -> bool:
         if self.local.exists(name):
             return True
-        try:
-            return self.shared.exists(name)
-        except StorageError:
-            return False
+        return self.shared.exists(name)
 
     def close(self) -> None:
         if self._thread.is_alive():

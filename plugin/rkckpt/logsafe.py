@@ -1,0 +1,135 @@
+"""Logging that never shows credentials, at any verbosity.
+
+At DEBUG, botocore, aiobotocore, s3fs and urllib3 log whole signed requests:
+``X-Amz-Security-Token``, ``Authorization`` (with the access key id in its
+``Credential=``) and canonical requests with the token in a header line.
+``install()`` makes every log record pass through ``redact`` when it is
+created (a log record factory), so it holds for every handler, including
+ones added later, whichever library logged. Scrubbing happens on the
+formatted message and on formatted tracebacks.
+
+``configure()`` is what a command line calls instead of ``basicConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+
+MASK = "***"
+
+#: Header and parameter names whose values are credentials.
+SENSITIVE_NAMES = (
+    "x-amz-security-token",
+    "x-amz-credential",
+    "x-amz-signature",
+    "authorization",
+    "signature",
+    "aws_session_token",
+    "aws_secret_access_key",
+    "aws_access_key_id",
+    "x-amz-server-side-encryption-customer-key",
+)
+_NAMES = "|".join(re.escape(n) for n in SENSITIVE_NAMES)
+_PATTERNS = (
+    # 'X-Amz-Security-Token': b'...'   "Authorization": "..."
+    re.compile(rf"""(?i)(['"]?(?:{_NAMES})['"]?\s*[:=]\s*b?)(['"])(?:(?!\2).)*\2"""),
+    # x-amz-security-token:VALUE (canonical request), X-Amz-Security-Token=VALUE& (query), Signature:\nHEX
+    re.compile(rf"""(?i)((?<![\w-])(?:{_NAMES})\s*[:=]\s*)(?!['"]|b['"])[^\s,'"}}&;]+"""),
+    re.compile(r"(?i)(Credential=)[^/\s,&'\"]+"),
+    re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA|ANPA|AGPA)[A-Z0-9]{12,}\b"),
+)
+_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_secrets: set[str] = set()
+_lock = threading.Lock()
+_installed = False
+
+
+def register_secret(*values: str | None) -> None:
+    """Values (keys, secrets, tokens) to mask wherever they appear in a log message."""
+    with _lock:
+        _secrets.update(v for v in values if isinstance(v, str) and len(v) >= 4)
+
+
+def _mask(m: re.Match[str]) -> str:
+    if m.re.groups == 2:  # a quoted value: keep the quotes
+        return f"{m.group(1)}{m.group(2)}{MASK}{m.group(2)}"
+    return (m.group(1) if m.re.groups else "") + MASK
+
+
+def redact(text: str) -> str:
+    """``text`` with credential values replaced by ``***``."""
+    for p in _PATTERNS:
+        text = p.sub(_mask, text)
+    with _lock:
+        known = sorted(_secrets | {v for k in _ENV_SECRETS if len(v := os.environ.get(k, "")) >= 4}, key=len, reverse=True)
+    for s in known:
+        text = text.replace(s, MASK)
+    return text
+
+
+def _scrub(record: logging.LogRecord) -> None:
+    try:
+        msg = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is the logging module's to report
+        return
+    clean = redact(msg)
+    if clean != msg or record.args:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+
+
+def install() -> None:
+    """Scrub every log record of this process from now on (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        _scrub(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def configure(verbosity: int, prog: str) -> None:
+    """Log to stderr as ``prog: message``: 0 warnings, 1 info, 2+ debug (libraries included).
+
+    Installs the scrubbing first, and replaces only a handler an earlier call
+    added, so a host's own handlers (pytest's, an application's) stay.
+    """
+    install()
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG)

@@ -1,0 +1,140 @@
+"""The chain tools on hostile folders: clear one-line errors, names checked against metadata, safe printing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from asuser import NOBODY, cli_as_nobody, enterable_tmp
+from rkckpt import io as rkio
+from rkckpt.chain import describe, latest_restorable
+from rkckpt.cli import main
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkckpt.model import Checkpoint, Metadata
+from rkckpt.storage import FileStorage, open_storage
+
+KID = "hx"
+
+
+def state(step: int, kid: str = KID) -> Checkpoint:
+    c = Checkpoint(Metadata(kid, "test", step))
+    c.add_region("a", np.full(512, step, dtype=np.float32))
+    return c
+
+
+def name(step: int, kind: str, kid: str = KID) -> str:
+    return f"{kid}-{step:012d}-{kind}.rkcp"
+
+
+def write(d, steps, kid: str = KID, full_every: int = 2):
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=full_every, keep_chains=10), kid) as m:
+        for s in steps:
+            m.submit(SnapshotResponse(SnapshotRequest(s), state(s, kid)))
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r
+
+
+def test_folder_without_search_permission_is_a_clear_error():
+    with enterable_tmp() as base:
+        d = os.path.join(base, "ck")
+        write(d, [1, 2, 3])
+        shutil.chown(d, NOBODY, NOBODY)
+        for p in os.listdir(d):
+            os.chown(os.path.join(d, p), NOBODY, NOBODY)
+        os.chmod(d, 0o600)  # the owner may read the names but not search the folder
+        for args in (["ls", d], ["latest", d], ["gc", d, "--keep", "1"]):
+            out = cli_as_nobody(args)
+            assert out["exception"] is None, out
+            assert out["exit_code"] == 1 and "permission denied" in out["output"] and d in out["output"], out
+            assert "Traceback" not in out["output"]
+
+
+def test_missing_folder_is_an_error_for_ls_and_gc(tmp_path):
+    for args in (["ls", tmp_path / "nope"], ["ls", tmp_path / "nope", "--json"], ["gc", tmp_path / "nope", "--keep", 1]):
+        r = run(*args)
+        assert r.exit_code == 1 and "no such checkpoint folder" in r.output
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in run("ls", tmp_path / "file").output
+    assert not (tmp_path / "nope").exists()
+
+
+def test_step_in_the_name_must_match_the_metadata(tmp_path, caplog):
+    d = tmp_path / "ck"
+    write(d, [1, 2, 3, 4, 5])
+    shutil.copy(d / name(1, "full"), d / name(900, "full"))  # holds step 1
+    rp = latest_restorable(FileStorage(d), KID)
+    assert rp.step == 5
+    assert rp.skipped == [(name(900, "full"), "named step 900 but its metadata says step 1")]
+    assert "named step 900" in caplog.text
+    rows = {r.entry.name: r.status for r in describe(FileStorage(d))}
+    assert rows[name(900, "full")] == "named step 900 but its metadata says step 1"
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1), KID) as m:
+        assert m.latest().step == 5
+
+
+def test_kernel_id_inside_chain_files_is_checked(tmp_path):
+    d = tmp_path / "ck"
+    write(d, [1, 2, 3])
+    other = tmp_path / "other"
+    write(other, [4, 5], kid="zz")
+    shutil.copy(other / name(4, "full", "zz"), d / name(4, "full"))  # a full of kernel zz under our name
+    rp = latest_restorable(FileStorage(d), KID, warn=False)
+    assert rp.step == 3
+    assert rp.skipped == [(name(4, "full"), "named for kernel 'hx' but its metadata says kernel 'zz'")]
+
+
+def test_inspect_and_ls_escape_control_characters(tmp_path):
+    evil = "k\x1b]0;owned\x07\x1b[2J\u202e"
+    ck = state(1, evil)
+    ck.metadata.custom["note"] = "\x1b[31mred"
+    p = tmp_path / "evil.rkcp"
+    rkio.save(p, ck)
+    r = run("inspect", p)
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\u202e" not in r.output
+    assert "\\x1b]0;owned\\x07" in r.output and "\\x1b[31mred" in r.output
+    assert json.loads(run("inspect", p, "--json").output)["metadata"]["kernel_id"] == evil  # JSON escapes by itself
+    d = tmp_path / "ck"
+    d.mkdir()
+    shutil.copy(p, d / name(1, "full", "k\x1b[2J"))
+    for args in (("ls", d), ("latest", d), ("gc", d, "--keep", 1, "--dry-run")):
+        r = run(*args)
+        assert "\x1b" not in r.output, args
+
+
+@pytest.mark.s3
+def test_errors_name_the_object_not_a_spool_file(s3_server):
+    url = f"s3://{s3_server.bucket()}/names"
+    s = open_storage(url, **s3_server.options())
+    with CheckpointManager(s, CheckpointPolicy(every_steps=1, full_every=0, keep_chains=10), KID) as m:
+        for step in (1, 2):
+            m.final(SnapshotResponse(SnapshotRequest(step), state(step)))
+    blob = bytearray(s.load(name(2, "full")))
+    blob[-7] ^= 0x40
+    s.save(name(2, "full"), bytes(blob))
+    rp = latest_restorable(s, KID, warn=False)
+    assert rp.step == 1 and rp.skipped[0][0] == name(2, "full")
+    for text in (rp.skipped[0][1], *(r.status for r in describe(s))):
+        assert "rkckpt-dl-" not in text and "/tmp" not in text and "<checkpoint>" not in text, text
+
+
+def test_write_errors_name_the_checkpoint_being_written(tmp_path):
+    from rkckpt.errors import CheckpointError
+    from rkckpt.flags import CHUNK_PART
+    from rkckpt.model import Chunk, ChunkType
+
+    bad = state(7)
+    bad.chunks.append(Chunk(int(ChunkType.CUSTOM), 9, b"piece", CHUNK_PART))  # the encoder refuses this
+    with CheckpointManager(tmp_path / "ck", CheckpointPolicy(every_steps=1), KID) as m, pytest.raises(CheckpointError) as info:
+        m.final(SnapshotResponse(SnapshotRequest(7), bad))
+    assert info.value.source == str(tmp_path / "ck" / name(7, "full"))
+    assert "<checkpoint>" not in str(info.value) and ".rkckpt-tmp-" not in str(info.value)
