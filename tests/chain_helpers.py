@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from rkckpt.chain import checkpoint_name
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
 
@@ -19,7 +20,7 @@ def small_state(kid: str, step: int, n: int = 2048) -> Checkpoint:
 
 
 def ckpt_name(kid: str, step: int, kind: str) -> str:
-    return f"{kid}-{step:012d}-{kind}.rkcp"
+    return checkpoint_name(kid, step, kind)
 
 
 def write_steps(d: str | os.PathLike[str], kid: str, steps, *, full_every: int = 2) -> None:

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from asuser import NOBODY, cli_as_nobody, enterable_tmp
-from rkckpt import io as rkio
-from rkckpt.chain import describe, latest_restorable
+from rkckpt import container
+from rkckpt.chain import checkpoint_name, describe, latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -28,7 +28,7 @@ def state(step: int, kid: str = KID) -> Checkpoint:
 
 
 def name(step: int, kind: str, kid: str = KID) -> str:
-    return f"{kid}-{step:012d}-{kind}.rkcp"
+    return checkpoint_name(kid, step, kind)
 
 
 def write(d, steps, kid: str = KID, full_every: int = 2):
@@ -97,7 +97,7 @@ def test_inspect_and_ls_escape_control_characters(tmp_path):
     ck = state(1, evil)
     ck.metadata.custom["note"] = "\x1b[31mred"
     p = tmp_path / "evil.rkcp"
-    rkio.save(p, ck)
+    container.write(p, ck)
     r = run("inspect", p)
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\x07" not in r.output and "\u202e" not in r.output

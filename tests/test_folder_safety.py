@@ -49,7 +49,7 @@ def test_symlinked_lock_is_refused_and_target_untouched(tmp_path):
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit | None), r.output
     assert "symbolic link" in r.output
     assert victim.read_bytes() == VICTIM
-    assert len(list(d.glob("*.rkcp"))) == 3
+    assert len(list(d.glob("*.rk.h5"))) == 3
 
 
 def test_hard_linked_lock_is_refused(tmp_path):
@@ -103,6 +103,6 @@ def test_foreign_and_world_writable_folders_refused_for_a_normal_user(shared_tmp
     assert out[0].startswith("UnsafeFolderError") and "owned by uid 0, not by you (uid 65534)" in out[0], out[0]
     assert out[1].startswith("UnsafeFolderError") and "writable by group or others (mode 0777)" in out[1], out[1]
     assert out[2] == "ok"
-    assert os.path.exists(os.path.join(mine, f"{KID}-000000000001-full.rkcp"))
+    assert os.path.exists(os.path.join(mine, f"{KID}-000000000001-full.rk.h5"))
     with open(victim, "rb") as f:
         assert f.read() == VICTIM

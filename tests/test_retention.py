@@ -27,7 +27,7 @@ def name(step: int, kind: str) -> str:
 def two_chains(d):
     """full 1, delta 2, delta 3 | full 4, delta 5."""
     write_steps(d, KID, range(1, 6))
-    assert sorted(p.name for p in d.glob("*.rkcp")) == [
+    assert sorted(p.name for p in d.glob("*.rk.h5")) == [
         name(1, "full"),
         name(2, "delta"),
         name(3, "delta"),
@@ -89,7 +89,7 @@ def test_gc_removes_orphans_a_verified_chain_supersedes(tmp_path):
     (d / name(1, "full")).unlink()  # what an older gc killed after deleting the root left behind
     r = run("gc", d, "--keep", 2)
     assert r.exit_code == 0, r.output
-    left = sorted(p.name for p in d.glob("*.rkcp"))
+    left = sorted(p.name for p in d.glob("*.rk.h5"))
     assert left == [name(4, "full"), name(5, "delta")]
     assert json.loads(run("latest", d, "--json").output)["step"] == 5
 
@@ -115,7 +115,7 @@ def test_gc_leaves_no_orphan_beside_a_kept_root_of_the_same_step(tmp_path):
     _write(d, 3, restore=False)  # a full at step 3 too (a rerun after a fallback)
     r = run("gc", d, "--keep", 1)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in d.glob("*.rkcp")) == [name(3, "full")]
+    assert sorted(p.name for p in d.glob("*.rk.h5")) == [name(3, "full")]
 
 
 def test_gc_keeps_the_chain_of_anything_newer_than_the_kept_root(tmp_path):
