@@ -143,7 +143,7 @@ def _add_chains(d, n: int) -> None:
 
 
 def _flip_newest_full(d) -> None:
-    fulls = sorted(p for p in d.glob(f"{GC_KID}-*-full.rkcp"))
+    fulls = sorted(p for p in d.glob(f"{GC_KID}-*-full.rk.h5"))
     b = bytearray(fulls[-1].read_bytes())
     b[-12] ^= 0xFF  # same size, valid header, bad checksum
     fulls[-1].write_bytes(bytes(b))
