@@ -266,7 +266,7 @@ def test_config_file_and_env_checkpoint_dir(rkrun, tmp_path: Path, fmt: str) -> 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"grid": [12, 10], "steps": 3, "out": str(tmp_path / "x.h5")}))
     p = rkrun("--config", str(bad), env=env)
-    assert p.wait(60) == 2 and "grid must be three integers" in p.log()
+    assert p.wait(60) == 2 and "grid: must be a list of 3 values" in p.log()
 
 
 def test_backend_auto_says_which(rkrun, tmp_path: Path) -> None:

@@ -261,19 +261,29 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
 
 
 def latest_restorable(
-    storage: Storage, kernel_id: str | None = None, *, index: ChainIndex | None = None, warn: bool = True
+    storage: Storage,
+    kernel_id: str | None = None,
+    *,
+    index: ChainIndex | None = None,
+    warn: bool = True,
+    exclude: Iterable[str] = (),
 ) -> RestorePoint | None:
     """The newest checkpoint whose whole chain back to a full one is present and valid.
 
     Newer files that cannot be restored are reported in ``skipped`` and with a
-    single warning naming them.
+    single warning naming them. ``exclude``: names of checkpoints the caller
+    could not use (e.g. their state did not fit the kernel); they are passed
+    over as restore points, so the next older one is found.
     """
     index = index or ChainIndex(storage)
     index.refresh()
     skipped: list[tuple[str, str]] = []
     cache: dict[str, Checkpoint] = {}
     result: RestorePoint | None = None
+    excluded = frozenset(exclude)
     for e in reversed(index.sorted(kernel_id)):
+        if e.name in excluded:
+            continue
         chain, problem = index.chain_of(e)
         if problem is None:
             try:

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -199,10 +200,10 @@ class CheckpointManager:
         return bool(p.every_seconds and now - self._last_time >= p.every_seconds)
 
     # ------------------------------------------------------------ restore
-    def latest(self) -> RestorePoint | None:
-        """Newest restorable state; later deltas continue its chain."""
+    def latest(self, exclude: Iterable[str] = ()) -> RestorePoint | None:
+        """Newest restorable state (not one of ``exclude``); later deltas continue its chain."""
         self._wait_idle()
-        rp = latest_restorable(self.storage, self.kernel_id, index=self.index)
+        rp = latest_restorable(self.storage, self.kernel_id, index=self.index, exclude=exclude)
         self._indexed = True
         if rp is not None:
             self._parent = rp.checkpoint  # the caller holds it too: never handed back by reusable()
