@@ -278,8 +278,6 @@ def load_object(ref: str, source: str = "--kernel") -> KernelPlugin:
         obj = getattr(obj, part, None)
         if obj is None:
             raise PluginError(f"{source}: module {mod_name!r} has no {attr!r}")
-    if callable(obj) and not isinstance(obj, KernelPlugin):
-        obj = obj()
     if not isinstance(obj, KernelPlugin):
         raise PluginError(f"{source}: {ref} is a {type(obj).__name__}, not a rkkernel.plugin.KernelPlugin")
     return obj
