@@ -79,6 +79,7 @@ class ManagerStats:
     wait_seconds: float = 0.0  # time callers were blocked by back-pressure
     full: int = 0
     deltas: int = 0
+    full_bytes: int = 0  # of bytes_written, in full checkpoints (the rest are deltas)
     deleted: int = 0
     last_error: str | None = None
 
@@ -265,6 +266,7 @@ class CheckpointManager:
             self.stats.seconds += time.perf_counter() - t0
             if kind == "full":
                 self.stats.full += 1
+                self.stats.full_bytes += n
             else:
                 self.stats.deltas += 1
         self._retain()

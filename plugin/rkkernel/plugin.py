@@ -218,6 +218,7 @@ def common_options(plugin: KernelPlugin) -> tuple[Option, ...]:
         Option("checkpoint_dir", NonEmpty(), None, "Directory or URL (default: $RKSLURM_CHECKPOINT_DIR).", envvar="RKSLURM_CHECKPOINT_DIR"),
         Option("checkpoint_every", StrictInt(min=1), None, "Steps between checkpoints."),
         Option("checkpoint_seconds", FiniteFloat(min=0, min_open=True), None, "Also checkpoint after this many seconds."),
+        Option("full_every", StrictInt(min=0), 8, "Deltas between full checkpoints (0: every checkpoint full)."),
         Option("backend", click.Choice(["auto", "opencl", "cuda", "numpy"]), "auto", "Compute back end."),
         Option("out", NonEmpty(), None, "Result HDF5 file."),
         Option("batch", StrictInt(min=1), 32, "Steps enqueued per batch (signal latency)."),

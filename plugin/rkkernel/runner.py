@@ -61,6 +61,7 @@ class RunConfig:
     out: str
     backend: str = "auto"
     checkpoint_seconds: float | None = None
+    full_every: int = 8
     batch: int = 32
     kernel_id: str = "kernel"
     throttle_ms: float = 0.0
@@ -77,6 +78,7 @@ class RunConfig:
             out=str(values["out"]),
             backend=str(values.get("backend") or "auto"),
             checkpoint_seconds=values.get("checkpoint_seconds"),
+            full_every=int(values.get("full_every", 8)),
             batch=int(values.get("batch") or 32),
             kernel_id=str(values["kernel_id"]),
             throttle_ms=float(values.get("throttle_ms") or 0.0),
@@ -245,7 +247,9 @@ class StepLoop:
         with self.stop.held():
             self.kernel = PersistentKernel(self.krun.spec, self.cfg.backend, kernel_id=self.cfg.kernel_id)
         log.info("backend %s: %s", self.kernel.backend_name, self.kernel.description)
-        policy = CheckpointPolicy(every_steps=self.cfg.checkpoint_every, every_seconds=self.cfg.checkpoint_seconds)
+        policy = CheckpointPolicy(
+            every_steps=self.cfg.checkpoint_every, every_seconds=self.cfg.checkpoint_seconds, full_every=self.cfg.full_every
+        )
         try:
             self.mgr = CheckpointManager(self.cfg.checkpoint_dir, policy, self.cfg.kernel_id)
         except BaseException:
@@ -362,6 +366,7 @@ class StepLoop:
             "time": time.time(),
         }
         _write_marker(self.mgr, doc)
+        self._log_checkpoint_stats()
         log.info("stopped at step %d on %s; checkpoint written", written, self.stop.signal_name)
         if self.stop.extra:
             log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
@@ -379,8 +384,27 @@ class StepLoop:
         if self.mgr.stats.failed:
             self.checkpoint_failures.append(f"{self.mgr.stats.failed} checkpoint write(s) failed, last: {self.mgr.stats.last_error}")
 
+    def _log_checkpoint_stats(self) -> None:
+        """What the manager decided: fulls, deltas and their sizes (the delta chain's payoff)."""
+        st = self.mgr.stats
+        if not st.completed:
+            return
+        full_avg = st.full_bytes / st.full if st.full else 0.0
+        delta_avg = (st.bytes_written - st.full_bytes) / st.deltas if st.deltas else 0.0
+        rel = f", {delta_avg / full_avg:.0%} of a full" if st.full and st.deltas else ""
+        log.info(
+            "checkpoints written: %d full (avg %.0f KiB), %d delta (avg %.0f KiB%s), %.1f MiB in all",
+            st.full,
+            full_avg / 1024,
+            st.deltas,
+            delta_avg / 1024,
+            rel,
+            st.bytes_written / 2**20,
+        )
+
     def _end(self, start_step: int) -> int:
         self._final_checkpoint(start_step)
+        self._log_checkpoint_stats()
         final_step = self.done_at if self.done_at is not None else self.step
         datasets, attrs = self.krun.result(self.kernel, final_step)
         spec = self.krun.spec

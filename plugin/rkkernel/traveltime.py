@@ -122,7 +122,6 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
         grid=(nx, ny, nz),
         regions=regions,
         launches=[launch],
-
         sources={"opencl": "traveltime.cl", "cuda": "traveltime.cu"},
         numpy_step=step,
         initial=initial,
