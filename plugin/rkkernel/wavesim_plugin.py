@@ -56,6 +56,15 @@ def _energy(kernel: PersistentKernel, step: int) -> tuple[float]:
     return (float(np.add.reduce(f * f)),)
 
 
+def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]:
+    """``count`` receivers on a line along x through the source (its y and depth), walls excluded: (x, y, z)."""
+    import numpy as np
+
+    _, sy, sz = params.source
+    xs = np.unique(np.linspace(1, params.nx - 2, count).round().astype(int)) if count else []
+    return [(int(x), sy, sz) for x in xs]
+
+
 def build(values: Mapping[str, Any]) -> KernelRun:
     import numpy as np
 
@@ -63,15 +72,26 @@ def build(values: Mapping[str, Any]) -> KernelRun:
 
     params, model = model_params(values)
     spec = make_spec(params, velocity=model)
+    receivers = receiver_cells(params, int(values.get("receivers") or 0))
+    flat = np.array([x + params.nx * (y + params.ny * z) for x, y, z in receivers], dtype=np.int64)
+
+    def traces(kernel: PersistentKernel, step: int) -> tuple[float, ...]:
+        field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
+        return tuple(float(v) for v in field.reshape(-1)[flat])
 
     def result(kernel: PersistentKernel, step: int) -> tuple[dict[str, np.ndarray], dict[str, object]]:
         regions = {n: kernel.region(n) for n in ("pressure_a", "pressure_b")}
         prev = regions["pressure_b"] if step % 2 == 0 else regions["pressure_a"]
         datasets = {"pressure": current_field(regions, step), "pressure_prev": prev, "velocity": kernel.region("velocity")}
         attrs = {"dt": params.dt, "dx": params.dx, "source": np.array(params.source, dtype=np.int64)}
+        if receivers:
+            datasets["receiver_cells"] = np.array(receivers, dtype=np.int64).reshape(-1, 3)
         return datasets, attrs
 
-    return KernelRun(spec, result, series=(Series("energy", 1, int(values["energy_every"]), _energy),))
+    series = [Series("energy", 1, int(values["energy_every"]), _energy)]
+    if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
+        series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
+    return KernelRun(spec, result, series=tuple(series))
 
 
 PLUGIN = KernelPlugin(
@@ -80,6 +100,7 @@ PLUGIN = KernelPlugin(
     build=build,
     options=(
         *MODEL_OPTIONS,
-        Option("energy_every", StrictInt(min=0), 10, "Record energy every M steps (0: off)."),
+        Option("energy_every", StrictInt(min=0), 10, "Record energy (and receiver traces) every M steps (0: off)."),
+        Option("receivers", StrictInt(min=0, max=4096), 0, "Record pressure at N receivers on a line along x through the source."),
     ),
 )
