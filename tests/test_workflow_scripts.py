@@ -587,3 +587,7 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
         assert b.start_step == a.end_step  # the GraceTime let every stop write its final checkpoint: nothing lost
     for png in ("fields.png", "timeline.png"):
         assert png_size(tmp_path / "demo" / "results" / "demo" / png)[0] > 0
+    # the traveltime step was preempted too and restored from a delta chain, bit-identical (compare.py said so twice)
+    assert out.count("BIT-IDENTICAL") == 2 and "restored from a delta chain" in out
+    tt = events.summarise(events.attempts(events.read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.runlog")))
+    assert tt["completed"] and any(deltas >= 1 for _full, deltas in tt["restored_chains"]), tt
