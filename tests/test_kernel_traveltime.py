@@ -191,3 +191,21 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(
     assert p.wait(180) == 0, p.log()
     assert "restored from step" in p.log()
     assert result(out) == rkrun_reference
+
+
+def test_sigterm_right_after_a_periodic_delta_keeps_the_chain(rkrun, rkrun_reference: tuple[bytes, int, int], tmp_path: Path) -> None:
+    """A stop at a step that was just checkpointed must not write that step again (a delta against itself
+    would replace the file and orphan the chain): the resume restores the delta chain up to the stop."""
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    args = ("traveltime", *COMMON, "--backend", "numpy", "--checkpoint-dir", str(ck), "--out", str(out))
+    p = rkrun(*args, "--throttle-ms", "150")
+    wait_for(lambda: max((st for st, _ in chain_files(ck)), default=0) >= 26 or p.proc.poll() is not None, 120, "checkpoint 26")
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 75, p.log()
+    stopped = json.loads((ck / "rkrun.stopped.json").read_text())["step"]
+    assert (stopped, "delta") in chain_files(ck)
+    p = rkrun(*args)
+    assert p.wait(180) == 0, p.log()
+    m = re.search(rf"restored from step {stopped} \(chain: [^)]*\) = full step \d+ \+ (\d+) delta\(s\)", p.log())
+    assert m and int(m.group(1)) >= 1 and "skipped" not in p.log(), p.log()
+    assert result(out) == rkrun_reference

@@ -228,6 +228,8 @@ class StepLoop:
         self.restored: RestorePoint | None = None
         self.done_at: int | None = None
         self.checkpoint_failures: list[str] = []
+        #: (step, failed writes before it) of the last periodic checkpoint handed to the manager
+        self.submitted: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
@@ -346,6 +348,7 @@ class StepLoop:
                 self._check_done()
                 self._sample()
                 if self.step < self.cfg.steps and not self._finished() and self.mgr.due(self.step):
+                    self.submitted = (self.step, self.mgr.stats.failed)
                     self.mgr.submit(self._snapshot("periodic"))
                 progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
                 if self.cfg.throttle_ms:
@@ -355,8 +358,14 @@ class StepLoop:
 
     # ------------------------------------------------------------ stop
     def _stopped(self) -> int:
-        written = self.mgr.final(self._snapshot("signal"))
-        self.mgr.flush()
+        self.mgr.flush()  # the periodic write in flight, if any
+        if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
+            # This very step is already checkpointed: writing it again would replace that file
+            # with a delta against itself, orphaning the chain's tail.
+            written = self.step
+        else:
+            written = self.mgr.final(self._snapshot("signal"))
+            self.mgr.flush()
         doc = {
             "step": written,
             "signal": self.stop.signal_name,
