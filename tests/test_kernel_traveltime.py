@@ -97,32 +97,8 @@ def chain_files(ck: Path) -> list[tuple[int, str]]:
     return sorted((int(m["step"]), m["kind"]) for p in ck.glob("*") if (m := NAME_RE.match(p.name))) if ck.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def rkrun_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, int]:
-    d = tmp_path_factory.mktemp("ttref")
-    cmd = [
-        sys.executable,
-        "-m",
-        "rkkernel.cli",
-        "traveltime",
-        *COMMON,
-        "--backend",
-        "numpy",
-        "--checkpoint-dir",
-        str(d / "ck"),
-        "--out",
-        str(d / "r.h5"),
-    ]
-    p = subprocess.run(cmd, env=rkrun_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert p.returncode == 0, p.stderr
-    return result(d / "r.h5")
-
-
-def test_rkrun_result_and_deltas_in_ls(rkrun_reference: tuple[bytes, int, int], tmp_path: Path) -> None:
-    field, step, conv = rkrun_reference
-    ref, last = converged_field("numpy", WaveParams(*(int(g) for g in GRID)), batch=9)
-    assert field == ref.tobytes() and conv == last and step == conv + 1
-    ck = tmp_path / "ck"
+def run_numpy(ck: Path, out: Path) -> None:
+    """An uninterrupted ``rkrun traveltime`` run on NumPy."""
     cmd = [
         sys.executable,
         "-m",
@@ -134,9 +110,25 @@ def test_rkrun_result_and_deltas_in_ls(rkrun_reference: tuple[bytes, int, int], 
         "--checkpoint-dir",
         str(ck),
         "--out",
-        str(tmp_path / "r.h5"),
+        str(out),
     ]
-    assert subprocess.run(cmd, env=rkrun_env(), capture_output=True, cwd=REPO, timeout=300).returncode == 0
+    p = subprocess.run(cmd, env=rkrun_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture(scope="module")
+def rkrun_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, int]:
+    d = tmp_path_factory.mktemp("ttref")
+    run_numpy(d / "ck", d / "r.h5")
+    return result(d / "r.h5")
+
+
+def test_rkrun_result_and_deltas_in_ls(rkrun_reference: tuple[bytes, int, int], tmp_path: Path) -> None:
+    field, step, conv = rkrun_reference
+    ref, last = converged_field("numpy", WaveParams(*(int(g) for g in GRID)), batch=9)
+    assert field == ref.tobytes() and conv == last and step == conv + 1
+    ck = tmp_path / "ck"
+    run_numpy(ck, tmp_path / "r.h5")
     ls = subprocess.run(
         [sys.executable, "-c", "from rkckpt.cli import main; main()", "ls", str(ck), "--json"],
         env=rkrun_env(),

@@ -94,7 +94,7 @@ def available_memory() -> tuple[int, str] | None:
     found: list[tuple[int, str]] = []
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        used = _proc_status_kib("VmSize") * 1024
+        used = _proc_kib("/proc/self/status", "VmSize") * 1024
         found.append((max(0, soft - used), f"the address-space limit (ulimit -v {soft // 1024} KiB)"))
     try:
         raw = open("/sys/fs/cgroup/memory.max").read().strip()  # noqa: SIM115, PTH123
@@ -103,26 +103,16 @@ def available_memory() -> tuple[int, str] | None:
             found.append((max(0, int(raw) - cur), f"the cgroup memory limit ({int(raw) / 2**30:.1f} GiB)"))
     except (OSError, ValueError):
         pass
-    avail = _meminfo_kib("MemAvailable")
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
     if avail:
         found.append((avail * 1024, "available memory (MemAvailable)"))
     return min(found) if found else None
 
 
-def _proc_status_kib(key: str) -> int:
+def _proc_kib(path: str, key: str) -> int:
+    """A ``Key:  N kB`` field of a /proc file (0 when absent or unreadable)."""
     try:
-        with open("/proc/self/status") as f:  # noqa: PTH123
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _meminfo_kib(key: str) -> int:
-    try:
-        with open("/proc/meminfo") as f:  # noqa: PTH123
+        with open(path) as f:  # noqa: PTH123
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
