@@ -9,8 +9,8 @@
  * add, each exact or correctly rounded (FP_CONTRACT OFF), and adding the same
  * weight is monotone, so min(a, b) + w == min(a + w, b + w) bit for bit:
  * (tried: sharing per-plane partial minima along a z sweep, 11 selects a
- * cell instead of 23, ran 3x slower on pocl: the sweep loop is not
- * vectorised across work items)
+ * cell instead of 23, ran 3x slower on pocl, scalar per work item or with
+ * explicit float8 vectors alike: pocl vectorises across work items only)
  * NumPy, OpenCL and CUDA give identical fields. No NaN can arise (times are
  * +inf or finite and positive), so a select-min is exact too (fmin()
  * stays an un-inlined call in pocl and ran ~5x slower).
