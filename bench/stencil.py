@@ -28,6 +28,7 @@ runs) and exclude compilation. Figures only; nothing here is asserted.
     python3 bench/stencil.py                      # numpy, opencl, opencl-1 (per platform), numba at 128^3 and 256^3
     python3 bench/stencil.py --backends opencl:intel --sizes 256
     python3 bench/stencil.py --backends cuda cuda-loop --sizes 512
+    python3 bench/stencil.py --backends tt-opencl --sizes 128    # the traveltime kernel (tt-numpy, tt-cuda too)
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ def bench_runtime(backend: str, n: int, steps: int) -> Callable[[], float]:
     from rkkernel.runtime import PersistentKernel
     from rkkernel.wavesim import WaveParams, make_spec
 
+    if backend.startswith("tt-"):  # the traveltime kernel (26-neighbour relaxation, same 12 B/cell traffic)
+        from rkkernel.traveltime import make_spec as tt_spec
+
+        make_spec = tt_spec  # noqa: N806
+        backend = backend.removeprefix("tt-")
     if backend in ("cuda", "cuda-loop"):
         # cuda: one launch per step; cuda-loop: the persistent cooperative kernel
         os.environ["RKKERNEL_CUDA_PERSISTENT"] = "1" if backend == "cuda-loop" else "0"
@@ -233,14 +239,15 @@ CPU_ORDER = _cpu_order()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "opencl-1", "numba"])
+    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "opencl-1", "numba", "tt-opencl"])
     ap.add_argument("--steps", type=int, default=None, help="steps per timing (default: by size)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each figure is the best of them")
     args = ap.parse_args()
-    # "opencl" and "opencl-1" without a platform: one row per working OpenCL platform
-    platforms = opencl_platforms() if any(b in ("opencl", "opencl-1") for b in args.backends) else []
+    # "opencl", "opencl-1" and "tt-opencl" without a platform: one row per working OpenCL platform
+    per_platform = ("opencl", "opencl-1", "tt-opencl")
+    platforms = opencl_platforms() if any(b in per_platform for b in args.backends) else []
     args.backends = (
-        [f"{b}:{p}" for b in args.backends for p in (platforms if b in ("opencl", "opencl-1") else [None])] if platforms else args.backends
+        [f"{b}:{p}" for b in args.backends for p in (platforms if b in per_platform else [None])] if platforms else args.backends
     )
     args.backends = [b.removesuffix(":None") for b in args.backends]
 
@@ -267,7 +274,7 @@ def main() -> None:
             steps = args.steps or max(4, int(4e8 // n**3) // 4 * 4)
             if be.startswith("cuda"):
                 steps = args.steps or 100
-            if be == "numpy":
+            if be in ("numpy", "tt-numpy"):
                 steps = max(2, steps // 20)
             try:
                 fn = bench_numba(n, steps) if be == "numba" else bench_runtime(be, n, steps)
@@ -299,7 +306,7 @@ def main() -> None:
         print(f"{be:<16} {n:>5}^3 {v:>10.0f} {v / roof if roof else float('nan'):>11.2f}")
     for n in args.sizes:
         for be in args.backends:
-            if not be.startswith(("opencl", "cuda")) or (be, n) not in results:
+            if not be.startswith(("opencl", "cuda", "tt-")) or (be, n) not in results:
                 continue
             v = results[(be, n)]
             line = f"ratios {n}^3: {be}/roofline {v / roof:.2f}"

@@ -24,6 +24,7 @@ sys.path.insert(0, str(SCRIPTS))
 import events  # noqa: E402
 import make_model  # noqa: E402
 import plot  # noqa: E402
+import qc  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -222,7 +223,7 @@ rkrun: stopped at step 120 on SIGTERM; checkpoint written
 2026-11-29T04:00:10.000Z rkslurm attempt start job=12 restart=0 host=localhost
 rkrun: restored from step 120 (chain: wavesim-000000000120-full.rkcp)
 2026-11-29T04:00:14.000Z rkslurm attempt start job=13 restart=0 host=localhost
-rkrun: restored from step 200 (chain: wavesim-000000000200-full.rkcp)
+rkrun: restored from step 200 (chain: wavesim-000000000160-full.rkcp, wavesim-000000000180-delta.rkcp, wavesim-000000000200-delta.rkcp) = full step 160 + 2 delta(s)
 rkrun: done: step 400, wrote result.h5
 2026-11-29T04:00:20.000Z rkslurm attempt end job=13 rc=0
 """
@@ -235,6 +236,7 @@ def test_events_attempts_from_runlog() -> None:
     assert (a.start_step, a.end_step, a.stopped, a.stop_signal, a.rc, a.interrupted) == (0, 120, True, "SIGTERM", 75, True)
     assert b.restored and b.start_step == 120 and b.superseded and b.interrupted  # killed without a word
     assert c.restored and c.start_step == 200 and c.done and not c.interrupted and c.end_step == 400
+    assert b.chain is None and c.chain == (160, 2)  # which chain was restored: its full step and its deltas
     assert a.end_time is not None and a.start_time is not None and a.end_time - a.start_time == pytest.approx(3.0)
     s = events.summarise(runs)
     assert s == {
@@ -243,6 +245,7 @@ def test_events_attempts_from_runlog() -> None:
         "stops_on_signal": 1,
         "restores": 2,
         "restored_from": [120, 200],
+        "restored_chains": [[160, 2]],
         "stopped_at": [120],
         "completed": True,
         "jobs": ["11", "12", "13"],
@@ -309,6 +312,65 @@ def test_plot_timeline_without_times(tmp_path: Path) -> None:
     assert png_size(out)[0] > 0
 
 
+# ---------------------------------------------------------------- QC: arrival picks vs traveltimes
+
+
+@pytest.fixture(scope="module")
+def wave_and_traveltime(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("qc")
+    common = ["--grid", "40", "30", "40", "--backend", "numpy"]
+    for kernel, extra in (
+        ("wavesim", ["--steps", "300", "--checkpoint-every", "100", "--receivers", "12"]),
+        ("traveltime", ["--steps", "500"]),
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "rkkernel.cli",
+            kernel,
+            *common,
+            *extra,
+            "--checkpoint-dir",
+            str(d / kernel),
+            "--out",
+            str(d / f"{kernel}.h5"),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return d / "wavesim.h5", d / "traveltime.h5"
+
+
+def test_qc_picks_agree_with_traveltimes(wave_and_traveltime: tuple[Path, Path], tmp_path: Path) -> None:
+    wave, tt = wave_and_traveltime
+    report = qc.qc(wave, tt)
+    assert report["pass"] is True and report["checked"] >= 8 and report["failed_receivers"] == []
+    assert 0 < report["lag_s"] < 0.2 and report["max_abs_residual_s"] <= report["tolerance_s"]
+    assert qc.main([str(wave), str(tt), "--json", str(tmp_path / "qc.json")]) == 0
+    assert json.loads((tmp_path / "qc.json").read_text())["pass"] is True
+
+
+def test_qc_fails_when_traveltimes_are_wrong(wave_and_traveltime: tuple[Path, Path], tmp_path: Path) -> None:
+    """Traveltimes of a model twice as fast: the near and far receivers' picks no longer fit, named in the report."""
+    wave, tt = wave_and_traveltime
+    bad = tmp_path / "fast.h5"
+    with h5py.File(tt) as f, h5py.File(bad, "w") as g:
+        g["traveltime"] = f["traveltime"][()] / np.float32(2)
+    report = qc.qc(wave, bad)
+    assert report["pass"] is False and report["failed_receivers"]
+    assert qc.main([str(wave), str(bad), "--json", str(tmp_path / "qc.json")]) == 1
+
+
+def test_qc_bad_input_is_one_clear_error(
+    wave_and_traveltime: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wave, tt = wave_and_traveltime
+    assert qc.main([str(tt), str(tt), "--json", str(tmp_path / "q.json")]) == 2
+    assert "missing dataset(s) /traces, /receiver_cells" in capsys.readouterr().err
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    assert qc.main([str(wave), str(junk), "--json", str(tmp_path / "q.json")]) == 2
+    assert "junk.h5: not a readable HDF5 file" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the workflow, local executor
 
 
@@ -326,7 +388,18 @@ def test_workflow_dry_run_and_tiny_run(tmp_path: Path) -> None:
     proc = subprocess.run(_snakemake(tmp_path, *_config("12,10,9", 30, 10)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     res = tmp_path / "results" / "demo"
-    for name in ("velocity.npy", "result.h5", "energy.csv", "summary.json", "fields.png", "timeline.png", "simulate.runlog"):
+    for name in (
+        "velocity.npy",
+        "result.h5",
+        "energy.csv",
+        "summary.json",
+        "fields.png",
+        "timeline.png",
+        "simulate.runlog",
+        "traveltime.h5",
+        "traveltime.runlog",
+        "qc.json",
+    ):
         assert (res / name).stat().st_size > 0, name
     assert json.loads((res / "summary.json").read_text())["final_step"] == 30
     runlog = (res / "simulate.runlog").read_text()
@@ -381,6 +454,8 @@ def test_workflow_killed_then_rerun_resumes_bit_identical(tmp_path: Path) -> Non
             str(every),
             "--velocity",
             str(tmp_path / "results" / "demo" / "velocity.npy"),
+            "--receivers",
+            "24",
             "--out",
             str(ref),
         ],
@@ -512,3 +587,7 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
         assert b.start_step == a.end_step  # the GraceTime let every stop write its final checkpoint: nothing lost
     for png in ("fields.png", "timeline.png"):
         assert png_size(tmp_path / "demo" / "results" / "demo" / png)[0] > 0
+    # the traveltime step was preempted too and restored from a delta chain, bit-identical (compare.py said so twice)
+    assert out.count("BIT-IDENTICAL") == 2 and "restored from a delta chain" in out
+    tt = events.summarise(events.attempts(events.read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.runlog")))
+    assert tt["completed"] and any(deltas >= 1 for _full, deltas in tt["restored_chains"]), tt

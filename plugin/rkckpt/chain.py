@@ -320,20 +320,27 @@ def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpo
 
 
 def latest_restorable(
-    storage: Storage, kernel_id: str | None = None, *, index: ChainIndex | None = None, warn: bool = True
+    storage: Storage,
+    kernel_id: str | None = None,
+    *,
+    index: ChainIndex | None = None,
+    warn: bool = True,
+    exclude: Iterable[str] = (),
 ) -> RestorePoint | None:
     """The newest checkpoint whose whole chain back to a full one is present and valid.
 
     Newer files that cannot be restored are reported in ``skipped`` and with a
-    single warning naming them.
+    single warning naming them. ``exclude``: names of checkpoints the caller
+    could not use (e.g. their state did not fit the kernel); they are passed
+    over as restore points, so the next older one is found.
     """
     index = index or ChainIndex(storage)
     index.refresh()
-    result, skipped = _newest_restorable(storage, kernel_id, index)
+    result, skipped = _newest_restorable(storage, kernel_id, index, exclude)
     if skipped and index.unverified:
         # the index file is a cache: when it led us past a file, ask the files themselves
         index.refresh(trust_cache=False)
-        result, skipped = _newest_restorable(storage, kernel_id, index)
+        result, skipped = _newest_restorable(storage, kernel_id, index, exclude)
     if skipped and warn:
         log.warning(
             "skipped %d unrestorable newer checkpoint(s) in %s: %s",
@@ -344,11 +351,16 @@ def latest_restorable(
     return result
 
 
-def _newest_restorable(storage: Storage, kernel_id: str | None, index: ChainIndex) -> tuple[RestorePoint | None, list[tuple[str, str]]]:
+def _newest_restorable(
+    storage: Storage, kernel_id: str | None, index: ChainIndex, exclude: Iterable[str] = ()
+) -> tuple[RestorePoint | None, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     cache: dict[str, Checkpoint] = {}
     result: RestorePoint | None = None
+    excluded = frozenset(exclude)
     for e in reversed(index.sorted(kernel_id)):
+        if e.name in excluded:
+            continue
         chain, problem = index.chain_of(e)
         if problem is None:
             try:

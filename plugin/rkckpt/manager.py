@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,6 +83,7 @@ class ManagerStats:
     wait_seconds: float = 0.0  # time callers were blocked by back-pressure
     full: int = 0
     deltas: int = 0
+    full_bytes: int = 0  # of bytes_written, in full checkpoints (the rest are deltas)
     deleted: int = 0
     last_error: str | None = None
 
@@ -200,10 +202,10 @@ class CheckpointManager:
         return bool(p.every_seconds and now - self._last_time >= p.every_seconds)
 
     # ------------------------------------------------------------ restore
-    def latest(self) -> RestorePoint | None:
-        """Newest restorable state; later deltas continue its chain."""
+    def latest(self, exclude: Iterable[str] = ()) -> RestorePoint | None:
+        """Newest restorable state (not one of ``exclude``); later deltas continue its chain."""
         self._wait_idle()
-        rp = latest_restorable(self.storage, self.kernel_id, index=self.index)
+        rp = latest_restorable(self.storage, self.kernel_id, index=self.index, exclude=exclude)
         self._indexed = True
         if rp is not None:
             self._parent = rp.checkpoint  # the caller holds it too: never handed back by reusable()
@@ -273,6 +275,7 @@ class CheckpointManager:
             self.stats.seconds += time.perf_counter() - t0
             if kind == "full":
                 self.stats.full += 1
+                self.stats.full_bytes += n
             else:
                 self.stats.deltas += 1
         self._retain()

@@ -2,8 +2,9 @@
 
 ``spec`` declares a kernel (regions, sources, launches, NumPy reference),
 ``runtime.PersistentKernel`` runs it with its state resident on a device and
-maps that state to RKCKPT checkpoints, ``wavesim`` is the first kernel and
-``cli`` is the ``rkrun`` command.
+maps that state to RKCKPT checkpoints, ``plugin`` makes a kernel runnable
+by ``rkrun`` (``runner.StepLoop``, the one step loop; ``cli``, the command),
+``wavesim`` and ``traveltime`` are the built-in kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ _EXPORTS = {
     "KernelEvent": "runtime",
     "PersistentKernel": "runtime",
     "RestoreMismatch": "runtime",
+    "RestoreInvalid": "runtime",
+    "KernelPlugin": "plugin",
+    "KernelRun": "plugin",
+    "Option": "plugin",
+    "Series": "plugin",
     "CONTROL": "spec",
     "H2K": "spec",
     "K2H": "spec",
@@ -43,21 +49,27 @@ __all__ = [
     "H2K",
     "K2H",
     "KernelEvent",
+    "KernelPlugin",
+    "KernelRun",
     "KernelSpec",
     "Launch",
     "MESSAGE_DTYPE",
+    "Option",
     "PersistentKernel",
     "RegionSpec",
     "Reply",
+    "RestoreInvalid",
     "RestoreMismatch",
     "STEPS",
     "SYNC",
+    "Series",
     "Swap",
 ]
 
 if TYPE_CHECKING:
     from .control import CONTROL_BLOCK_DTYPE, MESSAGE_DTYPE, Command, Reply
-    from .runtime import KernelEvent, PersistentKernel, RestoreMismatch
+    from .plugin import KernelPlugin, KernelRun, Option, Series
+    from .runtime import KernelEvent, PersistentKernel, RestoreInvalid, RestoreMismatch
     from .spec import CONTROL, H2K, K2H, STEPS, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
 
 

@@ -1,7 +1,14 @@
 """``rkrun``: run a checkpointed kernel as a workflow step.
 
 rkrun wavesim --grid 64 64 64 --steps 1000 --checkpoint-dir ck/ --checkpoint-every 100 --out result.h5
-rkrun --config run.json      (or run.yaml; keys as the long options, plus "kernel": "wavesim")
+rkrun traveltime --grid 64 64 64 --steps 400 --checkpoint-dir ck/ --checkpoint-every 10 --out tt.h5
+rkrun --kernel mymodule:KERNEL --grid ... (a kernel plugin from a module on the Python path)
+rkrun --config run.yaml            (keys as the long options, plus "kernel": NAME or module:OBJECT)
+rkrun traveltime --config run.yaml --steps 50   (options given on the command line win)
+
+Every kernel gets the common options (``plugin.common_options``) and adds its
+own; both are declared once (``plugin.Option``) and validated the same way
+whether they come from the command line or a config file.
 """
 
 from __future__ import annotations
@@ -10,35 +17,27 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 
+from .plugin import KernelPlugin, PluginError, all_options, find_plugin, finish_values, known_kernels, parse_values
 from .signals import StopFlag, ignore_stop_signals
 
-if TYPE_CHECKING:
-    from .runner import RunConfig
-
 EX_USAGE = 2
+_STOP: StopFlag | None = None
 
-CONFIG_KEYS = {
-    "grid",
-    "steps",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "checkpoint_seconds",
-    "checkpoint_format",
-    "out",
-    "backend",
-    "energy_every",
-    "batch",
-    "kernel_id",
-    "throttle_ms",
-    "velocity",
-    "dx",
-    "v_top",
-    "v_bottom",
-}
+
+def _stop() -> StopFlag:
+    """The process's stop flag, installed the first time anything is about to load.
+
+    Handlers first: a SIGTERM during the (slow) imports still ends in a
+    checkpoint and exit 75, not in a killed process.
+    """
+    global _STOP
+    if _STOP is None:
+        _STOP = StopFlag().install()
+    return _STOP
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -61,77 +60,30 @@ def _load_config(path: Path) -> dict:
         raise click.UsageError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
     if not isinstance(doc, dict):
         raise click.UsageError(f"{path}: config must be a mapping")
-    doc = {str(k).replace("-", "_"): v for k, v in doc.items()}
-    kernel = doc.pop("kernel", "wavesim")
-    if kernel != "wavesim":
-        raise click.UsageError(f"{path}: unknown kernel {kernel!r} (known: wavesim)")
-    unknown = set(doc) - CONFIG_KEYS
-    if unknown:
-        raise click.UsageError(f"{path}: unknown keys {sorted(unknown)}")
-    return doc
+    return {str(k).replace("-", "_"): v for k, v in doc.items()}
 
 
-def _config_from(doc: dict, source: str) -> RunConfig:
-    import os
-
-    from .runner import RunConfig
-
-    if "checkpoint_dir" not in doc or doc["checkpoint_dir"] is None:
-        doc["checkpoint_dir"] = os.environ.get("RKSLURM_CHECKPOINT_DIR")
-    missing = [k for k in ("grid", "steps", "checkpoint_dir", "out") if doc.get(k) is None]
-    if missing:
-        raise click.UsageError(f"{source}: missing {', '.join(missing)} (checkpoint_dir may come from RKSLURM_CHECKPOINT_DIR)")
-    grid = doc["grid"]
-    if not (isinstance(grid, list | tuple) and len(grid) == 3 and all(isinstance(g, int) for g in grid)):
-        raise click.UsageError(f"{source}: grid must be three integers")
-    return RunConfig(
-        grid=(int(grid[0]), int(grid[1]), int(grid[2])),
-        steps=int(doc["steps"]),
-        checkpoint_dir=str(doc["checkpoint_dir"]),
-        checkpoint_every=doc.get("checkpoint_every"),
-        checkpoint_seconds=doc.get("checkpoint_seconds"),
-        checkpoint_format=str(doc.get("checkpoint_format") or "rk.h5"),
-        out=str(doc["out"]),
-        backend=str(doc.get("backend") or "auto"),
-        energy_every=int(doc.get("energy_every", 10) or 0),
-        batch=int(doc.get("batch", 32)),
-        kernel_id=str(doc.get("kernel_id") or "wavesim"),
-        throttle_ms=float(doc.get("throttle_ms", 0.0) or 0.0),
-        velocity=str(doc["velocity"]) if doc.get("velocity") else None,
-        dx=float(doc.get("dx") or 10.0),
-        v_top=float(doc.get("v_top") or 1500.0),
-        v_bottom=float(doc.get("v_bottom") or 2500.0),
-    )
+def _plugin(ref: str, source: str) -> KernelPlugin:
+    # The imports run with the stop signals held, so threads they start
+    # (OpenBLAS's pool, when a plugin loads numpy) inherit the blocked mask and
+    # a stop signal is always delivered to this thread: see StopFlag.held.
+    with _stop().held():
+        return find_plugin(ref, source)
 
 
-def _check_backend(value: str) -> str:
-    from .backend_names import BackendUnavailable, split_name
-
-    if value != "auto":
-        try:
-            split_name(value)
-        except BackendUnavailable as exc:
-            raise click.BadParameter(str(exc)) from exc
-    return value
-
-
-def _run(doc: dict, source: str) -> int:
-    # Handlers first: a SIGTERM during the (slow) imports below still ends in
-    # a checkpoint and exit 75, not in a killed process. The imports run with
-    # the stop signals held, so the threads they start (OpenBLAS's pool, when
-    # numpy is not loaded yet) inherit the blocked mask and a stop signal is
-    # always delivered to this thread: see StopFlag.held.
-    stop = StopFlag().install()
+def _run(plugin: KernelPlugin, values: dict[str, Any], source: str) -> int:
+    stop = _stop()
+    values = finish_values(values, source)
     with stop.held():
         from rkckpt.errors import CheckpointError
         from rkckpt.logsafe import install as mask_credentials_in_logs
 
         from .backends import BackendUnavailable
-        from .runner import run_wavesim
+        from .runner import run_kernel
 
     mask_credentials_in_logs()  # -v lets botocore log signed request headers
     try:
-        return run_wavesim(_config_from(doc, source), stop)
+        return run_kernel(plugin, values, stop)
     except (CheckpointError, BackendUnavailable) as exc:
         logging.getLogger("rkrun").error("error: %s", exc)
         return EX_USAGE if isinstance(exc, BackendUnavailable) else 1
@@ -142,65 +94,81 @@ def _run(doc: dict, source: str) -> int:
         ignore_stop_signals()
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+def kernel_command(plugin: KernelPlugin) -> click.Command:
+    """The ``rkrun NAME`` command of a plugin: common options, its own, and ``--config``."""
+    options = all_options(plugin)
+
+    def callback(**kw: Any) -> None:
+        ctx = click.get_current_context()
+        config = kw.pop("config")
+        if config is not None:
+            doc = _load_config(config)
+            kernel = doc.pop("kernel", plugin.name)
+            if kernel != plugin.name:
+                raise click.UsageError(f"{config}: is for kernel {kernel!r}, not {plugin.name!r}")
+            values = parse_values(plugin, doc, str(config))
+            for o in options:  # the command line wins over the file
+                if ctx.get_parameter_source(o.name) == click.core.ParameterSource.COMMANDLINE or (
+                    o.name not in doc and ctx.get_parameter_source(o.name) == click.core.ParameterSource.ENVIRONMENT
+                ):
+                    values[o.name] = kw[o.name]
+        else:
+            values = dict(kw)
+        ctx.exit(_run(plugin, values, f"rkrun {plugin.name}"))
+
+    params: list[click.Parameter] = [o.click_option() for o in options]
+    params.append(
+        click.Option(["--config"], type=click.Path(path_type=Path, dir_okay=False), default=None, help="Defaults from a JSON/YAML file.")
+    )
+    return click.Command(plugin.name, params=params, callback=callback, help=plugin.help or f"Run kernel {plugin.name}.")
+
+
+class KernelGroup(click.Group):
+    """Subcommands are the registered kernels (built in, entry points), or ``--kernel module:OBJECT``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(known_kernels())
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in known_kernels() and ":" not in cmd_name:
+            return None
+        try:
+            return kernel_command(_plugin(cmd_name, "rkrun"))
+        except PluginError:
+            if ctx.resilient_parsing:
+                return None
+            raise
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        ref = ctx.params.get("kernel")
+        if ref:
+            plugin = _plugin(ref, "--kernel")
+            return plugin.name, kernel_command(plugin), args
+        return super().resolve_command(ctx, args)
+
+
+@click.group(
+    cls=KernelGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True},
+)
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False), help="Run from a JSON/YAML file instead of options.")
+@click.option("--kernel", "kernel", default=None, metavar="MODULE:OBJECT", help="Run a kernel plugin from a module on the Python path.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
-def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+def main(ctx: click.Context, config: Path | None, kernel: str | None, verbose: bool) -> None:
     """Run checkpointed persistent kernels (exit 75 = stopped by a signal, resumable)."""
     _setup_logging(verbose)
     if config is not None:
         if ctx.invoked_subcommand is not None:
-            raise click.UsageError("use either --config or a subcommand")
-        ctx.exit(_run(_load_config(config), str(config)))
+            raise click.UsageError("use either --config or a kernel command (NAME --config FILE)")
+        doc = _load_config(config)
+        ref = str(doc.pop("kernel", None) or kernel or "wavesim")
+        plugin = _plugin(ref, str(config))
+        ctx.exit(_run(plugin, parse_values(plugin, doc, str(config)), str(config)))
     elif ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
         ctx.exit(EX_USAGE)
-
-
-@main.command()
-@click.option("--grid", nargs=3, type=click.IntRange(min=3), required=True, help="NX NY NZ")
-@click.option("--steps", type=click.IntRange(min=0), required=True)
-@click.option(
-    "--checkpoint-dir", envvar="RKSLURM_CHECKPOINT_DIR", required=True, help="Directory or URL (default: $RKSLURM_CHECKPOINT_DIR)."
-)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
-@click.option(
-    "--checkpoint-seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Also checkpoint after this many seconds."
-)
-@click.option(
-    "--checkpoint-format",
-    type=click.Choice(["rk.h5", "rkcp"]),
-    default="rk.h5",
-    show_default=True,
-    help="Checkpoint files: HDF5-wrapped or bare RKCKPT.",
-)
-@click.option(
-    "--backend",
-    default="auto",
-    show_default=True,
-    callback=lambda ctx, param, value: _check_backend(value),
-    help="auto, cuda, opencl, numpy, or opencl:DEVICE (e.g. opencl:intel, opencl:pocl, opencl:0:0).",
-)
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Result HDF5 file.")
-@click.option("--energy-every", type=click.IntRange(min=0), default=10, show_default=True, help="Record energy every M steps (0: off).")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Steps enqueued per batch (signal latency).")
-@click.option("--kernel-id", default="wavesim", show_default=True)
-@click.option("--velocity", type=click.Path(dir_okay=False), default=None, help="Velocity model .npy, shape (NZ, NX), m/s.")
-@click.option("--dx", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Cell size in metres.")
-@click.option(
-    "--v-top", type=click.FloatRange(min=0, min_open=True), default=1500.0, show_default=True, help="Built-in model: upper layer."
-)
-@click.option(
-    "--v-bottom", type=click.FloatRange(min=0, min_open=True), default=2500.0, show_default=True, help="Built-in model: lower layer."
-)
-@click.option("--throttle-ms", type=float, default=0.0, hidden=True, help="Sleep after each batch (tests).")
-@click.pass_context
-def wavesim(ctx: click.Context, **kw: object) -> None:
-    """3D acoustic wave FDTD."""
-    doc = dict(kw)
-    doc["grid"] = list(doc["grid"])  # type: ignore[call-overload]
-    ctx.exit(_run(doc, "rkrun wavesim"))
 
 
 if __name__ == "__main__":  # pragma: no cover

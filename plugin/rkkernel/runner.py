@@ -1,8 +1,20 @@
-"""rkrun's loop: restore, run in batches, checkpoint, stop cleanly on a signal.
+"""rkrun's one step loop, for every kernel: restore, batches, checkpoints, signals, result.
+
+A kernel comes in as a plugin (``rkkernel.plugin.KernelPlugin``) and the loop
+is the same for all of them. Its phases, each one method of
+:class:`StepLoop`: **start** (build the kernel, refuse what cannot work
+before any compute), **restore** (newest restorable chain; a chain that
+fails to restore is skipped with one warning and the next older one
+tried), **advance** (batches; periodic checkpoints in the background;
+series samples), then **stop** (a signal: final checkpoint, marker, exit
+75) or **end** (final checkpoint, atomic result file, exit 0).
 
 Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 with a final
 checkpoint and ``<ckdir>/rkrun.stopped.json`` written — run again to resume;
-2 bad input or a checkpoint of another simulation.
+2 bad input or a checkpoint of another simulation; 1 checkpoint storage
+failed where that loses work (a stop that could not write its checkpoint).
+A run that completes its steps writes its result even when checkpoints
+failed, and says so loudly.
 """
 
 from __future__ import annotations
@@ -12,28 +24,36 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkckpt.errors import CheckpointError
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 
+from .plugin import KernelPlugin, KernelRun, Series
 from .result import write_result
-from .runtime import PersistentKernel, RestoreMismatch
+from .runtime import PersistentKernel, RestoreInvalid, RestoreMismatch
 from .signals import StopFlag
-from .wavesim import WaveParams, current_field, load_velocity, make_spec
 
 log = logging.getLogger("rkrun")
 
 EX_OK = 0
+EX_FAIL = 1
 EX_USAGE = 2
 EX_TEMPFAIL = 75
 MARKER = "rkrun.stopped.json"
-ENERGY_REGION = "rkrun.energy"
+#: Copies of the state a run holds at once: the device's, the manager's delta
+#: parent and the snapshot being written (on a CPU device all in host memory).
+STATE_COPIES = 3
 
 
 @dataclass
 class RunConfig:
+    """The options every kernel has (see ``plugin.common_options``)."""
+
     grid: tuple[int, int, int]
     steps: int
     checkpoint_dir: str
@@ -42,17 +62,82 @@ class RunConfig:
     backend: str = "auto"
     checkpoint_seconds: float | None = None
     checkpoint_format: str = "rk.h5"  # "rkcp": bare RKCKPT files
-    energy_every: int = 10
+    full_every: int = 8
     batch: int = 32
-    kernel_id: str = "wavesim"
+    kernel_id: str = "kernel"
     throttle_ms: float = 0.0
     progress: bool | None = None
-    velocity: str | None = None  # .npy (nz, nx) model instead of the built-in one
-    dx: float = 10.0
-    v_top: float = 1500.0
-    v_bottom: float = 2500.0
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunConfig:
+        g = values["grid"]
+        return cls(
+            grid=(int(g[0]), int(g[1]), int(g[2])),
+            steps=int(values["steps"]),
+            checkpoint_dir=str(values["checkpoint_dir"]),
+            checkpoint_every=values.get("checkpoint_every"),
+            out=str(values["out"]),
+            backend=str(values.get("backend") or "auto"),
+            checkpoint_seconds=values.get("checkpoint_seconds"),
+            checkpoint_format=str(values.get("checkpoint_format") or "rk.h5"),
+            full_every=int(values.get("full_every", 8)),
+            batch=int(values.get("batch") or 32),
+            kernel_id=str(values["kernel_id"]),
+            throttle_ms=float(values.get("throttle_ms") or 0.0),
+            progress=values.get("progress"),
+        )
 
 
+# ---------------------------------------------------------------- memory
+def available_memory() -> tuple[int, str] | None:
+    """The tightest of: the address-space limit (``ulimit -v``), the cgroup's limit, MemAvailable."""
+    import resource
+
+    found: list[tuple[int, str]] = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _proc_kib("/proc/self/status", "VmSize") * 1024
+        found.append((max(0, soft - used), f"the address-space limit (ulimit -v {soft // 1024} KiB)"))
+    try:
+        raw = open("/sys/fs/cgroup/memory.max").read().strip()  # noqa: SIM115, PTH123
+        if raw != "max":
+            cur = int(open("/sys/fs/cgroup/memory.current").read())  # noqa: SIM115, PTH123
+            found.append((max(0, int(raw) - cur), f"the cgroup memory limit ({int(raw) / 2**30:.1f} GiB)"))
+    except (OSError, ValueError):
+        pass
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    if avail:
+        found.append((avail * 1024, "available memory (MemAvailable)"))
+    return min(found) if found else None
+
+
+def _proc_kib(path: str, key: str) -> int:
+    """A ``Key:  N kB`` field of a /proc file (0 when absent or unreadable)."""
+    try:
+        with open(path) as f:  # noqa: PTH123
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_memory(krun: KernelRun) -> str | None:
+    """A message when the run cannot fit in memory, before anything is allocated."""
+    state = sum(r.nbytes for r in krun.spec.regions)
+    need = STATE_COPIES * state
+    avail = available_memory()
+    if avail is None or need <= avail[0]:
+        return None
+    g = "x".join(str(n) for n in krun.spec.grid)
+    return (
+        f"grid {g} does not fit: its state is {state / 2**30:.2f} GiB and a run holds about {STATE_COPIES} copies "
+        f"({need / 2**30:.2f} GiB), but {avail[1]} leaves {avail[0] / 2**30:.2f} GiB"
+    )
+
+
+# ---------------------------------------------------------------- helpers
 def _write_marker(mgr: CheckpointManager, doc: dict) -> None:
     """Atomically write the "stopped, resume me" marker next to the checkpoints."""
     data = json.dumps(doc, indent=1, sort_keys=True).encode()
@@ -71,18 +156,19 @@ def _clear_marker(mgr: CheckpointManager) -> None:
         log.warning("could not remove %s from %s: %s", MARKER, mgr.storage.url, exc)
 
 
-def _energy(kernel: PersistentKernel, step: int) -> float:
-    field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
-    f = field.astype(np.float64).ravel()
-    # numpy's own pairwise sum, not BLAS (np.dot): its order does not depend on
-    # OPENBLAS/OMP thread counts, so an interrupted run's energy series matches.
-    return float(np.add.reduce(f * f))
+def describe_chain(rp: RestorePoint) -> str:
+    """``full step F + N delta(s)``: what a restore was rebuilt from."""
+    from rkckpt.chain import NAME_RE
+
+    m = NAME_RE.match(rp.chain[0]) if rp.chain else None
+    full = int(m["step"]) if m else rp.step
+    return f"full step {full} + {max(0, len(rp.chain) - 1)} delta(s)"
 
 
 class _Progress:
     """rich progress bar on a terminal, a log line every ~10% (or 30 s) otherwise."""
 
-    def __init__(self, enabled: bool | None, start: int, total: int) -> None:
+    def __init__(self, enabled: bool | None, name: str, start: int, total: int) -> None:
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.total = total
         self.last_pct = -1
@@ -92,7 +178,7 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("wavesim"),
+                TextColumn(name),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:.1f} steps/s"),
@@ -117,126 +203,274 @@ class _Progress:
             self.bar.stop()
 
 
-def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
-    """Run (or resume) a wave simulation; ``stop`` lets the caller install signal handlers early."""
-    stop = stop if stop is not None else StopFlag().install()
-    if cfg.steps < 0:
-        log.error("--steps must be >= 0")
-        return EX_USAGE
-    try:
-        nx, ny, nz = cfg.grid
-        model, extra = None, {}
-        if cfg.velocity:
-            model, digest = load_velocity(cfg.velocity, nx, nz)
-            extra = {"model_sha256": digest, "model_vmax": float(model.max())}
-        params = WaveParams(nx, ny, nz, dx=cfg.dx, v_top=cfg.v_top, v_bottom=cfg.v_bottom, **extra)
-        spec = make_spec(params, velocity=model)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return EX_USAGE
-    # Device runtimes install their own handlers when they load (LLVM in pocl
-    # takes SIGUSR1 and SIGTERM): hold the stop signals until ours are back.
-    with stop.held():
-        kernel = PersistentKernel(spec, cfg.backend, kernel_id=cfg.kernel_id)
-    log.info("backend %s: %s", kernel.backend_name, kernel.description)
-    policy = CheckpointPolicy(
-        every_steps=cfg.checkpoint_every, every_seconds=cfg.checkpoint_seconds, checkpoint_format=cfg.checkpoint_format
-    )
-    mgr = CheckpointManager(cfg.checkpoint_dir, policy, cfg.kernel_id)
-    energy: list[tuple[int, float]] = []
-    try:
-        rp = mgr.latest()
-        if rp is not None:
+# ---------------------------------------------------------------- the loop
+class StepLoop:
+    """One run of one kernel; ``run()`` returns the exit status."""
+
+    def __init__(self, plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag) -> None:
+        self.plugin = plugin
+        self.values = values
+        self.cfg = RunConfig.from_values(values)
+        self.stop = stop
+        self.krun: KernelRun
+        self.kernel: PersistentKernel
+        self.mgr: CheckpointManager
+        self.step = 0
+        self.series: dict[str, list[tuple[float, ...]]] = {}
+        self.restored: RestorePoint | None = None
+        self.done_at: int | None = None
+        self.checkpoint_failures: list[str] = []
+        #: (step, failed writes before it) of the last periodic checkpoint handed to the manager
+        self.submitted: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------ start
+    def _start(self) -> int | None:
+        """Build the kernel and the manager; an exit status when the run cannot start."""
+        try:
+            self.krun = self.plugin.build(self.values)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return EX_USAGE
+        problem = check_memory(self.krun)
+        if problem:
+            log.error("%s", problem)
+            return EX_USAGE
+        self.series = {s.name: [] for s in self.krun.series}
+        # Device runtimes install their own handlers when they load (LLVM in pocl
+        # takes SIGUSR1 and SIGTERM): hold the stop signals until ours are back.
+        with self.stop.held():
+            self.kernel = PersistentKernel(self.krun.spec, self.cfg.backend, kernel_id=self.cfg.kernel_id)
+        log.info("backend %s: %s", self.kernel.backend_name, self.kernel.description)
+        policy = CheckpointPolicy(
+            every_steps=self.cfg.checkpoint_every,
+            every_seconds=self.cfg.checkpoint_seconds,
+            full_every=self.cfg.full_every,
+            checkpoint_format=self.cfg.checkpoint_format,
+        )
+        try:
+            self.mgr = CheckpointManager(self.cfg.checkpoint_dir, policy, self.cfg.kernel_id)
+        except BaseException:
+            self.kernel.backend.close()
+            raise
+        return None
+
+    # ------------------------------------------------------------ restore
+    def _series_from(self, rp: RestorePoint, source: str) -> dict[str, list[tuple[float, ...]]]:
+        out: dict[str, list[tuple[float, ...]]] = {s.name: [] for s in self.krun.series}
+        regions = rp.checkpoint.regions()
+        for s in self.krun.series:
+            info = regions.get(s.region)
+            if info is None:
+                continue
+            if np.dtype(info.dtype) != np.dtype("<f8") or len(info.shape) != 2 or info.shape[1] != 1 + s.columns:
+                raise RestoreInvalid(source, f"series {s.region!r} is {info.dtype}{list(info.shape)}, expected <f8[n, {1 + s.columns}]")
+            rows = np.array(rp.checkpoint.region(s.region), dtype="<f8")
+            steps = rows[:, 0]
+            if not (np.isfinite(steps).all() and (np.diff(steps) > 0).all() and (steps <= rp.step).all() and (steps >= 0).all()):
+                raise RestoreInvalid(source, f"series {s.region!r} has steps out of order or beyond step {rp.step}")
+            out[s.name] = [(int(r[0]), *(float(v) for v in r[1:])) for r in rows]
+        return out
+
+    def _restore(self) -> int | None:
+        """Restore the newest chain that restores; an exit status when the run must not go on."""
+        excluded: list[str] = []
+        while True:
+            rp = self.mgr.latest(exclude=excluded)
+            if rp is None:
+                if excluded:
+                    log.warning("no older restorable checkpoint in %s; starting from step 0", self.cfg.checkpoint_dir)
+                else:
+                    log.info("no checkpoint in %s; starting from step 0", self.cfg.checkpoint_dir)
+                self.step = 0
+                return None
             for name, why in rp.skipped:
-                log.warning("skipped checkpoint %s: %s", name, why)
+                if name not in excluded:
+                    log.warning("skipped checkpoint %s: %s", name, why)
+            source = rp.chain[-1] if rp.chain else None
             try:
-                step = kernel.restore_from_checkpoint(rp.checkpoint, source=rp.chain[-1] if rp.chain else None)
+                series = self._series_from(rp, source or "<checkpoint>")
+                step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=source)
             except RestoreMismatch as exc:
                 log.error("refusing to restore: %s", exc)
                 return EX_USAGE
-            if ENERGY_REGION in rp.checkpoint.regions():
-                energy = [(int(s), float(e)) for s, e in rp.checkpoint.region(ENERGY_REGION)]
-            log.info("restored from step %d (chain: %s)", step, ", ".join(rp.chain))
-            if step > cfg.steps:
-                log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, cfg.steps)
+            except (CheckpointError, ValueError, TypeError, KeyError) as exc:
+                log.warning("skipped chain %s: cannot restore it: %s; trying the next older one", ", ".join(rp.chain), exc)
+                excluded.append(source or "")
+                continue
+            self.step, self.series, self.restored = step, series, rp
+            log.info("restored from step %d (chain: %s) = %s", step, ", ".join(rp.chain), describe_chain(rp))
+            if step > self.cfg.steps:
+                log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, self.cfg.steps)
                 return EX_USAGE
-        else:
-            step = 0
-            log.info("no checkpoint in %s; starting from step 0", cfg.checkpoint_dir)
+            return None
 
-        def sample() -> None:
-            if cfg.energy_every and (step % cfg.energy_every == 0 or step == cfg.steps) and (not energy or energy[-1][0] < step):
-                energy.append((step, _energy(kernel, step)))
+    # ------------------------------------------------------------ advance
+    def _sample(self) -> None:
+        for s in self.krun.series:
+            rows = self.series[s.name]
+            due = s.every and (self.step % s.every == 0 or self.step == self.cfg.steps or self._finished())
+            if due and (not rows or rows[-1][0] < self.step):
+                rows.append((self.step, *s.sample(self.kernel, self.step)))
 
-        def snapshot(reason: str):
-            c = kernel.create_checkpoint(reuse=mgr.reusable())
-            c.add_region(ENERGY_REGION, np.array(energy, dtype="<f8").reshape(-1, 2))
-            return SnapshotResponse(SnapshotRequest(step, reason), c)
+    def _finished(self) -> bool:
+        return self.done_at is not None
 
-        start_step = step
-        if step == 0:
-            sample()
-        progress = _Progress(cfg.progress, step, cfg.steps)
-        t0, s0 = time.monotonic(), step
+    def _check_done(self) -> None:
+        if self.krun.done_at is not None and self.done_at is None:
+            self.done_at = self.krun.done_at(self.kernel)
+
+    def _snapshot(self, reason: str) -> SnapshotResponse:
+        c = self.kernel.create_checkpoint(reuse=self.mgr.reusable())
+        for s in self.krun.series:
+            c.add_region(s.region, _series_array(s, self.series[s.name]))
+        return SnapshotResponse(SnapshotRequest(self.step, reason), c)
+
+    def _next_stop(self) -> int:
+        nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))
+        for every in (self.cfg.checkpoint_every, *(s.every for s in self.krun.series)):
+            if every:
+                nxt = min(nxt, (self.step // every + 1) * every)
+        return nxt
+
+    def _advance(self) -> None:
+        progress = _Progress(self.cfg.progress, self.plugin.name, self.step, self.cfg.steps)
+        t0, s0 = time.monotonic(), self.step
         try:
-            while step < cfg.steps and not stop.requested:
-                nxt = min(cfg.steps, step + max(1, cfg.batch))
-                for every in (cfg.checkpoint_every, cfg.energy_every):
-                    if every:
-                        nxt = min(nxt, (step // every + 1) * every)
-                kernel.run(nxt - step)
-                stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
-                step = kernel.step
-                sample()
-                if step < cfg.steps and mgr.due(step):
-                    mgr.submit(snapshot("periodic"))
-                progress.update(step, (step - s0) / max(1e-9, time.monotonic() - t0))
-                if cfg.throttle_ms:
-                    time.sleep(cfg.throttle_ms / 1000.0)
+            while self.step < self.cfg.steps and not self.stop.requested and not self._finished():
+                self.kernel.run(self._next_stop() - self.step)
+                self.stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
+                self.step = self.kernel.step
+                self._check_done()
+                self._sample()
+                if self.step < self.cfg.steps and not self._finished() and self.mgr.due(self.step):
+                    self.submitted = (self.step, self.mgr.stats.failed)
+                    self.mgr.submit(self._snapshot("periodic"))
+                progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
+                if self.cfg.throttle_ms:
+                    time.sleep(self.cfg.throttle_ms / 1000.0)
         finally:
             progress.close()
 
-        if stop.requested and step < cfg.steps:
-            written = mgr.final(snapshot("signal"))
-            mgr.flush()
-            _write_marker(
-                mgr,
-                {"step": written, "signal": stop.signal_name, "kernel_id": cfg.kernel_id, "steps": cfg.steps, "time": time.time()},
-            )
-            log.info("stopped at step %d on %s; checkpoint written", written, stop.signal_name)
-            if stop.extra:
-                log.info("ignored further signals while stopping: %s", ", ".join(stop.extra))
-            return EX_TEMPFAIL
+    # ------------------------------------------------------------ stop
+    def _stopped(self) -> int:
+        self.mgr.flush()  # the periodic write in flight, if any
+        if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
+            # This very step is already checkpointed: writing it again would replace that file
+            # with a delta against itself, orphaning the chain's tail.
+            written = self.step
+        else:
+            written = self.mgr.final(self._snapshot("signal"))
+            self.mgr.flush()
+        doc = {
+            "step": written,
+            "signal": self.stop.signal_name,
+            "kernel": self.plugin.name,
+            "kernel_id": self.cfg.kernel_id,
+            "steps": self.cfg.steps,
+            "time": time.time(),
+        }
+        _write_marker(self.mgr, doc)
+        self._log_checkpoint_stats()
+        log.info("stopped at step %d on %s; checkpoint written", written, self.stop.signal_name)
+        if self.stop.extra:
+            log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
+        return EX_TEMPFAIL
 
-        if step != start_step or rp is None:  # a rerun after completion writes nothing new
-            mgr.final(snapshot("final"))
-        mgr.flush()
-        regions = {n: kernel.region(n) for n in ("pressure_a", "pressure_b")}
-        prev = regions["pressure_b"] if step % 2 == 0 else regions["pressure_a"]
-        write_result(
-            cfg.out,
-            {
-                "pressure": current_field(regions, step),
-                "pressure_prev": prev,
-                "velocity": kernel.region("velocity"),
-                "energy": np.array(energy, dtype="<f8").reshape(-1, 2),
-            },
-            {
-                "step": step,
-                "grid": np.array(cfg.grid, dtype=np.int64),
-                "kernel_type": spec.kernel_type,
-                "backend": kernel.backend_name,
-                "params_fingerprint": spec.fingerprint(),
-                "dt": params.dt,
-                "dx": params.dx,
-                "source": np.array(params.source, dtype=np.int64),
-            },
+    # ------------------------------------------------------------ end
+    def _final_checkpoint(self, start_step: int) -> None:
+        """The last checkpoint; a storage failure is recorded, not fatal: the result comes first."""
+        try:
+            if self.step != start_step or self.restored is None:  # a rerun after completion writes nothing new
+                self.mgr.final(self._snapshot("final"))
+            self.mgr.flush()
+        except (CheckpointError, OSError) as exc:
+            self.checkpoint_failures.append(f"final checkpoint at step {self.step}: {exc}")
+        if self.mgr.stats.failed:
+            self.checkpoint_failures.append(f"{self.mgr.stats.failed} checkpoint write(s) failed, last: {self.mgr.stats.last_error}")
+
+    def _log_checkpoint_stats(self) -> None:
+        """What the manager decided: fulls, deltas and their sizes (the delta chain's payoff)."""
+        st = self.mgr.stats
+        if not st.completed:
+            return
+        full_avg = st.full_bytes / st.full if st.full else 0.0
+        delta_avg = (st.bytes_written - st.full_bytes) / st.deltas if st.deltas else 0.0
+        rel = f", {delta_avg / full_avg:.0%} of a full" if st.full and st.deltas else ""
+        log.info(
+            "checkpoints written: %d full (avg %.0f KiB), %d delta (avg %.0f KiB%s), %.1f MiB in all",
+            st.full,
+            full_avg / 1024,
+            st.deltas,
+            delta_avg / 1024,
+            rel,
+            st.bytes_written / 2**20,
         )
-        _clear_marker(mgr)
-        log.info("done: step %d, wrote %s", step, os.fspath(cfg.out))
+
+    def _end(self, start_step: int) -> int:
+        self._final_checkpoint(start_step)
+        self._log_checkpoint_stats()
+        final_step = self.done_at if self.done_at is not None else self.step
+        datasets, attrs = self.krun.result(self.kernel, final_step)
+        spec = self.krun.spec
+        all_datasets = dict(datasets)
+        for s in self.krun.series:
+            all_datasets[s.name] = _series_array(s, self.series[s.name])
+        all_attrs: dict[str, object] = {
+            "step": final_step,
+            "grid": np.array(self.cfg.grid, dtype=np.int64),
+            "kernel": self.plugin.name,
+            "kernel_type": spec.kernel_type,
+            "backend": self.kernel.backend_name,
+            "params_fingerprint": spec.fingerprint(),
+            **attrs,
+        }
+        if self.checkpoint_failures:
+            all_attrs["checkpoints_failed"] = "; ".join(self.checkpoint_failures)
+        write_result(self.cfg.out, all_datasets, all_attrs)
+        if self.checkpoint_failures:
+            for line in self.checkpoint_failures:
+                log.error("CHECKPOINTS FAILED: %s", line)
+            log.error(
+                "CHECKPOINTS FAILED in %s: the run completed and its result %s is written, but the checkpoints are incomplete",
+                self.cfg.checkpoint_dir,
+                os.fspath(self.cfg.out),
+            )
+        else:
+            _clear_marker(self.mgr)
+        log.info("done: step %d, wrote %s", final_step, os.fspath(self.cfg.out))
         return EX_OK
-    finally:
-        mgr.close()
-        kernel.backend.close()
-        # Handlers stay installed (they only record): a signal arriving while
-        # the process exits must not kill it with a misleading status.
+
+    # ------------------------------------------------------------ run
+    def run(self) -> int:
+        if self.cfg.steps < 0:
+            log.error("--steps must be >= 0")
+            return EX_USAGE
+        rc = self._start()
+        if rc is not None:
+            return rc
+        try:
+            rc = self._restore()
+            if rc is not None:
+                return rc
+            start_step = self.step
+            self._check_done()
+            if self.restored is None:
+                self._sample()
+            self._advance()
+            if self.stop.requested and self.step < self.cfg.steps and not self._finished():
+                return self._stopped()
+            return self._end(start_step)
+        finally:
+            self.mgr.close()
+            self.kernel.backend.close()
+            # Handlers stay installed (they only record): a signal arriving while
+            # the process exits must not kill it with a misleading status.
+
+
+def _series_array(s: Series, rows: list[tuple[float, ...]]) -> np.ndarray:
+    return np.array(rows, dtype="<f8").reshape(-1, 1 + s.columns)
+
+
+def run_kernel(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag | None = None) -> int:
+    """Run (or resume) ``plugin`` with validated option ``values``; ``stop`` lets the caller install signal handlers early."""
+    return StepLoop(plugin, values, stop if stop is not None else StopFlag().install()).run()

@@ -43,7 +43,12 @@ DTYPES_KEY = "rkkernel.dtypes"
 
 
 class RestoreMismatch(CheckpointError):
-    """The checkpoint belongs to another simulation (kernel type, grid, dtype or parameters)."""
+    """The checkpoint belongs to another simulation (kernel type, grid or parameters)."""
+
+
+class RestoreInvalid(CheckpointError):
+    """The checkpoint claims to be of this simulation but its state does not fit the kernel's
+    declaration (a region missing, of another shape or dtype): damaged, so an older one is wanted."""
 
 
 def _reusable_buffer(ckpt: Checkpoint | None, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -272,23 +277,27 @@ class PersistentKernel:
             raise RestoreMismatch(source, f"checkpoint is of kernel type {m.kernel_type!r}, this kernel is {self.spec.kernel_type!r}")
         if tuple(m.grid_size) != tuple(self.spec.grid):
             raise RestoreMismatch(source, f"checkpoint grid is {list(m.grid_size)}, this run's grid is {list(self.spec.grid)}")
-        regions = ckpt.regions()
-        for r in self.spec.regions:
-            if r.role == "halo":
-                continue
-            info = regions.get(r.name)
-            if info is None:
-                raise RestoreMismatch(source, f"checkpoint has no region {r.name!r}")
-            if np.dtype(info.dtype) != np.dtype(r.dtype) or tuple(info.shape) != tuple(r.shape):
-                raise RestoreMismatch(
-                    source,
-                    f"region {r.name!r} is {info.dtype}{list(info.shape)} in the checkpoint, {np.dtype(r.dtype).str}{list(r.shape)} here",
-                )
         fp = m.custom.get(FINGERPRINT_KEY)
         if fp != self.spec.fingerprint():
             raise RestoreMismatch(
                 source, f"parameter fingerprint {fp} differs from this run's {self.spec.fingerprint()} (other physical parameters)"
             )
+        # Same simulation by its metadata: from here on a misfit is damage, not another run.
+        try:
+            regions = ckpt.regions()
+        except CheckpointError as exc:
+            raise RestoreInvalid(source, exc.problem) from None
+        for r in self.spec.regions:
+            if r.role == "halo":
+                continue
+            info = regions.get(r.name)
+            if info is None:
+                raise RestoreInvalid(source, f"checkpoint has no region {r.name!r}")
+            if np.dtype(info.dtype) != np.dtype(r.dtype) or tuple(info.shape) != tuple(r.shape):
+                raise RestoreInvalid(
+                    source,
+                    f"region {r.name!r} is {info.dtype}{list(info.shape)} in the checkpoint, {np.dtype(r.dtype).str}{list(r.shape)} declared",
+                )
 
     def restore_from_checkpoint(self, ckpt: Checkpoint, source: str | None = None) -> int:
         """Replace the device state with ``ckpt`` (a full state); returns its step."""
@@ -329,13 +338,16 @@ class PersistentKernel:
             if r.role == "halo":
                 h = halo_layout.get(r.name)
                 if h is None:
-                    raise RestoreMismatch(source, f"checkpoint has no halo buffer {r.name!r}")
+                    raise RestoreInvalid(source, f"checkpoint has no halo buffer {r.name!r}")
                 off, n = int(h["offset"]), r.nbytes
                 if off < 0 or off + n > len(halo_data):
                     raise CheckpointError(source, f"halo {r.name!r} lies outside the HaloBuffers chunk")
                 regions[r.name] = np.frombuffer(halo_data[off : off + n], dtype=r.dtype).reshape(r.shape).copy()
             else:
-                regions[r.name] = np.array(ckpt.region(r.name), copy=True)
+                try:
+                    regions[r.name] = np.array(ckpt.region(r.name), copy=True)
+                except CheckpointError as exc:
+                    raise RestoreInvalid(source, exc.problem) from None
         for r in self.spec.regions:
             self.backend.write_region(r.name, regions[r.name])
         self.backend.write_queue("h2k", h2k)

@@ -23,6 +23,8 @@ F32 = np.float32
 #: Steps per sweep of the CPU OpenCL kernel (fdtd_sweep). 256^3 on pocl, 2 cores, interleaved
 #: runs: 1 step 3.5 Gcells/s, 2 steps 3.9, 3 steps 4.0, 4 steps 4.66, 6 steps 4.67.
 SWEEP_LEVELS = 4
+#: A longer source wavelet means physics values far off (``--v-top 1e-6``: a TiB of samples).
+MAX_WAVELET_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,18 @@ class WaveParams:
             raise ValueError(f"grid must be at least 3 in each axis, got {self.nx}x{self.ny}x{self.nz}")
         if self.nx * self.ny * self.nz >= 2**31:
             raise ValueError("grid too large for 32-bit indexing (2^31 cells)")
+        for name in ("dx", "v_top", "v_bottom", "courant", "f0", "model_vmax"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {v}")
+        n = self.wavelet_samples
+        if n > MAX_WAVELET_SAMPLES:
+            vmax = self.model_vmax if self.model_vmax is not None else max(self.v_top, self.v_bottom)
+            raise ValueError(
+                f"the source wavelet would have {n:.3g} samples (peak frequency {self.peak_frequency:.3g} Hz from v_top "
+                f"{self.v_top:g} m/s, time step {self.dt:.3g} s from the largest velocity {vmax:g} m/s); at most "
+                f"{MAX_WAVELET_SAMPLES} are allowed: check --v-top/--v-bottom/--dx or the velocity model"
+            )
 
     @property
     def dt(self) -> float:
@@ -60,6 +74,12 @@ class WaveParams:
     @property
     def peak_frequency(self) -> float:
         return self.f0 if self.f0 is not None else self.v_top / (12.0 * self.dx)
+
+    @property
+    def wavelet_samples(self) -> float:
+        """Length of the Ricker wavelet ``ricker`` samples (a float: it may be astronomically large)."""
+        x = 2 * (1.2 / self.peak_frequency) / self.dt
+        return math.ceil(x) + 1.0 if math.isfinite(x) else math.inf
 
 
 def velocity_model(p: WaveParams) -> np.ndarray:
@@ -99,7 +119,7 @@ def load_velocity(path: str, nx: int, nz: int) -> tuple[np.ndarray, str]:
 def ricker(p: WaveParams) -> np.ndarray:
     f0 = p.peak_frequency
     t0 = 1.2 / f0
-    n = max(1, int(math.ceil(2 * t0 / p.dt)) + 1)
+    n = max(1, int(p.wavelet_samples))
     t = np.arange(n, dtype=np.float64) * p.dt - t0
     a = (math.pi * f0 * t) ** 2
     w = ((1.0 - 2.0 * a) * np.exp(-a)).astype(F32)

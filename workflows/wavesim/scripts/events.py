@@ -3,8 +3,8 @@
 The simulate rule appends every attempt's rkrun output to one log beside the
 step's checkpoints, between ``rkslurm attempt start``/``end`` lines it writes
 itself (with UTC timestamps, Slurm job id and exit code). rkrun's own lines
-that matter are ``restored from step S``, ``no checkpoint ...; starting from
-step 0``, ``stopped at step S on SIGTERM`` and ``done: step S``. Lines are
+that matter are ``restored from step S (chain: ...) = full step F + N delta(s)``,
+``no checkpoint ...; starting from step 0``, ``stopped at step S on SIGTERM`` and ``done: step S``. Lines are
 matched loosely (any prefix, optional timestamp) so a change of log format
 costs markers, not a crash.
 """
@@ -21,6 +21,7 @@ _TS = re.compile(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?
 _ATTEMPT_START = re.compile(r"rkslurm attempt start\b(?P<rest>.*)")
 _ATTEMPT_END = re.compile(r"rkslurm attempt end\b(?P<rest>.*)")
 _RESTORED = re.compile(r"restored from (?:checkpoint )?(?:at )?step (\d+)", re.I)
+_CHAIN = re.compile(r"= full step (\d+) \+ (\d+) delta", re.I)
 _FRESH = re.compile(r"starting from step 0|no checkpoint\b", re.I)
 _STOPPED = re.compile(r"stopped at step (\d+)(?: on (\w+))?", re.I)
 _DONE = re.compile(r"\bdone: step (\d+)", re.I)
@@ -44,6 +45,8 @@ class Attempt:
     start_step: int = 0
     end_step: int | None = None
     restored: bool = False
+    #: the chain restored from: (step of its full checkpoint, number of deltas applied), when the log says
+    chain: tuple[int, int] | None = None
     stopped: bool = False
     stop_signal: str | None = None
     done: bool = False
@@ -82,7 +85,8 @@ def parse_line(line: str) -> Event | None:
     if m := _ATTEMPT_END.search(line):
         return Event("attempt_end", None, t, dict(_KV.findall(m.group("rest"))))
     if m := _RESTORED.search(line):
-        return Event("restored", int(m.group(1)), t)
+        c = _CHAIN.search(line)
+        return Event("restored", int(m.group(1)), t, {"full_step": c.group(1), "deltas": c.group(2)} if c else {})
     if m := _STOPPED.search(line):
         return Event("stopped", int(m.group(1)), t, {"signal": m.group(2)} if m.group(2) else {})
     if m := _DONE.search(line):
@@ -152,6 +156,8 @@ def attempts(events: list[Event]) -> list[Attempt]:
             continue
         if ev.kind == "restored":
             cur.restored, cur.start_step = True, ev.step or 0
+            if ev.info.get("full_step", "").isdigit() and ev.info.get("deltas", "").isdigit():
+                cur.chain = (int(ev.info["full_step"]), int(ev.info["deltas"]))
             cur.start_time = cur.start_time if cur.start_time is not None else ev.time
         elif ev.kind == "fresh":
             cur.start_step = 0
@@ -177,6 +183,7 @@ def summarise(runs: list[Attempt]) -> dict[str, object]:
         "stops_on_signal": sum(1 for a in runs if a.stopped),
         "restores": sum(1 for a in runs if a.restored),
         "restored_from": [a.start_step for a in runs if a.restored],
+        "restored_chains": [list(a.chain) for a in runs if a.restored and a.chain is not None],
         "stopped_at": [a.end_step for a in runs if a.stopped],
         "completed": any(a.done for a in runs),
         "jobs": [a.job for a in runs if a.job],

@@ -1,5 +1,6 @@
-"""PNG figures: slices of the final pressure field over the velocity model, and a
-timeline of the run marking each preemption (stop) and each restore.
+"""PNG figures: slices of the final pressure field over the velocity model (with the
+first-arrival traveltimes as contours), and a timeline of each preemptible step
+marking every preemption (stop) and every restore with the chain it came from.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import h5py
 import matplotlib
 
 matplotlib.use("Agg")
@@ -37,9 +39,15 @@ def velocity_3d(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def plot_fields(
-    pressure: np.ndarray, velocity: np.ndarray | None, source: tuple[int, int, int] | None, out: str | Path, title: str = ""
+    pressure: np.ndarray,
+    velocity: np.ndarray | None,
+    source: tuple[int, int, int] | None,
+    out: str | Path,
+    title: str = "",
+    traveltime: np.ndarray | None = None,
 ) -> None:
-    """Three slices through the source: x-z (side), x-y (plan) and y-z; velocity as contours."""
+    """Three slices through the source: x-z (side), x-y (plan) and y-z; velocity as contours,
+    first-arrival times (``traveltime``, seconds) as labelled green contours."""
     nz, ny, nx = pressure.shape
     sx, sy, sz = source if source is not None else (nx // 2, ny // 2, nz // 4)
     lim = float(np.abs(pressure).max()) or 1.0
@@ -54,17 +62,37 @@ def plot_fields(
         im = ax.imshow(p, cmap="seismic", vmin=-lim, vmax=lim, origin="upper", interpolation="nearest")
         if v is not None and float(v.max()) > float(v.min()):
             ax.contour(v, levels=[0.5 * (float(v.min()) + float(v.max()))], colors="k", linewidths=0.8)
+        if traveltime is not None:
+            tt = {"x–z": traveltime[:, sy, :], "x–y": traveltime[sz, :, :], "y–z": traveltime[:, :, sx]}[name.split(" ")[0]]
+            finite = tt[np.isfinite(tt)]
+            if finite.size and float(finite.max()) > 0:
+                levels = np.linspace(0, float(finite.max()), 8)[1:]
+                cs = ax.contour(np.where(np.isfinite(tt), tt, np.nan), levels=levels, colors="tab:green", linewidths=0.7)
+                ax.clabel(cs, fmt="%.2f s", fontsize=6)
         ax.set_title(name)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
     fig.colorbar(im, ax=axes, shrink=0.8, label="pressure")
-    fig.suptitle(title or "final pressure field (black: velocity interface)")
+    what = "black: velocity interface" + (", green: first-arrival time" if traveltime is not None else "")
+    fig.suptitle(f"{title or 'final pressure field'} ({what})")
     _save(fig, out)
 
 
-def plot_timeline(runs: list[Attempt], out: str | Path, total_steps: int | None = None) -> None:
-    """Step reached against wall time, one segment per attempt; ✕ stops, ▲ restores."""
-    fig, ax = plt.subplots(figsize=(10, 4.2), constrained_layout=True)
+def plot_timeline(
+    runs: list[Attempt], out: str | Path, total_steps: int | None = None, more: list[tuple[str, list[Attempt], int | None]] = ()
+) -> None:
+    """Step reached against wall time, one segment per attempt; ✕ stops, ▲ restores (with the chain restored).
+
+    ``more``: further steps' timelines (name, attempts, total steps), one panel each below.
+    """
+    panels = [("simulation", runs, total_steps), *more]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), constrained_layout=True, squeeze=False)
+    for ax, (name, r, total) in zip(axes[:, 0], panels, strict=True):
+        _timeline_panel(ax, name, r, total)
+    _save(fig, out)
+
+
+def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: int | None) -> None:
     times = [t for a in runs for t in (a.start_time, a.end_time, *(p[0] for p in a.points)) if t is not None]
     t0 = min(times) if times else None
     use_time = t0 is not None and all(a.start_time is not None for a in runs)
@@ -86,8 +114,9 @@ def plot_timeline(runs: list[Attempt], out: str | Path, total_steps: int | None 
         ax.plot(xs, ys, "-", lw=2, label=label)
         if a.restored:
             ax.plot([xs[0]], [a.start_step], "^", color="tab:green", ms=10, zorder=5)
+            chain = f" (full {a.chain[0]} + {a.chain[1]} Δ)" if a.chain is not None else ""
             ax.annotate(
-                f"restore @ {a.start_step}",
+                f"restore @ {a.start_step}{chain}",
                 (xs[0], a.start_step),
                 textcoords="offset points",
                 xytext=(4, -12),
@@ -104,13 +133,12 @@ def plot_timeline(runs: list[Attempt], out: str | Path, total_steps: int | None 
     if total_steps:
         ax.axhline(total_steps, color="grey", ls="--", lw=1)
     s = summarise(runs)
-    ax.set_title(f"simulation timeline: {s['attempts']} attempts, {s['interruptions']} preemptions, {s['restores']} restores")
+    ax.set_title(f"{name} timeline: {s['attempts']} attempts, {s['interruptions']} preemptions, {s['restores']} restores")
     ax.set_xlabel("wall time since first start (s)" if use_time else "attempt")
     ax.set_ylabel("simulation step")
     if runs:
         ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", help="rkrun result HDF5")
     ap.add_argument("--model", help="velocity model .npy (default: /velocity of the result)")
     ap.add_argument("--log", help="the simulate step's run log (rkrun output of every attempt)")
+    ap.add_argument("--traveltime", help="rkrun traveltime result: first-arrival contours over the field")
+    ap.add_argument("--tt-log", help="the traveltime step's run log: a second timeline panel")
     ap.add_argument("--fields", required=True, help="output PNG: slices of the final field")
     ap.add_argument("--timeline", required=True, help="output PNG: timeline of the run")
     a = ap.parse_args(argv)
@@ -136,13 +166,32 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"plot: {a.model}: {e}", file=sys.stderr)
             return 2
+    traveltime = None
+    tt_total = None
+    if a.traveltime:
+        try:
+            with h5py.File(a.traveltime, "r") as f:
+                traveltime = np.asarray(f["traveltime"][()], dtype=np.float64)
+                tt_total = int(f.attrs["step"]) if "step" in f.attrs else None
+        except (OSError, KeyError) as e:
+            print(f"plot: {a.traveltime}: not a traveltime result ({e})", file=sys.stderr)
+            return 2
+        if traveltime.shape != pressure.shape:
+            print(f"plot: {a.traveltime}: traveltime grid {traveltime.shape} differs from the field's {pressure.shape}", file=sys.stderr)
+            return 2
     src = attrs.get("source")
     source = tuple(int(v) for v in src) if isinstance(src, list | tuple) and len(src) == 3 else None
     plot_fields(
-        pressure, velocity, source, a.fields, title=f"final pressure at step {attrs.get('step', '?')} ({attrs.get('backend', '?')})"
+        pressure,
+        velocity,
+        source,
+        a.fields,
+        title=f"final pressure at step {attrs.get('step', '?')} ({attrs.get('backend', '?')})",
+        traveltime=traveltime,
     )
     runs = attempts(read_events(a.log)) if a.log else []
-    plot_timeline(runs, a.timeline, total_steps=attrs.get("step") if isinstance(attrs.get("step"), int) else None)
+    more = [("traveltime", attempts(read_events(a.tt_log)), tt_total)] if a.tt_log else []
+    plot_timeline(runs, a.timeline, total_steps=attrs.get("step") if isinstance(attrs.get("step"), int) else None, more=more)
     s = summarise(runs)
     print(
         f"plot: wrote {a.fields} and {a.timeline} ({s['attempts']} attempts, {s['interruptions']} preemptions, restored from {s['restored_from']})"

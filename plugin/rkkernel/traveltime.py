@@ -1,0 +1,134 @@
+"""First-arrival traveltimes through the wave model: a kernel whose state changes sparsely.
+
+Shortest-path relaxation on the grid graph (26 neighbours, edge length
+dx, dx*sqrt 2, dx*sqrt 3, weighted by the receiving cell's slowness), in
+Jacobi order: step s reads only the field after s-1 steps (ping-pong
+between ``time_a`` and ``time_b``), so every step's bits are fixed and the
+same on NumPy, OpenCL and CUDA (see kernels/traveltime.cl). The source cell
+starts at 0 s, everything else at +inf; each step the front moves one cell
+and cells behind it settle, so between two checkpoints only a shell around
+the front changes: block deltas stay small. Once a step changes nothing the
+field is the final answer; ``last_change`` holds the last step count that
+changed a cell, and the run stops there.
+
+Wall cells (the outermost layer) are not computed and stay +inf, like the
+wave kernel's rigid walls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spec import CONTROL, KernelSpec, Launch, RegionSpec, Swap
+from .wavesim import WaveParams, velocity_model
+
+KERNEL_TYPE = "traveltime_3d"
+F32 = np.float32
+VERSION = 1  # bump when the arithmetic changes
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Edge lengths in metres for the three neighbour distances, as float32."""
+
+    h1: np.float32
+    h2: np.float32
+    h3: np.float32
+
+    @classmethod
+    def for_dx(cls, dx: float) -> Weights:
+        return cls(F32(dx), F32(dx * math.sqrt(2.0)), F32(dx * math.sqrt(3.0)))
+
+
+def slowness(velocity: np.ndarray) -> np.ndarray:
+    """1/v in float64, stored as float32 (the host computes it once: no division on a device)."""
+    return np.ascontiguousarray(1.0 / velocity.astype(np.float64), dtype=F32)
+
+
+def current_time(regions: Mapping[str, np.ndarray], step: int) -> np.ndarray:
+    """The traveltime field after ``step`` steps."""
+    return regions["time_a"] if step % 2 == 0 else regions["time_b"]
+
+
+def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, w: Weights) -> None:
+    """Exactly the arithmetic of ``tt_step`` in kernels/traveltime.cl."""
+    c, nxt = (regions["time_a"], regions["time_b"]) if step % 2 == 0 else (regions["time_b"], regions["time_a"])
+    s = regions["slowness"][1:-1, None, 1:-1]
+
+    def at(dz: int, dy: int, dx: int) -> np.ndarray:
+        nz, ny, nx = c.shape
+        return c[1 + dz : nz - 1 + dz, 1 + dy : ny - 1 + dy, 1 + dx : nx - 1 + dx]
+
+    mn = np.minimum
+    m1 = mn(mn(at(0, 0, -1), at(0, 0, 1)), mn(mn(at(0, -1, 0), at(0, 1, 0)), mn(at(-1, 0, 0), at(1, 0, 0))))
+    m2 = mn(
+        mn(mn(at(0, -1, -1), at(0, -1, 1)), mn(at(0, 1, -1), at(0, 1, 1))),
+        mn(mn(at(-1, 0, -1), at(-1, 0, 1)), mn(at(1, 0, -1), at(1, 0, 1))),
+    )
+    m2 = mn(m2, mn(mn(at(-1, -1, 0), at(-1, 1, 0)), mn(at(1, -1, 0), at(1, 1, 0))))
+    m3 = mn(
+        mn(mn(at(-1, -1, -1), at(-1, -1, 1)), mn(at(-1, 1, -1), at(-1, 1, 1))),
+        mn(mn(at(1, -1, -1), at(1, -1, 1)), mn(at(1, 1, -1), at(1, 1, 1))),
+    )
+    old = at(0, 0, 0)
+    t = mn(old, m1 + w.h1 * s)
+    t = mn(t, m2 + w.h2 * s)
+    t = mn(t, m3 + w.h3 * s)
+    if (t < old).any():
+        regions["last_change"][0] = step + 1
+    nxt[1:-1, 1:-1, 1:-1] = t
+
+
+def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> KernelSpec:
+    """The traveltime kernel's spec for the wave model ``params`` (and a user ``velocity``, as for wavesim)."""
+    nx, ny, nz = params.nx, params.ny, params.nz
+    if (velocity is None) != (params.model_sha256 is None):
+        raise ValueError("pass the velocity model together with its digest (see load_velocity)")
+    sx, sy, sz = params.source
+    if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
+        raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
+    w = Weights.for_dx(params.dx)
+    shape = (nz, ny, nx)
+    regions = [
+        RegionSpec("time_a", "<f4", shape, "field"),
+        RegionSpec("time_b", "<f4", shape, "field"),
+        RegionSpec("slowness", "<f4", (nz, nx), "static"),
+        RegionSpec("last_change", "<u4", (1,), "field"),
+    ]
+    common = (CONTROL, Swap("time_a", "time_b"), Swap("time_b", "time_a"), "slowness", "last_change", w.h1, w.h2, w.h3)
+    launch = Launch("tt_step", (nx - 2, ny - 2, nz - 2), (*common, np.int32(nx), np.int32(nx * ny)))
+
+    def initial() -> dict[str, np.ndarray]:
+        t = np.full(shape, np.inf, dtype=F32)
+        t[sz, sy, sx] = 0.0
+        v = velocity_model(params) if velocity is None else velocity
+        return {
+            "time_a": t,
+            "time_b": t.copy(),
+            "slowness": slowness(v),
+            "last_change": np.zeros(1, dtype="<u4"),
+        }
+
+    def step(regions: Mapping[str, np.ndarray], s: int) -> None:
+        numpy_step(regions, s, w=w)
+
+    p = {k: getattr(params, k) for k in ("nx", "ny", "nz", "dx", "v_top", "v_bottom", "model_sha256")}
+    return KernelSpec(
+        kernel_type=KERNEL_TYPE,
+        grid=(nx, ny, nz),
+        regions=regions,
+        launches=[launch],
+        sources={"opencl": "traveltime.cl", "cuda": "traveltime.cu"},
+        numpy_step=step,
+        initial=initial,
+        params={**p, "source": list(params.source), "version": VERSION},
+    )
+
+
+def converged_at(last_change: int, step: int) -> int | None:
+    """The step count at which the run is known complete (a step changed nothing), or None."""
+    return last_change + 1 if step > last_change else None

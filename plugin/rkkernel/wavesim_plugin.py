@@ -1,0 +1,106 @@
+"""``rkrun wavesim``: the 3D acoustic wave kernel as a plugin of the step runner.
+
+The model options (``--velocity``, ``--dx``, ``--v-top``, ``--v-bottom``) are
+shared with every kernel that runs through the same velocity model
+(``traveltime``). NumPy and the kernel module load only when a run is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .plugin import FiniteFloat, KernelPlugin, KernelRun, Option, Series, StrictInt
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .runtime import PersistentKernel
+    from .wavesim import WaveParams
+
+MODEL_OPTIONS = (
+    Option("velocity", click.Path(dir_okay=False), None, "Velocity model .npy, shape (NZ, NX), m/s."),
+    Option("dx", FiniteFloat(min=0, min_open=True), 10.0, "Cell size in metres."),
+    Option("v_top", FiniteFloat(min=0, min_open=True), 1500.0, "Built-in model: upper layer (m/s)."),
+    Option("v_bottom", FiniteFloat(min=0, min_open=True), 2500.0, "Built-in model: lower layer (m/s)."),
+)
+
+
+def model_params(values: Mapping[str, Any]) -> tuple[WaveParams, np.ndarray | None]:
+    """The wave parameters and the user's velocity model (or None: built-in) from the model options.
+
+    Raises ValueError naming the file or the value that is wrong.
+    """
+    from .wavesim import WaveParams, load_velocity
+
+    nx, ny, nz = values["grid"]
+    model, extra = None, {}
+    if values.get("velocity"):
+        model, digest = load_velocity(str(values["velocity"]), nx, nz)
+        extra = {"model_sha256": digest, "model_vmax": float(model.max())}
+    params = WaveParams(nx, ny, nz, dx=values["dx"], v_top=values["v_top"], v_bottom=values["v_bottom"], **extra)
+    return params, model
+
+
+def _energy(kernel: PersistentKernel, step: int) -> tuple[float]:
+    import numpy as np
+
+    from .wavesim import current_field
+
+    field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
+    f = field.astype(np.float64).ravel()
+    # numpy's own pairwise sum, not BLAS (np.dot): its order does not depend on
+    # OPENBLAS/OMP thread counts, so an interrupted run's energy series matches.
+    return (float(np.add.reduce(f * f)),)
+
+
+def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]:
+    """``count`` receivers on a line along x through the source (its y and depth), walls excluded: (x, y, z)."""
+    import numpy as np
+
+    _, sy, sz = params.source
+    xs = np.unique(np.linspace(1, params.nx - 2, count).round().astype(int)) if count else []
+    return [(int(x), sy, sz) for x in xs]
+
+
+def build(values: Mapping[str, Any]) -> KernelRun:
+    import numpy as np
+
+    from .wavesim import current_field, make_spec
+
+    params, model = model_params(values)
+    spec = make_spec(params, velocity=model)
+    receivers = receiver_cells(params, int(values.get("receivers") or 0))
+    flat = np.array([x + params.nx * (y + params.ny * z) for x, y, z in receivers], dtype=np.int64)
+
+    def traces(kernel: PersistentKernel, step: int) -> tuple[float, ...]:
+        field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
+        return tuple(float(v) for v in field.reshape(-1)[flat])
+
+    def result(kernel: PersistentKernel, step: int) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+        regions = {n: kernel.region(n) for n in ("pressure_a", "pressure_b")}
+        prev = regions["pressure_b"] if step % 2 == 0 else regions["pressure_a"]
+        datasets = {"pressure": current_field(regions, step), "pressure_prev": prev, "velocity": kernel.region("velocity")}
+        attrs = {"dt": params.dt, "dx": params.dx, "source": np.array(params.source, dtype=np.int64)}
+        if receivers:
+            datasets["receiver_cells"] = np.array(receivers, dtype=np.int64).reshape(-1, 3)
+        return datasets, attrs
+
+    series = [Series("energy", 1, int(values["energy_every"]), _energy)]
+    if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
+        series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
+    return KernelRun(spec, result, series=tuple(series))
+
+
+PLUGIN = KernelPlugin(
+    name="wavesim",
+    help="3D acoustic wave FDTD.",
+    build=build,
+    options=(
+        *MODEL_OPTIONS,
+        Option("energy_every", StrictInt(min=0), 10, "Record energy (and receiver traces) every M steps (0: off)."),
+        Option("receivers", StrictInt(min=0, max=4096), 0, "Record pressure at N receivers on a line along x through the source."),
+    ),
+)
