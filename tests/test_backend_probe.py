@@ -261,7 +261,10 @@ def test_a_users_own_icd_setting_wins(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_checking_the_backend_option_does_not_import_numpy() -> None:
     """rkrun parses --backend before its stop signals are held: numpy's BLAS threads must not start then."""
-    code = "import sys; from rkkernel.cli import _check_backend; _check_backend('opencl:pocl'); print('numpy' in sys.modules)"
+    code = (
+        "import sys; from rkkernel.cli import main; from rkkernel.plugin import BackendName; "
+        "BackendName().convert('opencl:pocl', None, None); print('numpy' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
 
