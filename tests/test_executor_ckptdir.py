@@ -78,6 +78,20 @@ def test_fingerprint_tracks_inputs_params_code(tmp_path: Path) -> None:
     assert base != ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
 
 
+def test_fingerprint_is_by_content_not_mtime(tmp_path: Path) -> None:
+    """A touched or copied input keeps the folder resumable (the local and rkslurm executors agree)."""
+    import os
+
+    f = tmp_path / "in.txt"
+    f.write_text("same")
+    base = ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
+    os.utime(f, (1, 1))
+    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") == base
+    f.write_text("diff")
+    os.utime(f, (1, 1))
+    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") != base
+
+
 def test_read_progress_from_marker_names_and_progress_file(tmp_path: Path) -> None:
     assert ckptdir.read_progress(tmp_path / "missing") is None
     assert ckptdir.read_progress(tmp_path) is None

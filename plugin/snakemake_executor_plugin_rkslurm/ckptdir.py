@@ -9,7 +9,6 @@ killed workflow resumes every checkpointed step on rerun.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,14 +20,14 @@ from urllib.parse import quote
 
 from rkckpt.atomic import atomic_open
 from rkckpt.chain import newest_named_step
+from rkstep import protocol
 
 DEFAULT_ROOT = ".snakemake/rkslurm"
-ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
+ENV_VAR = protocol.ENV_CHECKPOINT_DIR
 PARAM_NAME = "rkslurm_checkpoint_dir"
-FINGERPRINT_FILE = "rkslurm.fingerprint.json"
-STOP_MARKER = "rkrun.stopped.json"
-#: optional: a step that does not write .rkcp chains may report its newest checkpointed step here
-PROGRESS_FILE = "rkslurm.progress.json"
+FINGERPRINT_FILE = protocol.FINGERPRINT_FILE
+STOP_MARKER = protocol.STOP_MARKER
+PROGRESS_FILE = protocol.PROGRESS_FILE
 
 
 def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:
@@ -65,20 +64,12 @@ def rkslurm_checkpoint_dir(rule: str, root: str | os.PathLike[str] | None = None
 
 
 def fingerprint(inputs: list[str], params: Mapping[str, Any], code: str, rule: str) -> str:
-    """Digest of what determines a step's result: input files (path, size,
-    mtime), params and the rule's command/code. Input contents are not hashed:
-    inputs may be many GiB, and Snakemake itself reruns on mtime changes.
+    """What determines a step's result -- the rule, its params (less the folder
+    itself) and command/code, and the *contents* of its input files -- through
+    the one protocol function :func:`rkstep.protocol.fingerprint`.
     """
-    files = []
-    for f in inputs:
-        try:
-            st = os.stat(f)
-            files.append([str(f), st.st_size, st.st_mtime_ns])
-        except OSError:
-            files.append([str(f), None, None])
-    doc = {"rule": rule, "inputs": files, "params": {k: v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
-    blob = json.dumps(doc, sort_keys=True, default=repr).encode()
-    return hashlib.sha256(blob).hexdigest()
+    doc = {"rule": rule, "params": {str(k): v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
+    return protocol.fingerprint(doc, inputs)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
