@@ -200,7 +200,7 @@ rule sim:
     def events(self, name: str) -> list[dict]:
         return [e for e in self.trace() if e["event"] == name]
 
-    def start(self, *args: str, poll: float = 1.0) -> subprocess.Popen:
+    def start(self, *args: str, poll: float = 1.0, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [
             sys.executable,
             "-m",
@@ -219,7 +219,7 @@ rule sim:
             "5",
             *args,
         ]
-        return subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def run(self, *args: str, timeout: float = 240, poll: float = 1.0) -> tuple[int, str]:
         p = self.start(*args, poll=poll)

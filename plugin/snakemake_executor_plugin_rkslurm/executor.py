@@ -292,7 +292,9 @@ class Executor(_stock.Executor):
             return False
         step.submitted(job_id, log, time.time())
         self._event(step, "submitted", job_id=job_id, log=log)
-        self.logger.info(f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}.")
+        self.logger.info(
+            f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
+        )
         j.external_jobid = job_id
         j.aux = {"slurm_logfile": Path(log)}
         return True
