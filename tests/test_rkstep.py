@@ -69,3 +69,45 @@ def test_fingerprint_and_tag_are_stable_and_content_based(tmp_path: Path) -> Non
     assert a != fingerprint({"rule": "r"}, [f])
     assert submission_tag("/a/b") == submission_tag("/a/b") != submission_tag("/a/c")
     assert submission_tag("/a/b").startswith("rkslurm:") and len(submission_tag("/a/b")) < 64
+
+
+def test_run_attempt_brackets_the_body_and_records_its_exit(tmp_path: Path) -> None:
+    from rkstep import run_attempt
+
+    assert run_attempt(tmp_path, lambda ev: (ev.checkpoint(3), EX_TEMPFAIL)[1]) == EX_TEMPFAIL
+
+    def boom(ev: EventWriter) -> int:
+        raise RuntimeError("x")
+
+    try:
+        run_attempt(tmp_path, boom)
+    except RuntimeError:
+        pass
+    a, b = attempts(read_events(StepPaths(tmp_path).events))
+    assert a.ended and a.end_rc == EX_TEMPFAIL and a.checkpoints == [3]
+    assert b.ended and b.end_rc == 1 and not b.killed
+
+
+def test_url_checkpoint_location_records_nothing(tmp_path: Path) -> None:
+    from rkstep import NullWriter, writer_for
+
+    w = writer_for("s3://bucket/ck")
+    assert isinstance(w, NullWriter)
+    w.start(0)  # no file, no error
+
+
+def test_requeued_run_counts_its_restart_from_earlier_starts(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A job step may not see SLURM_RESTART_COUNT; the events file knows the job id ran before."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    EventWriter.for_folder(tmp_path).start(0)
+    EventWriter.for_folder(tmp_path).start(5)
+    assert [a.restart for a in attempts(read_events(StepPaths(tmp_path).events))] == [0, 1]
+
+
+def test_events_of_another_attempt_do_not_end_the_current_one(tmp_path: Path) -> None:
+    p = StepPaths(tmp_path)
+    EventWriter(p.events, job="1").start(0)
+    EventWriter(p.events, job="2").end(2)  # job 2 failed before its start event
+    (a,) = attempts(read_events(p.events))
+    assert a.job == "1" and a.killed

@@ -111,12 +111,14 @@ def _run(doc: dict, source: str) -> int:
     stop = StopFlag().install()
     with stop.held():
         from rkckpt.errors import CheckpointError
+        from rkstep.events import run_attempt
 
         from .backends import BackendUnavailable
         from .runner import run_wavesim
 
     try:
-        return run_wavesim(_config_from(doc, source), stop)
+        cfg = _config_from(doc, source)
+        return run_attempt(cfg.checkpoint_dir, lambda events: run_wavesim(cfg, stop, events))
     except (CheckpointError, BackendUnavailable) as exc:
         logging.getLogger("rkrun").error("error: %s", exc)
         return EX_USAGE if isinstance(exc, BackendUnavailable) else 1

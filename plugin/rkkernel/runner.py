@@ -13,10 +13,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkstep.events import EventWriter, NullWriter
+from rkstep.protocol import EX_OK, EX_TEMPFAIL, EX_USAGE, STOP_MARKER
 
 from .result import write_result
 from .runtime import PersistentKernel, RestoreMismatch
@@ -25,10 +28,7 @@ from .wavesim import WaveParams, current_field, load_velocity, make_spec
 
 log = logging.getLogger("rkrun")
 
-EX_OK = 0
-EX_USAGE = 2
-EX_TEMPFAIL = 75
-MARKER = "rkrun.stopped.json"
+MARKER = STOP_MARKER
 ENERGY_REGION = "rkrun.energy"
 
 
@@ -116,9 +116,10 @@ class _Progress:
             self.bar.stop()
 
 
-def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
+def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None, events: EventWriter | None = None) -> int:
     """Run (or resume) a wave simulation; ``stop`` lets the caller install signal handlers early."""
     stop = stop if stop is not None else StopFlag().install()
+    events = events if events is not None else NullWriter(Path(os.devnull))
     if cfg.steps < 0:
         log.error("--steps must be >= 0")
         return EX_USAGE
@@ -154,6 +155,7 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
             if ENERGY_REGION in rp.checkpoint.regions():
                 energy = [(int(s), float(e)) for s, e in rp.checkpoint.region(ENERGY_REGION)]
             log.info("restored from step %d (chain: %s)", step, ", ".join(rp.chain))
+            events.restore(step, rp.chain)
             if step > cfg.steps:
                 log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, cfg.steps)
                 return EX_USAGE
@@ -187,6 +189,7 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
                 sample()
                 if step < cfg.steps and mgr.due(step):
                     mgr.submit(snapshot("periodic"))
+                    events.checkpoint(step)
                 progress.update(step, (step - s0) / max(1e-9, time.monotonic() - t0))
                 if cfg.throttle_ms:
                     time.sleep(cfg.throttle_ms / 1000.0)
@@ -201,6 +204,7 @@ def run_wavesim(cfg: RunConfig, stop: StopFlag | None = None) -> int:
                 {"step": written, "signal": stop.signal_name, "kernel_id": cfg.kernel_id, "steps": cfg.steps, "time": time.time()},
             )
             log.info("stopped at step %d on %s; checkpoint written", written, stop.signal_name)
+            events.stop(written, stop.signal_name)
             if stop.extra:
                 log.info("ignored further signals while stopping: %s", ", ".join(stop.extra))
             return EX_TEMPFAIL

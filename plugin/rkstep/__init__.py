@@ -13,7 +13,7 @@ and the workflow scripts read its events without the executor installed.
 
 from __future__ import annotations
 
-from .events import Attempt, EventWriter, attempts, latest_attempt, read_events
+from .events import Attempt, EventWriter, NullWriter, attempts, latest_attempt, read_events, run_attempt, writer_for
 from .protocol import (
     ENV_CHECKPOINT_DIR,
     EX_FAILURE,
@@ -33,10 +33,13 @@ __all__ = [
     "EX_USAGE",
     "Attempt",
     "EventWriter",
+    "NullWriter",
     "StepPaths",
     "attempts",
     "fingerprint",
     "latest_attempt",
     "read_events",
+    "run_attempt",
     "submission_tag",
+    "writer_for",
 ]

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import EX_TEMPFAIL, slurm_attempt
+from .protocol import EX_FAILURE, EX_TEMPFAIL, slurm_attempt
 
-__all__ = ["Attempt", "EventWriter", "attempts", "latest_attempt", "read_events"]
+__all__ = ["Attempt", "EventWriter", "NullWriter", "attempts", "latest_attempt", "read_events", "run_attempt", "writer_for"]
 
 
 def _stderr_warning(text: str) -> None:
@@ -56,7 +56,12 @@ class EventWriter:
         from .protocol import StepPaths
 
         job, restart = slurm_attempt()
-        return cls(StepPaths(Path(folder)).events, job=job, restart=restart, **kw)
+        path = StepPaths(Path(folder)).events
+        if job is not None and restart == 0 and "SLURM_RESTART_COUNT" not in os.environ:
+            # Slurm sets SLURM_RESTART_COUNT in the batch script of a requeued job only; a
+            # job step may not see it. Earlier starts of the same job id tell the count.
+            restart = sum(1 for e in read_events(path) if e.get("event") == "start" and str(e.get("job")) == job)
+        return cls(path, job=job, restart=restart, **kw)
 
     def emit(self, event: str, **fields: Any) -> None:
         rec = {"event": event, "t": round(time.time(), 3), "job": self.job, "restart": self.restart, "pid": os.getpid(), **fields}
@@ -77,8 +82,9 @@ class EventWriter:
                 gone = "" if self.path.parent.is_dir() else " (the checkpoint folder no longer exists: was it deleted?)"
                 self.warn(f"cannot record event {event!r} in {self.path}: {exc.strerror or exc}{gone}")
 
-    def start(self, step: int, **kw: Any) -> None:
-        self.emit("start", step=int(step), host=socket.gethostname(), **kw)
+    def start(self, step: int | None = None, **kw: Any) -> None:
+        """First event of an attempt (``step`` may follow in a ``restore`` event)."""
+        self.emit("start", step=None if step is None else int(step), host=socket.gethostname(), **kw)
 
     def restore(self, step: int, chain: Iterable[str]) -> None:
         self.emit("restore", step=int(step), chain=list(chain))
@@ -91,6 +97,41 @@ class EventWriter:
 
     def end(self, rc: int, step: int | None = None) -> None:
         self.emit("end", rc=int(rc), step=step)
+
+
+class NullWriter(EventWriter):
+    """For a checkpoint location that is not a local folder (``s3://…``): records nothing."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        return None
+
+
+def writer_for(checkpoint_dir: str | os.PathLike[str]) -> EventWriter:
+    """The running attempt's writer for a checkpoint folder, or a :class:`NullWriter` for a URL."""
+    text = os.fspath(checkpoint_dir)
+    if "://" in text:
+        return NullWriter(Path(os.devnull))
+    try:
+        os.makedirs(text, exist_ok=True)
+    except OSError:
+        pass  # reported by the first event that cannot be written
+    return EventWriter.for_folder(text)
+
+
+def run_attempt(checkpoint_dir: str | os.PathLike[str], body: Callable[[EventWriter], int]) -> int:
+    """Run one attempt between a ``start`` and an ``end`` event.
+
+    ``end`` carries ``body``'s exit code, or 1 when it raised (the exception
+    propagates). Only a signal that cannot be caught leaves the start alone.
+    """
+    events = writer_for(checkpoint_dir)
+    events.start()
+    rc = EX_FAILURE
+    try:
+        rc = body(events)
+        return rc
+    finally:
+        events.end(rc)
 
 
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -162,8 +203,12 @@ def attempts(events: Iterable[dict[str, Any]]) -> list[Attempt]:
         if not out:
             continue
         a = out[-1]
+        if "job" in e and (None if e["job"] is None else str(e["job"])) != a.job or int(e.get("restart") or 0) != a.restart:
+            continue  # an event of another attempt (one that failed before its start, say)
         if kind == "restore":
             a.restored_from = e.get("step")
+            if a.start_step is None:
+                a.start_step = e.get("step")
             a.chain = [str(c) for c in e.get("chain") or []]
         elif kind == "checkpoint" and isinstance(e.get("step"), int):
             a.checkpoints.append(e["step"])
