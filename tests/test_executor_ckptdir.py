@@ -175,3 +175,26 @@ def test_plugin_flags_have_help() -> None:
     for flag in ("max-preemptions", "max-timeouts", "poll-interval", "checkpoint-root", "keep-checkpoints", "signal-lead-time"):
         assert f"--rkslurm-{flag}" in out
     assert "--rkslurm-requeue" in out  # the stock settings, under our prefix
+
+
+def test_declared_fingerprint_matches_the_workflow_preparation_script(tmp_path: Path) -> None:
+    """Local executor (prepare_ckpt.py) and rkslurm compute the same value: switching keeps the folder."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows" / "wavesim" / "scripts"))
+    import prepare_ckpt
+
+    model = tmp_path / "velocity.npy"
+    model.write_bytes(b"model bytes")
+    text = "grid=8 8 8 steps=100"
+    d = tmp_path / "ck"
+    assert prepare_ckpt.main([str(d), text, str(model)]) == 0
+    (d / "x-000000000010-full.rkcp").write_bytes(b"c")
+    params = {"fingerprint": text, "steps": 100, ckptdir.PARAM_NAME: str(d)}
+    digest = ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)])
+    r = ckptdir.prepare(d, digest)
+    assert r.stale_reason is None and not r.fresh and (d / "x-000000000010-full.rkcp").exists()
+    # another declared text, or other model contents: a different fingerprint
+    assert ckptdir.step_fingerprint("simulate", {**params, "fingerprint": "grid=9 9 9"}, "", [str(model)]) != digest
+    model.write_bytes(b"other model")
+    assert ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)]) != digest

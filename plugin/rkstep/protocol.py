@@ -94,6 +94,14 @@ def fingerprint(doc: Mapping[str, Any], files: Iterable[str | os.PathLike[str]] 
     return h.hexdigest()
 
 
+def declared_fingerprint(text: str, files: Iterable[str | os.PathLike[str]] = ()) -> str:
+    """The fingerprint of a rule that states what decides its result (a text such as
+    ``grid=... steps=...``) plus its input files. The workflow's own preparation
+    script (local executor) and the rkslurm executor both call this, so a folder
+    prepared under one is resumed under the other."""
+    return fingerprint({"declared": str(text)}, files)
+
+
 def submission_tag(checkpoint_key: str) -> str:
     """``sbatch --comment`` naming the step: the same folder always gives the same tag,
     so a new head process finds the live job of a step an earlier head submitted."""

@@ -25,6 +25,8 @@ from rkstep import protocol
 DEFAULT_ROOT = ".snakemake/rkslurm"
 ENV_VAR = protocol.ENV_CHECKPOINT_DIR
 PARAM_NAME = "rkslurm_checkpoint_dir"
+#: a rule param stating what decides the step's result (see rkstep.protocol.declared_fingerprint)
+FINGERPRINT_PARAM = "rkslurm_fingerprint"
 FINGERPRINT_FILE = protocol.FINGERPRINT_FILE
 STOP_MARKER = protocol.STOP_MARKER
 PROGRESS_FILE = protocol.PROGRESS_FILE
@@ -70,6 +72,21 @@ def fingerprint(inputs: list[str], params: Mapping[str, Any], code: str, rule: s
     """
     doc = {"rule": rule, "params": {str(k): v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
     return protocol.fingerprint(doc, inputs)
+
+
+def step_fingerprint(rule: str, params: Mapping[str, Any], code: str, inputs: list[str]) -> str:
+    """The fingerprint the executor stores for a step.
+
+    A rule that declares what decides its result (param ``rkslurm_fingerprint``,
+    or ``fingerprint``, a string) gets :func:`rkstep.protocol.declared_fingerprint`
+    of it and its inputs -- the value its own preparation script computes under
+    another executor, so switching executors resumes the folder. Otherwise
+    :func:`fingerprint` of rule, params, code and inputs.
+    """
+    declared = params.get(FINGERPRINT_PARAM, params.get("fingerprint"))
+    if isinstance(declared, str):
+        return protocol.declared_fingerprint(declared, inputs)
+    return fingerprint(inputs, params, code, rule)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

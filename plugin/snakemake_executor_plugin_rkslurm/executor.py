@@ -83,7 +83,8 @@ class Executor(_stock.Executor):
         return ckptdir.default_checkpoint_dir(job.name, wildcards, self.workflow.executor_settings.checkpoint_root)
 
     def _fingerprint(self, job: JobExecutorInterface) -> str:
-        """Content fingerprint of the rule's code, params and input files (see ckptdir.fingerprint)."""
+        """Content fingerprint of the step: the rule's declared text (param ``rkslurm_fingerprint``
+        or ``fingerprint``) and input files, else its code, params and input files."""
         rule = getattr(job, "rule", None)
         code = ""
         if rule is not None:
@@ -96,7 +97,7 @@ class Executor(_stock.Executor):
         p = getattr(job, "params", None)
         if p is not None and hasattr(p, "items"):
             params = {str(k): v for k, v in p.items()}
-        return ckptdir.fingerprint([str(f) for f in job.input], params, code, job.name)
+        return ckptdir.step_fingerprint(job.name, params, code, [str(f) for f in job.input])
 
     def _new_step(self, job: JobExecutorInterface) -> Step:
         partition = job.resources.get("slurm_partition") or self._default_partition
