@@ -195,6 +195,16 @@ def test_deleted_folder_under_a_running_job_is_reported_once(tmp_path: Path) -> 
     assert one(mon, step).warnings == ()
 
 
+def test_deleted_folder_is_reported_when_the_job_already_failed(tmp_path: Path) -> None:
+    """The step may die of it before any poll sees it running: the failure still says why."""
+    slurm, mon, step = make(tmp_path)
+    assert step.checkpoint_dir is not None
+    step.checkpoint_dir.rmdir()
+    slurm.records["100"] = rec("FAILED", exit_code="1:0")
+    p = one(mon, step)
+    assert p.decision.action is Action.FAIL and len(p.warnings) == 1 and "(failed)" in p.warnings[0]
+
+
 def test_query_failure_propagates_so_no_job_is_judged(tmp_path: Path) -> None:
     slurm, mon, step = make(tmp_path)
     slurm.down = True

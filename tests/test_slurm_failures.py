@@ -95,6 +95,9 @@ def _kill_and_finish(w: SlurmWorkflow, how: str) -> str:
     assert starts[1]["step"] == killed_at >= 4, "the resubmission restores the killed attempt's newest checkpoint"
     assert "killed by a signal it could not catch after checkpoint progress" in out and "kill 1/3" in out, out[-5000:]
     assert [e["event"] for e in _timeline(w)].count("kill") == 1
+    # both attempts' Slurm logs are kept after the success (the story of the step)
+    for e in starts:
+        assert (w.root / f".snakemake/slurm_logs/rule_sim/{e['job']}.log").exists()
     return out
 
 
@@ -170,3 +173,17 @@ def test_rerun_after_the_head_died_adopts_the_running_job(slurm_workflow: SlurmW
     assert {e["job"] for e in w.events("start")} == {job} and len(w.events("start")) == 1
     _bit_identical(w)
     assert [e["event"] for e in _timeline(w)].count("adopted") == 1
+
+
+def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_workflow: SlurmWorkflow) -> None:
+    """Before: the step's complaints went to a log inside the deleted folder; the executor said nothing."""
+    w = slurm_workflow
+    w.write(steps=400, delay=0.25, partition=PART)
+    p = w.start()
+    job = _running_step(w, p, 3)["job"]
+    folder = w.root / ".snakemake/rkslurm/sim/_"
+    shutil.rmtree(folder)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0  # the test step cannot write its next checkpoint and fails
+    assert f"the checkpoint folder {folder} was deleted under job {job}" in out, out[-5000:]
+    assert [e["event"] for e in _timeline(w)].count("folder_gone") == 1

@@ -181,13 +181,15 @@ class Monitor:
             return None
 
     def _folder_warning(self, step: Step, obs: JobObservation) -> tuple[str, ...]:
-        """The checkpoint folder vanished under a live job: say so here, where the user looks."""
-        if step.checkpoint_dir is None or step.folder_gone_reported or not obs.state.is_active:
+        """The checkpoint folder vanished under the job: say so here, where the user looks
+        (the step's own complaints went to a log inside that folder, or to its job log)."""
+        if step.checkpoint_dir is None or step.folder_gone_reported or obs.state is SlurmJobState.COMPLETED:
             return ()
         if step.checkpoint_dir.exists():
             return ()
         step.folder_gone_reported = True
         return (
-            f"rkslurm: rule {step.rule}: the checkpoint folder {step.checkpoint_dir} was deleted while job {obs.job_id} runs; "
-            "its checkpoints are gone and the step cannot write new ones: an interruption now restarts it from step 0",
+            f"rkslurm: rule {step.rule}: the checkpoint folder {step.checkpoint_dir} was deleted under job {obs.job_id} "
+            f"({obs.state.value.lower()}); its checkpoints are gone and the step cannot write new ones: an interruption now "
+            "restarts it from step 0",
         )
