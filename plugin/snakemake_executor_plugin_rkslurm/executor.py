@@ -123,7 +123,7 @@ class Executor(_stock.Executor):
         lead = int(s.signal_lead_time)
         if lead > 0:
             options.append(f"--signal=TERM@{lead}")
-        if not s.requeue and not s.no_requeue:
+        if not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
             options.append("--requeue")  # let Slurm requeue (same job id) where the partition says REQUEUE
         return submitter.SubmitExtras(
             env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=step.tag, exclude=step.history.excluded_nodes
