@@ -198,3 +198,30 @@ def test_declared_fingerprint_matches_the_workflow_preparation_script(tmp_path: 
     assert ckptdir.step_fingerprint("simulate", {**params, "fingerprint": "grid=9 9 9"}, "", [str(model)]) != digest
     model.write_bytes(b"other model")
     assert ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)]) != digest
+
+
+def test_query_asks_scontrol_about_our_ids_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One `scontrol show job -o ID` per id of ours, never the whole cluster; a purged id goes to sacct."""
+    asked = tmp_path / "asked"
+    _shim(
+        tmp_path,
+        "scontrol",
+        f'echo "$@" >> {asked}\nif [ "$4" = 99 ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
+        f"cat <<'EOF'\n{SCONTROL}EOF\n",
+    )
+    _shim(tmp_path, "sacct", f'echo "$@" >> {asked}\necho "99|COMPLETED|0:0|localhost|main|00:00:03|UNLIMITED"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    got = slurmquery.query(["3", "99"])
+    assert got["3"].source == "scontrol" and got["99"].source == "sacct" and got["99"].preempted is None
+    lines = asked.read_text().splitlines()
+    assert lines[:2] == ["show job -o 3", "show job -o 99"]
+    assert "-j 99 " in lines[2] + " " and "3" not in lines[2].split("-j ")[1].split()[0]
+
+
+def test_tagged_jobs_finds_only_the_steps_own_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _shim(tmp_path, "squeue", "printf '5|rkslurm:abc|RUNNING\\n6|rule_sim|RUNNING\\n7|rkslurm:abc|PENDING\\n8|rkslurm:abcd|RUNNING\\n'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert slurmquery.tagged_jobs("rkslurm:abc") == [("5", "RUNNING"), ("7", "PENDING")]
+    _shim(tmp_path, "squeue", "echo 'squeue: error: Unable to contact slurm controller' >&2; exit 1\n")
+    with pytest.raises(slurmquery.QueryError):  # "cannot ask" must never read as "no job": no duplicate
+        slurmquery.tagged_jobs("rkslurm:abc")

@@ -144,11 +144,20 @@ class Executor(_stock.Executor):
 
     def _adoptable(self, job: JobExecutorInterface, step: Step) -> tuple[str, str] | None:
         """The live Slurm job an earlier head process submitted for this step, if any."""
-        try:
-            live = self.slurm.tagged_jobs(step.tag)
-        except (slurmquery.QueryError, OSError) as e:
-            self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); submitting")
-            return None
+        window = float(self.workflow.executor_settings.submit_retry_minutes) * 60.0
+        deadline, delay = time.monotonic() + window, 1.0
+        while True:
+            try:
+                live = self.slurm.tagged_jobs(step.tag)
+                break
+            except (slurmquery.QueryError, OSError) as e:
+                # "cannot ask" is not "no such job": wait as sbatch would, then submit
+                if time.monotonic() >= deadline:
+                    self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); submitting")
+                    return None
+                self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); retrying")
+                time.sleep(min(delay, 30.0, max(0.0, deadline - time.monotonic())))
+                delay *= 2
         if not live:
             return None
         live.sort(key=lambda t: int(t[0]) if t[0].isdigit() else 0)
