@@ -187,3 +187,23 @@ def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_wor
     assert p.returncode != 0  # the test step cannot write its next checkpoint and fails
     assert f"the checkpoint folder {folder} was deleted under job {job}" in out, out[-5000:]
     assert [e["event"] for e in _timeline(w)].count("folder_gone") == 1
+
+
+def test_requeued_rerun_records_its_restart_count(slurm_workflow: SlurmWorkflow) -> None:
+    """Before: the rerun Slurm requeued (same job id, Restarts=1) said restart=0."""
+    from fixtures_slurm import submit_urgent
+    from rkstep import StepPaths, attempts, read_events
+
+    w = slurm_workflow
+    w.write(steps=40, delay=0.25, partition="requeue")
+    w.reference(40)
+    p = w.start("--rkslurm-keep-checkpoints")
+    job = _running_step(w, p, 4)["job"]
+    submit_urgent(3)
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-5000:]
+    _bit_identical(w)
+    runs = [a for a in attempts(read_events(StepPaths(w.root / ".snakemake/rkslurm/sim/_").events)) if a.job == job]
+    assert len(runs) >= 2, runs
+    assert [a.restart for a in runs] == list(range(len(runs)))  # 0, 1, ... (more if others' urgent jobs hit it too)
+    assert runs[1].start_step == runs[0].stopped_step  # the rerun resumed where the victim stopped
