@@ -219,7 +219,11 @@ def test_query_asks_scontrol_about_our_ids_only(tmp_path: Path, monkeypatch: pyt
 
 
 def test_tagged_jobs_finds_only_the_steps_own_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _shim(tmp_path, "squeue", "printf '5|rkslurm:abc|RUNNING\\n6|rule_sim|RUNNING\\n7|rkslurm:abc|PENDING\\n8|rkslurm:abcd|RUNNING\\n'\n")
+    _shim(
+        tmp_path,
+        "squeue",
+        "printf '5|rule_sim rkslurm:abc|RUNNING\\n6|rule_sim|RUNNING\\n7|rkslurm:abc|PENDING\\n8|rkslurm:abcd|RUNNING\\n'\n",
+    )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert slurmquery.tagged_jobs("rkslurm:abc") == [("5", "RUNNING"), ("7", "PENDING")]
     _shim(tmp_path, "squeue", "echo 'squeue: error: Unable to contact slurm controller' >&2; exit 1\n")

@@ -185,7 +185,7 @@ def _scontrol_job(job_id: str, timeout: float) -> str:
 
 
 def tagged_jobs(tag: str, timeout: float = 20.0) -> list[tuple[str, str]]:
-    """(job id, state) of this user's queued or running jobs whose ``--comment`` is ``tag``.
+    """(job id, state) of this user's queued or running jobs whose ``--comment`` has the word ``tag``.
 
     Raises QueryError when squeue fails: the caller must not take "cannot
     ask" for "no such job" (that would submit a duplicate).
@@ -195,7 +195,7 @@ def tagged_jobs(tag: str, timeout: float = 20.0) -> list[tuple[str, str]]:
     found = []
     for line in out.splitlines():
         parts = line.strip().split("|")
-        if len(parts) >= 3 and parts[1] == tag:
+        if len(parts) >= 3 and tag in parts[1].split():
             found.append((parts[0], parts[2]))
     return found
 

@@ -138,10 +138,14 @@ def build_submission(executor: Any, job: Any, extras: SubmitExtras) -> tuple[str
     logfile = log_pattern(executor, job)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     validate_slurm_extra(job)
+    stock_comment = f"rule_{job.name}" + (f"_wildcards_{wildcard_str}" if wildcard_str else "")
+    if extras.comment:
+        # keep the stock comment (tools match on rule_<name>) and add our tag as its own word
+        extras = SubmitExtras(env=extras.env, options=extras.options, comment=f"{stock_comment} {extras.comment}", exclude=extras.exclude)
     params = {
         "run_uuid": executor.run_uuid,
         "slurm_logfile": logfile,
-        "comment_str": f"rule_{job.name}" + (f"_wildcards_{wildcard_str}" if wildcard_str else ""),
+        "comment_str": stock_comment,
         "account": next(executor.get_account_arg(job)),
         "partition": executor.get_partition_arg(job),
         "workdir": executor.workflow.workdir_init,
