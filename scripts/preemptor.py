@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rkckpt.chain import newest_named_step
+from rkstep.protocol import STOP_MARKER
 
 
 @dataclass
@@ -56,9 +57,9 @@ def newest_checkpoint(root: Path) -> int | None:
 
 
 def stopped_step(root: Path) -> int | None:
-    """Step in the newest ``rkrun.stopped.json`` under ``root`` (written when rkrun stops on a signal)."""
+    """Step in the newest stop marker (rkstep.protocol.STOP_MARKER) under ``root`` (written when rkrun stops on a signal)."""
     found: list[tuple[float, int]] = []
-    for marker in root.rglob("rkrun.stopped.json"):
+    for marker in root.rglob(STOP_MARKER):
         try:
             doc = json.loads(marker.read_text())
             found.append((marker.stat().st_mtime, int(doc["step"])))

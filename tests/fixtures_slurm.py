@@ -44,6 +44,7 @@ ap.add_argument("--checkpoint-dir", default=os.environ.get("RKSLURM_CHECKPOINT_D
 ap.add_argument("--seed", default="rkslurm")
 ap.add_argument("--trace")
 ap.add_argument("--out", required=True)
+ap.add_argument("--fail-at", type=int, default=None)
 a = ap.parse_args()
 if not a.checkpoint_dir:
     sys.exit("no checkpoint dir (RKSLURM_CHECKPOINT_DIR unset)")
@@ -57,7 +58,14 @@ def trace(ev, s):
     if a.trace:
         with open(a.trace, "a") as f:
             f.write(json.dumps({"event": ev, "step": s, "job": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(), "t": time.time()}) + "\n")
+try:  # the step protocol's attempt events, as rkrun writes them
+    from rkstep.events import EventWriter
+    ev = EventWriter.for_folder(a.checkpoint_dir)
+except ImportError:
+    ev = None
 trace("start", step)
+if ev:
+    ev.start(step)
 stop = []
 def on_sig(signum, frame):
     stop.append(signal.Signals(signum).name)
@@ -65,12 +73,21 @@ signal.signal(signal.SIGTERM, on_sig)
 signal.signal(signal.SIGUSR1, on_sig)
 def checkpoint():
     atomic_write(prog, json.dumps({"step": step, "h": h}))
+    if ev:
+        ev.checkpoint(step)
 while step < a.steps:
     if stop:
         checkpoint()
         atomic_write(os.path.join(a.checkpoint_dir, "rkrun.stopped.json"), json.dumps({"step": step, "signal": stop[0]}))
         trace("stop", step)
+        if ev:
+            ev.stop(step, stop[0]); ev.end(75, step)
         sys.exit(75)
+    if a.fail_at is not None and step == a.fail_at:
+        trace("error", step)
+        if ev:
+            ev.end(1, step)
+        sys.exit(1)
     time.sleep(a.delay)
     h = hashlib.sha256(f"{h}:{step}".encode()).hexdigest()
     step += 1
@@ -80,6 +97,8 @@ while step < a.steps:
             trace("ckpt", step)
 atomic_write(a.out, json.dumps({"steps": step, "h": h}) + "\n")
 trace("done", step)
+if ev:
+    ev.end(0, step)
 '''
 
 
@@ -154,6 +173,7 @@ class SlurmWorkflow:
         checkpoint_every: int = 1,
         extra_resources: str = "",
         seed: str = "rkslurm",
+        step_args: str = "",
     ) -> None:
         self.step_script.write_text(STEP_SCRIPT)
         res = f'slurm_partition="{partition}", mem_mb=200'
@@ -168,7 +188,7 @@ rule sim:
     output: "result.json"
     params: steps={steps}, seed="{seed}"
     resources: {res}
-    shell: "exec {shlex.quote(sys.executable)} step.py --steps {{params.steps}} --seed {{params.seed}} --delay {delay} --checkpoint-every {checkpoint_every} --trace trace.jsonl --out {{output}}"
+    shell: "exec {shlex.quote(sys.executable)} step.py --steps {{params.steps}} --seed {{params.seed}} --delay {delay} --checkpoint-every {checkpoint_every} --trace trace.jsonl --out {{output}}{" " + step_args if step_args else ""}"
 """
         )
 
@@ -180,7 +200,7 @@ rule sim:
     def events(self, name: str) -> list[dict]:
         return [e for e in self.trace() if e["event"] == name]
 
-    def start(self, *args: str, poll: float = 1.0) -> subprocess.Popen:
+    def start(self, *args: str, poll: float = 1.0, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [
             sys.executable,
             "-m",
@@ -199,7 +219,7 @@ rule sim:
             "5",
             *args,
         ]
-        return subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def run(self, *args: str, timeout: float = 240, poll: float = 1.0) -> tuple[int, str]:
         p = self.start(*args, poll=poll)

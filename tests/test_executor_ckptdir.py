@@ -78,6 +78,20 @@ def test_fingerprint_tracks_inputs_params_code(tmp_path: Path) -> None:
     assert base != ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
 
 
+def test_fingerprint_is_by_content_not_mtime(tmp_path: Path) -> None:
+    """A touched or copied input keeps the folder resumable (the local and rkslurm executors agree)."""
+    import os
+
+    f = tmp_path / "in.txt"
+    f.write_text("same")
+    base = ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
+    os.utime(f, (1, 1))
+    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") == base
+    f.write_text("diff")
+    os.utime(f, (1, 1))
+    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") != base
+
+
 def test_read_progress_from_marker_names_and_progress_file(tmp_path: Path) -> None:
     assert ckptdir.read_progress(tmp_path / "missing") is None
     assert ckptdir.read_progress(tmp_path) is None
@@ -161,3 +175,57 @@ def test_plugin_flags_have_help() -> None:
     for flag in ("max-preemptions", "max-timeouts", "poll-interval", "checkpoint-root", "keep-checkpoints", "signal-lead-time"):
         assert f"--rkslurm-{flag}" in out
     assert "--rkslurm-requeue" in out  # the stock settings, under our prefix
+
+
+def test_declared_fingerprint_matches_the_workflow_preparation_script(tmp_path: Path) -> None:
+    """Local executor (prepare_ckpt.py) and rkslurm compute the same value: switching keeps the folder."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows" / "wavesim" / "scripts"))
+    import prepare_ckpt
+
+    model = tmp_path / "velocity.npy"
+    model.write_bytes(b"model bytes")
+    text = "grid=8 8 8 steps=100"
+    d = tmp_path / "ck"
+    assert prepare_ckpt.main([str(d), text, str(model)]) == 0
+    (d / "x-000000000010-full.rkcp").write_bytes(b"c")
+    params = {"fingerprint": text, "steps": 100, ckptdir.PARAM_NAME: str(d)}
+    digest = ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)])
+    r = ckptdir.prepare(d, digest)
+    assert r.stale_reason is None and not r.fresh and (d / "x-000000000010-full.rkcp").exists()
+    # another declared text, or other model contents: a different fingerprint
+    assert ckptdir.step_fingerprint("simulate", {**params, "fingerprint": "grid=9 9 9"}, "", [str(model)]) != digest
+    model.write_bytes(b"other model")
+    assert ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)]) != digest
+
+
+def test_query_asks_scontrol_about_our_ids_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One `scontrol show job -o ID` per id of ours, never the whole cluster; a purged id goes to sacct."""
+    asked = tmp_path / "asked"
+    _shim(
+        tmp_path,
+        "scontrol",
+        f'echo "$@" >> {asked}\nif [ "$4" = 99 ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
+        f"cat <<'EOF'\n{SCONTROL}EOF\n",
+    )
+    _shim(tmp_path, "sacct", f'echo "$@" >> {asked}\necho "99|COMPLETED|0:0|localhost|main|00:00:03|UNLIMITED"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    got = slurmquery.query(["3", "99"])
+    assert got["3"].source == "scontrol" and got["99"].source == "sacct" and got["99"].preempted is None
+    lines = asked.read_text().splitlines()
+    assert lines[:2] == ["show job -o 3", "show job -o 99"]
+    assert "-j 99 " in lines[2] + " " and "3" not in lines[2].split("-j ")[1].split()[0]
+
+
+def test_tagged_jobs_finds_only_the_steps_own_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _shim(
+        tmp_path,
+        "squeue",
+        "printf '5|rule_sim rkslurm:abc|RUNNING\\n6|rule_sim|RUNNING\\n7|rkslurm:abc|PENDING\\n8|rkslurm:abcd|RUNNING\\n'\n",
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert slurmquery.tagged_jobs("rkslurm:abc") == [("5", "RUNNING"), ("7", "PENDING")]
+    _shim(tmp_path, "squeue", "echo 'squeue: error: Unable to contact slurm controller' >&2; exit 1\n")
+    with pytest.raises(slurmquery.QueryError):  # "cannot ask" must never read as "no job": no duplicate
+        slurmquery.tagged_jobs("rkslurm:abc")

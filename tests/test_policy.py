@@ -13,6 +13,7 @@ from snakemake_executor_plugin_rkslurm.policy import (
     PolicySettings,
     SlurmJobState,
     StepHistory,
+    classify,
     decide,
     parse_exit_code,
     parse_state,
@@ -182,6 +183,15 @@ DECISION_TABLE: list[tuple[SlurmJobState, dict[str, object], Action, str | None]
     (S.CANCELLED, {"exit_code": 0, "signal": 15}, Action.FAIL, None),
     (S.FAILED, {"exit_code": 1}, Action.FAIL, None),
     (S.FAILED, {"exit_code": 143}, Action.FAIL, None),
+    # a user's scancel (no PreemptTime) fails even though the step saved a checkpoint and exited 75
+    (S.CANCELLED, {"exit_code": EX_TEMPFAIL, "stopped_step": 30, "preempted": False}, Action.FAIL, "cancelled"),
+    (S.CANCELLED, {"exit_code": 0, "signal": 9, "preempted": False, "killed": True, "checkpoint_step": 40}, Action.FAIL, "cancelled"),
+    # killed by a signal it could not catch (start event, no end): resubmitted only after progress
+    (S.FAILED, {"exit_code": 1, "killed": True, "checkpoint_step": 40}, Action.RESUBMIT, "kill"),
+    (S.FAILED, {"exit_code": 1, "killed": True}, Action.FAIL, "kill"),
+    (S.OUT_OF_MEMORY, {"killed": True, "checkpoint_step": 40}, Action.RESUBMIT, "kill"),
+    # a plain error exit (an end event, so not killed) is never resubmitted, checkpoint or not
+    (S.FAILED, {"exit_code": 1, "checkpoint_step": 40}, Action.FAIL, None),
     (S.OUT_OF_MEMORY, {}, Action.FAIL, None),
     (S.DEADLINE, {}, Action.FAIL, None),
     (S.REVOKED, {}, Action.FAIL, None),
@@ -209,6 +219,70 @@ def test_every_state_string_gets_a_decision(raw: str, expected: SlurmJobState) -
     """From raw string to decision without raising, whatever Slurm prints."""
     d = decide(obs(parse_state(raw), raw_state=raw, exit_code=0), HIST)
     assert isinstance(d.action, Action)
+
+
+# ---------------------------------------------------------------- classify: what really ended the job
+
+# (Slurm state, classify keyword arguments, effective state)
+CLASSIFY_TABLE: list[tuple[SlurmJobState, dict[str, object], SlurmJobState]] = [
+    # a victim exiting within GraceTime: its own exit, but slurmctld set PreemptTime
+    (S.FAILED, {"preempted": True, "stopped": True}, S.PREEMPTED),
+    (S.CANCELLED, {"preempted": True, "stopped": True}, S.PREEMPTED),
+    (S.CANCELLED, {"preempted": True}, S.PREEMPTED),
+    # a user's scancel: no PreemptTime, stays CANCELLED whatever the step did
+    (S.CANCELLED, {"preempted": False, "stopped": True}, S.CANCELLED),
+    (S.CANCELLED, {"preempted": False, "stopped": True, "run_seconds": 59, "time_limit_seconds": 60, "signal_lead": 10}, S.CANCELLED),
+    (S.CANCELLED, {"preempted": None}, S.CANCELLED),
+    # stopped on our --signal lead shortly before the limit: the timeout it is
+    (S.FAILED, {"preempted": False, "stopped": True, "run_seconds": 40, "time_limit_seconds": 60, "signal_lead": 10}, S.TIMEOUT),
+    (S.FAILED, {"preempted": None, "stopped": True, "run_seconds": 40, "time_limit_seconds": 60, "signal_lead": 10}, S.TIMEOUT),
+    # ... but not long before it, not without a stop, not without a limit
+    (S.FAILED, {"preempted": False, "stopped": True, "run_seconds": 100, "time_limit_seconds": 3600, "signal_lead": 60}, S.FAILED),
+    (S.FAILED, {"preempted": False, "stopped": False, "run_seconds": 59, "time_limit_seconds": 60, "signal_lead": 10}, S.FAILED),
+    (S.FAILED, {"preempted": False, "stopped": True, "run_seconds": 59}, S.FAILED),
+    # every other state is what Slurm says, PreemptTime or not
+    (S.PREEMPTED, {"preempted": True}, S.PREEMPTED),
+    (S.COMPLETED, {"preempted": True}, S.COMPLETED),
+    (S.TIMEOUT, {"stopped": True}, S.TIMEOUT),
+    (S.OUT_OF_MEMORY, {"preempted": False}, S.OUT_OF_MEMORY),
+    (S.RUNNING, {"preempted": True}, S.RUNNING),
+    (S.NODE_FAIL, {"stopped": True}, S.NODE_FAIL),
+]
+
+
+@pytest.mark.parametrize(("state", "kw", "expected"), CLASSIFY_TABLE, ids=[f"{r[0].value}-{i}" for i, r in enumerate(CLASSIFY_TABLE)])
+def test_classify_table(state: SlurmJobState, kw: dict[str, object], expected: SlurmJobState) -> None:
+    assert classify(state, **kw) is expected  # type: ignore[arg-type]
+
+
+def test_user_cancel_fails_at_once_whatever_the_preemption_budget() -> None:
+    """Regression: a user's scancel was resubmitted max-preemptions + 1 times."""
+    d = decide(obs(S.CANCELLED, exit_code=EX_TEMPFAIL, stopped_step=30, checkpoint_step=30, preempted=False), HIST, PolicySettings())
+    assert d.action is Action.FAIL
+    assert "cancelled by scancel" in d.reason and "step 30" in d.reason
+    assert d.history.preemptions == 0
+
+
+def test_unknown_preemption_keeps_treating_a_stop_as_interrupted() -> None:
+    """sacct alone (slurmctld purged the job) cannot tell; a saved stop is then resumed."""
+    d = decide(obs(S.CANCELLED, exit_code=EX_TEMPFAIL, preempted=None), HIST)
+    assert d.action is Action.RESUBMIT and d.event == "interrupted"
+
+
+def test_kills_have_their_own_cap_and_need_progress_each_time() -> None:
+    settings = PolicySettings(max_kills=2, max_preemptions=0)
+    h = StepHistory().with_submission("1", checkpoint_step=None)
+    for i, jid in enumerate(("1", "2")):
+        d = decide(obs(S.FAILED, job_id=jid, exit_code=1, killed=True, checkpoint_step=10 * (i + 1)), h, settings)
+        assert d.action is Action.RESUBMIT, d.reason
+        assert d.history.kills == i + 1 and d.history.preemptions == 0
+        h = d.history.with_submission(str(int(jid) + 1))
+    # no progress since the last attempt started: fail, do not loop
+    d = decide(obs(S.FAILED, job_id="3", exit_code=1, killed=True, checkpoint_step=20), h, settings)
+    assert d.action is Action.FAIL and "before a newer checkpoint" in d.reason
+    # progress, but over the cap
+    d = decide(obs(S.FAILED, job_id="3", exit_code=1, killed=True, checkpoint_step=30), h, settings)
+    assert d.action is Action.FAIL and "max-kills=2" in d.reason and "1, 2, 3" in d.reason
 
 
 # ---------------------------------------------------------------- history is immutable and updated

@@ -77,13 +77,14 @@ def _run(plugin: KernelPlugin, values: dict[str, Any], source: str) -> int:
     with stop.held():
         from rkckpt.errors import CheckpointError
         from rkckpt.logsafe import install as mask_credentials_in_logs
+        from rkstep.events import run_attempt
 
         from .backends import BackendUnavailable
         from .runner import run_kernel
 
     mask_credentials_in_logs()  # -v lets botocore log signed request headers
     try:
-        return run_kernel(plugin, values, stop)
+        return run_attempt(values["checkpoint_dir"], lambda events: run_kernel(plugin, values, stop, events))
     except (CheckpointError, BackendUnavailable) as exc:
         logging.getLogger("rkrun").error("error: %s", exc)
         return EX_USAGE if isinstance(exc, BackendUnavailable) else 1

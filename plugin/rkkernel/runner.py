@@ -26,12 +26,15 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
+from rkstep.events import EventWriter, NullWriter
+from rkstep.protocol import EX_OK, EX_TEMPFAIL, EX_USAGE, STOP_MARKER
 
 from .plugin import KernelPlugin, KernelRun, Series
 from .result import write_result
@@ -40,11 +43,7 @@ from .signals import StopFlag
 
 log = logging.getLogger("rkrun")
 
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 2
-EX_TEMPFAIL = 75
-MARKER = "rkrun.stopped.json"
+MARKER = STOP_MARKER
 #: Copies of the state a run holds at once: the device's, the manager's delta
 #: parent and the snapshot being written (on a CPU device all in host memory).
 STATE_COPIES = 3
@@ -207,8 +206,10 @@ class _Progress:
 class StepLoop:
     """One run of one kernel; ``run()`` returns the exit status."""
 
-    def __init__(self, plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag) -> None:
+    def __init__(self, plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, events: EventWriter | None = None) -> None:
         self.plugin = plugin
+        #: the step's attempt log for the executor (``rkstep.events``)
+        self.events = events if events is not None else NullWriter(Path(os.devnull))
         self.values = values
         self.cfg = RunConfig.from_values(values)
         self.stop = stop
@@ -299,6 +300,7 @@ class StepLoop:
                 continue
             self.step, self.series, self.restored = step, series, rp
             log.info("restored from step %d (chain: %s) = %s", step, ", ".join(rp.chain), describe_chain(rp))
+            self.events.restore(step, rp.chain)
             if step > self.cfg.steps:
                 log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, self.cfg.steps)
                 return EX_USAGE
@@ -345,6 +347,7 @@ class StepLoop:
                 if self.step < self.cfg.steps and not self._finished() and self.mgr.due(self.step):
                     self.submitted = (self.step, self.mgr.stats.failed)
                     self.mgr.submit(self._snapshot("periodic"))
+                    self.events.checkpoint(self.step)
                 progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
                 if self.cfg.throttle_ms:
                     time.sleep(self.cfg.throttle_ms / 1000.0)
@@ -372,6 +375,7 @@ class StepLoop:
         _write_marker(self.mgr, doc)
         self._log_checkpoint_stats()
         log.info("stopped at step %d on %s; checkpoint written", written, self.stop.signal_name)
+        self.events.stop(written, self.stop.signal_name)
         if self.stop.extra:
             log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
         return EX_TEMPFAIL
@@ -471,6 +475,6 @@ def _series_array(s: Series, rows: list[tuple[float, ...]]) -> np.ndarray:
     return np.array(rows, dtype="<f8").reshape(-1, 1 + s.columns)
 
 
-def run_kernel(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag | None = None) -> int:
+def run_kernel(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag | None = None, events: EventWriter | None = None) -> int:
     """Run (or resume) ``plugin`` with validated option ``values``; ``stop`` lets the caller install signal handlers early."""
-    return StepLoop(plugin, values, stop if stop is not None else StopFlag().install()).run()
+    return StepLoop(plugin, values, stop if stop is not None else StopFlag().install(), events).run()

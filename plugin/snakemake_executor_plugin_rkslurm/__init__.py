@@ -3,8 +3,10 @@ checkpoint-aware handling of preemption, requeue, node failure and time limits.
 
 Select it with ``snakemake --executor rkslurm``. Submission and all sbatch
 options come from ``snakemake-executor-plugin-slurm`` (its settings are
-available here under the ``--rkslurm-`` prefix); this package adds a status
-loop that maps every Slurm state through :func:`.policy.decide`.
+available here under the ``--rkslurm-`` prefix); this package adds its own
+submitter (:mod:`.submitter`) and a status loop (:mod:`.monitor`) that maps
+every Slurm state through :func:`.policy.classify` and :func:`.policy.decide`.
+The step side of the contract is :mod:`rkstep`.
 """
 
 # No ``from __future__ import annotations`` here: Snakemake's plugin registry
@@ -47,6 +49,22 @@ class ExecutorSettings(_StockSettings):
             "required": False,
         },
     )
+    max_kills: int = field(
+        default=3,
+        metadata={
+            "help": "Resubmit a step whose attempt was killed by a signal it could not catch (SIGKILL, the OOM killer) after writing a newer checkpoint at most this many times; a plain error exit is never resubmitted.",
+            "env_var": False,
+            "required": False,
+        },
+    )
+    submit_retry_minutes: float = field(
+        default=10.0,
+        metadata={
+            "help": "Keep retrying sbatch (with backoff) this many minutes while it cannot reach slurmctld, before failing the step.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     poll_interval: float = field(
         default=2.0,
         metadata={
@@ -56,7 +74,7 @@ class ExecutorSettings(_StockSettings):
         },
     )
     slow_poll_interval: float = field(
-        default=15.0,
+        default=5.0,
         metadata={"help": "Seconds between status polls when no active step is preemptible.", "env_var": False, "required": False},
     )
     checkpoint_root: str = field(

@@ -9,7 +9,6 @@ killed workflow resumes every checkpointed step on rerun.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,14 +21,16 @@ from urllib.parse import quote
 from rkckpt import safejson
 from rkckpt.atomic import atomic_open
 from rkckpt.chain import newest_named_step
+from rkstep import protocol
 
 DEFAULT_ROOT = ".snakemake/rkslurm"
-ENV_VAR = "RKSLURM_CHECKPOINT_DIR"
+ENV_VAR = protocol.ENV_CHECKPOINT_DIR
 PARAM_NAME = "rkslurm_checkpoint_dir"
-FINGERPRINT_FILE = "rkslurm.fingerprint.json"
-STOP_MARKER = "rkrun.stopped.json"
-#: optional: a step that does not write checkpoint chains may report its newest checkpointed step here
-PROGRESS_FILE = "rkslurm.progress.json"
+#: a rule param stating what decides the step's result (see rkstep.protocol.declared_fingerprint)
+FINGERPRINT_PARAM = "rkslurm_fingerprint"
+FINGERPRINT_FILE = protocol.FINGERPRINT_FILE
+STOP_MARKER = protocol.STOP_MARKER
+PROGRESS_FILE = protocol.PROGRESS_FILE
 #: markers are a few lines of JSON; anything bigger is not ours
 MARKER_MAX_BYTES = 64 << 10
 
@@ -68,20 +69,27 @@ def rkslurm_checkpoint_dir(rule: str, root: str | os.PathLike[str] | None = None
 
 
 def fingerprint(inputs: list[str], params: Mapping[str, Any], code: str, rule: str) -> str:
-    """Digest of what determines a step's result: input files (path, size,
-    mtime), params and the rule's command/code. Input contents are not hashed:
-    inputs may be many GiB, and Snakemake itself reruns on mtime changes.
+    """What determines a step's result -- the rule, its params (less the folder
+    itself) and command/code, and the *contents* of its input files -- through
+    the one protocol function :func:`rkstep.protocol.fingerprint`.
     """
-    files = []
-    for f in inputs:
-        try:
-            st = os.stat(f)
-            files.append([str(f), st.st_size, st.st_mtime_ns])
-        except OSError:
-            files.append([str(f), None, None])
-    doc = {"rule": rule, "inputs": files, "params": {k: v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
-    blob = json.dumps(doc, sort_keys=True, default=repr).encode()
-    return hashlib.sha256(blob).hexdigest()
+    doc = {"rule": rule, "params": {str(k): v for k, v in sorted(params.items()) if k != PARAM_NAME}, "code": code}
+    return protocol.fingerprint(doc, inputs)
+
+
+def step_fingerprint(rule: str, params: Mapping[str, Any], code: str, inputs: list[str]) -> str:
+    """The fingerprint the executor stores for a step.
+
+    A rule that declares what decides its result (param ``rkslurm_fingerprint``,
+    or ``fingerprint``, a string) gets :func:`rkstep.protocol.declared_fingerprint`
+    of it and its inputs -- the value its own preparation script computes under
+    another executor, so switching executors resumes the folder. Otherwise
+    :func:`fingerprint` of rule, params, code and inputs.
+    """
+    declared = params.get(FINGERPRINT_PARAM, params.get("fingerprint"))
+    if isinstance(declared, str):
+        return protocol.declared_fingerprint(declared, inputs)
+    return fingerprint(inputs, params, code, rule)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,25 +1,27 @@
-"""The rkslurm executor: stock Slurm submission, our own status loop.
+"""The rkslurm executor: stock Slurm submission helpers, our own submitter and status loop.
 
 Why a subclass and not a fork: accounts, partitions, gres, slurm_extra and
-log handling stay the stock plugin's (pinned 2.8.0). We only
-- add sbatch options per submission (``--signal``, ``--requeue``, excluded
-  nodes, ``RKSLURM_CHECKPOINT_DIR`` in the job's environment) through a thin
-  wrapper around the stock module's ``get_submit_command``;
-- capture resubmissions so Snakemake keeps seeing one job per step (the
-  Slurm id of the SubmittedJobInfo is swapped in place, no retry attempt);
-- replace ``check_active_jobs`` with a loop that asks :mod:`.slurmquery` and
-  lets :func:`.policy.decide` choose wait | succeed | resubmit | fail.
+log handling stay the stock plugin's. Explicit seams only:
+
+- :mod:`.submitter` builds the stock sbatch command with the stock plugin's
+  public helpers and adds ``--signal``, ``--requeue``, the step's tag
+  (``--comment rkslurm:<key>``) and ``RKSLURM_CHECKPOINT_DIR``; sbatch is
+  retried while slurmctld is unreachable. A resubmission is the same call;
+  Snakemake keeps seeing one job per step (the Slurm id of its
+  SubmittedJobInfo is swapped in place, no retry attempt).
+- before submitting, a step's live Slurm job from an earlier head process
+  (found by its tag) is adopted instead of submitting a duplicate.
+- ``check_active_jobs`` is query → decide (:class:`.monitor.Monitor`, unit
+  tested against a fake Slurm) → act (here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shlex
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,56 +29,17 @@ import snakemake_executor_plugin_slurm as _stock
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
-from . import ckptdir, slurmquery
-from .policy import (
-    Action,
-    JobObservation,
-    PolicySettings,
-    SlurmJobState,
-    StepHistory,
-    decide,
-    parse_exit_code,
-    parse_state,
-)
+from rkstep.protocol import ENV_CHECKPOINT_DIR, submission_tag
 
-_SUBMIT_CONTEXT = threading.local()
-#: seconds of slack around Slurm's time-limit signal: sbatch(1) says --signal
-#: "may be sent up to 60 seconds earlier than specified"
-_LIMIT_CHECK_SLACK = 60
-_original_get_submit_command = _stock.get_submit_command
-
-
-def _get_submit_command(job, params, settings=None, failed_nodes=None, array_job=False) -> str:
-    """Stock command plus what the current thread's rkslurm submission asks for."""
-    call = _original_get_submit_command(job, params, settings=settings, failed_nodes=failed_nodes, array_job=array_job)
-    ctx = getattr(_SUBMIT_CONTEXT, "value", None)
-    if ctx is None:
-        return call
-    env_prefix, extra = ctx
-    if not call.startswith("sbatch "):
-        return call
-    return f"{env_prefix} sbatch {extra} " + call[len("sbatch ") :]
-
-
-if getattr(_stock.get_submit_command, "__name__", "") != "_get_submit_command":
-    _stock.get_submit_command = _get_submit_command
-
-
-@dataclass
-class Step:
-    """What we know about one Snakemake job (a step) across its Slurm jobs."""
-
-    rule: str
-    #: local checkpoint folder (None when the rule points at a storage URL we cannot inspect)
-    checkpoint_dir: Path | None
-    #: what the job gets as RKSLURM_CHECKPOINT_DIR (the folder, or the rule's URL)
-    export: str = ""
-    history: StepHistory = field(default_factory=StepHistory)
-    partition: str | None = None
-    submitted_at: float = 0.0
+from . import ckptdir, slurmquery, submitter
+from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
+from .policy import Action, PolicySettings
 
 
 class Executor(_stock.Executor):
+    #: the Slurm query layer (a fake in unit tests)
+    slurm: SlurmApi = SlurmCli()
+
     def __post_init__(self, test_mode: bool = False) -> None:
         super().__post_init__(test_mode=test_mode)
         s = self.workflow.executor_settings
@@ -87,13 +50,19 @@ class Executor(_stock.Executor):
             self.array_jobs = set()
         self._steps: dict[int, Step] = {}
         self._steps_lock = threading.Lock()
-        self._policy = PolicySettings(
-            max_preemptions=int(s.max_preemptions),
-            max_timeouts=int(s.max_timeouts),
-            max_node_failures=int(s.max_node_failures),
-        )
-        self._preempt_modes = slurmquery.partition_preempt_modes()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._default_partition = slurmquery.default_partition()
+        self.monitor = Monitor(
+            self.slurm,
+            PolicySettings(
+                max_preemptions=int(s.max_preemptions),
+                max_timeouts=int(s.max_timeouts),
+                max_node_failures=int(s.max_node_failures),
+                max_kills=int(s.max_kills),
+            ),
+            slurmquery.partition_preempt_modes(),
+            signal_lead=int(s.signal_lead_time),
+        )
         self._query_failures = 0
         self._last_query_warning = 0.0
         self.next_seconds_between_status_checks = float(s.poll_interval)
@@ -114,6 +83,8 @@ class Executor(_stock.Executor):
         return ckptdir.default_checkpoint_dir(job.name, wildcards, self.workflow.executor_settings.checkpoint_root)
 
     def _fingerprint(self, job: JobExecutorInterface) -> str:
+        """Content fingerprint of the step: the rule's declared text (param ``rkslurm_fingerprint``
+        or ``fingerprint``) and input files, else its code, params and input files."""
         rule = getattr(job, "rule", None)
         code = ""
         if rule is not None:
@@ -126,94 +97,114 @@ class Executor(_stock.Executor):
         p = getattr(job, "params", None)
         if p is not None and hasattr(p, "items"):
             params = {str(k): v for k, v in p.items()}
-        return ckptdir.fingerprint([str(f) for f in job.input], params, code, job.name)
+        return ckptdir.step_fingerprint(job.name, params, code, [str(f) for f in job.input])
 
-    def _partition_of(self, job: JobExecutorInterface) -> str | None:
-        return job.resources.get("slurm_partition") or self._default_partition
+    def _new_step(self, job: JobExecutorInterface) -> Step:
+        partition = job.resources.get("slurm_partition") or self._default_partition
+        path = self._checkpoint_dir_for(job)
+        if isinstance(path, str):
+            self.logger.warning(
+                f"rkslurm: rule {job.name} checkpoints to {path}: passed on as is; without a local folder rkslurm cannot "
+                "check its fingerprint or progress (time-limit continuation needs progress), nor remove it after success."
+            )
+            return Step(rule=job.name, checkpoint_dir=None, export=path, tag=submission_tag(path), partition=partition)
+        prep = ckptdir.prepare(path, self._fingerprint(job))
+        if prep.stale_reason:
+            self.logger.warning(f"rkslurm: starting rule {job.name} fresh; old checkpoints in {path} removed: {prep.stale_reason}.")
+        elif not prep.fresh:
+            self.logger.info(
+                f"rkslurm: rule {job.name} will restore from its checkpoint folder {path} (step {ckptdir.read_progress(path)})."
+            )
+        return Step(rule=job.name, checkpoint_dir=path, export=str(path), tag=submission_tag(str(path)), partition=partition)
 
-    def _preemptible(self, partition: str | None) -> bool:
-        return self._preempt_modes.get(partition or "", "OFF") not in ("OFF", "")
-
-    def _submit_context(self, step: Step) -> tuple[str, str]:
+    def _extras(self, step: Step) -> submitter.SubmitExtras:
         s = self.workflow.executor_settings
-        env = f"{ckptdir.ENV_VAR}={shlex.quote(step.export)}"
-        extra = []
+        options = []
         lead = int(s.signal_lead_time)
         if lead > 0:
-            extra.append(f"--signal=TERM@{lead}")
-        if not s.requeue and not s.no_requeue:
-            # let Slurm requeue (same job id) where the partition says REQUEUE
-            extra.append("--requeue")
-        return env, " ".join(extra)
+            options.append(f"--signal=TERM@{lead}")
+        if not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
+            options.append("--requeue")  # let Slurm requeue (same job id) where the partition says REQUEUE
+        return submitter.SubmitExtras(
+            env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=step.tag, exclude=step.history.excluded_nodes
+        )
+
+    def _submit(self, job: JobExecutorInterface, step: Step) -> tuple[str, str]:
+        """sbatch the step (blocking, retried while slurmctld is away); returns (job id, log path)."""
+        call, stdin, pattern = submitter.build_submission(self, job, self._extras(step))
+        self.logger.debug(f"rkslurm sbatch call: {call}")
+        out = submitter.sbatch_with_retry(
+            call,
+            stdin,
+            float(self.workflow.executor_settings.submit_retry_minutes) * 60.0,
+            warn=lambda m: self.logger.warning(f"rkslurm: rule {step.rule}: {m}"),
+        )
+        job_id = submitter.parse_job_id(out)
+        return job_id, str(pattern).replace("%j", job_id)
+
+    def _adoptable(self, job: JobExecutorInterface, step: Step) -> tuple[str, str] | None:
+        """The live Slurm job an earlier head process submitted for this step, if any."""
+        window = float(self.workflow.executor_settings.submit_retry_minutes) * 60.0
+        deadline, delay = time.monotonic() + window, 1.0
+        while True:
+            try:
+                live = self.slurm.tagged_jobs(step.tag)
+                break
+            except (slurmquery.QueryError, OSError) as e:
+                # "cannot ask" is not "no such job": wait as sbatch would, then submit
+                if time.monotonic() >= deadline:
+                    self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); submitting")
+                    return None
+                self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); retrying")
+                time.sleep(min(delay, 30.0, max(0.0, deadline - time.monotonic())))
+                delay *= 2
+        if not live:
+            return None
+        live.sort(key=lambda t: int(t[0]) if t[0].isdigit() else 0)
+        job_id = live[-1][0]
+        for other, _ in live[:-1]:
+            self.logger.warning(f"rkslurm: rule {step.rule}: more than one live job carries tag {step.tag}; cancelling older job {other}")
+            self.slurm.cancel(other)
+        return job_id, str(submitter.log_pattern(self, job)).replace("%j", job_id)
+
+    def run_jobs(self, jobs: list[JobExecutorInterface]) -> None:
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
+        super().run_jobs(jobs)
+
+    def _threadsafe(self, fn: Any, *args: Any, **kw: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: fn(*args, **kw))
+        else:
+            fn(*args, **kw)
 
     def run_job(self, job: JobExecutorInterface) -> None:
-        """First submission of a step: prepare its checkpoint folder, then sbatch."""
+        """First submission of a step (in the stock submission thread pool): adopt its live job or sbatch."""
         if job.is_group():
             return super().run_job(job)
         try:
-            path = self._checkpoint_dir_for(job)
-            if isinstance(path, str):
+            step = self._new_step(job)
+            adopted = self._adoptable(job, step)
+            if adopted is not None:
+                job_id, log = adopted
                 self.logger.warning(
-                    f"rkslurm: rule {job.name} checkpoints to {path}: passed on as is; without a local folder rkslurm cannot "
-                    "check its fingerprint or progress (time-limit continuation needs progress), nor remove it after success."
+                    f"rkslurm: rule {step.rule}: adopting its running Slurm job {job_id} (submitted by an earlier run of the workflow; "
+                    f"tag {step.tag}) instead of submitting a duplicate"
                 )
-                step = Step(rule=job.name, checkpoint_dir=None, export=path, partition=self._partition_of(job))
             else:
-                prep = ckptdir.prepare(path, self._fingerprint(job))
-                if prep.stale_reason:
-                    self.logger.warning(f"rkslurm: starting rule {job.name} fresh; old checkpoints in {path} removed: {prep.stale_reason}.")
-                elif not prep.fresh:
-                    self.logger.info(
-                        f"rkslurm: rule {job.name} will restore from its checkpoint folder {path} (step {ckptdir.read_progress(path)})."
-                    )
-                step = Step(rule=job.name, checkpoint_dir=path, export=str(path), partition=self._partition_of(job))
+                job_id, log = self._submit(job, step)
+                self.logger.info(f"Job {job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}).")
         except Exception as e:  # noqa: BLE001 - report, never crash the submit thread
-            self._report_job_error_threadsafe(SubmittedJobInfo(job), f"rkslurm: cannot prepare the checkpoint folder: {e}")
+            self._threadsafe(self.report_job_error, SubmittedJobInfo(job), msg=f"rkslurm: cannot submit rule {job.name}: {e}")
             return
+        step.submitted(job_id, log, time.time())
         with self._steps_lock:
             self._steps[job.jobid] = step
-        _SUBMIT_CONTEXT.value = self._submit_context(step)
-        try:
-            super().run_job(job)
-        finally:
-            _SUBMIT_CONTEXT.value = None
-
-    def _report_job_submission_threadsafe(self, job_info: SubmittedJobInfo) -> None:
-        capture = getattr(_SUBMIT_CONTEXT, "capture", None)
-        if capture is not None:
-            capture["info"] = job_info
-            return
-        self._record_submission(job_info)
-        super()._report_job_submission_threadsafe(job_info)
-
-    def _report_job_error_threadsafe(self, job_info: SubmittedJobInfo, msg: str) -> None:
-        capture = getattr(_SUBMIT_CONTEXT, "capture", None)
-        if capture is not None:
-            capture["error"] = msg
-            return
-        super()._report_job_error_threadsafe(job_info, msg)
-
-    def _record_submission(self, job_info: SubmittedJobInfo) -> None:
-        with self._steps_lock:
-            step = self._steps.get(job_info.job.jobid)
-        if step is None:
-            return
-        log = str((job_info.aux or {}).get("slurm_logfile", "")) or None
-        step.history = step.history.with_submission(str(job_info.external_jobid), log, self._progress(step))
-        step.submitted_at = time.time()
-        self._event(step, "submitted", job_id=str(job_info.external_jobid), log=log)
-
-    def _resubmit_blocking(self, job: JobExecutorInterface, step: Step) -> tuple[SubmittedJobInfo | None, str | None]:
-        """sbatch the step again in this thread, without telling Snakemake."""
-        capture: dict[str, Any] = {}
-        _SUBMIT_CONTEXT.capture = capture
-        _SUBMIT_CONTEXT.value = self._submit_context(step)
-        try:
-            _stock.Executor.run_job(self, job)
-        finally:
-            _SUBMIT_CONTEXT.capture = None
-            _SUBMIT_CONTEXT.value = None
-        return capture.get("info"), capture.get("error")
+        self._event(step, "adopted" if adopted else "submitted", job_id=job_id, log=log)
+        self._threadsafe(self.report_job_submission, SubmittedJobInfo(job, external_jobid=job_id, aux={"slurm_logfile": Path(log)}))
 
     # ------------------------------------------------------------ status loop
 
@@ -227,151 +218,104 @@ class Executor(_stock.Executor):
         except OSError:
             pass
 
-    def _observe(self, job_info: SubmittedJobInfo, step: Step, rec: slurmquery.JobRecord | None) -> JobObservation:
-        job_id = str(job_info.external_jobid)
-        raw = rec.state if rec else None
-        state = parse_state(raw) if rec else SlurmJobState.UNKNOWN
-        code, sig = parse_exit_code(rec.exit_code if rec else None)
-        partition = (rec.partition if rec else None) or step.partition
-        requeue_on_preempt = self._preempt_modes.get(partition or "", "") == "REQUEUE" and (
-            rec.requeue if rec and rec.requeue is not None else True
-        )
-        stopped = self._fresh_stop_step(step)
-        # A victim that exits within its GraceTime ends FAILED (its own exit
-        # code), not PREEMPTED; slurmctld's PreemptTime tells the truth.
-        if rec is not None and rec.preempted and state in (SlurmJobState.FAILED, SlurmJobState.CANCELLED):
-            state = SlurmJobState.PREEMPTED
-        # A step that stopped on our --signal lead before its time limit ends
-        # FAILED, not TIMEOUT: present it to the policy as the timeout it is.
-        # Slurm may send the signal up to 60 s earlier than the lead asks for.
-        lead = int(self.workflow.executor_settings.signal_lead_time)
-        if (
-            rec is not None
-            and not rec.preempted
-            and state in (SlurmJobState.FAILED, SlurmJobState.CANCELLED)
-            and stopped is not None
-            and rec.time_limit_seconds
-            and rec.run_seconds is not None
-            and rec.run_seconds >= rec.time_limit_seconds - lead - _LIMIT_CHECK_SLACK
-        ):
-            state = SlurmJobState.TIMEOUT
-        log = str((job_info.aux or {}).get("slurm_logfile", "")) or None
-        return JobObservation(
-            job_id=job_id,
-            state=state,
-            exit_code=code,
-            signal=sig,
-            restarts=rec.restarts if rec else None,
-            node=rec.node if rec else None,
-            partition=partition,
-            requeue_on_preempt=requeue_on_preempt,
-            checkpoint_step=self._progress(step),
-            stopped_step=stopped,
-            log_path=log,
-            raw_state=raw,
-        )
-
-    @staticmethod
-    def _progress(step: Step) -> int | None:
-        return ckptdir.read_progress(step.checkpoint_dir) if step.checkpoint_dir is not None else None
-
-    def _fresh_stop_step(self, step: Step) -> int | None:
-        if step.checkpoint_dir is None:
-            return None
-        marker = step.checkpoint_dir / ckptdir.STOP_MARKER
-        try:
-            if marker.stat().st_mtime + 1 < step.submitted_at:
-                return None
-            value = (ckptdir.read_marker(marker) or {}).get("step")
-            return value if isinstance(value, int) else None
-        except OSError:
-            return None
+    def _step_of(self, j: SubmittedJobInfo) -> Step:
+        with self._steps_lock:
+            step = self._steps.get(j.job.jobid)
+            if step is None:  # group jobs etc.: watched, with no checkpoint folder of ours
+                step = Step(rule=j.job.name, checkpoint_dir=None)
+                step.submitted(str(j.external_jobid), str((j.aux or {}).get("slurm_logfile", "")) or None, time.time())
+                self._steps[j.job.jobid] = step
+            return step
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
         s = self.workflow.executor_settings
         if not active_jobs:
             self.next_seconds_between_status_checks = float(s.poll_interval)
             return
-        ids = [str(j.external_jobid) for j in active_jobs]
+        # query + decide
         try:
             async with self.status_rate_limiter:
-                records = await asyncio.to_thread(slurmquery.query, ids)
+                plans = await asyncio.to_thread(self.monitor.plan, [(j, self._step_of(j)) for j in active_jobs])
         except slurmquery.QueryError as e:
-            self._query_failures += 1
-            backoff = min(float(s.poll_interval) * 2 ** min(self._query_failures, 6), 60.0)
-            now = time.time()
-            if now - self._last_query_warning > 30:
-                self._last_query_warning = now
-                self.logger.warning(
-                    f"rkslurm: Slurm status query failed ({self._query_failures}x, retrying in {backoff:.0f} s; jobs are not failed for this): {e}"
-                )
-            self.next_seconds_between_status_checks = backoff
+            self._on_query_failure(e)
             for j in active_jobs:
                 yield j
             return
         if self._query_failures:
             self.logger.info(f"rkslurm: Slurm status queries work again after {self._query_failures} failures.")
         self._query_failures = 0
-
+        # act
         any_preemptible = False
-        for j in active_jobs:
-            with self._steps_lock:
-                step = self._steps.get(j.job.jobid)
-            if step is None:  # group jobs etc.: not ours to manage
-                step = Step(rule=j.job.name, checkpoint_dir=None)
-                step.history = StepHistory().with_submission(str(j.external_jobid))
-                with self._steps_lock:
-                    self._steps[j.job.jobid] = step
-            obs = self._observe(j, step, records.get(str(j.external_jobid)))
-            d = decide(obs, step.history, self._policy)
-            prev = step.history
-            step.history = d.history
-            if d.action is Action.WAIT:
-                if self._preemptible(obs.partition):
-                    any_preemptible = True
-                if d.history.job_requeues > prev.job_requeues:
-                    step.submitted_at = time.time()  # older stop markers belong to the previous run of this id
-                    self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
-                    self._event(step, "requeued", job_id=obs.job_id, checkpoint_step=obs.checkpoint_step, reason=d.reason)
-                yield j
-            elif d.action is Action.SUCCEED:
-                self._event(step, "succeeded", job_id=obs.job_id)
-                self._on_success(j, step)
-                self.report_job_success(j)
-            elif d.action is Action.FAIL:
-                if obs.state.is_active or obs.state.is_held:
-                    await asyncio.to_thread(slurmquery.cancel, obs.job_id)
-                self._event(step, "failed", job_id=obs.job_id, reason=d.reason)
-                logs = [p for p in step.history.log_paths if p]
-                self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {d.reason}\n", aux_logs=logs)
-            else:  # RESUBMIT
-                self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
-                self._event(
-                    step,
-                    d.event or "resubmit",
-                    job_id=obs.job_id,
-                    state=obs.state.value,
-                    checkpoint_step=obs.checkpoint_step,
-                    reason=d.reason,
-                )
-                if d.exclude_node:
-                    self._failed_nodes.add(d.exclude_node)
-                info, err = await asyncio.to_thread(self._resubmit_blocking, j.job, step)
-                if info is None or info.external_jobid is None:
-                    self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {err}. {step.history.describe()}\n")
-                    continue
-                j.external_jobid = info.external_jobid
-                j.aux = info.aux
-                self._record_submission(j)
-                any_preemptible = any_preemptible or self._preemptible(step.partition)
-                yield j
+        for plan in plans:
+            if await self._act(plan):
+                yield plan.key
+                any_preemptible = any_preemptible or self.monitor.preemptible(plan.observation.partition or plan.step.partition)
         self.next_seconds_between_status_checks = float(s.poll_interval if any_preemptible else s.slow_poll_interval)
 
-    def _on_success(self, job_info: SubmittedJobInfo, step: Step) -> None:
+    def _on_query_failure(self, e: Exception) -> None:
+        s = self.workflow.executor_settings
+        self._query_failures += 1
+        backoff = min(float(s.poll_interval) * 2 ** min(self._query_failures, 6), 60.0)
+        now = time.time()
+        if now - self._last_query_warning > 30:
+            self._last_query_warning = now
+            self.logger.warning(
+                f"rkslurm: Slurm status query failed ({self._query_failures}x, retrying in {backoff:.0f} s; jobs are not failed for this): {e}"
+            )
+        self.next_seconds_between_status_checks = backoff
+
+    async def _act(self, plan: Plan) -> bool:
+        """Carry out one decision; True while the job stays active."""
+        j, step, obs, d = plan.key, plan.step, plan.observation, plan.decision
+        for w in plan.warnings:
+            self.logger.warning(w)
+            self._event(step, "folder_gone", job_id=obs.job_id)
+        prev = step.history
+        step.history = d.history
+        if d.action is Action.WAIT:
+            if d.history.job_requeues > prev.job_requeues:
+                step.submitted_at = time.time()  # older stop markers belong to the previous run of this id
+                self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
+                self._event(step, "requeued", job_id=obs.job_id, checkpoint_step=obs.checkpoint_step, reason=d.reason)
+            return True
+        if d.action is Action.SUCCEED:
+            self._event(step, "succeeded", job_id=obs.job_id)
+            self._on_success(step)
+            self.report_job_success(j)
+            return False
+        if d.action is Action.FAIL:
+            if obs.state.is_active or obs.state.is_held:
+                await asyncio.to_thread(self.slurm.cancel, obs.job_id)
+            self._event(step, "failed", job_id=obs.job_id, reason=d.reason, cause=d.event)
+            logs = [p for p in step.history.log_paths if p]
+            self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {d.reason}\n", aux_logs=logs)
+            return False
+        # RESUBMIT
+        self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
+        self._event(
+            step, d.event or "resubmit", job_id=obs.job_id, state=obs.state.value, checkpoint_step=obs.checkpoint_step, reason=d.reason
+        )
+        try:
+            job_id, log = await asyncio.to_thread(self._submit, j.job, step)
+        except Exception as e:  # noqa: BLE001 - any failure fails this step only
+            self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {e}. {step.history.describe()}\n")
+            return False
+        step.submitted(job_id, log, time.time())
+        self._event(step, "submitted", job_id=job_id, log=log)
+        self.logger.info(
+            f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
+        )
+        j.external_jobid = job_id
+        j.aux = {"slurm_logfile": Path(log)}
+        return True
+
+    def _on_success(self, step: Step) -> None:
         s = self.workflow.executor_settings
         if not s.keep_checkpoints and step.checkpoint_dir is not None and step.checkpoint_dir.is_dir():
             ckptdir.remove(step.checkpoint_dir)
-        if not s.keep_successful_logs:
+        # one clean attempt: its log goes like the stock executor's; a step that was
+        # interrupted keeps every attempt's log (the story of what happened to it)
+        if not s.keep_successful_logs and len(step.history.job_ids) == 1:
             for p in step.history.log_paths:
                 try:
                     Path(p).unlink(missing_ok=True)

@@ -27,14 +27,17 @@ __all__ = [
     "PolicySettings",
     "SlurmJobState",
     "StepHistory",
+    "classify",
     "decide",
     "parse_exit_code",
     "parse_state",
 ]
 
-#: Exit status of ``rkrun`` when it stopped on SIGTERM/SIGUSR1 after writing
-#: its final checkpoint (sysexits.h EX_TEMPFAIL: "try again later").
-EX_TEMPFAIL = 75
+from rkstep.protocol import EX_TEMPFAIL
+
+#: seconds of slack around Slurm's time-limit signal: sbatch(1) says --signal
+#: "may be sent up to 60 seconds earlier than specified"
+LIMIT_SIGNAL_SLACK = 60
 
 
 class SlurmJobState(enum.Enum):
@@ -195,6 +198,8 @@ class PolicySettings:
     max_preemptions: int = 10
     max_timeouts: int = 20
     max_node_failures: int = 3
+    #: attempts killed by a signal they could not catch (SIGKILL, OOM killer) after checkpoint progress
+    max_kills: int = 3
     #: consecutive polls with an unparsable/unknown state before giving up
     max_unknown_polls: int = 60
     #: consecutive polls with the job held (REQUEUE_HOLD, SPECIAL_EXIT, RESV_DEL_HOLD)
@@ -206,7 +211,15 @@ class PolicySettings:
     exclude_failed_nodes: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_preemptions", "max_timeouts", "max_node_failures", "max_unknown_polls", "max_held_polls", "max_preempted_polls"):
+        for name in (
+            "max_preemptions",
+            "max_timeouts",
+            "max_node_failures",
+            "max_kills",
+            "max_unknown_polls",
+            "max_held_polls",
+            "max_preempted_polls",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"PolicySettings.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -231,6 +244,10 @@ class JobObservation:
     stopped_step: int | None = None
     log_path: str | None = None
     raw_state: str | None = None
+    #: slurmctld chose this run as a preemption victim (PreemptTime set); None: unknown (sacct, squeue)
+    preempted: bool | None = None
+    #: the step's events show this attempt started and never ended (killed by a signal it could not catch)
+    killed: bool = False
 
     @property
     def stopped_on_signal(self) -> bool:
@@ -247,6 +264,7 @@ class StepHistory:
     preemptions: int = 0
     timeouts: int = 0
     node_failures: int = 0
+    kills: int = 0
     #: checkpoint step when the current attempt started (progress baseline)
     last_checkpoint_step: int | None = None
     excluded_nodes: tuple[str, ...] = ()
@@ -282,7 +300,10 @@ class StepHistory:
     def describe(self) -> str:
         """Slurm ids and logs of every attempt, for failure messages."""
         ids = ", ".join(self.job_ids) if self.job_ids else "(none)"
-        text = f"Slurm job ids of this step: {ids}; preemptions={self.preemptions}, timeouts={self.timeouts}, node failures={self.node_failures}"
+        text = (
+            f"Slurm job ids of this step: {ids}; preemptions={self.preemptions}, timeouts={self.timeouts}, "
+            f"node failures={self.node_failures}, kills={self.kills}"
+        )
         if self.log_paths:
             text += "; logs: " + ", ".join(self.log_paths)
         return text
@@ -382,6 +403,41 @@ def _track_requeues(obs: JobObservation, hist: StepHistory) -> tuple[StepHistory
         base = obs.checkpoint_step if obs.checkpoint_step is not None else hist.last_checkpoint_step
         hist = replace(hist, preemptions=hist.preemptions + new, last_checkpoint_step=base)
     return hist, new
+
+
+def classify(
+    state: SlurmJobState,
+    *,
+    preempted: bool | None = None,
+    stopped: bool = False,
+    run_seconds: int | None = None,
+    time_limit_seconds: int | None = None,
+    signal_lead: int = 0,
+) -> SlurmJobState:
+    """What really ended the job, from what Slurm reports plus what the step said.
+
+    - A preemption victim that exits within its GraceTime ends FAILED or
+      CANCELLED with its own exit code; slurmctld's PreemptTime (``preempted``)
+      says it was a preemption: PREEMPTED.
+    - A step that stopped on our ``--signal=TERM@lead`` before its time limit
+      ends FAILED (exit 75): when it stopped (``stopped``) and ran to within the lead
+      (plus Slurm's 60 s slack) of its limit, it is the TIMEOUT it is.
+    - Everything else is what Slurm says. In particular CANCELLED without a
+      PreemptTime stays CANCELLED: somebody ran ``scancel``.
+    """
+    if state not in (SlurmJobState.FAILED, SlurmJobState.CANCELLED):
+        return state
+    if preempted:
+        return SlurmJobState.PREEMPTED
+    if (
+        state is SlurmJobState.FAILED
+        and stopped
+        and time_limit_seconds
+        and run_seconds is not None
+        and run_seconds >= time_limit_seconds - signal_lead - LIMIT_SIGNAL_SLACK
+    ):
+        return SlurmJobState.TIMEOUT
+    return state
 
 
 def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings | None = None) -> Decision:
@@ -489,6 +545,11 @@ def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings |
             "timeout",
         )
 
+    if state is SlurmJobState.CANCELLED and obs.preempted is False:
+        # PreemptTime unset: a person (or a script) ran scancel. They want the step to end.
+        saved = f"; its checkpoint (step {obs.checkpoint_step}) is kept for a rerun" if obs.checkpoint_step is not None else ""
+        return _fail(hist, obs, f"job cancelled by scancel, not preempted ({_exit_text(obs)}){saved}", "cancelled")
+
     if state in (SlurmJobState.CANCELLED, SlurmJobState.FAILED) and obs.stopped_on_signal:
         stopped = f" at step {obs.stopped_step}" if obs.stopped_step is not None else ""
         return _count_preemption(
@@ -497,6 +558,19 @@ def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings |
             settings,
             f"step stopped on a signal{stopped} and saved its checkpoint ({state.value}, {_exit_text(obs)}); treating as interrupted",
             "interrupted",
+        )
+
+    if obs.killed and state in (SlurmJobState.FAILED, SlurmJobState.CANCELLED, SlurmJobState.OUT_OF_MEMORY):
+        what = "killed by the OOM killer" if state is SlurmJobState.OUT_OF_MEMORY else "killed by a signal it could not catch"
+        if not _progress(obs, hist):
+            return _fail(
+                hist, obs, f"step {what} ({state.value}, {_exit_text(obs)}) before a newer checkpoint ({_ckpt_text(obs, hist)})", "kill"
+            )
+        hist = replace(hist, kills=hist.kills + 1)
+        if hist.kills > settings.max_kills:
+            return _fail(hist, obs, f"step {what}: cap reached ({hist.kills} > --rkslurm-max-kills={settings.max_kills})", "kill")
+        return _resubmit(
+            hist, obs, f"step {what} after checkpoint progress ({_ckpt_text(obs, hist)}; kill {hist.kills}/{settings.max_kills})", "kill"
         )
 
     if state is SlurmJobState.CANCELLED:

@@ -10,6 +10,8 @@ cannot fail a job.
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
 import subprocess
 from collections.abc import Iterable
@@ -31,9 +33,10 @@ class JobRecord:
     requeue: bool | None = None
     run_seconds: int | None = None
     time_limit_seconds: int | None = None
-    #: slurmctld chose this job as a preemption victim (scontrol PreemptTime)
-    preempted: bool = False
+    #: slurmctld chose this run as a preemption victim (scontrol PreemptTime); None: unknown (sacct)
+    preempted: bool | None = False
     source: str = "scontrol"
+    comment: str | None = None
 
 
 def parse_duration(text: str | None) -> int | None:
@@ -106,6 +109,7 @@ def parse_scontrol(text: str) -> dict[str, JobRecord]:
             time_limit_seconds=parse_duration(kv.get("TimeLimit")),
             preempted=_preempted_this_run(kv),
             source="scontrol",
+            comment=_null(kv.get("Comment")),
         )
     return jobs
 
@@ -124,6 +128,7 @@ def parse_sacct(text: str) -> dict[str, JobRecord]:
             partition=_null(f[4]),
             run_seconds=parse_duration(f[5]),
             time_limit_seconds=parse_duration(f[6]),
+            preempted=None,
             source="sacct",
         )
     return jobs
@@ -148,8 +153,9 @@ def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0)
     errors: list[str] = []
     found: dict[str, JobRecord] = {}
     try:
-        allj = parse_scontrol(_run(["scontrol", "show", "job", "-o"], timeout))
-        found.update({i: allj[i] for i in ids if i in allj})
+        # one call per id: ask only about our jobs, not every job on the cluster
+        for i in ids:
+            found.update({k: v for k, v in parse_scontrol(_scontrol_job(i, timeout)).items() if k == i})
     except (QueryError, OSError, subprocess.SubprocessError) as e:
         errors.append(str(e))
     missing = [i for i in ids if i not in found]
@@ -165,6 +171,32 @@ def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0)
             errors.append(str(e))
     if len(errors) == (2 if (missing and use_sacct) else 1) and not found:
         raise QueryError("; ".join(errors))
+    return found
+
+
+def _scontrol_job(job_id: str, timeout: float) -> str:
+    """``scontrol show job -o ID``; "" for an id slurmctld no longer knows (purged: sacct's turn)."""
+    p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        if "Invalid job id" in p.stderr:
+            return ""
+        raise QueryError(f"scontrol show job {job_id} exited {p.returncode}: {p.stderr.strip()[:300]}")
+    return p.stdout
+
+
+def tagged_jobs(tag: str, timeout: float = 20.0) -> list[tuple[str, str]]:
+    """(job id, state) of this user's queued or running jobs whose ``--comment`` has the word ``tag``.
+
+    Raises QueryError when squeue fails: the caller must not take "cannot
+    ask" for "no such job" (that would submit a duplicate).
+    """
+    user = os.environ.get("USER") or getpass.getuser()
+    out = _run(["squeue", "-h", "-u", user, "-o", "%i|%k|%T"], timeout)
+    found = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 3 and tag in parts[1].split():
+            found.append((parts[0], parts[2]))
     return found
 
 

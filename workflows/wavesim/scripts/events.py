@@ -98,8 +98,27 @@ def parse_line(line: str) -> Event | None:
     return None
 
 
+#: the step protocol's JSONL attempt events (rkstep.events, ``rkstep.events.jsonl``) → kinds here
+_RKSTEP_KINDS = {"start": "attempt_start", "restore": "restored", "checkpoint": "progress", "stop": "stopped", "end": "attempt_end"}
+
+
+def _from_json(doc: dict) -> list[Event]:
+    kind = _RKSTEP_KINDS.get(doc["event"], doc["event"])
+    step = doc.get("step")
+    tm = doc.get("time", doc.get("t"))
+    info = {k: str(v) for k, v in doc.items() if k not in ("event", "step", "time", "t") and v is not None}
+    ev = Event(kind, int(step) if isinstance(step, int) else None, float(tm) if isinstance(tm, int | float) else None, info)
+    if kind == "attempt_start" and "restart" in doc:  # an rkstep start: the step, if given, is where it began
+        return [Event("attempt_start", None, ev.time, info)] + ([Event("fresh", 0, ev.time)] if step == 0 else [])
+    if kind == "attempt_end" and doc.get("rc") == 0 and isinstance(step, int):
+        return [Event("done", step, ev.time), ev]
+    return [ev]
+
+
 def parse_log(text: str) -> list[Event]:
-    """Events from log text, or from JSON lines ``{"event": kind, "step": S, "time": t}``."""
+    """Events from log text, or from JSON lines: rkstep attempt events
+    (``rkstep.events.jsonl``, preferred: no log format to guess) or
+    ``{"event": kind, "step": S, "time": t}``."""
     events: list[Event] = []
     for line in text.splitlines():
         s = line.strip()
@@ -109,16 +128,7 @@ def parse_log(text: str) -> list[Event]:
             except ValueError:
                 doc = None
             if isinstance(doc, dict) and isinstance(doc.get("event"), str):
-                step = doc.get("step")
-                tm = doc.get("time")
-                events.append(
-                    Event(
-                        doc["event"],
-                        int(step) if isinstance(step, int) else None,
-                        float(tm) if isinstance(tm, int | float) else None,
-                        {k: str(v) for k, v in doc.items() if k not in ("event", "step", "time")},
-                    )
-                )
+                events.extend(_from_json(doc))
                 continue
         ev = parse_line(line)
         if ev is not None:

@@ -2,12 +2,14 @@
 
 The rkslurm executor fingerprints the folder itself; this gives a local run
 the same protection (a changed grid or step count never restores stale
-state) using the executor package's own ``ckptdir.prepare``.
+state) using the executor package's own ``ckptdir.prepare`` and the step
+protocol's ``declared_fingerprint`` -- the value the executor computes from
+the rule's ``fingerprint`` param and inputs, so the folder survives a switch
+between executors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 
 
@@ -21,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # remote storage: rkrun itself refuses a checkpoint of another simulation
     from pathlib import Path
 
+    from rkstep.protocol import declared_fingerprint
     from snakemake_executor_plugin_rkslurm.ckptdir import prepare
 
-    h = hashlib.sha256(text.encode())
-    for f in files:  # small inputs (the velocity model): by content, not mtime
-        h.update(b"\0" + hashlib.sha256(Path(f).read_bytes()).digest())
-    res = prepare(Path(path), h.hexdigest())
+    # by content, not mtime; the same function the rkslurm executor uses for a rule
+    # with a declared fingerprint, so switching executors resumes the folder
+    res = prepare(Path(path), declared_fingerprint(text, files))
     if res.stale_reason:
         print(f"simulate: old checkpoints in {path} not restored: {res.stale_reason}", file=sys.stderr)
     return 0
