@@ -86,6 +86,8 @@ class ManagerStats:
     full_bytes: int = 0  # of bytes_written, in full checkpoints (the rest are deltas)
     deleted: int = 0
     last_error: str | None = None
+    #: step of the newest checkpoint saved to storage (what a restore may start from)
+    last_written_step: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -273,6 +275,7 @@ class CheckpointManager:
             self.stats.completed += 1
             self.stats.bytes_written += n
             self.stats.seconds += time.perf_counter() - t0
+            self.stats.last_written_step = step
             if kind == "full":
                 self.stats.full += 1
                 self.stats.full_bytes += n

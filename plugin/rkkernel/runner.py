@@ -210,6 +210,7 @@ class StepLoop:
         self.plugin = plugin
         #: the step's attempt log for the executor (``rkstep.events``)
         self.events = events if events is not None else NullWriter(Path(os.devnull))
+        self.reported_step: int | None = None
         self.values = values
         self.cfg = RunConfig.from_values(values)
         self.stop = stop
@@ -347,16 +348,25 @@ class StepLoop:
                 if self.step < self.cfg.steps and not self._finished() and self.mgr.due(self.step):
                     self.submitted = (self.step, self.mgr.stats.failed)
                     self.mgr.submit(self._snapshot("periodic"))
-                    self.events.checkpoint(self.step)
+                self._report_written()
                 progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
                 if self.cfg.throttle_ms:
                     time.sleep(self.cfg.throttle_ms / 1000.0)
         finally:
             progress.close()
 
+    def _report_written(self) -> None:
+        """A ``checkpoint`` event once a write has landed in storage, not when it is handed over:
+        the executor reads the event as "a restore can start here"."""
+        step = self.mgr.stats.last_written_step
+        if step is not None and step != self.reported_step:
+            self.reported_step = step
+            self.events.checkpoint(step)
+
     # ------------------------------------------------------------ stop
     def _stopped(self) -> int:
         self.mgr.flush()  # the periodic write in flight, if any
+        self._report_written()
         if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
             # This very step is already checkpointed: writing it again would replace that file
             # with a delta against itself, orphaning the chain's tail.
@@ -387,6 +397,7 @@ class StepLoop:
             if self.step != start_step or self.restored is None:  # a rerun after completion writes nothing new
                 self.mgr.final(self._snapshot("final"))
             self.mgr.flush()
+            self._report_written()
         except (CheckpointError, OSError) as exc:
             self.checkpoint_failures.append(f"final checkpoint at step {self.step}: {exc}")
         if self.mgr.stats.failed:
