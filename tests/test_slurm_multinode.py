@@ -86,6 +86,39 @@ def test_node_failure_resubmits_excluding_the_node_and_restores_bit_identical(sl
     assert out.count("Finished jobid: 1 ") == 1 and "Error in rule" not in out
 
 
+def test_node_failure_with_slurm_requeue_restarts_the_same_job_elsewhere(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
+    """Default settings (sbatch --requeue): Slurm itself requeues the job of a failed node;
+    rkslurm submits nothing new and the step restores on another node."""
+    w = slurm_workflow
+    w.write(steps=60, delay=0.25, partition="main")
+    w.reference(60)
+    p = w.start()
+    failed = None
+    try:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 120, "the step to checkpoint")
+        assert p.poll() is None, "snakemake ended before the node could fail"
+        first = w.events("start")[0]
+        failed = first["node"]
+        fail_node(failed)
+        killed_at = max(e["step"] for e in w.events("ckpt"))
+        # bring the node back at once: the requeued job may go anywhere, and must still restore
+        restore_node(failed)
+        failed = None
+        out, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if failed:
+            restore_node(failed)
+    assert p.returncode == 0, out[-5000:]
+    assert (w.root / "result.json").read_bytes() == (w.root / "ref" / "out.json").read_bytes()
+    starts = w.events("start")
+    assert len(starts) == 2 and starts[1]["job"] == first["job"], w.trace()
+    assert starts[1]["step"] == killed_at
+    assert len(set(_submitted_ids(out))) == 1, out[-5000:]
+    assert "after Slurm requeued it" in out, out[-5000:]
+
+
 TWO_STEP_SNAKEFILE = """
 rule all:
     input: "a.json", "b.json"
@@ -113,7 +146,10 @@ def test_preempting_one_of_two_steps_on_different_nodes_leaves_the_other_alone(s
     (w.root / "Snakefile").write_text(
         TWO_STEP_SNAKEFILE.format(node_a=nodes[0], node_b=nodes[1], steps=steps, py=shlex.quote(sys.executable))
     )
-    ref_a, ref_b = w.reference(steps, seed="A"), w.reference(steps, seed="B")
+    ref_a = w.reference(steps, seed="A")
+    shutil.rmtree(w.root / "ref")  # its checkpoint folder would resume seed A's run
+    ref_b = w.reference(steps, seed="B")
+    assert ref_a != ref_b
     ta, tb = w.root / "trace_a.jsonl", w.root / "trace_b.jsonl"
 
     def ckpts(t: Path) -> int:
