@@ -260,7 +260,19 @@ def test_two_level_node_failure_restores_from_the_flushed_chain(
     # lost: only the checkpoints the dead node had not flushed yet (and the steps after its last one)
     lost = reached - restored
     assert 0 <= lost <= every, (reached, restored)
-    print(f"two-level node failure: node {failed} had saved step {reached} locally, {durable} durable in S3; lost {lost} steps")
+    # the continuation's log states the loss: the dead node's newest local save against the store
+    m = re.search(r"the previous run \(node (\w+)\) saved (?:up to )?checkpoint step (\d+)", logs[1])
+    assert m and m.group(1) == failed, logs[1][-3000:]
+    noted = int(m.group(2))
+    assert restored <= noted <= reached
+    if noted == restored:
+        assert "none of its checkpoints is lost" in logs[1]
+    else:
+        assert f"so {noted - restored} steps are lost and computed again" in logs[1]
+    said = next(line for line in logs[1].splitlines() if "the previous run" in line)
+    print(
+        f"two-level node failure: node {failed} had saved step {reached} locally, {durable} durable in S3; lost {lost} steps; log: {said}"
+    )
     assert local_step(next(n for n in nodes if n != failed)) == steps  # the other node ran the rest
     with h5py.File(w.root / "result.h5") as a, h5py.File(ref) as b:
         assert a.attrs["step"] == b.attrs["step"] == steps
