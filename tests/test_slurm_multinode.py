@@ -41,6 +41,14 @@ def _events(root: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def test_every_partition_spans_every_node(nodes: list[str]) -> None:
+    for part in ("main", "urgent", "scavenger", "requeue", "short"):
+        out = subprocess.run(["sinfo", "-h", "-N", "-p", part, "-o", "%N"], capture_output=True, text=True, timeout=20, check=True).stdout
+        assert sorted(set(out.split())) == nodes, part
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20, check=True).stdout
+    assert re.search(r"^SlurmdTimeout\s*=\s*10 sec", conf, re.M), "slurm/up sets SlurmdTimeout=10 so a dead node is noticed quickly"
+
+
 def test_node_failure_resubmits_excluding_the_node_and_restores_bit_identical(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
     """NODE_FAIL: a new Slurm job with the dead node excluded restores from the checkpoint folder."""
     w = slurm_workflow
