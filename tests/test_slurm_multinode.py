@@ -15,6 +15,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,40 @@ def _events(root: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def _fail_the_steps_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str], restore_at_once: bool = False) -> tuple[dict, int, str]:
+    """Once the step has checkpointed, fail the node it runs on and wait for Snakemake to end.
+
+    Returns the step's first start event, the newest checkpoint it wrote before
+    its node died, and Snakemake's output. The node is restored in any case.
+    """
+    with _failing_nodes(p) as dead:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 120, "the step to checkpoint")
+        assert p.poll() is None, "snakemake ended before the node could fail"
+        first = w.events("start")[0]
+        assert first["node"] in nodes, first
+        fail_node(first["node"])
+        dead.append(first["node"])
+        killed_at = max(e["step"] for e in w.events("ckpt"))
+        if restore_at_once:
+            restore_node(dead.pop())
+        out, _ = p.communicate(timeout=300)
+    return first, killed_at, out
+
+
+@contextmanager
+def _failing_nodes(p: subprocess.Popen) -> Iterator[list[str]]:
+    """Yields a list for the nodes the test fails; afterwards, whatever happened, Snakemake
+    is stopped and each of them is restored, so later tests have every node again."""
+    dead: list[str] = []
+    try:
+        yield dead
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for node in dead:
+            restore_node(node)
+
+
 def test_every_partition_spans_every_node(nodes: list[str]) -> None:
     for part in ("main", "urgent", "scavenger", "requeue", "short"):
         out = subprocess.run(["sinfo", "-h", "-N", "-p", part, "-o", "%N"], capture_output=True, text=True, timeout=20, check=True).stdout
@@ -57,21 +93,8 @@ def test_node_failure_resubmits_excluding_the_node_and_restores_bit_identical(sl
     # --no-requeue: Slurm ends the job NODE_FAIL instead of requeueing it, so the policy's
     # NODE_FAIL path (resubmit, exclude the node) is what brings the step back
     p = w.start("--rkslurm-no-requeue")
-    failed = None
-    try:
-        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 120, "the step to checkpoint")
-        assert p.poll() is None, "snakemake ended before the node could fail"
-        first = w.events("start")[0]
-        failed = first["node"]
-        assert failed in nodes, first
-        fail_node(failed)
-        killed_at = max(e["step"] for e in w.events("ckpt"))
-        out, _ = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        if failed:
-            restore_node(failed)
+    first, killed_at, out = _fail_the_steps_node(w, p, nodes)
+    failed = first["node"]
     assert p.returncode == 0, out[-5000:]
     # bit-identical to the uninterrupted run
     assert (w.root / "result.json").read_bytes() == (w.root / "ref" / "out.json").read_bytes()
@@ -101,23 +124,8 @@ def test_node_failure_with_slurm_requeue_restarts_the_same_job_elsewhere(slurm_w
     w.write(steps=60, delay=0.25, partition="main")
     w.reference(60)
     p = w.start()
-    failed = None
-    try:
-        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 120, "the step to checkpoint")
-        assert p.poll() is None, "snakemake ended before the node could fail"
-        first = w.events("start")[0]
-        failed = first["node"]
-        fail_node(failed)
-        killed_at = max(e["step"] for e in w.events("ckpt"))
-        # bring the node back at once: the requeued job may go anywhere, and must still restore
-        restore_node(failed)
-        failed = None
-        out, _ = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        if failed:
-            restore_node(failed)
+    # the node comes back at once: the requeued job may go anywhere, and must still restore
+    first, killed_at, out = _fail_the_steps_node(w, p, nodes, restore_at_once=True)
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == (w.root / "ref" / "out.json").read_bytes()
     starts = w.events("start")
@@ -164,14 +172,11 @@ def test_preempting_one_of_two_steps_on_different_nodes_leaves_the_other_alone(s
         return max((e["step"] for e in _trace(t) if e["event"] == "ckpt"), default=0)
 
     p = w.start("--jobs", "2")
-    try:
+    with _failing_nodes(p):
         wait_until(lambda: (ckpts(ta) >= 4 and ckpts(tb) >= 4) or p.poll() is not None, 180, "both steps to run")
         assert p.poll() is None
         submit_urgent(3, node=nodes[0])
         out, _ = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, out[-5000:]
     a, b = _trace(ta), _trace(tb)
     assert [e["node"] for e in a if e["event"] == "start"] == [nodes[0], nodes[0]], a
@@ -241,20 +246,15 @@ def test_two_level_node_failure_restores_from_the_flushed_chain(
         return (newest_named_step(p.name for p in d.iterdir()) or 0) if d.is_dir() else 0
 
     p = w.start("--rkslurm-no-requeue", "--rkslurm-keep-successful-logs")
-    failed = None
-    try:
+    with _failing_nodes(p) as dead:
         wait_until(lambda: any(local_step(n) >= 3 * every for n in nodes) or p.poll() is not None, 180, "rkrun to checkpoint")
         assert p.poll() is None, "workflow ended before the node failure"
         failed = next(n for n in nodes if local_step(n) > 0)
         fail_node(failed)
+        dead.append(failed)
         reached = local_step(failed)  # what the dead node had saved (node-local: gone with the node on a real cluster)
         durable = newest_named_step(shared.list()) or 0  # what had reached the shared store
         out, _ = p.communicate(timeout=400)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        if failed:
-            restore_node(failed)
     assert p.returncode == 0, out[-5000:]
     assert f"node failure (1/3), excluding node {failed}" in out, out[-5000:]
     ids = _submitted_ids(out)
