@@ -103,8 +103,9 @@ def test_node_failure_resubmits_excluding_the_node_and_restores_bit_identical(sl
     assert len(starts) == 2, w.trace()
     second = starts[1]
     assert second["node"] != failed and second["job"] != first["job"]
-    # restored from the last checkpoint the dead run wrote (SIGKILL: at most the step in flight is lost)
-    assert second["step"] == killed_at, (second, killed_at)
+    # restored from the last checkpoint the dead run wrote (SIGKILL: at most the step in flight is lost;
+    # +1: it may have died between writing a checkpoint and tracing it)
+    assert killed_at <= second["step"] <= killed_at + 1, (second, killed_at)
     assert not [e for e in w.events("done") if e["node"] == failed]
     # the executor saw NODE_FAIL, excluded the node, and Snakemake saw one job that finished
     assert f"node failure (1/3), excluding node {failed}" in out, out[-5000:]
@@ -130,7 +131,7 @@ def test_node_failure_with_slurm_requeue_restarts_the_same_job_elsewhere(slurm_w
     assert (w.root / "result.json").read_bytes() == (w.root / "ref" / "out.json").read_bytes()
     starts = w.events("start")
     assert len(starts) == 2 and starts[1]["job"] == first["job"], w.trace()
-    assert starts[1]["step"] == killed_at
+    assert killed_at <= starts[1]["step"] <= killed_at + 1
     assert len(set(_submitted_ids(out))) == 1, out[-5000:]
     assert "after Slurm requeued it" in out, out[-5000:]
 
