@@ -56,7 +56,7 @@ def trace(ev, s):
     print(f"step-script: {ev} at step {s}", file=sys.stderr, flush=True)
     if a.trace:
         with open(a.trace, "a") as f:
-            f.write(json.dumps({"event": ev, "step": s, "job": os.environ.get("SLURM_JOB_ID"), "node": os.environ.get("SLURMD_NODENAME"), "pid": os.getpid(), "t": time.time()}) + "\n")
+            f.write(json.dumps({"event": ev, "step": s, "job": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(), "t": time.time()}) + "\n")
 trace("start", step)
 stop = []
 def on_sig(signum, frame):
@@ -263,6 +263,18 @@ def slurm_workflow(slurm_env: dict[str, str], tmp_path: Path) -> SlurmWorkflow:
 
 
 # ---------------------------------------------------------------- node failure (slurm/up --nodes N)
+
+
+def job_node(job_id: str) -> str | None:
+    """The node a job ran (or runs) on: scontrol's BatchHost while slurmctld knows the job, else sacct."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=20).stdout
+    for tok in out.split():
+        if tok.startswith("BatchHost=") and tok != "BatchHost=(null)":
+            return tok.split("=", 1)[1]
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "NodeList"], capture_output=True, text=True, timeout=20
+    ).stdout
+    return out.split()[0] if out.split() and out.split()[0] != "None" else None
 
 
 def _conf_value(key: str) -> str | None:

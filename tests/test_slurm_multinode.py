@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_slurm import STEP_SCRIPT, SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
+from fixtures_slurm import STEP_SCRIPT, SlurmWorkflow, fail_node, job_node, restore_node, slurm_nodes, submit_urgent, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -53,6 +53,7 @@ def _fail_the_steps_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str]
         wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 120, "the step to checkpoint")
         assert p.poll() is None, "snakemake ended before the node could fail"
         first = w.events("start")[0]
+        first = {**first, "node": job_node(first["job"])}
         assert first["node"] in nodes, first
         fail_node(first["node"])
         dead.append(first["node"])
@@ -102,11 +103,11 @@ def test_node_failure_resubmits_excluding_the_node_and_restores_bit_identical(sl
     starts = w.events("start")
     assert len(starts) == 2, w.trace()
     second = starts[1]
-    assert second["node"] != failed and second["job"] != first["job"]
+    assert second["job"] != first["job"] and job_node(second["job"]) not in (failed, None)
     # restored from the last checkpoint the dead run wrote (SIGKILL: at most the step in flight is lost;
     # +1: it may have died between writing a checkpoint and tracing it)
     assert killed_at <= second["step"] <= killed_at + 1, (second, killed_at)
-    assert not [e for e in w.events("done") if e["node"] == failed]
+    assert [e["job"] for e in w.events("done")] == [second["job"]]
     # the executor saw NODE_FAIL, excluded the node, and Snakemake saw one job that finished
     assert f"node failure (1/3), excluding node {failed}" in out, out[-5000:]
     ids = _submitted_ids(out)
@@ -180,10 +181,10 @@ def test_preempting_one_of_two_steps_on_different_nodes_leaves_the_other_alone(s
         out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-5000:]
     a, b = _trace(ta), _trace(tb)
-    assert [e["node"] for e in a if e["event"] == "start"] == [nodes[0], nodes[0]], a
+    assert [job_node(e["job"]) for e in a if e["event"] == "start"] == [nodes[0], nodes[0]], a
     # the step on the other node: one Slurm job, never stopped, never restarted
     assert [e["event"] for e in b if e["event"] in ("start", "stop", "done")] == ["start", "done"], b
-    assert {e["node"] for e in b} == {nodes[1]}
+    assert {job_node(e["job"]) for e in b if e["event"] == "start"} == {nodes[1]}
     stop = next(e for e in a if e["event"] == "stop")
     assert [e["step"] for e in a if e["event"] == "start"] == [0, stop["step"]]
     assert json.loads((w.root / "a.json").read_text()) == ref_a
