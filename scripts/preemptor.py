@@ -9,7 +9,9 @@ For each threshold it waits until a job of the preemptible partition is
 RUNNING (and, with --match, its name or comment contains the text) and the
 newest checkpoint under --watch is at or past the threshold and newer than at
 the previous preemption (so every preemption hits a restored, progressing
-run), then `sbatch -p urgent -N1 --exclusive --wrap 'sleep N'` and waits
+run), then `sbatch -p urgent -N1 --exclusive -w <the victim's node> --wrap 'sleep N'`
+(on a multi-node cluster an urgent job free to go elsewhere would take an idle
+node instead of preempting anything) and waits
 until the victim stops running. Exits 0 after the last threshold, 1 when the
 simulation finished first or --timeout passed, writing the report either way.
 """
@@ -98,6 +100,15 @@ def job_state(job: str) -> str | None:
     return out.strip() or None
 
 
+def job_node(job: str) -> str | None:
+    """The node a running job is on (None when squeue cannot say)."""
+    try:
+        out = slurm("squeue", "-h", "-j", job, "-o", "%N")
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return None
+    return out.strip() or None
+
+
 def write_report(path: Path | None, report: Report) -> None:
     if path is None:
         return
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 victim = jobs[0]
                 break
             time.sleep(a.poll)
+        node = job_node(victim)
         out = slurm(
             "sbatch",
             "--parsable",
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             a.urgent_partition,
             "-N1",
             "--exclusive",
+            *(["-w", node] if node else []),
             "-J",
             "rkslurm-preemptor",
             "-o",

@@ -129,17 +129,38 @@ def slurm_env() -> dict[str, str]:
     return env
 
 
-def submit_urgent(seconds: float = 3.0) -> str:
-    """An `urgent` job needing every CPU of the node: preempts whatever runs on scavenger/requeue."""
-    cpus = os.cpu_count() or 1
+def submit_urgent(seconds: float = 3.0, node: str | None = None) -> str:
+    """An `urgent` job needing every CPU of every node (or of ``node`` only):
+    preempts whatever runs there on scavenger/requeue."""
+    nodes = [node] if node else slurm_nodes()
+    cpus = node_cpus(nodes[0]) if nodes else (os.cpu_count() or 1)
+    where = ["-w", node] if node else []
     p = subprocess.run(
-        ["sbatch", "--parsable", "-p", "urgent", "-c", str(cpus), "-o", "/dev/null", "--wrap", f"sleep {seconds}"],
+        ["sbatch", "--parsable", "-p", "urgent", "-N", str(max(1, len(nodes))), "--ntasks-per-node", "1", "-c", str(cpus), *where]
+        + ["-o", "/dev/null", "--wrap", f"sleep {seconds}"],
         capture_output=True,
         text=True,
         timeout=20,
         check=True,
     )
     return p.stdout.strip().split(";")[0]
+
+
+def slurm_nodes() -> list[str]:
+    """The cluster's node names (n1..nN after ``slurm/up --nodes N``)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=20, check=True).stdout
+    return sorted(set(out.split()))
+
+
+def node_cpus(node: str) -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%c"], capture_output=True, text=True, timeout=20, check=True).stdout
+    return int(out.split()[0])
+
+
+def node_state(node: str) -> str:
+    """sinfo's short state, e.g. ``idle``, ``mix``, ``down*`` (``*``: not responding)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], capture_output=True, text=True, timeout=20).stdout
+    return out.split()[0] if out.split() else "unknown"
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
@@ -259,3 +280,133 @@ rule sim:
 @pytest.fixture
 def slurm_workflow(slurm_env: dict[str, str], tmp_path: Path) -> SlurmWorkflow:
     return SlurmWorkflow(tmp_path)
+
+
+# ---------------------------------------------------------------- node failure (slurm/up --nodes N)
+
+
+def job_node(job_id: str) -> str | None:
+    """The node a job ran (or runs) on: scontrol's BatchHost while slurmctld knows the job, else sacct."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=20).stdout
+    for tok in out.split():
+        if tok.startswith("BatchHost=") and tok != "BatchHost=(null)":
+            return tok.split("=", 1)[1]
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "NodeList"], capture_output=True, text=True, timeout=20
+    ).stdout
+    return out.split()[0] if out.split() and out.split()[0] != "None" else None
+
+
+def _conf_value(key: str) -> str | None:
+    conf = Path(os.environ.get("SLURM_CONF", BASE / "etc/slurm.conf"))
+    for line in conf.read_text().splitlines():
+        if line.startswith(key + "="):
+            return line.split("=", 1)[1].split()[0]
+    return None
+
+
+def _exe_is(pid: int, *names: str) -> bool:
+    try:
+        return os.path.basename(os.path.realpath(f"/proc/{pid}/exe")).startswith(names)
+    except OSError:
+        return False
+
+
+def slurmd_pid(node: str) -> int | None:
+    """The pid of ``node``'s slurmd from its pid file, if it is alive and is a slurmd."""
+    pattern = _conf_value("SlurmdPidFile") or str(BASE / "run/slurmd.%n.pid")
+    try:
+        pid = int(Path(pattern.replace("%n", node)).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _exe_is(pid, "slurmd") else None
+
+
+def _stepd_pids(node: str) -> list[int]:
+    """slurmstepds serving ``node``: each listens on a unix socket in that node's spool dir
+    (``<SlurmdSpoolDir>/<node>_<job>.<step>``), which is how steps of one job id on two
+    nodes of the same machine are told apart."""
+    spool = (_conf_value("SlurmdSpoolDir") or str(BASE / "spool/d/%n")).replace("%n", node).rstrip("/") + "/"
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 8 and f[7].startswith(spool):
+            inodes.add(f"socket:[{f[6]}]")
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or not _exe_is(int(d.name), "slurmstepd"):
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (d / "fd").iterdir()):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(roots)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out and c not in roots:
+                out.append(c)
+                todo.append(c)
+    return out
+
+
+def fail_node(node: str) -> list[int]:
+    """Fail ``node`` for real: SIGKILL its slurmd, then its slurmstepds, then every process
+    of their jobs (by pid, never by name). Nothing on the other nodes is touched.
+
+    slurmctld then sees the node stop answering (``down*`` within ~40 s with
+    SlurmdTimeout=10) and ends its jobs NODE_FAIL (or requeues them). Returns the
+    pids killed. Bring the node back with :func:`restore_node`.
+    """
+    pid = slurmd_pid(node)
+    if pid is None:
+        raise AssertionError(f"no live slurmd for node {node}")
+    stepds = _stepd_pids(node)
+    victims = [pid, *stepds, *_descendants(stepds)]
+    # slurmd first (no more reports to slurmctld), then the stepds (no step completion
+    # reported), then the job processes
+    for p in victims:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() and _not_zombie(p) for p in victims), 20, f"node {node}'s processes to die")
+    return victims
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def restore_node(node: str, timeout: float = 90) -> None:
+    """Restart ``node``'s slurmd (if dead) and resume it, so later tests see every node up again."""
+    if slurmd_pid(node) is None:
+        subprocess.run(["slurmd", "-N", node], check=True, timeout=30)
+        wait_until(lambda: slurmd_pid(node) is not None, 20, f"slurmd {node} to start")
+
+    def up() -> bool:
+        st = node_state(node)
+        if st.startswith(("down", "drain", "fail")):
+            # ReturnToService=2 usually clears it on registration; `resume` when not
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True, timeout=20)
+            return False
+        return st in ("idle", "mix", "alloc")
+
+    wait_until(up, timeout, f"node {node} to be up again", interval=1.0)

@@ -78,7 +78,9 @@ def test_no_accounting_cluster_up_idempotent_and_down(slurm_env: dict[str, str])
                 del os.environ["SLURM_CONF"]
             else:
                 os.environ["SLURM_CONF"] = old
-        pids = [int((base / f).read_text()) for f in ("run/slurmctld.pid", "run/slurmd.pid", "munge/run/munged.pid")]
+        slurmds = sorted((base / "run").glob("slurmd.*.pid"))
+        assert [f.name for f in slurmds] == ["slurmd.n1.pid", "slurmd.n2.pid"]  # default: 2 nodes, one slurmd each
+        pids = [int(f.read_text()) for f in (base / "run/slurmctld.pid", *slurmds, base / "munge/run/munged.pid")]
     finally:
         d = subprocess.run(["bash", str(REPO / "slurm/down"), "--purge"], env=env, capture_output=True, text=True, timeout=120)
     assert d.returncode == 0, d.stdout + d.stderr

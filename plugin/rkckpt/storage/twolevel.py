@@ -9,14 +9,24 @@ restarted on another node still finds its state. Deletes (retention) go
 through the same queue behind the uploads (both copies are removed there)
 and are held back while any upload has failed, so the shared copy never
 loses an old chain before the newer one has arrived.
+
+Each checkpoint saved node-locally is also noted at once in the shared store
+(``rkckpt.node-local.json``: name, step, node), before its upload. A run that
+opens the same store on another node (the first node died) compares that
+note with what reached the store and says in its log what was lost: nothing,
+or the checkpoints that never left the dead node.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +36,18 @@ from .file import FileStorage
 log = logging.getLogger(__name__)
 
 _STOP = object()
+#: the newest checkpoint saved node-locally, noted in the shared store before its upload
+JOURNAL = "rkckpt.node-local.json"
+
+
+def _node() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _newest_step(names: Iterable[str]) -> int | None:
+    from ..chain import newest_named_step  # rkckpt.chain imports this package
+
+    return newest_named_step(names)
 
 
 class TwoLevelStorage(StorageBase):
@@ -42,6 +64,46 @@ class TwoLevelStorage(StorageBase):
         self.flush_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="rkckpt-flush", daemon=True)
         self._thread.start()
+        self._report_unflushed()
+
+    def _report_unflushed(self) -> None:
+        """Log what an earlier run saved node-locally and whether it reached the shared store."""
+        try:
+            doc = json.loads(self.shared.load(JOURNAL))
+            name, step, node = str(doc["name"]), int(doc["step"]), str(doc.get("node", "?"))
+            if self.local.exists(name):
+                return  # same node (or folder): that checkpoint is right here
+            if self.shared.exists(name):
+                log.info(
+                    "the previous run (node %s) saved up to checkpoint step %d and it reached %s: none of its checkpoints is lost",
+                    node,
+                    step,
+                    self.shared.url,
+                )
+                return
+            kernel = name.rsplit("-", 2)[0]
+            durable = _newest_step(n for n in self.shared.list() if n.startswith(kernel + "-")) or 0
+            log.warning(
+                "the previous run (node %s) saved checkpoint step %d node-locally but it never reached %s (the node failed "
+                "before the upload): the newest checkpoint there is step %d, so %d steps are lost and computed again",
+                node,
+                step,
+                self.shared.url,
+                durable,
+                step - durable,
+            )
+        except Exception as exc:  # noqa: BLE001 - a report only; no journal is the normal first run
+            log.debug("no node-local journal in %s: %s", self.shared.url, exc)
+
+    def _note_local_save(self, name: str) -> None:
+        step = _newest_step([name])
+        if step is None:
+            return
+        doc = {"name": name, "step": step, "node": _node(), "time": round(time.time(), 3)}
+        try:
+            self.shared.save(JOURNAL, json.dumps(doc).encode())
+        except Exception as exc:  # noqa: BLE001 - the checkpoint itself is saved; the note is a courtesy
+            log.debug("cannot note %s in %s: %s", name, self.shared.url, exc)
 
     # ---------------------------------------------------------------- background
     def _run(self) -> None:
@@ -98,6 +160,7 @@ class TwoLevelStorage(StorageBase):
 
     def save(self, name: str, data: Payload) -> int:
         n = self.local.save(name, data)
+        self._note_local_save(name)
         self._enqueue("put", name)
         return n
 
