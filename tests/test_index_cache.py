@@ -125,13 +125,12 @@ def test_ls_shows_the_files_structure_not_the_index(folder):
 
 
 def test_executor_fresh_stop_step_survives_a_damaged_marker(tmp_path):
-    from types import SimpleNamespace
 
-    from snakemake_executor_plugin_rkslurm.executor import Executor
+    from snakemake_executor_plugin_rkslurm.monitor import Monitor, Step
 
-    step = SimpleNamespace(checkpoint_dir=tmp_path, submitted_at=0.0)
+    step = Step(rule="r", checkpoint_dir=tmp_path)
     for junk in ("[" * 100000, '{"step": "five"}', "[1, 2]", "\x00\x01"):
         (tmp_path / STOP_MARKER).write_text(junk)
-        assert Executor._fresh_stop_step(None, step) is None  # type: ignore[arg-type]
+        assert Monitor._fresh_stop_step(None, step) is None  # type: ignore[arg-type]
     (tmp_path / STOP_MARKER).write_text('{"step": 120, "signal": "SIGUSR1"}')
-    assert Executor._fresh_stop_step(None, step) == 120  # type: ignore[arg-type]
+    assert Monitor._fresh_stop_step(None, step) == 120  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures_kernel import REPO, rkrun_env, wait_for
+from rkstep.protocol import EVENTS_FILE
 
 DATA = REPO / "tests" / "data"
 EXT = ("--grid", "64", "3", "3", "--steps", "120", "--checkpoint-every", "10", "--backend", "numpy", "--batch", "4")
@@ -136,7 +137,9 @@ def test_bad_values_refused_up_front(rkrun, tmp_path: Path, extra: tuple[str, ..
         args += ["--checkpoint-dir", str(tmp_path / "ck")]
     rc, log = run_rc(rkrun, *args, *extra, timeout=60)
     assert rc == 2 and message in log and "Traceback" not in log, log
-    assert not (tmp_path / "ck").exists() and not (tmp_path / "r.h5").exists()
+    # nothing computed or written: at most the step's attempt events (start, end with exit 2)
+    left = sorted(p.name for p in (tmp_path / "ck").iterdir()) if (tmp_path / "ck").exists() else []
+    assert left in ([], [EVENTS_FILE]) and not (tmp_path / "r.h5").exists(), left
 
 
 def test_grid_that_does_not_fit_is_refused_with_its_size(tmp_path: Path) -> None:
