@@ -21,7 +21,7 @@ from fixtures_slurm import SlurmWorkflow, submit_urgent, wait_until
 pytestmark = pytest.mark.slurm
 
 DATA = REPO / "tests" / "data"
-RKRUN = f"PYTHONPATH={DATA}:{REPO / 'plugin'}:$PYTHONPATH {sys.executable} -m rkkernel.cli"
+RKRUN = f"PYTHONPATH={DATA}:{REPO / 'plugin'} {sys.executable} -m rkkernel.cli"  # no $PYTHONPATH: Snakemake's shell runs with set -u
 
 SNAKEFILE = """
 rule all:

@@ -245,7 +245,7 @@ def test_two_level_node_failure_restores_from_the_flushed_chain(
 
     def local_step(node: str) -> int:
         d = local / node
-        return (newest_named_step(p.name for p in d.iterdir()) or 0) if d.is_dir() else 0
+        return (newest_named_step(p.name for p in d.rglob("*")) or 0) if d.is_dir() else 0  # scoped subfolders (rkckpt.storage)
 
     p = w.start("--rkslurm-no-requeue", "--rkslurm-keep-successful-logs")
     with _failing_nodes(p) as dead:
