@@ -188,12 +188,14 @@ inline int tt_row2(__global const int *restrict c, __global int *restrict o,
 #undef B
         const int16 i = lane + x;
         const int16 wall = i == 0 | i == nx - 1;
+        /* minima over dz = -1, +1 that both rows use (each in a different group) */
+        const int16 za0 = TT_IMIN(a_m0, a_p0), zap = TT_IMIN(a_mp, a_pp);
+        const int16 zb0 = TT_IMIN(b_m0, b_p0), zbp = TT_IMIN(b_mp, b_pp);
         /* row y: centre (0, 0) */
         {
-            const int16 m1 = TT_IMIN(TT_IMIN(b_00, TT_IMIN(a_0m, a_0p)), TT_IMIN(a_m0, a_p0));
-            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_0m, b_0p), TT_IMIN(b_m0, b_p0)),
-                                     TT_IMIN(TT_IMIN(a_mm, a_mp), TT_IMIN(a_pm, a_pp)));
-            const int16 m3 = TT_IMIN(TT_IMIN(b_mm, b_mp), TT_IMIN(b_pm, b_pp));
+            const int16 m1 = TT_IMIN(TT_IMIN(b_00, za0), TT_IMIN(a_0m, a_0p));
+            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_0m, b_0p), zb0), TT_IMIN(TT_IMIN(a_mm, a_pm), zap));
+            const int16 m3 = TT_IMIN(TT_IMIN(b_mm, b_pm), zbp);
             int16 t = TT_IMIN(a_00, as_int16(as_float16(m1) + h1 * sl));
             t = TT_IMIN(t, as_int16(as_float16(m2) + h2 * sl));
             t = TT_IMIN(t, as_int16(as_float16(m3) + h3 * sl));
@@ -203,10 +205,9 @@ inline int tt_row2(__global const int *restrict c, __global int *restrict o,
         }
         /* row y+1: centre (0, p) */
         {
-            const int16 m1 = TT_IMIN(TT_IMIN(b_0p, TT_IMIN(a_00, a_0q)), TT_IMIN(a_mp, a_pp));
-            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_00, b_0q), TT_IMIN(b_mp, b_pp)),
-                                     TT_IMIN(TT_IMIN(a_m0, a_mq), TT_IMIN(a_p0, a_pq)));
-            const int16 m3 = TT_IMIN(TT_IMIN(b_m0, b_mq), TT_IMIN(b_p0, b_pq));
+            const int16 m1 = TT_IMIN(TT_IMIN(b_0p, zap), TT_IMIN(a_00, a_0q));
+            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_00, b_0q), zbp), TT_IMIN(TT_IMIN(a_mq, a_pq), za0));
+            const int16 m3 = TT_IMIN(TT_IMIN(b_mq, b_pq), zb0);
             int16 t = TT_IMIN(a_0p, as_int16(as_float16(m1) + h1 * sl));
             t = TT_IMIN(t, as_int16(as_float16(m2) + h2 * sl));
             t = TT_IMIN(t, as_int16(as_float16(m3) + h3 * sl));
