@@ -3,12 +3,13 @@
 
 Runs ``rkrun traveltime`` in-process twice on the same grid and checkpoint
 interval: once with the manager's policy (a full checkpoint, then deltas
-until ``--full-every`` or until a delta would exceed half a full one), once
-with every checkpoint full (``full_every=0``). Prints how many of each were
+until ``--full-every`` or until a delta would exceed half a full one; block
+deltas of ``CheckpointPolicy.delta_block`` bytes), once with every
+checkpoint full (``full_every=0``). Prints how many of each were
 written, their average sizes, the average delta as a fraction of a full one
 and the bytes written by both. Figures only; nothing here is asserted.
 
-    python3 bench/ckpt_deltas.py                         # the demo's size: 128^3, a checkpoint every 4 steps
+    python3 bench/ckpt_deltas.py                         # the demo's: 128^3, a checkpoint every 2 steps (tt_checkpoint_every)
     python3 bench/ckpt_deltas.py --grid 96 96 96 --every 2 --backend numpy
 """
 
@@ -48,7 +49,7 @@ def run(grid: list[int], every: int, full_every: int, backend: str, root: Path) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=int, nargs=3, default=[128, 128, 128])
-    ap.add_argument("--every", type=int, default=4, help="steps between checkpoints")
+    ap.add_argument("--every", type=int, default=2, help="steps between checkpoints (the demo's tt_checkpoint_every)")
     ap.add_argument("--full-every", type=int, default=8, help="the manager's policy: deltas between fulls")
     ap.add_argument("--backend", default="auto")
     args = ap.parse_args()

@@ -13,7 +13,10 @@ bandwidths: the strictest honest bound, not the one that flatters.
 (``fdtd_sweep``, temporal blocking), so a cell update moves about 3 bytes
 from memory instead of 12, and the roofline stops being the bound.
 ``opencl-1`` is the one-step-per-launch kernel (``fdtd_bulk``, what a GPU
-runs), for comparison. Both give the same bits. Each gets one row per
+runs), for comparison. ``tt-opencl`` / ``tt-opencl-1`` are the same two
+forms of the traveltime kernel (``tt_sweep`` / ``tt_step``); its traffic
+per cell update is the same 12 bytes or less, but the 26-neighbour minimum
+makes it compute-bound on a CPU. Both give the same bits. Each gets one row per
 working OpenCL platform (``opencl:pocl``, ``opencl:intel``, ...), and the
 last line says which CPU platform is fastest here next to the order
 ``--backend auto`` uses (``clprobe.CPU_PLATFORM_PREFERENCE``).
@@ -29,6 +32,7 @@ runs) and exclude compilation. Figures only; nothing here is asserted.
     python3 bench/stencil.py --backends opencl:intel --sizes 256
     python3 bench/stencil.py --backends cuda cuda-loop --sizes 512
     python3 bench/stencil.py --backends tt-opencl --sizes 128    # the traveltime kernel (tt-numpy, tt-cuda too)
+    python3 bench/stencil.py --backends tt-opencl tt-opencl-1:pocl --sizes 128
 """
 
 from __future__ import annotations

@@ -196,6 +196,35 @@ def test_default_writes_extended_block_deltas(tmp_path):
     np.testing.assert_array_equal(rp.checkpoint.region("a"), sparse(3).region("a"))
 
 
+def test_thin_front_through_every_4k_block_is_a_small_delta(tmp_path):
+    """A change that touches every 4 KiB block but few cells of each (a front crossing every row of a grid)
+    is written as a delta of ``delta_block``-byte blocks, not a full: the change estimate samples at that
+    granularity too. The chain restores exactly."""
+
+    def front(step: int) -> Checkpoint:
+        c = Checkpoint(Metadata(KID, "test", step))
+        a = np.full((512, 128), np.inf, np.float32)  # 256 KiB of 128-float rows ...
+        a[:, : 4 * step] = step  # ... every row gains 4 cells a step
+        c.add_region("t", np.tile(a, (4, 1)))  # 1 MiB: more than the sampled windows
+        return c
+
+    pol = CheckpointPolicy(every_steps=1, keep_chains=10)
+    with CheckpointManager(tmp_path, pol, KID) as m:
+        for step in (1, 2, 3, 4):
+            m.submit(SnapshotResponse(SnapshotRequest(step), front(step)))
+        m.flush()
+        assert m.stats.full == 1 and m.stats.deltas == 3
+        full = m.stats.full_bytes
+        avg_delta = (m.stats.bytes_written - full) / m.stats.deltas
+    # 4 KiB blocks would store every block (100%); 64-byte blocks store 1 or 2 of each row's 8
+    assert avg_delta < 0.3 * full
+    with pytest.raises(ValueError):
+        CheckpointManager(MemoryStorage(), CheckpointPolicy(delta_block=0), KID)
+    rp = latest_restorable(FileStorage(tmp_path))
+    assert rp.step == 4 and len(rp.chain) == 4
+    np.testing.assert_array_equal(rp.checkpoint.region("t"), front(4).region("t"))
+
+
 def test_reusable_buffers_never_corrupt_the_chain(tmp_path):
     """Snapshots copied into buffers handed back by reusable() still give exact restores."""
     st = FileStorage(tmp_path / "ck")

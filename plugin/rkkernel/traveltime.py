@@ -13,6 +13,11 @@ changed a cell, and the run stops there.
 
 Wall cells (the outermost layer) are not computed and stay +inf, like the
 wave kernel's rigid walls.
+
+On a CPU OpenCL device, ``SWEEP_LEVELS`` steps run in one sweep over z
+(``tt_sweep``, temporal blocking as wavesim's ``fdtd_sweep``, 16-cell
+vectors, two rows at a time); elsewhere one ``tt_step`` launch per step.
+Both only regroup exact minima, so the bits are the same.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import CONTROL, KernelSpec, Launch, RegionSpec, Swap
-from .wavesim import WaveParams, velocity_model
+from .spec import CONTROL, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
+from .wavesim import SWEEP_LEVELS, WaveParams, velocity_model
 
 KERNEL_TYPE = "traveltime_3d"
 F32 = np.float32
@@ -101,6 +106,10 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
     ]
     common = (CONTROL, Swap("time_a", "time_b"), Swap("time_b", "time_a"), "slowness", "last_change", w.h1, w.h2, w.h3)
     launch = Launch("tt_step", (nx - 2, ny - 2, nz - 2), (*common, np.int32(nx), np.int32(nx * ny)))
+    # SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see tt_sweep)
+    slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
+    sweep_args = (*common, np.int32(nx), np.int32(nx * ny), np.int32(ny), np.int32(nz), SYNC, np.int32(SWEEP_LEVELS))
+    fused = FusedSteps(SWEEP_LEVELS, (Launch("tt_sweep", (slabs,), sweep_args, (1,)),), sync_words=slabs)
 
     def initial() -> dict[str, np.ndarray]:
         t = np.full(shape, np.inf, dtype=F32)
@@ -126,6 +135,7 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
         numpy_step=step,
         initial=initial,
         params={**p, "source": list(params.source), "version": VERSION},
+        fused={"opencl": fused},
     )
 
 
