@@ -56,7 +56,7 @@ from .layout import (
     unpack_metadata,
 )
 from .model import Checkpoint, Chunk, ChunkType, Metadata
-from .source import Buffer, FileSource, MemorySource, Source
+from .source import Buffer, FileSource, MemorySource, Source, prefault
 
 __all__ = ["ParsedFile", "Scan", "check", "encode", "load", "read", "scan", "write"]
 
@@ -99,6 +99,11 @@ class _Crc:
 
     def _do(self, buf: Buffer) -> None:
         self.value = crc32(buf, self.value)
+
+    def prefault(self, view: memoryview) -> None:
+        """Fault in a fresh buffer's pages in the helper thread (see ``source.prefault``), in order with the CRCs."""
+        if view.nbytes:
+            self.submit(lambda: prefault(view))
 
     def update(self, buf: Buffer) -> None:
         if memoryview(buf).nbytes < (1 << 16) and (self._last is None or self._last.done()):
@@ -151,13 +156,17 @@ class _Cursor:
         return out
 
     def into(self, out: memoryview, what: str) -> None:
+        """Read into ``out`` piece by piece; the helper thread checksums each piece and faults in the next."""
         n = out.nbytes
         self._check(n, what)
+        if self.crc is not None:
+            self.crc.prefault(out[_PIECE : 2 * _PIECE])
         for s in range(0, n, _PIECE):
             piece = out[s : s + _PIECE]
             self.source.read_into(self.pos + s, piece)
             if self.crc is not None:
                 self.crc.update(piece)
+                self.crc.prefault(out[s + 2 * _PIECE : s + 3 * _PIECE])
         self.pos += n
 
     def skip(self, n: int, what: str) -> None:
