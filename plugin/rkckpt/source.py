@@ -13,7 +13,7 @@ import ctypes
 import os
 import stat
 import sys
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _fresh(n: int) -> memoryview:
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without changing their contents
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_madvise: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+_madvise: Any = None  # libc's madvise, where there is one
 if sys.platform.startswith("linux"):
     try:
         _madvise = ctypes.CDLL(None, use_errno=True).madvise
