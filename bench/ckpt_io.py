@@ -279,6 +279,7 @@ print(json.dumps({"digest": ck.content_digest(), "size": size, "seconds": dt, "h
 
 _LARGE_READ = """
 import json, sys, time
+from rkckpt import container
 t = time.perf_counter()
 ck = container.load(sys.argv[1])
 dt = time.perf_counter() - t
