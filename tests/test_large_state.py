@@ -125,6 +125,7 @@ print(json.dumps({"digest": digest, "size": size, "hwm": hwm, "state": n}))
 
 READER = """
 import json, sys
+from rkckpt import container
 ck = container.load(sys.argv[1])
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps({"digest": ck.content_digest(), "hwm": hwm, "chunks": len(ck.chunks)}))

@@ -56,11 +56,12 @@ from .layout import (
     unpack_metadata,
 )
 from .model import Checkpoint, Chunk, ChunkType, Metadata
-from .source import Buffer, FileSource, MemorySource, Source
+from .source import Buffer, FileSource, MemorySource, Source, prefault
 
 __all__ = ["ParsedFile", "Scan", "check", "encode", "load", "read", "scan", "write"]
 
 _PIECE = 16 << 20  # I/O and CRC granularity: big enough for throughput, small enough to overlap
+_EDGE = 2 << 20  # first and last piece of a big read (see ``_cuts``)
 H5_SUFFIXES = (".rk.h5", ".h5", ".hdf5")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: decoded size a plain (non-sharded) stream may declare in all: its own 1 GiB cap
@@ -99,6 +100,11 @@ class _Crc:
 
     def _do(self, buf: Buffer) -> None:
         self.value = crc32(buf, self.value)
+
+    def prefault(self, view: memoryview) -> None:
+        """Fault in a fresh buffer's pages in the helper thread (see ``source.prefault``), in order with the CRCs."""
+        if view.nbytes:
+            self.submit(lambda: prefault(view))
 
     def update(self, buf: Buffer) -> None:
         if memoryview(buf).nbytes < (1 << 16) and (self._last is None or self._last.done()):
@@ -151,18 +157,36 @@ class _Cursor:
         return out
 
     def into(self, out: memoryview, what: str) -> None:
+        """Read into ``out`` piece by piece; the helper thread checksums each piece and faults in the next."""
         n = out.nbytes
         self._check(n, what)
-        for s in range(0, n, _PIECE):
-            piece = out[s : s + _PIECE]
-            self.source.read_into(self.pos + s, piece)
+        cuts = _cuts(n)
+        if self.crc is not None and len(cuts) > 2:
+            self.crc.prefault(out[cuts[1] : cuts[2]])
+        for i in range(len(cuts) - 1):
+            piece = out[cuts[i] : cuts[i + 1]]
+            self.source.read_into(self.pos + cuts[i], piece)
             if self.crc is not None:
                 self.crc.update(piece)
+                if i + 3 < len(cuts):
+                    self.crc.prefault(out[cuts[i + 2] : cuts[i + 3]])
         self.pos += n
 
     def skip(self, n: int, what: str) -> None:
         self._check(n, what)
         self.pos += n
+
+
+def _cuts(n: int) -> list[int]:
+    """Piece boundaries for reading ``n`` bytes: ``_PIECE``-sized pieces between two ``_EDGE``-sized ones.
+
+    What cannot overlap is kept short: the first piece is read while the
+    helper thread is still faulting in the second, and the caller waits for
+    the CRC of the last piece.
+    """
+    if n <= 2 * _EDGE + _PIECE:
+        return [*range(0, n, _PIECE), n]
+    return [0, *range(_EDGE, n - _EDGE, _PIECE), n - _EDGE, n]
 
 
 class _Assembly:

@@ -9,9 +9,11 @@ checkpoint ends in an error, not a hang.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
-from typing import Protocol, runtime_checkable
+import sys
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +37,38 @@ class Source(Protocol):
 
 def _fresh(n: int) -> memoryview:
     return memoryview(np.empty(n, dtype=np.uint8)).cast("B")
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without changing their contents
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_madvise: Any = None  # libc's madvise, where there is one
+if sys.platform.startswith("linux"):
+    try:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbol
+        _madvise = None
+
+
+def prefault(view: memoryview) -> None:
+    """Fault in the pages of a fresh, writable buffer now, before data is read into them.
+
+    Why: a loader returns new memory, and the kernel zeroes every new page
+    on its first touch. Done by the helper thread for the piece after the one
+    being read, that zeroing overlaps the read instead of adding to it.
+    ``MADV_POPULATE_WRITE`` never changes what the pages hold, so it is safe
+    even if the reader has already filled them. A hint only: where it is
+    missing (old kernel, not Linux) pages fault in as the read touches them.
+    """
+    global _madvise
+    if _madvise is None or not view.nbytes:
+        return
+    base = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    lo = (base + _PAGE - 1) & ~(_PAGE - 1)  # whole pages inside the view only
+    hi = (base + view.nbytes) & ~(_PAGE - 1)
+    if hi > lo and _madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == 22:
+        _madvise = None  # EINVAL: this kernel lacks it; stop asking
 
 
 class MemorySource:
