@@ -242,7 +242,7 @@ class CheckpointManager:
         return rp
 
     # ------------------------------------------------------------ writing
-    def _write(self, resp: SnapshotResponse) -> int:
+    def _write(self, resp: SnapshotResponse, *, stopping: bool = False) -> int:
         step = resp.request.step
         t0 = time.perf_counter()
         if not self._indexed:  # learn about files from earlier runs before retention
@@ -259,7 +259,7 @@ class CheckpointManager:
         if (
             self._parent is not None
             and self._parent_digest is not None
-            and self._deltas_since_full < p.full_every
+            and (self._deltas_since_full < p.full_every or (stopping and p.full_every > 0))
             and full_state.metadata.kernel_id == self._parent.metadata.kernel_id
             and _estimated_change(self._parent, full_state, p.delta_block) <= p.max_delta_fraction
         ):
@@ -370,7 +370,9 @@ class CheckpointManager:
         self._wait_idle()
         self._mark_written(resp.request.step)
         self._handed_in.add(id(resp.checkpoint))
-        return self._write(resp)
+        # Under a grace period the smallest write wins: a stop checkpoint is a
+        # delta whenever the chain allows one, even one past ``full_every``.
+        return self._write(resp, stopping=True)
 
     def reusable(self) -> Checkpoint | None:
         """A state handed in earlier that the manager will never read again, or None.
