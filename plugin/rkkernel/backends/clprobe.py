@@ -140,14 +140,14 @@ def rank(c: Candidate) -> tuple[int, int, int, int]:
     return (kind, pref, c.platform_index, c.device_index)
 
 
-def _build_environment() -> list[tuple[str, str]]:
+def build_environment() -> list[tuple[str, str]]:
     """Environment variables that change what a build does (pocl's flags, the ICD list)."""
     return sorted((k, v) for k, v in os.environ.items() if (k.startswith("POCL_") and k != "POCL_CACHE_DIR") or k == "OCL_ICD_VENDORS")
 
 
 def _cache_file(c: Candidate, source: str, options: list[str]) -> Path:
     digest = hashlib.sha256(source.encode()).hexdigest()
-    key = json.dumps([PROBE_VERSION, asdict(c), digest, options, _build_environment(), sys.version_info[:2]])
+    key = json.dumps([PROBE_VERSION, asdict(c), digest, options, build_environment(), sys.version_info[:2]])
     return cache_root() / "probe" / f"opencl-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

@@ -21,7 +21,7 @@ from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
 from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
 from .base import Backend, BackendUnavailable, check_out, resolve_arg
-from .clprobe import Verdict, explain, probe_candidates
+from .clprobe import Verdict, build_environment, explain, probe_candidates
 from .hostmem import HUGE_PAGE_MIN_BYTES, cpu_device_buffer
 from .icd import register_pip_runtimes
 
@@ -58,19 +58,19 @@ _verdicts: dict[tuple, list[Verdict]] = {}
 def verdicts(spec: KernelSpec | None = None, selector: str | None = None) -> list[Verdict]:
     """Every OpenCL device's verdict on ``spec``'s program, best first (memoised per process)."""
     source, options = program_for(spec)
+    try:
+        cl = _cl()  # first: it may register pip-installed runtimes (OCL_ICD_VENDORS, part of the key)
+    except Exception as exc:  # noqa: BLE001 - pyopencl missing or its loader broken
+        raise BackendUnavailable(f"pyopencl cannot be loaded: {type(exc).__name__}: {exc}") from exc
     key = (
         hashlib.sha256(source.encode()).hexdigest(),
         tuple(options),
         selector,
         os.environ.get("RKKERNEL_OPENCL_DEVICE"),
         os.environ.get("RKKERNEL_OPENCL_EXCLUDE"),
-        os.environ.get("POCL_EXTRA_BUILD_FLAGS"),
+        tuple(build_environment()),  # the disk cache's key too: pocl's flags, the ICD list
     )
     if key not in _verdicts:
-        try:
-            cl = _cl()
-        except Exception as exc:  # noqa: BLE001 - pyopencl missing or its loader broken
-            raise BackendUnavailable(f"pyopencl cannot be loaded: {type(exc).__name__}: {exc}") from exc
         _verdicts[key] = probe_candidates(cl, source, options, selector)
     return _verdicts[key]
 
