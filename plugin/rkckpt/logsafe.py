@@ -21,27 +21,75 @@ import threading
 
 MASK = "***"
 
-#: Header and parameter names whose values are credentials.
+#: Header, parameter and keyword names whose values are credentials (matched
+#: whole, case-insensitively): AWS SigV4 and v2 (``AWSAccessKeyId``,
+#: ``Signature``), Google Cloud Storage V4 signed URLs, Azure SAS (``sig``;
+#: ``se``/``sp``/``sv`` are not secret and stay), and the keyword names of
+#: client constructors and config dicts (s3fs ``key``/``secret``/``token``).
 SENSITIVE_NAMES = (
     "x-amz-security-token",
     "x-amz-credential",
     "x-amz-signature",
+    "x-amz-server-side-encryption-customer-key",
+    "x-goog-signature",
+    "x-goog-credential",
+    "x-goog-security-token",
+    "x-ms-encryption-key",
     "authorization",
+    "proxy-authorization",
+    "awsaccesskeyid",
     "signature",
+    "sig",
     "aws_session_token",
     "aws_secret_access_key",
     "aws_access_key_id",
-    "x-amz-server-side-encryption-customer-key",
+    "aws_security_token",
+    "secret_access_key",
+    "secret_key",
+    "access_key",
+    "account_key",
+    "session_token",
+    "security_token",
+    "client_secret",
+    "access_token",
+    "refresh_token",
+    "sas_token",
+    "api_key",
+    "apikey",
+    "x-api-key",
+    "private_key",
+    "password",
+    "passwd",
+    "secret",
+    "token",
 )
-_NAMES = "|".join(re.escape(n) for n in SENSITIVE_NAMES)
+#: Names masked only in exactly this spelling: S3's ``'Key': 'prefix/object'``
+#: (botocore's request parameters) is an object name, s3fs's ``key='AKIA...'`` is not.
+CASE_SENSITIVE_NAMES = ("key",)
+# longest first, so "aws_session_token" wins over "token" and "x-amz-signature" over "signature"
+_NAMES = "|".join(re.escape(n) for n in sorted(SENSITIVE_NAMES, key=len, reverse=True))
+_CS_NAMES = "|".join(re.escape(n) for n in CASE_SENSITIVE_NAMES)
+# a quoted value, backslash escapes included: 'ab\'c'
+_QUOTED = r"""(['"])(?:\\.|(?!\2)[^\\])*\2"""
+# a name that ends in one of them is one too: db_password, MY_API_TOKEN, x-custom-signature
+_PREFIX = r"(?:[a-z0-9]+[_-])*"
 _PATTERNS = (
-    # 'X-Amz-Security-Token': b'...'   "Authorization": "..."
-    re.compile(rf"""(?i)(['"]?(?:{_NAMES})['"]?\s*[:=]\s*b?)(['"])(?:(?!\2).)*\2"""),
-    # x-amz-security-token:VALUE (canonical request), X-Amz-Security-Token=VALUE& (query), Signature:\nHEX
-    re.compile(rf"""(?i)((?<![\w-])(?:{_NAMES})\s*[:=]\s*)(?!['"]|b['"])[^\s,'"}}&;]+"""),
+    # 'X-Amz-Security-Token': b'...'   "Authorization": "..."   secret='...'   password="..."
+    re.compile(rf"""(?i)((?<![\w-])['"]?{_PREFIX}(?:{_NAMES})['"]?\s*[:=]\s*b?){_QUOTED}"""),
+    re.compile(rf"""((?<![\w-])['"]?(?:{_CS_NAMES})['"]?\s*[:=]\s*b?){_QUOTED}"""),
+    # x-amz-security-token:VALUE (canonical request), X-Amz-Security-Token=VALUE& (query), Signature:\nHEX, token=VALUE
+    re.compile(rf"""(?i)((?<![\w-]){_PREFIX}(?:{_NAMES})\s*[:=]\s*)(?!['"]|b['"])[^\s,'"}})&;]+"""),
+    re.compile(rf"""((?<![\w-])(?:{_CS_NAMES})\s*=\s*)(?!['"]|b['"])[^\s,'"}})&;]+"""),
     re.compile(r"(?i)(Credential=)[^/\s,&'\"]+"),
     re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA|ANPA|AGPA)[A-Z0-9]{12,}\b"),
 )
+#: ``scheme://userinfo@`` (greedy to the last ``@`` before the path: a password may hold a raw ``@``).
+_URL_USERINFO = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://)([^/\s?#'"<>\[\]]*)@""")
+#: ``user:password@host`` without a scheme (urllib3's "Starting new HTTP connection (1): u:pw@host:port").
+_BARE_USERINFO = re.compile(r"""(?<![\w/:@.%+-])([\w.%+-]+):([^\s@/'"<>]+)@(?=[\w\[])""")
+#: A user name alone is shown (``ssh://git@host``); a lone userinfo that is not
+#: one (a token: ``https://ghp_...@host``, long or not a plain login) is masked.
+_LOGIN = re.compile(r"^[a-z_][a-z0-9_.-]{0,15}$")
 _ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _secrets: set[str] = set()
 _lock = threading.Lock()
@@ -60,8 +108,22 @@ def _mask(m: re.Match[str]) -> str:
     return (m.group(1) if m.re.groups else "") + MASK
 
 
+def _mask_userinfo(m: re.Match[str]) -> str:
+    user, sep, _password = m.group(2).partition(":")
+    if sep:
+        return f"{m.group(1)}{user}:{MASK}@"
+    return m.group(0) if _LOGIN.match(user) else f"{m.group(1)}{MASK}@"
+
+
 def redact(text: str) -> str:
-    """``text`` with credential values replaced by ``***``."""
+    """``text`` with credential values replaced by ``***``.
+
+    URL passwords (``scheme://user:***@host``), signature and credential
+    parameters of signed URLs, credential headers, and keyword/dict reprs
+    (``secret='***'``, ``'password': '***'``), then every registered secret.
+    """
+    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = _BARE_USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
     for p in _PATTERNS:
         text = p.sub(_mask, text)
     with _lock:
