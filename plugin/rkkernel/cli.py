@@ -72,7 +72,10 @@ def _load_config(path: Path) -> dict:
             raise ConfigError(
                 f"{path}: a YAML config needs PyYAML, which is not installed (pip install pyyaml, or use a .json config)"
             ) from None
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        # Not CSafeLoader: libyaml recurses on the C stack and a deeply nested file
+        # ("a: [[[[...") crashes the process (SIGSEGV); the Python loader stops at
+        # Python's recursion limit with an exception. Config files are small.
+        loader = yaml.SafeLoader
     try:
         doc = yaml.load(text, Loader=loader) if is_yaml else json.loads(text)  # noqa: S506 - a safe loader
     except Exception as exc:  # noqa: BLE001 - any parse error is "bad config"
