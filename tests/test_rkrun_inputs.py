@@ -223,6 +223,29 @@ def test_bad_kernel_module_is_one_line_exit_2(rkrun, tmp_path: Path, source: str
     nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("sys.exit(0)", "kernel 'bad_build': building the run called sys.exit(0); a kernel plugin must not exit"),
+        ("{}['grid_missing']", "kernel 'bad_build': building the run raised KeyError: 'grid_missing'"),
+    ],
+)
+def test_plugin_build_that_exits_or_raises_is_one_line_exit_2(rkrun, tmp_path: Path, body: str, needle: str) -> None:
+    """A plugin's build is user code too: ``sys.exit(0)`` in it must not be rc 0 having run nothing."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "rk_bad_build.py").write_text(
+        "import sys\nfrom rkkernel.plugin import KernelPlugin\n\n\n"
+        f"def build(values):\n    {body}\n\n\nPLUGIN = KernelPlugin(name='bad_build', build=build)\n"
+    )
+    env = rkrun_env()
+    env["PYTHONPATH"] = f"{mods}:{env.get('PYTHONPATH', '')}"
+    args = ("--kernel", "rk_bad_build:PLUGIN", *WAVE[1:7], "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "r.h5"))
+    rc, log = run(rkrun, *args, env=env)
+    assert_refused(rc, log, needle)
+    nothing_written(tmp_path)
+
+
 # ------------------------------------------------------------------ --velocity
 def test_velocity_fifo_and_device_refused_without_blocking(rkrun, tmp_path: Path) -> None:
     fifo = tmp_path / "model.npy"

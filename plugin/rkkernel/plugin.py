@@ -23,6 +23,7 @@ signal handlers before any native thread pool exists (see ``rkkernel.cli``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
@@ -414,11 +415,37 @@ def known_kernels() -> dict[str, str]:
     return found
 
 
+def guarded(plugin: KernelPlugin) -> KernelPlugin:
+    """``plugin`` whose ``build`` (user code) fails as a ValueError, which rkrun reports in one line with exit 2.
+
+    A ``sys.exit(0)`` in a plugin's build would otherwise end rkrun with 0
+    having run nothing, and any other exception in it with a traceback. The
+    built-in kernels are this project's code: their bugs keep their tracebacks.
+    """
+    if str(getattr(plugin.build, "__module__", "")).startswith("rkkernel."):
+        return plugin
+    build = plugin.build
+
+    def guarded_build(values: Mapping[str, Any]) -> KernelRun:
+        try:
+            return build(values)
+        except ValueError:
+            raise
+        except SystemExit as exc:
+            raise ValueError(
+                f"kernel {plugin.name!r}: building the run called sys.exit({_short(exc.code)}); a kernel plugin must not exit"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            raise ValueError(f"kernel {plugin.name!r}: building the run raised {_one_line_exc(exc)}") from None
+
+    return dataclasses.replace(plugin, build=guarded_build)
+
+
 def find_plugin(name: str, source: str = "rkrun") -> KernelPlugin:
     """A registered kernel by name, or ``module:OBJECT`` for one on the path."""
     if ":" in name:
-        return load_object(name, source)
+        return guarded(load_object(name, source))
     ref = known_kernels().get(name)
     if ref is None:
         raise PluginError(f"{source}: unknown kernel {name!r} (known: {', '.join(sorted(known_kernels()))}; or module:OBJECT)")
-    return load_object(ref, f"kernel {name!r}")
+    return guarded(load_object(ref, f"kernel {name!r}"))
