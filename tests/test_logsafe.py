@@ -91,6 +91,9 @@ def test_redact_masks_header_forms():
         ('connect(password="hun\\"ter2", user=\'bob\')', ["hun", "ter2"], ["user='bob'", 'password="***"']),
         ("opts {'aws_secret_access_key': b'wJalrXUtnFEMI', \"db_password\": \"pw9\"}", ["wJalrXUtnFEMI", "pw9"], ["db_password"]),
         ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI MY_API_TOKEN=abc123 passwd=pw9", ["wJalrXUtnFEMI", "abc123", "pw9"], []),
+        # a value inside a harmless "name: value" is still looked at; a quote cut off by a truncated message
+        ("rkckpt: debug: secret=s3cr3t! __token=tok9", ["s3cr3t!", "tok9"], ["rkckpt: debug: secret=***"]),
+        ("kwargs {'password': 'hunter2 and the message was cut\nnext line", ["hunter2", "cut"], ["next line"]),
     ],
 )
 def test_redact_masks_urls_signatures_and_keyword_reprs(line: str, secrets: list[str], kept: list[str]) -> None:

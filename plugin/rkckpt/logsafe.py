@@ -66,20 +66,19 @@ SENSITIVE_NAMES = (
 #: Names masked only in exactly this spelling: S3's ``'Key': 'prefix/object'``
 #: (botocore's request parameters) is an object name, s3fs's ``key='AKIA...'`` is not.
 CASE_SENSITIVE_NAMES = ("key",)
-# longest first, so "aws_session_token" wins over "token" and "x-amz-signature" over "signature"
-_NAMES = "|".join(re.escape(n) for n in sorted(SENSITIVE_NAMES, key=len, reverse=True))
-_CS_NAMES = "|".join(re.escape(n) for n in CASE_SENSITIVE_NAMES)
-# a quoted value, backslash escapes included: 'ab\'c'
-_QUOTED = r"""(['"])(?:\\.|(?!\2)[^\\])*\2"""
-# a name that ends in one of them is one too: db_password, MY_API_TOKEN, x-custom-signature
-_PREFIX = r"(?:[a-z0-9]+[_-])*"
+_NAMES = "|".join(re.escape(n) for n in SENSITIVE_NAMES)
+#: A name that is, or ends in, one of them (db_password, MY_API_TOKEN, x-custom-signature).
+_SENSITIVE_NAME = re.compile(rf"(?i)(?:^|[_-])(?:{_NAMES})$")
+#: ``name=`` / ``name:`` / ``'name': `` / ``"name"=`` (kwarg and dict reprs, headers, query strings,
+#: canonical requests). Only the name and the separator: a value is taken only after a sensitive name,
+#: so a harmless ``name: value`` never swallows a ``secret=...`` inside its value. One pass over the
+#: text with a cheap pattern; the name is then checked on its own (the long alternation of names at
+#: every position of a megabyte -vv body was the slow part).
+_NAME_SEP = re.compile(r"""(?<![\w-])['"]?(\w[\w-]*)['"]?\s*[:=]\s*""")
+#: A quoted value (bytes too), backslash escapes included: 'ab\'c'
+_QUOTED_VALUE = re.compile(r"""b?(['"])(?:\\.|(?!\1)[^\\])*\1""")
+_BARE_VALUE = re.compile(r"""[^\s,'"})&;]+""")
 _PATTERNS = (
-    # 'X-Amz-Security-Token': b'...'   "Authorization": "..."   secret='...'   password="..."
-    re.compile(rf"""(?i)((?<![\w-])['"]?{_PREFIX}(?:{_NAMES})['"]?\s*[:=]\s*b?){_QUOTED}"""),
-    re.compile(rf"""((?<![\w-])['"]?(?:{_CS_NAMES})['"]?\s*[:=]\s*b?){_QUOTED}"""),
-    # x-amz-security-token:VALUE (canonical request), X-Amz-Security-Token=VALUE& (query), Signature:\nHEX, token=VALUE
-    re.compile(rf"""(?i)((?<![\w-]){_PREFIX}(?:{_NAMES})\s*[:=]\s*)(?!['"]|b['"])[^\s,'"}})&;]+"""),
-    re.compile(rf"""((?<![\w-])(?:{_CS_NAMES})\s*=\s*)(?!['"]|b['"])[^\s,'"}})&;]+"""),
     re.compile(r"(?i)(Credential=)[^/\s,&'\"]+"),
     re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA|ANPA|AGPA)[A-Z0-9]{12,}\b"),
 )
@@ -103,8 +102,6 @@ def register_secret(*values: str | None) -> None:
 
 
 def _mask(m: re.Match[str]) -> str:
-    if m.re.groups == 2:  # a quoted value: keep the quotes
-        return f"{m.group(1)}{m.group(2)}{MASK}{m.group(2)}"
     return (m.group(1) if m.re.groups else "") + MASK
 
 
@@ -115,6 +112,34 @@ def _mask_userinfo(m: re.Match[str]) -> str:
     return m.group(0) if _LOGIN.match(user) else f"{m.group(1)}{MASK}@"
 
 
+def _mask_named_values(text: str) -> str:
+    """Mask the value after every sensitive name (``secret='***'``, ``X-Amz-Signature=***&``)."""
+    out: list[str] = []
+    pos = 0
+    for m in _NAME_SEP.finditer(text):
+        name = m.group(1)
+        if m.start() < pos or not (name in CASE_SENSITIVE_NAMES or _SENSITIVE_NAME.search(name)):
+            continue
+        end = m.end()
+        q = _QUOTED_VALUE.match(text, end)
+        if q:  # keep the quotes (and a bytes prefix): the repr stays readable
+            out += [text[pos : q.start(1) + 1], MASK, q.group(1)]
+            pos = q.end()
+            continue
+        if text.startswith(("'", '"', "b'", 'b"'), end):  # a quote never closed (a cut message): up to the line's end
+            stop = text.find("\n", end)
+            stop = len(text) if stop < 0 else stop
+            out += [text[pos:end], MASK]
+            pos = stop
+            continue
+        v = _BARE_VALUE.match(text, end)
+        if v:
+            out += [text[pos:end], MASK]
+            pos = v.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact(text: str) -> str:
     """``text`` with credential values replaced by ``***``.
 
@@ -122,8 +147,11 @@ def redact(text: str) -> str:
     parameters of signed URLs, credential headers, and keyword/dict reprs
     (``secret='***'``, ``'password': '***'``), then every registered secret.
     """
-    text = _URL_USERINFO.sub(_mask_userinfo, text)
-    text = _BARE_USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    if "://" in text:
+        text = _URL_USERINFO.sub(_mask_userinfo, text)
+    if "@" in text:
+        text = _BARE_USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    text = _mask_named_values(text)
     for p in _PATTERNS:
         text = p.sub(_mask, text)
     with _lock:
