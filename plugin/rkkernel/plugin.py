@@ -429,8 +429,8 @@ def guarded(plugin: KernelPlugin) -> KernelPlugin:
     def guarded_build(values: Mapping[str, Any]) -> KernelRun:
         try:
             return build(values)
-        except ValueError:
-            raise
+        except ValueError as exc:  # the plugin's own "bad value" message, on one line
+            raise ValueError(" ".join(str(exc).split())[:1000] or f"kernel {plugin.name!r}: ValueError") from None
         except SystemExit as exc:
             raise ValueError(
                 f"kernel {plugin.name!r}: building the run called sys.exit({_short(exc.code)}); a kernel plugin must not exit"
