@@ -327,8 +327,8 @@ def test_read_npy_matches_numpy_for_c_and_fortran_order(tmp_path: Path) -> None:
         read_npy(tmp_path / "mC1.npy", (12, 14), "model")
 
 
-def test_read_bounded_caps_a_growing_file(tmp_path: Path) -> None:
-    """The cap holds while reading too: a file that is small at fstat but bigger by the time it is read."""
+def test_read_bounded_caps_before_and_while_reading(tmp_path: Path) -> None:
+    """The cap is checked on fstat's size and again while reading (a /proc file says 0 bytes and has more)."""
     p = tmp_path / "c.json"
     p.write_bytes(b"x" * 5000)
     assert read_bounded(p, "config file", 5000) == b"x" * 5000
