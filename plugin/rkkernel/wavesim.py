@@ -102,17 +102,15 @@ def load_velocity(path: str, nx: int, nz: int) -> tuple[np.ndarray, str]:
     """
     import hashlib
 
-    try:
-        raw = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
-    if raw.shape != (nz, nx):
-        raise ValueError(f"{path}: velocity model must have shape (nz, nx) = ({nz}, {nx}), got {raw.shape}")
-    if raw.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: velocity model must be numeric, got {raw.dtype}")
-    v = np.ascontiguousarray(raw, dtype=F32)
-    if not np.isfinite(v).all() or float(v.min()) <= 0:
-        raise ValueError(f"{path}: velocities must be finite and positive")
+    from .inputs import read_npy
+
+    raw = read_npy(path, (nz, nx), "velocity model", "(nz, nx)")  # no FIFO, no pickle, size checked first
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused just below
+        v = np.ascontiguousarray(raw, dtype=F32)
+    if not np.isfinite(v).all() or float(v.min()) < np.finfo(F32).tiny:  # the kernels flush subnormals to zero
+        raise ValueError(
+            f"{path}: velocities must be finite and positive (as float32: {np.finfo(F32).tiny:.3g} to {np.finfo(F32).max:.3g})"
+        )
     return v, hashlib.sha256(v.tobytes()).hexdigest()
 
 

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 MODEL_OPTIONS = (
     Option("velocity", click.Path(dir_okay=False), None, "Velocity model .npy, shape (NZ, NX), m/s."),
-    Option("dx", FiniteFloat(min=0, min_open=True), 10.0, "Cell size in metres."),
-    Option("v_top", FiniteFloat(min=0, min_open=True), 1500.0, "Built-in model: upper layer (m/s)."),
-    Option("v_bottom", FiniteFloat(min=0, min_open=True), 2500.0, "Built-in model: lower layer (m/s)."),
+    Option("dx", FiniteFloat(min=0, min_open=True, dtype="float32"), 10.0, "Cell size in metres."),
+    Option("v_top", FiniteFloat(min=0, min_open=True, dtype="float32"), 1500.0, "Built-in model: upper layer (m/s)."),
+    Option("v_bottom", FiniteFloat(min=0, min_open=True, dtype="float32"), 2500.0, "Built-in model: lower layer (m/s)."),
 )
 
 
@@ -41,7 +41,45 @@ def model_params(values: Mapping[str, Any]) -> tuple[WaveParams, np.ndarray | No
         model, digest = load_velocity(str(values["velocity"]), nx, nz)
         extra = {"model_sha256": digest, "model_vmax": float(model.max())}
     params = WaveParams(nx, ny, nz, dx=values["dx"], v_top=values["v_top"], v_bottom=values["v_bottom"], **extra)
+    if model is not None:
+        check_float32_range(params, float(model.min()), float(model.max()))
+    else:
+        check_float32_range(params, min(params.v_top, params.v_bottom), max(params.v_top, params.v_bottom))
     return params, model
+
+
+def check_float32_range(params: WaveParams, vmin: float, vmax: float) -> None:
+    """The float32 numbers the kernels compute from the model options must be normal float32 numbers.
+
+    Each option may be a fine float32 on its own while what the kernels
+    derive from it is not: ``(v*v)*(dt/dx)^2`` (wavesim) or the slowness and
+    the traveltimes (traveltime) overflow to inf or flush to zero, and the run
+    ends with rc 0 and NaN or empty fields. Raises ValueError naming the
+    quantity, computed here in float64.
+    """
+    import math
+
+    from .plugin import FLOAT32_MAX, FLOAT32_TINY
+
+    r2 = (params.dt / params.dx) ** 2
+    diag = params.dx * math.sqrt(3.0)
+    quantities = (
+        ("(dt/dx)^2", r2),
+        ("v_min^2", vmin * vmin),
+        ("v_max^2", vmax * vmax),
+        ("v_min^2 (dt/dx)^2", vmin * vmin * r2),
+        ("the slowness 1/v_min", 1.0 / vmin),
+        ("the slowness 1/v_max", 1.0 / vmax),
+        ("dx*sqrt(3)", diag),
+        ("dx/v_max", params.dx / vmax),
+        ("the longest traveltime (nx+ny+nz)*dx*sqrt(3)/v_min", (params.nx + params.ny + params.nz) * diag / vmin),
+    )
+    for name, x in quantities:
+        if not FLOAT32_TINY <= x <= FLOAT32_MAX:
+            raise ValueError(
+                f"{name} = {x:.3g} is outside float32's normal range ({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}) the kernels "
+                f"compute in (velocities {vmin:g} to {vmax:g} m/s, dx {params.dx:g} m): check --v-top/--v-bottom/--dx or the velocity model"
+            )
 
 
 def _energy(kernel: PersistentKernel, step: int) -> tuple[float]:
