@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rkckpt import testhook
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
@@ -228,6 +229,7 @@ class StepLoop:
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
         """Build the kernel and the manager; an exit status when the run cannot start."""
+        testhook.fire("start")
         try:
             self.krun = self.plugin.build(self.values)
         except ValueError as exc:
@@ -289,6 +291,7 @@ class StepLoop:
                 if name not in excluded:
                     log.warning("skipped checkpoint %s: %s", name, why)
             source = rp.chain[-1] if rp.chain else None
+            testhook.fire("restore")
             try:
                 series = self._series_from(rp, source or "<checkpoint>")
                 step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=source)
@@ -367,10 +370,12 @@ class StepLoop:
     def _stopped(self) -> int:
         self.mgr.flush()  # the periodic write in flight, if any
         self._report_written()
-        if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
-            # This very step is already checkpointed: writing it again would replace that file
-            # with a delta against itself, orphaning the chain's tail.
-            written = self.step
+        durable = self._durable_step()
+        if durable == self.step:
+            # Nothing ran since the restore or the last checkpoint: that file is the stop's
+            # checkpoint. Writing the step again would put a delta against itself over it.
+            written = durable
+            log.info("step %d is already checkpointed; the stop writes nothing new", written)
         else:
             written = self.mgr.final(self._snapshot("signal"))
             self.mgr.flush()
@@ -389,6 +394,13 @@ class StepLoop:
         if self.stop.extra:
             log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
         return EX_TEMPFAIL
+
+    def _durable_step(self) -> int | None:
+        """The step of the newest checkpoint this run restored from or wrote (None: neither)."""
+        written = self.mgr.stats.last_written_step
+        if written is not None:
+            return written
+        return self.restored.step if self.restored is not None else None
 
     # ------------------------------------------------------------ end
     def _final_checkpoint(self, start_step: int) -> None:
