@@ -229,3 +229,19 @@ def test_retention_keeps_the_chain_rkrun_restored_from_and_extends(tmp_path: Pat
     assert _result(out) == _result(tmp_path / "ref.h5")
     rc, log = _rkrun(ck, out, 16)  # the rerun resumes at the end, not at step 0
     assert rc == 0 and "restored from step 16 (chain: " in log, log
+
+
+def test_a_damaged_file_the_restore_skipped_is_the_only_one_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated newest file is skipped by the restore; when the run reaches that step again its
+    new checkpoint takes the name (the damaged file would otherwise block it for good)."""
+    write_steps(tmp_path, KID, range(1, 4), full_every=8)  # full 1, delta 2, delta 3
+    d3 = tmp_path / ckpt_name(KID, 3, "delta")
+    d3.write_bytes(d3.read_bytes()[:500])
+    with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, keep_chains=9), KID) as m:
+        assert m.latest().step == 2
+        with caplog.at_level(logging.WARNING, logger="rkckpt.manager"):
+            assert m.final(SnapshotResponse(SnapshotRequest(3), small_state(KID, 3))) == 3
+        assert m.stats.failed == 0
+    assert "the restore could not use this file; the new checkpoint replaces it" in caplog.text
+    rp = latest_restorable(FileStorage(tmp_path), KID)
+    assert rp.step == 3 and rp.chain[-1] == d3.name and not rp.skipped

@@ -310,7 +310,14 @@ class CheckpointManager:
                     f"refusing a delta at step {step} on a parent at step {self._parent_step}: a checkpoint's parent is never itself",
                 )
             try:
-                n = _create(self.storage, name, _writer(body, self.options, p.checkpoint_format, base or ""))
+                write = _writer(body, self.options, p.checkpoint_format, base or "")
+                if name in self._passed_over and self.storage.exists(name):
+                    # The only files ever replaced: newer than the restore point, which the restore could
+                    # not use (damaged, refused). Any other name is created, never replaced.
+                    log.warning("%s: the restore could not use this file; the new checkpoint replaces it", name)
+                    n = self.storage.save(name, write)
+                else:
+                    n = _create(self.storage, name, write)
             except CheckpointError as exc:
                 if exc.source is None:  # an encoder error: say which checkpoint it was writing
                     raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
@@ -321,6 +328,7 @@ class CheckpointManager:
                 self.stats.failed += 1
                 self.stats.last_error = str(exc)
             raise
+        self._passed_over -= {name}
         entry = Entry(name, self.kernel_id, step, kind, n, digest, body.metadata.parent_digest)
         self.index.add(entry)
         # success: this state is the parent of the next delta
