@@ -7,7 +7,8 @@ before any compute), **restore** (newest restorable chain; a chain that
 fails to restore is skipped with one warning and the next older one
 tried), **advance** (batches; periodic checkpoints in the background;
 series samples), then **stop** (a signal: final checkpoint, marker, exit
-75) or **end** (final checkpoint, atomic result file, exit 0).
+75; when nothing ran since the restore or the last checkpoint the stop
+writes nothing, and the marker names that durable step) or **end** (final checkpoint, atomic result file, exit 0).
 
 Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 with a final
 checkpoint and ``<ckdir>/rkrun.stopped.json`` written — run again to resume;
