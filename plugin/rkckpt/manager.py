@@ -45,7 +45,7 @@ from .codec import WriteOptions
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
 from .model import Checkpoint
-from .storage import Storage, StorageError, open_storage
+from .storage import ExistsError, Storage, StorageError, open_storage
 
 log = logging.getLogger("rkckpt.manager")
 
@@ -170,7 +170,7 @@ def _create(storage: Storage, name: str, data: object) -> int:
     create = getattr(storage, "create", None)
     if create is None:
         if storage.exists(name):
-            raise StorageError(f"{storage.url.rstrip('/')}/{name}", "a checkpoint with this name exists; refusing to replace it")
+            raise ExistsError(f"{storage.url.rstrip('/')}/{name}", "a checkpoint with this name exists; refusing to replace it")
         return storage.save(name, data)  # type: ignore[arg-type]
     return create(name, data)
 
