@@ -8,6 +8,7 @@ over both, SeaweedFS S3) and, for retention, real ``rkrun`` processes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -245,3 +246,28 @@ def test_a_damaged_file_the_restore_skipped_is_the_only_one_replaced(tmp_path: P
     assert "the restore could not use this file; the new checkpoint replaces it" in caplog.text
     rp = latest_restorable(FileStorage(tmp_path), KID)
     assert rp.step == 3 and rp.chain[-1] == d3.name and not rp.skipped
+
+
+def test_repeated_preemption_right_after_restore_costs_no_checkpoint(tmp_path: Path) -> None:
+    """Issue 18, item 1, as filed: a delta chain, SIGKILL, then SIGTERM during each restore.
+    Every stop used to write ``<kernel>-S-delta`` over the chain's own tail (its parent itself),
+    losing one checkpoint per repeat (70 -> 68 -> 66). Now the stop writes nothing, the files stay
+    byte for byte, and the marker names the durable step."""
+    ck = tmp_path / "ck"
+    args = ["traveltime", "--grid", "48", "48", "48", "--steps", "400", "--checkpoint-every", "2", "--batch", "1", "--backend", "numpy"]
+    args += ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.h5")]
+
+    def run(schedule: str) -> subprocess.CompletedProcess[str]:
+        env = {**rkrun_env(), "RKSLURM_TEST_SIGNAL": schedule}
+        return subprocess.run([sys.executable, "-m", "rkkernel.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    assert run("write:KILL:6").returncode == -9  # full 2, deltas 4..10; killed writing step 12
+    files = {p.name: p.read_bytes() for p in ck.glob("*.rk.h5")}
+    assert max(files) == ckpt_name("traveltime", 10, "delta")
+    for _ in range(3):
+        p = run("restore:TERM:1")
+        assert p.returncode == 75, p.stderr
+        assert "restored from step 10 (chain: " in p.stderr and "step 10 is already checkpointed; the stop writes nothing new" in p.stderr
+        assert json.loads((ck / "rkrun.stopped.json").read_text())["step"] == 10
+        assert {q.name: q.read_bytes() for q in ck.glob("*.rk.h5")} == files
+        assert latest_restorable(FileStorage(ck, create=False), "traveltime").step == 10
