@@ -7,7 +7,8 @@ before any compute), **restore** (newest restorable chain; a chain that
 fails to restore is skipped with one warning and the next older one
 tried), **advance** (batches; periodic checkpoints in the background;
 series samples), then **stop** (a signal: final checkpoint, marker, exit
-75) or **end** (final checkpoint, atomic result file, exit 0).
+75; when nothing ran since the restore or the last checkpoint the stop
+writes nothing, and the marker names that durable step) or **end** (final checkpoint, atomic result file, exit 0).
 
 Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 with a final
 checkpoint and ``<ckdir>/rkrun.stopped.json`` written — run again to resume;
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from rkckpt import testhook
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
@@ -228,6 +230,7 @@ class StepLoop:
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
         """Build the kernel and the manager; an exit status when the run cannot start."""
+        testhook.fire("start")
         try:
             self.krun = self.plugin.build(self.values)
         except ValueError as exc:
@@ -289,6 +292,7 @@ class StepLoop:
                 if name not in excluded:
                     log.warning("skipped checkpoint %s: %s", name, why)
             source = rp.chain[-1] if rp.chain else None
+            testhook.fire("restore")
             try:
                 series = self._series_from(rp, source or "<checkpoint>")
                 step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=source)
@@ -367,10 +371,12 @@ class StepLoop:
     def _stopped(self) -> int:
         self.mgr.flush()  # the periodic write in flight, if any
         self._report_written()
-        if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
-            # This very step is already checkpointed: writing it again would replace that file
-            # with a delta against itself, orphaning the chain's tail.
-            written = self.step
+        durable = self._durable_step()
+        if durable == self.step:
+            # Nothing ran since the restore or the last checkpoint: that file is the stop's
+            # checkpoint. Writing the step again would put a delta against itself over it.
+            written = durable
+            log.info("step %d is already checkpointed; the stop writes nothing new", written)
         else:
             written = self.mgr.final(self._snapshot("signal"))
             self.mgr.flush()
@@ -389,6 +395,13 @@ class StepLoop:
         if self.stop.extra:
             log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
         return EX_TEMPFAIL
+
+    def _durable_step(self) -> int | None:
+        """The step of the newest checkpoint this run restored from or wrote (None: neither)."""
+        written = self.mgr.stats.last_written_step
+        if written is not None:
+            return written
+        return self.restored.step if self.restored is not None else None
 
     # ------------------------------------------------------------ end
     def _final_checkpoint(self, start_step: int) -> None:
