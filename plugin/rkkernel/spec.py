@@ -110,6 +110,14 @@ class FusedSteps:
     launches: tuple[Launch, ...]
     sync_words: int = 0
     device_types: tuple[str, ...] = ("cpu",)
+    #: Index of the launches' argument that sets the sweep depth (an ``np.int32``
+    #: equal to ``steps``), or None. With it a back end may also run shallower
+    #: sweeps, ``min_steps`` .. ``steps`` deep (the same bits: depth only
+    #: regroups steps), so a batch end, a checkpoint or a command that is not a
+    #: multiple of ``steps`` away ends a sweep early instead of falling back to
+    #: single steps (``--checkpoint-every 2`` with 4-step sweeps).
+    depth_arg: int | None = None
+    min_steps: int = 1
 
 
 NumpyStep = Callable[[Mapping[str, np.ndarray], int], None]
