@@ -96,6 +96,7 @@ class Backend(ABC):
     def enqueue_sumsq(self, region: str, slot: int) -> None:
         from ..reduce import plane_sumsq
 
+        self._sumsq_shape(region)
         sums = getattr(self, "_host_sums", None)
         if sums is None or slot == 0:
             sums = self._host_sums = {}
