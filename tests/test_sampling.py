@@ -132,6 +132,27 @@ def test_sweep_depth_follows_the_stops(opencl_backend: str) -> None:
     assert [f.depth(n) for n in (0, 1, 2, 3, 4, 9)] == [0, 1, 2, 3, 4, 4]
     w = PersistentKernel(make_spec(PARAMS), opencl_backend).backend.fused
     assert w is not None and sorted(w.by_depth) == [2, 3, 4] and w.depth(1) == 0  # wavesim: 1 step runs fdtd_bulk
+    assert sorted(w.sampled) == [2, 3, 4]  # fdtd_sweep_sampled: samples inside a sweep (pocl and Intel have float64)
+
+
+def test_samples_of_a_fresh_kernel_inside_sweeps_only(kernel_backend: str) -> None:
+    """The first reduction a kernel ever does is inside a sweep (a restored run's first batch)."""
+    expect = _stepwise_reference(PARAMS, [8, 13], 16)
+    k = PersistentKernel(make_spec(PARAMS), kernel_backend)
+    _, sums = k.run_sampled(16, [(8, "pressure_a"), (13, "pressure_b")])
+    assert [x.tobytes() for x in sums] == expect and all(x.shape == (PARAMS.nz,) for x in sums)
+
+
+def test_samples_of_the_field_a_sweep_does_not_write_end_the_sweep(opencl_backend: str) -> None:
+    """A sample of the *previous* field (not what the sweep level writes) still gets that field's bits."""
+    ref = PersistentKernel(make_spec(PARAMS), "numpy")
+    expect = []
+    for t in (5, 9):
+        ref.run(t - ref.step)
+        expect.append(plane_sumsq(ref.region("pressure_a" if t % 2 else "pressure_b")).tobytes())  # the other field
+    k = PersistentKernel(make_spec(PARAMS), opencl_backend)
+    _, sums = k.run_sampled(16, [(5, "pressure_a"), (9, "pressure_a")])
+    assert k.step == 16 and [x.tobytes() for x in sums] == expect
 
 
 def test_traveltime_two_step_batches_equal_numpy(opencl_backend: str) -> None:

@@ -228,14 +228,7 @@ class PersistentKernel:
                 events += self.run(target - self.step)
             return events, sums
         self.backend.reserve_sums(len(samples), samples[0][1])
-        s = start
-        for slot, (t, name) in enumerate(samples):
-            if t > s:
-                self.backend.enqueue_steps(s, t - s)
-                s = t
-            self.backend.enqueue_sumsq(name, slot)
-        if s < target:
-            self.backend.enqueue_steps(s, target - s)
+        self.backend.enqueue_steps_sampled(start, count, [(t, name, slot) for slot, (t, name) in enumerate(samples)])
         self.backend.start_read_sums(len(samples))
         events = self._after_batch()
         sums = list(self.backend.finish_read_sums()[: len(samples)])

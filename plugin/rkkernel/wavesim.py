@@ -16,7 +16,22 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .ftz import ftz
-from .spec import CONTROL, H2K, K2H, STEPS, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
+from .spec import (
+    CONTROL,
+    H2K,
+    K2H,
+    SAMPLE_LEVELS,
+    SAMPLE_ROW,
+    STEPS,
+    SUM_SCRATCH,
+    SUMS,
+    SYNC,
+    FusedSteps,
+    KernelSpec,
+    Launch,
+    RegionSpec,
+    Swap,
+)
 
 KERNEL_TYPE = "fdtd_3d"
 F32 = np.float32
@@ -205,12 +220,16 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
     sweep_args = (*args, np.int32(nz), "x_interior_mask", SYNC, np.int32(SWEEP_LEVELS))
     # Any depth 1..SWEEP_LEVELS (the last argument): checkpoints, samples and batch ends
     # that are not a multiple of SWEEP_LEVELS away end a sweep early, still fused.
+    # fdtd_sweep_sampled: the same sweep that also sums p² of sampled levels (the energy series)
+    sampled_args = (*sweep_args, SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
     fused = FusedSteps(
         SWEEP_LEVELS,
         (Launch("fdtd_sweep", (slabs,), sweep_args, (1,)),),
         sync_words=slabs,
         depth_arg=len(sweep_args) - 1,
         min_steps=SWEEP_MIN_LEVELS,
+        sampled=(Launch("fdtd_sweep_sampled", (slabs,), sampled_args, (1,)),),
+        level_outputs=(Swap("pressure_b", "pressure_a"), Swap("pressure_a", "pressure_b")),  # prev_next, cur
     )
     persistent = Launch(
         "fdtd_persistent",

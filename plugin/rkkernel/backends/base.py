@@ -102,6 +102,22 @@ class Backend(ABC):
             sums = self._host_sums = {}
         sums[slot] = plane_sumsq(self.read_region(region))
 
+    def enqueue_steps_sampled(self, first_step: int, count: int, samples: Sequence[tuple[int, str, int]]) -> None:
+        """``enqueue_steps`` with ``enqueue_sumsq(region, slot)`` at each ``(step, region, slot)`` of
+        ``samples`` (ascending steps in ``[first_step, first_step + count]``), without waiting.
+
+        This default ends the steps at each sample step; a back end whose fused
+        launches can sample (``FusedSteps.sampled``) overrides it.
+        """
+        s = first_step
+        for t, name, slot in samples:
+            if t > s:
+                self.enqueue_steps(s, t - s)
+                s = t
+            self.enqueue_sumsq(name, slot)
+        if s < first_step + count:
+            self.enqueue_steps(s, first_step + count - s)
+
     def reserve_sums(self, slots: int, region: str) -> None:  # noqa: B027 - optional hook
         """Room for ``slots`` samples of ``region``, before a batch is enqueued."""
         return None

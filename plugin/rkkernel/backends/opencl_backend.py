@@ -13,13 +13,14 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
-from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
+from ..spec import CONTROL, KERNELS_DIR, SAMPLE_LEVELS, SAMPLE_ROW, SUM_SCRATCH, SUMS, SYNC, KernelSpec, Launch, Swap
 from .base import Backend, BackendUnavailable, check_out, resolve_arg
 from .clprobe import Verdict, build_environment, explain, probe_candidates
 from .hostmem import HUGE_PAGE_MIN_BYTES, cpu_device_buffer
@@ -132,6 +133,11 @@ class _Fused:
     #: always, shallower ones down to ``FusedSteps.min_steps`` when the spec allows them
     by_depth: dict[int, list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]]]
 
+    #: depth -> the sampled launches (``FusedSteps.sampled``), with the argument
+    #: indices of SUMS, SUM_SCRATCH, SAMPLE_LEVELS and SAMPLE_ROW; empty: none
+    sampled: dict[int, tuple[list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]], tuple[int, int, int, int]]]
+    level_outputs: tuple[Swap, Swap] | None
+
     def depth(self, available: int) -> int:
         """The deepest sweep that fits ``available`` steps, or 0 (single steps)."""
         fits = [d for d in self.by_depth if d <= available]
@@ -215,17 +221,33 @@ class OpenCLBackend(Backend):
         # A fused launch's global size is an upper bound: one work item per compute unit.
         cus = max(1, int(dev.max_compute_units))
         depths = [f.steps] if f.depth_arg is None else range(max(1, f.min_steps), f.steps + 1)
-        by_depth = {}
-        for d in depths:
-            launches = []
-            for x in f.launches:
+
+        def bind(launches: tuple[Launch, ...], d: int, extra: tuple = ()) -> list:
+            out = []
+            for x in launches:
                 if f.depth_arg is not None:
                     args = list(x.args)
                     args[f.depth_arg] = np.int32(d)
                     x = Launch(x.function, x.global_size, tuple(args), x.local_size)  # noqa: PLW2901
-                launches.append(((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders)))
-            by_depth[d] = launches
-        return _Fused(f.steps, sync, sync_bytes, by_depth)
+                out.append(((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders + extra)))
+            return out
+
+        by_depth = {d: bind(f.launches, d) for d in depths}
+        sampled = {}
+        if f.sampled and f.level_outputs is not None and self._sampled_sweep_builds(f.sampled):
+            # bound with stand-ins; the real buffers, mask and row are set at each enqueue
+            self._standin = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 8)
+            extra = ((SUMS, self._standin), (SUM_SCRATCH, self._standin), (SAMPLE_LEVELS, np.int32(0)), (SAMPLE_ROW, np.int32(0)))
+            index = tuple(
+                next(i for i, a in enumerate(f.sampled[0].args) if a is p) for p in (SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
+            )
+            sampled = {d: (bind(f.sampled, d, extra), index) for d in depths}
+        return _Fused(f.steps, sync, sync_bytes, by_depth, sampled, f.level_outputs)
+
+    def _sampled_sweep_builds(self, launches: tuple[Launch, ...]) -> bool:
+        """The sampled sweep kernels are in the program (they need float64; see kernels/fdtd3d.cl)."""
+        names = set(self.program.get_info(self.cl.program_info.KERNEL_NAMES).split(";"))
+        return all(x.function in names for x in launches)
 
     def _bind(self, launch: Launch, placeholders: tuple) -> list[object]:
         """The launch's kernel with its arguments set, once per step parity ([even, odd])."""
@@ -310,11 +332,65 @@ class OpenCLBackend(Backend):
         planes_k.set_args(self._cols, self._sums, np.int32(nx), np.int32(slot * nz))
         cl.enqueue_nd_range_kernel(q, planes_k, (nz,), None)
 
+    def enqueue_steps_sampled(self, first_step: int, count: int, samples: Sequence[tuple[int, str, int]]) -> None:
+        """Fused sweeps that sample their levels themselves (``FusedSteps.sampled``): a sample costs
+        no pass over memory and ends no sweep. Otherwise the default (reductions between steps)."""
+        f = self.fused
+        if f is None or not f.sampled or f.level_outputs is None or self._reducer() is None or not samples:
+            super().enqueue_steps_sampled(first_step, count, samples)
+            return
+        cl, q = self.cl, self.queue
+        nz, _, nx = self._sumsq_shape(samples[0][1])
+        cus = max(g[0] for launches, _ in f.sampled.values() for g, _, _ in launches)
+        if getattr(self, "_sweep_cols", None) is None or self._sweep_cols.size < 8 * cus * nx:
+            self._sweep_cols = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, 8 * cus * nx)
+        pending = list(samples)
+        cl.enqueue_nd_range_kernel(q, self.k_poll, (1,), (1,))
+        s, end = first_step, first_step + count
+        while pending and pending[0][0] == s:  # a sample before the first step
+            self.enqueue_sumsq(pending[0][1], pending[0][2])
+            pending.pop(0)
+        while s < end:
+            depth = f.depth(end - s)
+            inside = [p for p in pending if p[0] <= s + depth] if depth else []
+            if any(name != f.level_outputs[(t - s - 1) % 2].pick(s % 2) for t, name, _ in inside):
+                depth = f.depth(inside[0][0] - s)  # not what the sweep writes: end the sweep at the sample
+                inside = []
+            if depth:
+                cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
+                if inside:
+                    launches, (i_sums, i_cols, i_mask, i_row) = f.sampled[depth]
+                    mask = sum(1 << (t - s - 1) for t, _, _ in inside)
+                    for global_size, local_size, pair in launches:
+                        k = pair[s % 2]
+                        k.set_arg(i_sums, self._sums)
+                        k.set_arg(i_cols, self._sweep_cols)
+                        k.set_arg(i_mask, np.int32(mask))
+                        k.set_arg(i_row, np.int32(inside[0][2]))
+                        cl.enqueue_nd_range_kernel(q, k, global_size, local_size)
+                    del pending[: len(inside)]
+                else:
+                    for global_size, local_size, pair in f.by_depth[depth]:
+                        cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = depth
+            else:
+                for global_size, local_size, pair in self.launches:
+                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = 1
+            for _ in range(taken):
+                cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+            s += taken
+            while pending and pending[0][0] == s:  # after single steps or a sweep that did not sample it
+                self.enqueue_sumsq(pending[0][1], pending[0][2])
+                pending.pop(0)
+        q.flush()
+
     def reserve_sums(self, slots: int, region: str) -> None:
         """Room for ``slots`` samples of ``region`` before a batch is enqueued (no reallocation inside it)."""
         if self._reducer() is None:
             return
         nz, _, _ = self._sumsq_shape(region)
+        self._sums_nz = nz  # the row length start_read_sums reads, whoever writes the rows
         if self._sums is None or self._sums.size < 8 * slots * nz:
             self._sums = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 8 * max(slots, 64) * nz)
 
