@@ -211,3 +211,25 @@ def test_device_series_do_not_cut_batches() -> None:
     loop.krun = KernelRun(make_spec(PARAMS), lambda k, s: ({}, {}), series=(Series("traces", 1, 10, lambda k, s: (0.0,)),))
     loop.cfg.steps = 100
     assert loop._next_stop() == 10  # noqa: SLF001 - a host series still ends its batches
+
+
+def test_cuda_reduction_kernels_compile_and_take_the_backend_arguments() -> None:
+    """NVRTC (no GPU needed) compiles kernels/rk_reduce.cu into the CUDA program, with the arguments
+    ``CudaBackend.enqueue_sumsq`` passes: (f, cols, nx, ny, nz) and (cols, sums, nx, nz, offset)."""
+    cc = pytest.importorskip("test_cuda_compile")
+    from rkkernel.backends.cuda_backend import cuda_program
+    from rkkernel.spec import Launch
+
+    nv = cc._load_nvrtc()  # noqa: SLF001 - the same loader the CUDA compile test uses
+    if isinstance(nv, str):
+        pytest.skip(nv)
+    source, options = cuda_program(make_spec(PARAMS))
+    rc, log, ptx = nv.compile(source, (*options, "--gpu-architecture=compute_80"))
+    assert rc == 0, log
+    entries = cc.ptx_entries(ptx)
+    i32 = np.int32(0)
+    for launch in (
+        Launch("rk_sumsq_columns", (1,), ("pressure_a", "pressure_b", i32, i32, i32)),
+        Launch("rk_sumsq_planes", (1,), ("pressure_a", "pressure_b", i32, i32, i32)),
+    ):
+        assert cc.signature_problems(entries, launch) == []
