@@ -362,8 +362,10 @@ class StepLoop:
 
     def _next_stop(self) -> int:
         nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))
-        # device-reduced series do not cut batches (see _run_batch)
-        for every in (self.cfg.checkpoint_every, *(s.every for s in self.krun.series if s.sumsq is None)):
+        # device-reduced series do not cut batches (see _run_batch), unless the kernel may finish
+        # early: then no sample may fall after the step at which it is seen to be done
+        cut = [s.every for s in self.krun.series if s.sumsq is None or self.krun.done_at is not None]
+        for every in (self.cfg.checkpoint_every, *cut):
             if every:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
