@@ -11,7 +11,11 @@ reduced on the device inside the batch (``rkkernel.reduce``). Rows, per grid:
 - ``rkrun --energy-every 0``: the step loop without sampling;
 - ``rkrun (defaults)``: ``--energy-every 10`` (the default), device sampling;
 - ``rkrun (defaults), before`` (``--before``): the same with an older checkout;
-- ``sample only``: the device reduction alone (``sumsq_now``), ms per sample.
+- ``one device sample``: the stand-alone reduction kernel (``sumsq_now``,
+  ``kernels/rk_reduce.cl``: what a GPU runs between two steps), ms per
+  sample. On a CPU OpenCL device rkrun's samples are taken inside the fused
+  sweep instead (``fdtd_sweep_sampled``), so the ``rkrun (defaults)`` row
+  against ``--energy-every 0`` is the cost that matters.
 
 The rkrun rates are rkrun's own (its last progress line: steps over the
 time of the step loop, so process start, compilation and the final
