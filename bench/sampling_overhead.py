@@ -17,6 +17,11 @@ reduced on the device inside the batch (``rkkernel.reduce``). Rows, per grid:
   sweep instead (``fdtd_sweep_sampled``), so the ``rkrun (defaults)`` row
   against ``--energy-every 0`` is the cost that matters.
 
+``32-step batch, CPU time``: the same kernel in this process, one batch
+with the energy sampled inside it (every 10 steps) against one without,
+in CPU time of all the process's threads (on a CPU device that is the
+kernel's work; wall time on a shared VM swings by 2x): sampling's share.
+
 The rkrun rates are rkrun's own (its last progress line: steps over the
 time of the step loop, so process start, compilation and the final
 checkpoint and result file are not counted). Interleaved rounds, medians;
@@ -77,7 +82,19 @@ def bare(n: int, steps: int, backend: str) -> tuple[Callable[[], float], Callabl
             k.sumsq_now("pressure_a" if k.step % 2 == 0 else "pressure_b")
         return (time.perf_counter() - t) / 10 * 1e3
 
-    return rate, sample_ms
+    def batch_cpu_ms(sampled: bool) -> float:
+        """CPU time (all of this process's threads: the device is the CPU) of one 32-step batch,
+        with the energy sampled every 10 steps inside it or not: far less noisy than wall time
+        on a shared machine."""
+        s = k.step
+        t = time.process_time()
+        if sampled:
+            k.run_sampled(32, [(x, "pressure_a" if x % 2 == 0 else "pressure_b") for x in range(s + 1, s + 33) if x % 10 == 0])
+        else:
+            k.run(32)
+        return (time.process_time() - t) * 1e3
+
+    return rate, sample_ms, batch_cpu_ms
 
 
 def main() -> None:
@@ -95,7 +112,10 @@ def main() -> None:
         kernels[n] = (steps, *bare(n, steps, "opencl" if args.backend == "auto" else args.backend))
     for _ in range(args.rounds):
         for n in args.sizes:
-            steps, rate, sample_ms = kernels[n]
+            steps, rate, sample_ms, batch_cpu_ms = kernels[n]
+            for _ in range(5):
+                rows.setdefault((n, "cpu plain"), []).append(batch_cpu_ms(False))
+                rows.setdefault((n, "cpu sampled"), []).append(batch_cpu_ms(True))
             rows.setdefault((n, "bare kernel"), []).append(rate())
             rows.setdefault((n, "rkrun --energy-every 0"), []).append(rkrun_rate(n, steps, args.backend, ("--energy-every", "0")))
             rows.setdefault((n, "rkrun (defaults)"), []).append(rkrun_rate(n, steps, args.backend, ()))
@@ -115,6 +135,11 @@ def main() -> None:
         ms = statistics.median(rows[(n, "sample only (ms)")])
         share = ms * (steps / 10) / (steps / base * 1e3)
         print(f"{n:>5}^3 {'one device sample':<24} {ms:>7.2f} ms = {share:.1%} of the bare kernel's time per 10 steps")
+        plain, sampled = statistics.median(rows[(n, "cpu plain")]), statistics.median(rows[(n, "cpu sampled")])
+        print(
+            f"{n:>5}^3 32-step batch, CPU time: {plain:.1f} ms bare, {sampled:.1f} ms sampling every 10 "
+            f"-> {plain / sampled:.2f}x the bare rate, sampling {1 - plain / sampled:.1%} of the time"
+        )
 
 
 if __name__ == "__main__":
