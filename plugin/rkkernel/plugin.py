@@ -254,6 +254,11 @@ class Series:
     columns: int  # values per sample, not counting the step
     every: int  # 0: off
     sample: Callable[[PersistentKernel, int], Sequence[float]]
+    #: Optional: the series is Σx² of one float32 3-D region, ``sumsq(step)`` names
+    #: it. The runner then reduces on the device at each sample step inside a
+    #: batch (no host copy, batches not cut; order of ``rkkernel.reduce``), and
+    #: ``sample`` must give the same bits (``reduce.sumsq``): it is the reference.
+    sumsq: Callable[[int], str] | None = None
 
     @property
     def region(self) -> str:

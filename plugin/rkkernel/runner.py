@@ -313,11 +313,43 @@ class StepLoop:
 
     # ------------------------------------------------------------ advance
     def _sample(self) -> None:
+        """Samples due at the current step that no batch took (the start, an early finish)."""
+        from .reduce import combine_planes
+
         for s in self.krun.series:
             rows = self.series[s.name]
             due = s.every and (self.step % s.every == 0 or self.step == self.cfg.steps or self._finished())
             if due and (not rows or rows[-1][0] < self.step):
-                rows.append((self.step, *s.sample(self.kernel, self.step)))
+                if s.sumsq is not None:
+                    rows.append((self.step, combine_planes(self.kernel.sumsq_now(s.sumsq(self.step)))))
+                else:
+                    rows.append((self.step, *s.sample(self.kernel, self.step)))
+
+    def _device_samples(self, end: int) -> list[tuple[int, str, Series]]:
+        """The device-reduced series' samples due in (step, end], ascending: taken inside the batch."""
+        due = []
+        for s in self.krun.series:
+            if s.sumsq is None or not s.every:
+                continue
+            steps = set(range((self.step // s.every + 1) * s.every, end + 1, s.every))
+            if end == self.cfg.steps:
+                steps.add(end)
+            due += [(t, s.sumsq(t), s) for t in steps if t > self.step]
+        return sorted(due, key=lambda d: d[0])
+
+    def _run_batch(self, end: int) -> None:
+        """Advance to ``end``; device series sampled inside the batch (not cut at their steps)."""
+        due = self._device_samples(end)
+        if not due:
+            self.kernel.run(end - self.step)
+            return
+        from .reduce import combine_planes
+
+        _, sums = self.kernel.run_sampled(end - self.step, [(t, name) for t, name, _ in due])
+        for (t, _, s), planes in zip(due, sums, strict=False):  # fewer sums: terminated early
+            rows = self.series[s.name]
+            if not rows or rows[-1][0] < t:
+                rows.append((t, combine_planes(planes)))
 
     def _finished(self) -> bool:
         return self.done_at is not None
@@ -334,7 +366,10 @@ class StepLoop:
 
     def _next_stop(self) -> int:
         nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))
-        for every in (self.cfg.checkpoint_every, *(s.every for s in self.krun.series)):
+        # device-reduced series do not cut batches (see _run_batch), unless the kernel may finish
+        # early: then no sample may fall after the step at which it is seen to be done
+        cut = [s.every for s in self.krun.series if s.sumsq is None or self.krun.done_at is not None]
+        for every in (self.cfg.checkpoint_every, *cut):
             if every:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
@@ -344,7 +379,7 @@ class StepLoop:
         t0, s0 = time.monotonic(), self.step
         try:
             while self.step < self.cfg.steps and not self.stop.requested and not self._finished():
-                self.kernel.run(self._next_stop() - self.step)
+                self._run_batch(self._next_stop())
                 self.stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
                 self.step = self.kernel.step
                 self._check_done()

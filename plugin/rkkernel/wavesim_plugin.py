@@ -82,16 +82,21 @@ def check_float32_range(params: WaveParams, vmin: float, vmax: float) -> None:
             )
 
 
+def _energy_region(step: int) -> str:
+    """The pressure field that holds ``step`` (see ``wavesim.current_field``)."""
+    return "pressure_a" if step % 2 == 0 else "pressure_b"
+
+
 def _energy(kernel: PersistentKernel, step: int) -> tuple[float]:
-    import numpy as np
+    """Σp² of the current pressure field, float64, in the fixed order of ``rkkernel.reduce``.
 
-    from .wavesim import current_field
+    The reference of the device reduction the runner uses (``Series.sumsq``):
+    per-z-plane sums combined in plane order, so the series has the same bits
+    on every back end, interrupted or not, and for a z-slab split.
+    """
+    from .reduce import sumsq
 
-    field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
-    f = field.astype(np.float64).ravel()
-    # numpy's own pairwise sum, not BLAS (np.dot): its order does not depend on
-    # OPENBLAS/OMP thread counts, so an interrupted run's energy series matches.
-    return (float(np.add.reduce(f * f)),)
+    return (sumsq(kernel.region(_energy_region(step))),)
 
 
 def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]:
@@ -126,7 +131,7 @@ def build(values: Mapping[str, Any]) -> KernelRun:
             datasets["receiver_cells"] = np.array(receivers, dtype=np.int64).reshape(-1, 3)
         return datasets, attrs
 
-    series = [Series("energy", 1, int(values["energy_every"]), _energy)]
+    series = [Series("energy", 1, int(values["energy_every"]), _energy, sumsq=_energy_region)]
     if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
         series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
     return KernelRun(spec, result, series=tuple(series))
