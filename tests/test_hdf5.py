@@ -174,18 +174,62 @@ def test_crc32_combine_matches_zlib(la, lb):
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
 
 
-def test_reads_a_chunked_compressed_stream_dataset(tmp_path):
-    """Another tool may rewrite /rkckpt chunked and gzip-compressed (h5repack); it still reads."""
+@pytest.mark.parametrize("how", ["gzip", "chunked", "never-written-1GiB"])
+def test_non_contiguous_stream_dataset_is_refused_without_reading(tmp_path, how):
+    """A /rkckpt rewritten chunked or compressed (h5repack), or a 1 GiB chunked one never
+    written (a 9 KB file), is refused without reading it: no reader allocates its size."""
+    import resource
+
     path = tmp_path / "repacked.rk.h5"
     ck = sample_checkpoint()
     hdf5.write_h5(path, ck, codec.COMPAT)
     with h5py.File(path, "a") as f:
         data = f["rkckpt"][()]
         del f["rkckpt"]
-        f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
-    assert container.read(path).checkpoint.content_digest() == ck.content_digest()
-    np.testing.assert_array_equal(hdf5.read_region(path, "velocity"), ck.region("velocity"))
-    hdf5.check_h5(path)
+        if how == "gzip":
+            f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
+        elif how == "chunked":
+            f.create_dataset("rkckpt", data=data, chunks=(1024,))
+        else:
+            f.create_dataset("rkckpt", shape=(1 << 30,), dtype="u1", chunks=(1 << 20,), compression="gzip")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for read in (container.read, hdf5.check_h5, hdf5.read_index, lambda p: hdf5.read_region(p, "velocity"), hdf5.open_stream):
+        with pytest.raises(CheckpointError, match="not contiguous: refused without reading") as exc:
+            read(path)
+        assert exc.value.source == str(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: nothing near 1 GiB
+
+
+def test_contiguous_stream_longer_than_the_file_is_refused(tmp_path):
+    """A /rkckpt whose declared size runs past the end of the file is refused before any read."""
+    path = tmp_path / "short.rk.h5"
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    data = path.read_bytes()
+    loc = hdf5.h5layout.locate(hdf5.FileSource(path))
+    path.write_bytes(data[: loc.offset + loc.length // 2])
+    with pytest.raises(CheckpointError, match="truncated HDF5 file|file holds") as exc:
+        container.read(path)
+    assert exc.value.source == str(path)
+
+
+def test_hot_path_needs_no_h5py(tmp_path):
+    """Restore-path reads of a file this writer laid out locate the stream without importing h5py."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.rk.h5"
+    ck = sample_checkpoint()
+    hdf5.write_h5(path, ck, small_options())
+    code = (
+        "import sys\n"
+        "from rkckpt import container, chain\n"
+        "from rkckpt.storage.file import FileStorage  # noqa: F401 - the restore path imports it\n"
+        f"ck = container.read({str(path)!r}).checkpoint\n"
+        "print(ck.content_digest(), 'h5py' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [ck.content_digest(), "False"]
 
 
 _chunk = st.tuples(
@@ -226,10 +270,14 @@ def test_probe_survives_a_crashing_or_hanging_hdf5_library(tmp_path, monkeypatch
     path = tmp_path / "p.rk.h5"
     hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
     hdf5.probe(path)  # healthy file: no error
+    hdf5._PROBED.clear()  # the verdict is remembered per file identity: forget it for the next cases
     monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: os.kill(os.getpid(), signal.SIGSEGV))
     with pytest.raises(CheckpointError, match="crashed") as exc:
         hdf5.probe(path)
     assert exc.value.source == str(path)
+    with pytest.raises(CheckpointError, match="crashed"):  # remembered: no second child
+        hdf5.probe(path)
+    hdf5._PROBED.clear()
     monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: time.sleep(30))
     with pytest.raises(CheckpointError, match="did not finish"):
         hdf5.probe(path, timeout=0.5)

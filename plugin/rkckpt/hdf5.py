@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
-from . import codec, container
+from . import codec, container, h5layout
 from .atomic import atomic_open
 from .container import HDF5_SIGNATURE, ParsedFile
 from .crc import crc32
@@ -46,7 +46,7 @@ from .errors import CheckpointError
 from .flags import CHUNK_BLOCK_DELTA, CHUNK_PART
 from .layout import CHUNK_HEADER_SIZE, HEADER_SIZE, MAX_CHECKPOINT_SIZE, VERSION, unpack_chunk
 from .model import Checkpoint, ChunkType, RegionInfo, digest_from_crcs
-from .source import FileSource, MemorySource, RangeSource, Source, StorageSource
+from .source import FileSource, RangeSource, Source, StorageSource
 
 WRAPPER = "rkckpt.h5"
 WRAPPER_VERSION = 1
@@ -56,6 +56,9 @@ REGIONS = "regions"
 CHAIN_BASE_KEY = "rkckpt.chain_base"
 MAX_REGIONS = 1 << 20
 PAGE = 4096
+DEFAULT_PROBE_TIMEOUT = 20.0
+MAX_STRUCTURE = 64 << 20  # bytes of HDF5 structure copied locally for a storage object's extras
+MAX_COMPACT_ATTRS = 64  # the wrapper writes 12 root attributes; all stay compact
 STREAM_ALIGN_ABOVE = 64 << 10  # objects at least this big (the stream) are page aligned
 
 
@@ -177,7 +180,11 @@ def _layout(length: int, fill: Callable[[Any], None]) -> tuple[int, bytes, bytes
         scratch = os.path.join(folder, "layout.h5")
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_alignment(STREAM_ALIGN_ABOVE, PAGE)  # the stream starts on a page: whole-page writes and reads
-        with h5py.File(h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl)) as f:
+        fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+        # root attributes compact (in the root object header, not a fractal heap), so
+        # h5layout.locate finds the wrapper marker without libhdf5
+        fcpl.set_attr_phase_change(MAX_COMPACT_ATTRS, MAX_COMPACT_ATTRS)
+        with h5py.File(h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl)) as f:
             fill(f)
             offset = int(_stream_dataset(f, length).get_offset())
         with open(scratch, "rb") as fh:
@@ -303,17 +310,27 @@ class _Opened:
 
     ``stream`` is a byte-range source over the embedded RKCKPT stream: the
     dataset's bytes in the file (or storage object), read with plain reads.
-    The dataset must be a plain one stored in this file: external storage,
-    external or soft links and virtual datasets are refused, since following
-    them would read whatever other file they name.
+
+    Files laid out as this module writes them are located by
+    ``h5layout.locate`` (pure Python, bounded, no libhdf5, no h5py import):
+    the hot path of restore, ``ls``, ``latest`` and ``gc``. Any other layout,
+    and the HDF5 extras (attributes, ``/index``, ``/regions``), go through
+    libhdf5, but only after ``probe`` has read the same structure in a forked
+    child with a timeout: libhdf5 can spin forever or crash on damaged
+    metadata. The dataset must be a plain contiguous one stored in this file
+    and inside it: external storage, external or soft links, virtual, chunked
+    and compressed datasets are refused without reading them, since following
+    them would read whatever other file they name or allocate whatever size
+    they declare.
     """
 
-    def __init__(self, path: str | os.PathLike[str], storage: Any = None) -> None:
-        import h5py
-
+    def __init__(self, path: str | os.PathLike[str], storage: Any = None, *, libhdf5: bool = False) -> None:
         self.source = os.fspath(path)
+        self.storage = storage
         self.raw: Source
-        self.fileobj: Any = None  # the storage object HDF5 reads its structure from
+        self.file: Any = None  # h5py.File, opened only when the extras are needed
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.located: h5layout.Located | None = None
         if storage is None:
             self.raw = FileSource(self.source)  # refuses FIFOs and devices without blocking
         else:
@@ -321,26 +338,87 @@ class _Opened:
         try:
             if self.raw.size < len(HDF5_SIGNATURE) or bytes(self.raw.read(0, len(HDF5_SIGNATURE))) != HDF5_SIGNATURE:
                 raise CheckpointError(self.source, "not an HDF5 file (no HDF5 signature)")
-            if storage is not None:
-                self.fileobj = storage.open_read(self.source)
-            try:
-                self.file = h5py.File(self.source if self.fileobj is None else self.fileobj, "r")
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
-        except BaseException:
-            self._release()
-            raise
-        try:
-            self._check()
+            why = "libhdf5 asked for"
+            if not libhdf5:
+                try:
+                    self.located = h5layout.locate(self.raw)
+                except h5layout.NotFixedLayout as exc:
+                    why = str(exc)
+                except CheckpointError as exc:
+                    raise CheckpointError(self.source, exc.problem) from None
+            if self.located is not None:
+                self._check_located(self.located)
+            elif storage is not None:
+                raise CheckpointError(
+                    self.source, f"not laid out as rkckpt writes .rk.h5 files ({why}); copy it to a local file to read it"
+                )
+            else:
+                self._open_h5(self.source, probed=libhdf5)
+                self._check()
         except BaseException:
             self.close()
             raise
+        self.stream.name = self.source
+
+    def _check_located(self, loc: h5layout.Located) -> None:
+        if loc.wrapper != WRAPPER:
+            raise CheckpointError(self.source, "HDF5 file is not an rkckpt checkpoint (no rkckpt.wrapper attribute or /rkckpt dataset)")
+        if not 1 <= loc.wrapper_version <= WRAPPER_VERSION:
+            raise CheckpointError(self.source, f"unsupported .rk.h5 wrapper version {loc.wrapper_version!r}")
+        self.length = loc.length
+        if self.length > MAX_CHECKPOINT_SIZE + HEADER_SIZE:
+            raise CheckpointError(self.source, f"/rkckpt holds {self.length} bytes, over the RKCKPT limit")
+        self.stream: Source = RangeSource(self.raw, loc.offset, loc.length)
+
+    def _open_h5(self, local: str, *, probed: bool) -> None:
+        """Open ``local`` with h5py, after a probe in a child unless this process is that child."""
+        if not probed:
+            try:
+                probe(local)
+            except CheckpointError as exc:
+                raise CheckpointError(self.source, exc.problem) from None
+        import h5py
+
+        try:
+            self.file = h5py.File(local, "r")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
+
+    def _structure(self) -> Any:
+        """The h5py file for the extras, probed first (a storage object: its structure copied locally)."""
+        if self.file is None:
+            if self.storage is None:
+                self._open_h5(self.source, probed=False)
+            else:
+                self._open_h5(self._local_structure(), probed=False)
+        return self.file
+
+    def _local_structure(self) -> str:
+        """A sparse local file with the object's HDF5 structure (all but the stream's bytes).
+
+        The writer puts every HDF5 structure before or after ``/rkckpt``, so
+        this is a few KiB whatever the stream's size; libhdf5 reads it (after
+        the probe) while the stream itself stays a range-read source.
+        """
+        loc = self.located
+        assert loc is not None
+        tail = self.raw.size - loc.offset - loc.length
+        if loc.offset > MAX_STRUCTURE or tail > MAX_STRUCTURE:
+            raise CheckpointError(self.source, f"HDF5 structure outside /rkckpt is over {MAX_STRUCTURE} bytes: not read")
+        self._scratch = tempfile.TemporaryDirectory(prefix="rkckpt-h5s-", dir=_scratch_folder())
+        local = os.path.join(self._scratch.name, "structure.h5")
+        with open(local, "wb") as fh:
+            fh.write(self.raw.read(0, loc.offset))
+            fh.seek(loc.offset + loc.length)
+            fh.write(self.raw.read(loc.offset + loc.length, tail))
+            fh.truncate(self.raw.size)
+        return local
 
     def _check(self) -> None:
-        """Wrapper identity, then the stream dataset's link, type, shape and storage.
+        """Wrapper identity, then the stream dataset's link, type, shape and storage (through libhdf5).
 
         With h5py's low-level calls: the same checks as the high-level API,
-        at a fifth of its cost (this runs on every load).
+        at a fifth of its cost.
         """
         import h5py
 
@@ -373,15 +451,19 @@ class _Opened:
         self.length = int(ds.shape[0])
         if self.length > MAX_CHECKPOINT_SIZE + HEADER_SIZE:
             raise CheckpointError(self.source, f"/rkckpt holds {self.length} bytes, over the RKCKPT limit")
-        offset = ds.get_offset() if layout == h5py.h5d.CONTIGUOUS and dcpl.get_nfilters() == 0 else None
-        if offset is not None:
-            self.stream: Source = RangeSource(self.raw, int(offset), self.length)
-        else:  # chunked or compact (another writer's file): HDF5 reads it, bounded above
-            try:
-                self.stream = MemorySource(self.file[STREAM][()], self.source)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(self.source, f"cannot read /rkckpt: {exc}") from None
-        self.stream.name = self.source
+        if layout != h5py.h5d.CONTIGUOUS or dcpl.get_nfilters():
+            what = {h5py.h5d.CHUNKED: "chunked", h5py.h5d.COMPACT: "compact"}.get(layout, f"layout {layout}")
+            filters = " and filtered" if dcpl.get_nfilters() else ""
+            raise CheckpointError(
+                self.source, f"/rkckpt is stored {what}{filters}, not contiguous: refused without reading it (rkckpt writes it contiguous)"
+            )
+        offset = ds.get_offset()
+        if offset is None or int(offset) + self.length > self.raw.size:
+            where = "unallocated" if offset is None else f"at offset {offset}"
+            raise CheckpointError(
+                self.source, f"/rkckpt claims {self.length} bytes {where}, but the file holds {self.raw.size} bytes: refused"
+            )
+        self.stream = RangeSource(self.raw, int(offset), self.length)
 
     def read(self, start: int, stop: int) -> memoryview:
         """Bytes [start, stop) of the stream, reading only that slice."""
@@ -392,7 +474,7 @@ class _Opened:
     def index(self, chunk_count: int) -> list[IndexEntry]:
         import h5py
 
-        ds = self.file.get(INDEX)
+        ds = self._structure().get(INDEX)
         if not isinstance(ds, h5py.Dataset):
             raise CheckpointError(self.source, "missing /index dataset")
         if ds.ndim != 1 or ds.shape[0] != chunk_count:  # bounded before reading
@@ -421,7 +503,7 @@ class _Opened:
     def regions(self) -> dict[str, RegionInfo]:
         import h5py
 
-        ds = self.file.get(REGIONS)
+        ds = self._structure().get(REGIONS)
         if not isinstance(ds, h5py.Dataset):
             return {}
         if ds.ndim != 1 or ds.shape[0] > MAX_REGIONS:  # bounded before reading
@@ -439,21 +521,17 @@ class _Opened:
     def attrs(self) -> dict[str, object]:
         return {
             k: (_text(v) if isinstance(v, (bytes, str)) else v.item() if isinstance(v, np.generic) else v)
-            for k, v in self.file.attrs.items()
+            for k, v in self._structure().attrs.items()
         }
 
     def close_structure(self) -> None:
-        """Close HDF5 (and the storage object behind it); the stream source stays open."""
-        self.file.close()
-        if self.fileobj is not None:
-            self.fileobj.close()
-            self.fileobj = None
-
-    def _release(self) -> None:
-        if self.fileobj is not None:
-            self.fileobj.close()
-            self.fileobj = None
-        self.raw.close()  # type: ignore[attr-defined]
+        """Close HDF5 (and its local copy of a storage object's structure); the stream source stays open."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def close(self) -> None:
         self.close_structure()
@@ -487,18 +565,60 @@ def _text(v: object) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
-def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
-    """Read the file's HDF5 structure in a forked child before trusting it here.
+def probe_timeout() -> float:
+    """Seconds a probe waits for libhdf5 (``$RKCKPT_H5_PROBE_TIMEOUT``, default 20)."""
+    try:
+        value = float(os.environ.get("RKCKPT_H5_PROBE_TIMEOUT", DEFAULT_PROBE_TIMEOUT))
+    except ValueError:
+        return DEFAULT_PROBE_TIMEOUT
+    return value if 0 < value < 1e6 else DEFAULT_PROBE_TIMEOUT
 
-    The HDF5 C library can crash (SIGSEGV) or hang on a damaged file's
-    metadata, which no ``except`` can catch. The CLI probes first, so a
-    damaged file ends as a CheckpointError instead of killing the command.
+
+#: verdicts of earlier probes, by file identity: (dev, inode, size, mtime) -> None (fine) or the problem
+_PROBED: dict[tuple[str, int, int, int, int], str | None] = {}
+
+
+def _identity(path: str) -> tuple[str, int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def probe(path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
+    """Read the file's HDF5 structure with libhdf5 in a forked child before trusting it here.
+
+    The HDF5 C library can crash (SIGSEGV) or spin forever on a damaged
+    file's metadata, which no ``except`` can catch. A damaged file ends as
+    a CheckpointError naming it after at most ``timeout`` seconds (default
+    ``probe_timeout()``); the wait is a ``select``, so this process's signal
+    handlers keep running. A verdict is remembered for the same file
+    (device, inode, size, mtime), so the CLI's probe-then-read pays once.
     Bulk data is read with plain file I/O (see ``_Opened.read``), so only
     the structure needs this.
     """
     src = os.fspath(path)
     if not hasattr(os, "fork"):
         return
+    key = _identity(src)
+    if key is not None and key in _PROBED:
+        problem = _PROBED[key]
+        if problem is not None:
+            raise CheckpointError(src, problem)
+        return
+    wait = probe_timeout() if timeout is None else timeout
+    problem = _probe_child(src, wait)
+    if key is not None:
+        if len(_PROBED) >= 256:
+            _PROBED.clear()
+        _PROBED[key] = problem
+    if problem is not None:
+        raise CheckpointError(src, problem)
+
+
+def _probe_child(src: str, timeout: float) -> str | None:
+    """Run libhdf5 over ``src`` in a child; the problem found, or None."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: no cleanup handlers, just the verdict
@@ -511,10 +631,12 @@ def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
             # the child must die by the signal so the parent can report it.
             for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
                 signal.signal(sig, signal.SIG_DFL)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)  # the parent's stop handlers are not this child's
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             try:
-                with _Opened(src) as h:
+                with _Opened(src, libhdf5=True) as h:
                     h.attrs()
                     h.index(h.chunk_count())
                     h.regions()
@@ -530,17 +652,22 @@ def probe(path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
     try:
         ready, _, _ = select.select([r], [], [], timeout)
         message = os.read(r, 8192).decode("utf-8", "replace") if ready else None
-    finally:
+    except BaseException:
         os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    os.close(r)
     if message is None:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     if message is None:
-        raise CheckpointError(src, f"the HDF5 library did not finish reading the file's structure within {timeout:.0f} s")
+        return f"the HDF5 library did not finish reading the file's structure within {timeout:g} s (damaged HDF5 structure)"
     if os.WIFSIGNALED(status):
-        raise CheckpointError(src, f"damaged HDF5 structure: the HDF5 library crashed reading it (signal {os.WTERMSIG(status)})")
+        return f"damaged HDF5 structure: the HDF5 library crashed reading it (signal {os.WTERMSIG(status)})"
     if os.WEXITSTATUS(status) != 0:
-        raise CheckpointError(src, message or "damaged HDF5 structure")
+        return message or "damaged HDF5 structure"
+    return None
 
 
 @_guarded
@@ -558,8 +685,6 @@ def open_stream(path: str | os.PathLike[str], storage: Any = None) -> Source:
     """
     h = _Opened(path, storage)
     h.close_structure()
-    if not isinstance(h.stream, RangeSource):
-        h.raw.close()  # type: ignore[attr-defined]
     return h.stream
 
 
