@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -565,6 +566,27 @@ def _text(v: object) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
+class ProbeAbandoned(CheckpointError):
+    """A probe given up because the process was asked to stop: no verdict on the file."""
+
+
+_POLL = 0.05  # seconds between checks of the abandon hook while a probe runs
+_abandon: Callable[[], bool] | None = None
+
+
+def abandon_probes_when(check: Callable[[], bool] | None) -> None:
+    """Give up a running probe as soon as ``check()`` is true (rkrun: a stop signal came in).
+
+    A probe waits up to ``probe_timeout()`` for libhdf5; a process told to
+    stop (SIGTERM under Slurm) must not sit that out. The signal handler only
+    records the signal, so the wait polls ``check`` every 50 ms; an
+    abandoned probe raises ``ProbeAbandoned`` (a CheckpointError: the file
+    is skipped) and leaves no verdict behind.
+    """
+    global _abandon
+    _abandon = check
+
+
 def probe_timeout() -> float:
     """Seconds a probe waits for libhdf5 (``$RKCKPT_H5_PROBE_TIMEOUT``, default 20)."""
     try:
@@ -650,8 +672,20 @@ def _probe_child(src: str, timeout: float) -> str | None:
             os._exit(code)
     os.close(w)
     try:
-        ready, _, _ = select.select([r], [], [], timeout)
-        message = os.read(r, 8192).decode("utf-8", "replace") if ready else None
+        deadline = time.monotonic() + timeout
+        message = None
+        abandoned = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([r], [], [], min(left, _POLL))
+            if ready:
+                message = os.read(r, 8192).decode("utf-8", "replace")
+                break
+            if _abandon is not None and _abandon():
+                abandoned = True
+                break
     except BaseException:
         os.close(r)
         os.kill(pid, signal.SIGKILL)
@@ -661,6 +695,8 @@ def _probe_child(src: str, timeout: float) -> str | None:
     if message is None:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
+    if abandoned:
+        raise ProbeAbandoned(src, "reading its HDF5 structure was abandoned: a stop was requested")
     if message is None:
         return f"the HDF5 library did not finish reading the file's structure within {timeout:g} s (damaged HDF5 structure)"
     if os.WIFSIGNALED(status):
