@@ -171,7 +171,7 @@ def test_fuzz_mutated_files_every_reader_finishes(tmp_path):
     """Seeded mutations of fresh .rk.h5 files: in-process readers (memory-limited child), then the CLI over the folder."""
     folder = tmp_path / "ck"
     folder.mkdir(mode=0o700)
-    cases = 40
+    cases = 100
     code = (
         "import json, resource, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
