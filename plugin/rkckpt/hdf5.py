@@ -472,13 +472,16 @@ class _Opened:
             raise CheckpointError(self.source, f"range {start}..{stop} lies outside the {self.length}-byte stream")
         return self.stream.read(start, stop - start)
 
-    def index(self, chunk_count: int) -> list[IndexEntry]:
+    def index(self, chunk_count: int | None) -> list[IndexEntry]:
+        """The /index rows; ``chunk_count`` None (the probe, which does not read the stream): at most MAX_REGIONS rows."""
         import h5py
 
         ds = self._structure().get(INDEX)
         if not isinstance(ds, h5py.Dataset):
             raise CheckpointError(self.source, "missing /index dataset")
-        if ds.ndim != 1 or ds.shape[0] != chunk_count:  # bounded before reading
+        if chunk_count is None and ds.ndim == 1 and ds.shape[0] > MAX_REGIONS:
+            raise CheckpointError(self.source, f"/index has shape {ds.shape}, over {MAX_REGIONS} rows")
+        if ds.ndim != 1 or (chunk_count is not None and ds.shape[0] != chunk_count):  # bounded before reading
             raise CheckpointError(self.source, f"/index has shape {ds.shape}, the stream has {chunk_count} chunks")
         try:
             rows = ds[()]
@@ -660,7 +663,7 @@ def _probe_child(src: str, timeout: float) -> str | None:
             try:
                 with _Opened(src, libhdf5=True) as h:
                     h.attrs()
-                    h.index(h.chunk_count())
+                    h.index(None)  # the structure only: the stream is read with plain reads, and checked there
                     h.regions()
             except CheckpointError as exc:
                 os.write(w, exc.problem.encode("utf-8", "replace")[:4000])
