@@ -108,6 +108,65 @@ def test_cli_readers_finish_on_the_samples(hostile_dir):
     assert extras.exists() and (hostile_dir / "sample-0-000000000001-full.rk.h5").exists()
 
 
+# ------------------------------------------------------------------ the pure parser alone
+
+
+class CountingSource:
+    """A file source that counts the bytes asked of it."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data, self.name, self.size, self.asked = data, name, len(data), 0
+
+    def read(self, offset: int, n: int) -> memoryview:
+        assert 0 <= offset and offset + n <= self.size
+        self.asked += n
+        return memoryview(self.data[offset : offset + n])
+
+
+def test_locate_ends_bounded_on_any_damage():
+    """h5layout.locate on 3000 seeded mutations of the HDF5 structure: it returns a stream inside the
+    file, or raises NotFixedLayout / CheckpointError; it reads at most its metadata budget."""
+    from rkckpt import h5layout
+    from rkckpt.source import FileSource
+
+    rng = random.Random(SEED)
+    bases = []
+    for n, opts in ((256, codec.COMPAT), (70000, codec.WriteOptions())):  # a small stream and a page-aligned one
+        path = f"/dev/shm/rkckpt-locate-{os.getpid()}-{n}.rk.h5" if os.path.isdir("/dev/shm") else None
+        if path is None:
+            pytest.skip("no /dev/shm")
+        container.write(path, sample_checkpoint(n=n), opts)
+        with FileSource(path) as fs:
+            loc = h5layout.locate(fs)
+        with open(path, "rb") as fh:
+            bases.append((fh.read(), loc.offset))
+        os.unlink(path)
+    outcomes = {"located": 0, "not fixed": 0, "refused": 0}
+    for case in range(3000):
+        raw, offset = bases[case % 2]
+        buf = bytearray(raw[: max(offset + 64, 4096)] if rng.random() < 0.5 else raw)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(min(offset, len(buf)))
+            if rng.random() < 0.5:
+                buf[at] = rng.randrange(256)
+            else:
+                buf[at : at + 8] = rng.randbytes(8) if rng.random() < 0.5 else b"\xff" * 8
+        if rng.random() < 0.1:
+            del buf[rng.randrange(len(buf)) :]
+        src = CountingSource(bytes(buf), "case.rk.h5")
+        try:
+            loc = h5layout.locate(src)
+            assert 0 <= loc.offset and loc.offset + loc.length <= len(buf)
+            outcomes["located"] += 1
+        except h5layout.NotFixedLayout:
+            outcomes["not fixed"] += 1
+        except CheckpointError as exc:
+            assert exc.source == "case.rk.h5"
+            outcomes["refused"] += 1
+        assert src.asked <= h5layout.MAX_METADATA_BYTES + h5layout.PAGE
+    assert all(outcomes.values()), outcomes
+
+
 # ------------------------------------------------------------------ mutation fuzz
 
 

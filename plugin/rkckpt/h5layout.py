@@ -184,7 +184,7 @@ def _datatype(data: bytes) -> _Type:
 
 def _dataspace(data: bytes) -> tuple[int, ...] | None:
     """Dimensions (``()`` for a scalar, None for a null dataspace)."""
-    version, rank, flags = _u(data, 0, 1), _u(data, 1, 1), _u(data, 2, 1)
+    version, rank = _u(data, 0, 1), _u(data, 1, 1)
     if version == 1:
         at = 8
     elif version == 2:
@@ -196,9 +196,7 @@ def _dataspace(data: bytes) -> tuple[int, ...] | None:
         raise NotFixedLayout(f"dataspace message version {version}")
     if rank > 32:
         raise NotFixedLayout(f"dataspace rank {rank}")
-    dims = tuple(_u(data, at + 8 * i, 8) for i in range(rank))
-    del flags
-    return dims
+    return tuple(_u(data, at + 8 * i, 8) for i in range(rank))
 
 
 def _attribute(rd: _Bytes, data: bytes) -> tuple[str, object]:
