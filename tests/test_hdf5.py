@@ -286,3 +286,43 @@ def test_probe_survives_a_crashing_or_hanging_hdf5_library(tmp_path, monkeypatch
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     with pytest.raises(CheckpointError, match="HDF5"):
         hdf5.probe(bad)
+
+
+def _other_layout(src, dst) -> None:
+    """The same checkpoint as h5py lays it out by default (superblock 0, symbol-table root group):
+    another tool's file, not what h5layout.locate parses, so libhdf5 reads it."""
+    with h5py.File(src, "r") as a, h5py.File(dst, "w") as b:
+        for k, v in a.attrs.items():
+            b.attrs[k] = v
+        b.create_dataset("rkckpt", data=a["rkckpt"][()])
+        a.copy("index", b)
+        a.copy("regions", b)
+
+
+@pytest.mark.parametrize("layout", ["dense attributes (the writer before)", "h5py default"])
+def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path, monkeypatch, layout):
+    from rkckpt import h5layout
+    from rkckpt.chain import load_checkpoint, read_region
+    from rkckpt.source import FileSource
+    from rkckpt.storage import MemoryStorage
+
+    ck = sample_checkpoint()
+    fresh, other = tmp_path / "fresh.rk.h5", tmp_path / "sample-0-000000000007-full.rk.h5"
+    hdf5.write_h5(fresh, ck, codec.COMPAT)
+    if layout.startswith("dense"):
+        with monkeypatch.context() as m:
+            m.setattr(hdf5, "MAX_COMPACT_ATTRS", 8)  # 12 attributes: dense storage, as the writer did before
+            m.setattr(hdf5, "_OFFSETS", {})
+            hdf5.write_h5(other, ck, codec.COMPAT)
+    else:
+        _other_layout(fresh, other)
+    with FileSource(other) as fs, pytest.raises(h5layout.NotFixedLayout, match="dense|superblock version 0"):
+        h5layout.locate(fs)
+    assert container.read(other).checkpoint.content_digest() == ck.content_digest()
+    hdf5.check_h5(other)
+    store = MemoryStorage()
+    store.save(other.name, other.read_bytes())
+    assert load_checkpoint(store, other.name).content_digest() == ck.content_digest()
+    np.testing.assert_array_equal(read_region(store, other.name, "velocity"), ck.region("velocity"))
+    store.save("sample-0-000000000007-full.rk.h5", fresh.read_bytes())  # ours: structure copied sparse, stream range-read
+    np.testing.assert_array_equal(read_region(store, other.name, "pressure"), ck.region("pressure"))

@@ -59,6 +59,7 @@ MAX_REGIONS = 1 << 20
 PAGE = 4096
 DEFAULT_PROBE_TIMEOUT = 20.0
 MAX_STRUCTURE = 64 << 20  # bytes of HDF5 structure copied locally for a storage object's extras
+_PIECE = 16 << 20  # bytes per range read when an object is copied locally
 MAX_COMPACT_ATTRS = 64  # the wrapper writes 12 root attributes; all stay compact
 STREAM_ALIGN_ABOVE = 64 << 10  # objects at least this big (the stream) are page aligned
 
@@ -349,10 +350,12 @@ class _Opened:
                     raise CheckpointError(self.source, exc.problem) from None
             if self.located is not None:
                 self._check_located(self.located)
-            elif storage is not None:
-                raise CheckpointError(
-                    self.source, f"not laid out as rkckpt writes .rk.h5 files ({why}); copy it to a local file to read it"
-                )
+            elif storage is not None:  # another layout (an older writer's, another tool's): libhdf5 on a local copy
+                local = self._download(why)
+                self.raw.close()  # type: ignore[attr-defined]
+                self.raw = FileSource(local)  # stays readable after the copy's folder is removed (open descriptor)
+                self._open_h5(local, probed=False)
+                self._check()
             else:
                 self._open_h5(self.source, probed=libhdf5)
                 self._check()
@@ -413,6 +416,18 @@ class _Opened:
             fh.seek(loc.offset + loc.length)
             fh.write(self.raw.read(loc.offset + loc.length, tail))
             fh.truncate(self.raw.size)
+        return local
+
+    def _download(self, why: str) -> str:
+        """The whole object copied to a local scratch file, in bounded pieces (a layout only libhdf5 reads)."""
+        size = self.raw.size
+        if size > MAX_CHECKPOINT_SIZE + (64 << 20):
+            raise CheckpointError(self.source, f"not laid out as rkckpt writes .rk.h5 files ({why}) and too large to copy locally")
+        self._scratch = tempfile.TemporaryDirectory(prefix="rkckpt-h5o-")
+        local = os.path.join(self._scratch.name, "object.h5")
+        with open(local, "wb") as fh:
+            for at in range(0, size, _PIECE):
+                fh.write(self.raw.read(at, min(_PIECE, size - at)))
         return local
 
     def _check(self) -> None:
