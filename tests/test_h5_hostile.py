@@ -316,3 +316,20 @@ def test_sigterm_during_a_stuck_probe_stops_rkrun(run_with_hanging_newest, tmp_p
     monkeypatch.setenv("RKCKPT_H5_PROBE_TIMEOUT", PROBE_TIMEOUT)
     rp = latest_restorable(FileStorage(ck), "wavesim", warn=False)
     assert rp is not None and rp.step >= 40
+
+
+def test_probe_verdict_is_not_inherited_by_bytes_rewritten_in_place(tmp_path):
+    """A verdict is remembered per file; the same inode rewritten in place, same size and mtime, is probed again."""
+    path = tmp_path / "same.rk.h5"
+    container.write(path, sample_checkpoint(n=256), codec.COMPAT)
+    good = path.read_bytes()
+    bad = HANG_STRUCTURE.read_bytes()
+    assert len(good) == len(bad)
+    hdf5.probe(path, timeout=30)
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.write(bad)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_ino == st.st_ino and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(CheckpointError, match="did not finish"):
+        hdf5.probe(path, timeout=1)

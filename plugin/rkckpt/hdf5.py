@@ -614,16 +614,26 @@ def probe_timeout() -> float:
     return value if 0 < value < 1e6 else DEFAULT_PROBE_TIMEOUT
 
 
-#: verdicts of earlier probes, by file identity: (dev, inode, size, mtime) -> None (fine) or the problem
-_PROBED: dict[tuple[str, int, int, int, int], str | None] = {}
+#: verdicts of earlier probes, by file identity (see ``_identity``) -> None (fine) or the problem
+_PROBED: dict[tuple[object, ...], str | None] = {}
+_EDGE = 64 << 10  # bytes at each end of the file that enter its identity
 
 
-def _identity(path: str) -> tuple[str, int, int, int, int] | None:
+def _identity(path: str) -> tuple[object, ...] | None:
+    """(path, device, inode, size, mtime, ctime, CRC-32 of the first and last 64 KiB).
+
+    The CRCs: a file rewritten in place within one timestamp tick, at the
+    same size, must not inherit the verdict of the bytes it replaced. The
+    HDF5 structure this writer emits lies in those ranges.
+    """
     try:
-        st = os.stat(path)
-    except OSError:
+        with FileSource(path) as fs:
+            st = os.fstat(fs.fd)
+            head = crc32(fs.read(0, min(_EDGE, fs.size)))
+            tail = crc32(fs.read(max(0, fs.size - _EDGE), min(_EDGE, fs.size)))
+    except CheckpointError:
         return None
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, head, tail)
 
 
 def probe(path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
