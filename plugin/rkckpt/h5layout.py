@@ -98,6 +98,11 @@ def _u(b: bytes, at: int, size: int) -> int:
 
 def _messages(rd: _Bytes, address: int) -> list[tuple[int, bytes]]:
     """Messages of a version-2 object header (its chunk 0 and continuation chunks), bounded."""
+    return [(t, d) for t, d, _ in _walk(rd, address)[0]]
+
+
+def _walk(rd: _Bytes, address: int) -> tuple[list[tuple[int, bytes, int]], list[tuple[int, int]]]:
+    """(messages as (type, data, file offset of the data), checksummed spans [start, end) of its chunks)."""
     head = rd.get(address, 6)
     if head[:4] != b"OHDR" or head[4] != 2:
         raise NotFixedLayout(f"object header at {address} is not a version-2 header")
@@ -111,7 +116,8 @@ def _messages(rd: _Bytes, address: int) -> list[tuple[int, bytes]]:
     size = int.from_bytes(rd.get(at, width), "little")
     at += width
     chunks = [(at, size)]
-    out: list[tuple[int, bytes]] = []
+    spans = [(address, at + size)]  # the checksum follows each chunk
+    out: list[tuple[int, bytes, int]] = []
     done = 0
     while done < len(chunks):
         start, length = chunks[done]
@@ -127,6 +133,7 @@ def _messages(rd: _Bytes, address: int) -> list[tuple[int, bytes]]:
             if pos + msize > len(body):
                 raise NotFixedLayout("object header message runs past its chunk")
             data = body[pos : pos + msize]
+            where = start + pos
             pos += msize
             if mflags & 0x02:
                 raise NotFixedLayout("shared object header message")
@@ -138,11 +145,120 @@ def _messages(rd: _Bytes, address: int) -> list[tuple[int, bytes]]:
                 if sig != b"OCHK":
                     raise NotFixedLayout(f"continuation chunk at {off} has no OCHK signature")
                 chunks.append((off + 4, ln - 8))  # signature before, checksum after
+                spans.append((off, off + ln - 4))
             elif mtype != _MSG_NIL:
-                out.append((mtype, data))
+                out.append((mtype, data, where))
             if len(out) > MAX_MESSAGES:
                 raise NotFixedLayout("object header has too many messages")
-    return out
+    return out, spans
+
+
+def lookup3(data: bytes | bytearray | memoryview, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``, as HDF5 checksums its metadata (``H5_checksum_lookup3``)."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & m
+    k = bytes(data)
+    i = 0
+    while length > 12:
+        a = (a + int.from_bytes(k[i : i + 4], "little")) & m
+        b = (b + int.from_bytes(k[i + 4 : i + 8], "little")) & m
+        c = (c + int.from_bytes(k[i + 8 : i + 12], "little")) & m
+        a = (a - c) & m
+        a ^= rot(c, 4)
+        c = (c + b) & m
+        b = (b - a) & m
+        b ^= rot(a, 6)
+        a = (a + c) & m
+        c = (c - b) & m
+        c ^= rot(b, 8)
+        b = (b + a) & m
+        a = (a - c) & m
+        a ^= rot(c, 16)
+        c = (c + b) & m
+        b = (b - a) & m
+        b ^= rot(a, 19)
+        a = (a + c) & m
+        c = (c - b) & m
+        c ^= rot(b, 4)
+        b = (b + a) & m
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    tail = k[i : i + length] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    c ^= b
+    c = (c - rot(b, 14)) & m
+    a ^= c
+    a = (a - rot(c, 11)) & m
+    b ^= a
+    b = (b - rot(a, 25)) & m
+    c ^= b
+    c = (c - rot(b, 16)) & m
+    a ^= c
+    a = (a - rot(c, 4)) & m
+    b ^= a
+    b = (b - rot(a, 14)) & m
+    c ^= b
+    c = (c - rot(b, 24)) & m
+    return c
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a file laid out by rkckpt's writer keeps what changes with the stream's length, and its checksums.
+
+    ``length_at``: file offsets of the 8-byte fields holding the stream
+    length (dataspace dimension and maximum, layout size); ``eof_at``: the
+    superblock's end-of-file address; ``spans``: checksummed metadata
+    ``[start, end)`` (superblock, root and ``/rkckpt`` object header
+    chunks), each followed by its lookup3 checksum.
+    """
+
+    length_at: tuple[int, ...]
+    eof_at: int
+    spans: tuple[tuple[int, int], ...]
+
+
+def fields(source: Source, name: str = "rkckpt") -> Fields:
+    """The ``Fields`` of a file ``locate`` accepts (the writer's template uses them to patch a layout)."""
+    rd = _Bytes(source)
+    sb = rd.get(0, 48)
+    if sb[:8] != SIGNATURE or sb[8] not in (2, 3):
+        raise NotFixedLayout("not a version 2/3 superblock")
+    root = _u(sb, 36, 8)
+    msgs, root_spans = _walk(rd, root)
+    target = None
+    for mtype, data, _ in msgs:
+        if mtype == _MSG_LINK:
+            lname, kind, address = _link(data)
+            if lname == name and kind == 0:
+                target = address
+    if target is None:
+        raise NotFixedLayout(f"no /{name} link")
+    dmsgs, ds_spans = _walk(rd, target)
+    length_at: list[int] = []
+    for mtype, data, where in dmsgs:
+        if mtype == _MSG_DATASPACE:
+            version, rank, flags = _u(data, 0, 1), _u(data, 1, 1), _u(data, 2, 1)
+            at = 8 if version == 1 else 4
+            if rank != 1:
+                raise NotFixedLayout("stream dataspace is not 1-D")
+            length_at.append(where + at)
+            if flags & 0x01:
+                length_at.append(where + at + 8)  # maximum dimension
+        elif mtype == _MSG_LAYOUT:
+            length_at.append(where + 10)
+    if len(length_at) < 2:
+        raise NotFixedLayout("stream length fields not found")
+    return Fields(tuple(length_at), 28, ((0, 44), *root_spans, *ds_spans))
 
 
 def _link(data: bytes) -> tuple[str, int, int | None]:
