@@ -134,7 +134,8 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     def boom():
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written
+    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written ...
+    monkeypatch.setattr(hdf5._Template, "render", lambda self, facts, length: boom())  # ... from a template too
     with pytest.raises(RuntimeError, match="disk on fire"):
         hdf5.write_h5(path, sample_checkpoint(step=2), codec.COMPAT)
     assert path.read_bytes() == before
@@ -313,6 +314,7 @@ def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path,
         with monkeypatch.context() as m:
             m.setattr(hdf5, "MAX_COMPACT_ATTRS", 8)  # 12 attributes: dense storage, as the writer did before
             m.setattr(hdf5, "_OFFSETS", {})
+            m.setattr(hdf5, "_TEMPLATES", {})
             hdf5.write_h5(other, ck, codec.COMPAT)
     else:
         _other_layout(fresh, other)
@@ -326,3 +328,34 @@ def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path,
     np.testing.assert_array_equal(read_region(store, other.name, "velocity"), ck.region("velocity"))
     store.save("sample-0-000000000007-full.rk.h5", fresh.read_bytes())  # ours: structure copied sparse, stream range-read
     np.testing.assert_array_equal(read_region(store, other.name, "pressure"), ck.region("pressure"))
+
+
+def test_template_writes_the_bytes_a_fresh_layout_writes(tmp_path, monkeypatch):
+    """Checkpoints of one shape are written by patching one layout (no h5py per checkpoint); the bytes
+    equal those of a fresh HDF5 layout of each, fulls and deltas, of different lengths and values."""
+    monkeypatch.setattr(hdf5, "_TEMPLATES", {})
+    rng = np.random.default_rng(5)
+    cks = []
+    prev = None
+    for step in (1, 2, 3, 4):
+        ck = sample_checkpoint(step=step)
+        ck.created_at = 1_700_000_000_000_000 + step * 7919
+        ck.add_region("pressure", rng.random((256, 16), dtype=np.float32) * (step if step != 3 else 0))
+        cks.append((ck, None))
+        if prev is not None:
+            cks.append((make_delta(prev, ck), prev.content_digest()))
+        prev = ck
+    for options in (codec.COMPAT, small_options()):
+        for i, (ck, base) in enumerate(cks):
+            patched, fresh = tmp_path / f"p{i}.rk.h5", tmp_path / f"f{i}.rk.h5"
+            hdf5.write_h5(patched, ck, options, chain_base=base)
+            with monkeypatch.context() as m:
+                m.setattr(hdf5, "_make_template", lambda *a: None)
+                m.setattr(hdf5, "_TEMPLATES", {})
+                hdf5.write_h5(fresh, ck, options, chain_base=base)
+            assert patched.read_bytes() == fresh.read_bytes(), (i, options)
+            raw = patched.read_bytes()
+            heads = [raw[at + 5] for at in range(len(raw)) if raw.startswith(b"OHDR\x02", at)]
+            assert heads and not any(flags & 0x20 for flags in heads)  # no object records a time: no clock in the bytes
+            hdf5.check_h5(patched)
+    assert any(t is not None for t in hdf5._TEMPLATES.values())
