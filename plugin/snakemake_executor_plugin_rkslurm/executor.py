@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -33,7 +34,7 @@ import snakemake_executor_plugin_slurm as _stock
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
-from rkckpt.logsafe import redact
+from rkckpt import logsafe
 from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, step_fingerprint
 from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
 from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
@@ -41,6 +42,14 @@ from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 from . import adoption, slurmquery, submitter
 from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
 from .policy import Action, PolicySettings
+
+#: ``scheme://user:secret@host``: the userinfo of a storage URL (until ``logsafe.redact`` masks it itself)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` as the executor may print or record it: credentials of storage URLs masked."""
+    return logsafe.redact(_URL_USERINFO.sub(r"\1***@", text))
 
 
 class Executor(_stock.Executor):
