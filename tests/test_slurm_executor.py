@@ -84,8 +84,7 @@ def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: Slu
     assert f"preemption {n}/10" in out
     # the checkpoint folder is gone after success, the timeline stays
     assert not (w.root / ".snakemake/rkslurm/sim/_").exists()
-    events = [json.loads(line) for line in (w.root / ".snakemake/rkslurm/events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events].count("preemption") == n
+    assert not (w.root / ".snakemake/rkslurm/events.jsonl").exists()  # the step's own events are the record (issue 20)
     print(f"cancel-mode test: {time.monotonic() - t0:.1f} s")
 
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .slurmquery import QueryError
 
-__all__ = ["AdoptionPlan", "LiveJob", "job_uid", "list_my_jobs", "parse_squeue", "plan_adoption"]
+__all__ = ["AdoptionPlan", "LiveJob", "job_uid", "list_my_jobs", "parse_squeue", "plan_adoption", "wait_gone"]
 
 #: ``squeue`` format: the comment goes last, since it may itself hold ``|``
 SQUEUE_FORMAT = "%i|%U|%T|%k"
@@ -126,3 +127,21 @@ def plan_adoption(
     for r in same[:-1]:
         cancel.append((r, "more than one live job of this step; keeping the newest"))
     return AdoptionPlan(adopt=same[-1] if same else None, cancel=tuple(cancel), ignore=tuple(ignore))
+
+
+def wait_gone(job_ids: Sequence[str], timeout: float, list_jobs: Callable[[], list[LiveJob]] = list_my_jobs, interval: float = 1.0) -> bool:
+    """Wait until none of ``job_ids`` is queued, running or completing any more; False on timeout.
+
+    A cancelled step gets SIGTERM and may still write its final checkpoint:
+    its folder may be cleared only after it is gone, or the new job would
+    resume the old job's state.
+    """
+    wanted = {str(i) for i in job_ids}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = wanted & {r.job_id for r in list_jobs()}
+        if not left:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

@@ -225,6 +225,11 @@ class Executor(_stock.Executor):
         for other, why in plan.cancel:
             self.logger.warning(f"rkslurm: rule {step.rule}: cancelling its live Slurm job {other.job_id}: {why}")
             self.slurm.cancel(other.job_id)
+        if plan.cancel and not adoption.wait_gone([j.job_id for j, _ in plan.cancel], max(window, 120.0)):
+            # its final checkpoint could land in the folder after we cleared it: never prepare under a live job
+            raise RuntimeError(
+                f"cancelled Slurm job(s) {', '.join(j.job_id for j, _ in plan.cancel)} did not end; not touching the step's folder"
+            )
         if plan.adopt is None:
             return None
         job_id = plan.adopt.job_id
