@@ -112,28 +112,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def parse_json(data: bytes | str, max_depth: int = 16) -> Any:
-    """``json.loads`` that refuses NaN/Infinity and nesting deeper than ``max_depth``; ``ValueError`` on anything wrong."""
+def parse_json(data: bytes | str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity; ``ValueError`` on anything wrong.
+
+    Callers cap the size first (a line, a marker), so nesting is bounded by that
+    cap; nesting deeper than the interpreter allows (``"[" * 100000``) raises
+    RecursionError in the C decoder, reported here as ``ValueError``.
+    """
     text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
-    if text.count("[") + text.count("{") > max_depth:
-        depth = 0
-        in_str = esc = False
-        for ch in text:
-            if in_str:
-                esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
-            elif ch == '"':
-                in_str = True
-            elif ch in "[{":
-                depth += 1
-                if depth > max_depth:
-                    raise ValueError(f"nested deeper than {max_depth} levels")
-            elif ch in "]}":
-                depth -= 1
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-    return doc
 
 
 def finite_number(v: Any) -> bool:
