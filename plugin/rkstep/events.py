@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -41,9 +42,12 @@ __all__ = [
     "parse_events",
     "read_events",
     "run_attempt",
+    "summarise",
     "writer_for",
 ]
 
+#: ``<kernel>-<step:012d>-<full|delta>...``: the step of a chain's first (full) checkpoint
+_CHAIN_NAME = re.compile(r"-(\d{12})-full\b")
 #: a whole events file larger than this is read from its tail (the newest events)
 EVENTS_MAX_BYTES = 16 << 20
 #: an event line is a few hundred bytes; a longer one is not ours
@@ -240,6 +244,8 @@ class Attempt:
     restored_from: int | None = None
     chain: list[str] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
+    #: (time, step) of each checkpoint event, for timelines
+    points: list[tuple[float, int]] = field(default_factory=list)
     stopped_step: int | None = None
     stop_signal: str | None = None
     end_rc: int | None = None
@@ -262,6 +268,36 @@ class Attempt:
         steps = [*self.checkpoints, *([self.stopped_step] if self.stopped_step is not None else [])]
         return max(steps) if steps else None
 
+    @property
+    def reached(self) -> int | None:
+        """The furthest step the events show: the end's step, else the newest checkpoint, else where it began."""
+        if self.end_step is not None:
+            return self.end_step
+        last = self.last_checkpoint
+        return last if last is not None else self.start_step
+
+    @property
+    def restored(self) -> bool:
+        return self.restored_from is not None
+
+    @property
+    def done(self) -> bool:
+        """Ended with exit code 0: the step finished."""
+        return self.ended and self.end_rc == 0
+
+    @property
+    def interrupted(self) -> bool:
+        """Ended without finishing: stopped on a signal, an error exit, or killed before saying anything."""
+        return not self.done
+
+    @property
+    def chain_shape(self) -> tuple[int, int] | None:
+        """(step of the full checkpoint, number of deltas) of the chain restored from, from its names."""
+        if not self.chain:
+            return None
+        m = _CHAIN_NAME.search(self.chain[0])
+        return (int(m.group(1)), len(self.chain) - 1) if m else None
+
 
 class AttemptLog:
     """Attempts grouped from events fed in any number of pieces (the executor reads a file incrementally).
@@ -274,6 +310,8 @@ class AttemptLog:
 
     def __init__(self) -> None:
         self.attempts: list[Attempt] = []
+        #: newest step any checkpoint/stop/restore event names, whether or not its attempt's start was read
+        self.newest_checkpoint: int | None = None
         self._by_key: dict[tuple[str | None, int, int | None], Attempt] = {}
 
     def add(self, events: Iterable[dict[str, Any]]) -> None:
@@ -284,6 +322,8 @@ class AttemptLog:
 
     def _add(self, e: dict[str, Any]) -> None:
         kind, key = e["event"], (e["job"], e["restart"], e.get("pid"))
+        if kind in ("checkpoint", "stop", "restore") and e.get("step") is not None:
+            self.newest_checkpoint = e["step"] if self.newest_checkpoint is None else max(self.newest_checkpoint, e["step"])
         if kind == "start":
             a = Attempt(job=e["job"], restart=e["restart"], pid=e.get("pid"), start_step=e.get("step"), start_time=e.get("t"))
             self.attempts.append(a)
@@ -301,6 +341,8 @@ class AttemptLog:
             a.chain = list(e.get("chain") or [])
         elif kind == "checkpoint" and e.get("step") is not None:
             a.checkpoints.append(e["step"])
+            if e.get("t") is not None:
+                a.points.append((float(e["t"]), e["step"]))
         elif kind == "stop":
             a.stopped_step = e.get("step")
             a.stop_signal = e.get("signal")
@@ -334,3 +376,18 @@ def latest_attempt(events: Iterable[dict[str, Any]], job: str) -> Attempt | None
     log = AttemptLog()
     log.add(events)
     return log.latest(job)
+
+
+def summarise(runs: list[Attempt]) -> dict[str, object]:
+    """The numbers a report or a plot title needs about a step's attempts."""
+    return {
+        "attempts": len(runs),
+        "interruptions": sum(1 for a in runs if a.interrupted),
+        "stops_on_signal": sum(1 for a in runs if a.stopped),
+        "restores": sum(1 for a in runs if a.restored),
+        "restored_from": [a.restored_from for a in runs if a.restored],
+        "restored_chains": [list(a.chain_shape) for a in runs if a.restored and a.chain_shape is not None],
+        "stopped_at": [a.stopped_step for a in runs if a.stopped_step is not None],
+        "completed": any(a.done for a in runs),
+        "jobs": [a.job for a in runs if a.job],
+    }

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .events import EVENTS_MAX_BYTES, Attempt, AttemptLog, newest_checkpoint, parse_events
+from .events import EVENTS_MAX_BYTES, Attempt, AttemptLog, parse_events
 from .fingerprint import HashCache, step_fingerprint
 from .protocol import FINGERPRINT_FILE, HASHCACHE_FILE, OWNER_FILE, StepPaths
 from .safeio import atomic_write, load_json_object, read_tail
@@ -315,7 +315,7 @@ class StepFolder:
         steps = [
             s
             for s in (
-                newest_checkpoint(self._log.attempts),
+                self._log.newest_checkpoint,
                 self.marker_step(self.paths.stop_marker),
                 self.marker_step(self.paths.progress),
             )
