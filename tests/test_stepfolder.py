@@ -545,3 +545,26 @@ def test_status_loop_fails_only_the_step_that_raised(tmp_path: Path) -> None:
     ex.monitor = Monitor(Slurm(), PolicySettings(), {}, clock=lambda: 0.0)
     plans, broken = ex._plan_each([("g", good), ("b", bad)])
     assert [p.key for p in plans] == ["g"] and [(k, type(e).__name__) for k, _, e in broken] == [("b", "OverflowError")]
+
+
+def test_the_sbatch_line_and_error_messages_are_masked() -> None:
+    from snakemake_executor_plugin_rkslurm.executor import redact
+
+    line = "RKSLURM_CHECKPOINT_DIR=s3://AKIDEXAMPLE:Secret123@bucket/ck sbatch --comment 'rule_sim rkslurm:abc' --wrap=\"x\""
+    masked = redact(line)
+    assert "Secret123" not in masked and "AKIDEXAMPLE" not in masked
+    assert masked.startswith("RKSLURM_CHECKPOINT_DIR=s3://***@bucket/ck sbatch") and "rkslurm:abc" in masked
+    assert redact("/plain/folder and https://host/x") == "/plain/folder and https://host/x"
+
+
+def test_the_executor_reads_no_chain_file_names() -> None:
+    """Progress comes from rkstep's events: the executor package does not import rkckpt.chain."""
+    r = child(
+        """
+        import sys
+        import snakemake_executor_plugin_rkslurm.executor, snakemake_executor_plugin_rkslurm.monitor
+        print("rkckpt.chain" in sys.modules)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
