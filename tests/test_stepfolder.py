@@ -312,6 +312,11 @@ def test_observe_reads_incrementally_and_takes_progress_from_events(tmp_path: Pa
     assert f.observe("5").new_events == 0  # nothing new since
     f.paths.events.write_text("")  # replaced under us: read again from the start, said once
     assert f.observe("5").attempt is None
+    w.start()
+    assert f.observe("5").attempt is not None
+    f.paths.events.unlink()  # the folder's story deleted under the job: forgotten, never told from memory
+    gone = f.observe("5")
+    assert gone.attempt is None and gone.newest_checkpoint is None and gone.offset == 0
 
 
 # --------------------------------------------------------------- interleaved attempts (defect 7)

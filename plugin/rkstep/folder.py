@@ -302,7 +302,10 @@ class StepFolder:
         try:
             tail = read_tail(self.paths.events, start, EVENTS_MAX_BYTES)
         except OSError:
+            # gone (the folder deleted under the job) or replaced by a FIFO, a link: what was read
+            # before no longer describes the folder, so the story is forgotten, not kept from memory
             tail = None
+            self._log, self._offset = AttemptLog(), 0
         if tail is not None:
             if tail.shrunk:
                 self.warn(f"{self.paths.events} shrank under us (truncated or replaced); reading it again from its start")
