@@ -1,8 +1,7 @@
-"""Checkpoint folders and Slurm output parsing of the rkslurm executor (no cluster needed)."""
+"""Slurm output parsing of the rkslurm executor (no cluster needed; the step folder is tests/test_stepfolder.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,108 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_rkslurm import ckptdir, slurmquery
-
-# --------------------------------------------------------------- folders
-
-
-def test_wildcards_key_is_stable_and_safe() -> None:
-    assert ckptdir.wildcards_key({}) == "_"
-    assert ckptdir.wildcards_key({"b": "2", "a": "x/y"}) == "a=x%2Fy,b=2"
-    assert ckptdir.wildcards_key({"a": "x/y", "b": 2}) == ckptdir.wildcards_key({"b": "2", "a": "x/y"})
-    assert "/" not in ckptdir.wildcards_key({"a": "../../etc"})
-
-
-def test_default_dir_and_snakefile_helper_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    d = ckptdir.default_checkpoint_dir("simulate", {"size": "64"})
-    assert d == tmp_path / ".snakemake/rkslurm/simulate/size=64"
-
-    class WC(dict):
-        pass
-
-    assert ckptdir.rkslurm_checkpoint_dir("simulate")(WC(size="64")) == str(d)
-    assert ckptdir.rkslurm_checkpoint_dir("simulate", root="/x")(WC()) == "/x/simulate/_"
-
-
-def test_prepare_resumes_same_fingerprint_and_wipes_changed(tmp_path: Path) -> None:
-    d = tmp_path / "ck"
-    r = ckptdir.prepare(d, "aaa")
-    assert r.fresh and r.stale_reason is None
-    (d / "state-000000000010-full.rkcp").write_bytes(b"x")
-    r = ckptdir.prepare(d, "aaa")
-    assert not r.fresh and r.stale_reason is None
-    assert (d / "state-000000000010-full.rkcp").exists()
-    r = ckptdir.prepare(d, "bbb")
-    assert r.fresh and r.stale_reason and "changed" in r.stale_reason
-    assert not (d / "state-000000000010-full.rkcp").exists()
-    assert json.loads((d / ckptdir.FINGERPRINT_FILE).read_text())["fingerprint"] == "bbb"
-
-
-def test_prepare_wipes_folder_without_fingerprint(tmp_path: Path) -> None:
-    d = tmp_path / "ck"
-    d.mkdir()
-    (d / "old.rkcp").write_bytes(b"x")
-    r = ckptdir.prepare(d, "aaa")
-    assert r.stale_reason and "no fingerprint" in r.stale_reason
-    assert not (d / "old.rkcp").exists()
-
-
-def test_prepare_treats_corrupt_fingerprint_as_stale(tmp_path: Path) -> None:
-    d = tmp_path / "ck"
-    d.mkdir()
-    (d / ckptdir.FINGERPRINT_FILE).write_text("{not json")
-    (d / "x-000000000001-full.rkcp").write_bytes(b"x")
-    r = ckptdir.prepare(d, "aaa")
-    assert r.stale_reason is not None
-    assert not (d / "x-000000000001-full.rkcp").exists()
-
-
-def test_fingerprint_tracks_inputs_params_code(tmp_path: Path) -> None:
-    f = tmp_path / "in.txt"
-    f.write_text("a")
-    base = ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
-    assert base == ckptdir.fingerprint([str(f)], {"n": 1, ckptdir.PARAM_NAME: "/elsewhere"}, "cmd", "r")
-    assert base != ckptdir.fingerprint([str(f)], {"n": 2}, "cmd", "r")
-    assert base != ckptdir.fingerprint([str(f)], {"n": 1}, "cmd2", "r")
-    f.write_text("bb")
-    assert base != ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
-
-
-def test_fingerprint_is_by_content_not_mtime(tmp_path: Path) -> None:
-    """A touched or copied input keeps the folder resumable (the local and rkslurm executors agree)."""
-    import os
-
-    f = tmp_path / "in.txt"
-    f.write_text("same")
-    base = ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r")
-    os.utime(f, (1, 1))
-    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") == base
-    f.write_text("diff")
-    os.utime(f, (1, 1))
-    assert ckptdir.fingerprint([str(f)], {"n": 1}, "cmd", "r") != base
-
-
-def test_read_progress_from_marker_names_and_progress_file(tmp_path: Path) -> None:
-    assert ckptdir.read_progress(tmp_path / "missing") is None
-    assert ckptdir.read_progress(tmp_path) is None
-    (tmp_path / "wave-000000000012-full.rkcp").write_bytes(b"")
-    (tmp_path / "wave-000000000020-delta.rkcp").write_bytes(b"")
-    assert ckptdir.read_progress(tmp_path) == 20
-    (tmp_path / ckptdir.STOP_MARKER).write_text(json.dumps({"step": 23, "signal": "SIGTERM"}))
-    assert ckptdir.read_progress(tmp_path) == 23
-    (tmp_path / ckptdir.PROGRESS_FILE).write_text(json.dumps({"step": 30}))
-    assert ckptdir.read_progress(tmp_path) == 30
-    (tmp_path / ckptdir.STOP_MARKER).write_text("garbage")
-    assert ckptdir.read_progress(tmp_path) == 30
-
-
-def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
-    ckptdir.atomic_write_text(tmp_path / "a.json", "1")
-    ckptdir.atomic_write_text(tmp_path / "a.json", "2")
-    assert (tmp_path / "a.json").read_text() == "2"
-    assert os.listdir(tmp_path) == ["a.json"]
-
+from snakemake_executor_plugin_rkslurm import slurmquery
 
 # --------------------------------------------------------------- Slurm output
 
@@ -175,29 +73,6 @@ def test_plugin_flags_have_help() -> None:
     for flag in ("max-preemptions", "max-timeouts", "poll-interval", "checkpoint-root", "keep-checkpoints", "signal-lead-time"):
         assert f"--rkslurm-{flag}" in out
     assert "--rkslurm-requeue" in out  # the stock settings, under our prefix
-
-
-def test_declared_fingerprint_matches_the_workflow_preparation_script(tmp_path: Path) -> None:
-    """Local executor (prepare_ckpt.py) and rkslurm compute the same value: switching keeps the folder."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows" / "wavesim" / "scripts"))
-    import prepare_ckpt
-
-    model = tmp_path / "velocity.npy"
-    model.write_bytes(b"model bytes")
-    text = "grid=8 8 8 steps=100"
-    d = tmp_path / "ck"
-    assert prepare_ckpt.main([str(d), text, str(model)]) == 0
-    (d / "x-000000000010-full.rkcp").write_bytes(b"c")
-    params = {"fingerprint": text, "steps": 100, ckptdir.PARAM_NAME: str(d)}
-    digest = ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)])
-    r = ckptdir.prepare(d, digest)
-    assert r.stale_reason is None and not r.fresh and (d / "x-000000000010-full.rkcp").exists()
-    # another declared text, or other model contents: a different fingerprint
-    assert ckptdir.step_fingerprint("simulate", {**params, "fingerprint": "grid=9 9 9"}, "", [str(model)]) != digest
-    model.write_bytes(b"other model")
-    assert ckptdir.step_fingerprint("simulate", params, "rkrun ...", [str(model)]) != digest
 
 
 def test_query_asks_scontrol_about_our_ids_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,9 @@ from rkckpt.chain import INDEX_NAME, latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy
 from rkckpt.storage import FileStorage
-from snakemake_executor_plugin_rkslurm.ckptdir import STOP_MARKER, read_progress
+from rkstep.events import EventWriter
+from rkstep.folder import StepFolder
+from rkstep.protocol import STOP_MARKER, StepPaths
 
 KID = "idx"
 
@@ -107,10 +109,14 @@ def test_oversized_index_is_not_read(folder):
     assert restored_step(folder) == 5
 
 
+def read_progress(d):
+    return StepFolder(d).progress()
+
+
 def test_executor_ignores_damaged_stop_marker(tmp_path):
     d = tmp_path / "step"
     d.mkdir()
-    (d / name(40, "full")).write_bytes(b"")
+    EventWriter(StepPaths(d).events, job="1").checkpoint(40)  # progress comes from the step's events, not file names
     for junk in ("[" * 100000, '{"step": "five"}', '{"step": 10' + " " * (1 << 20) + "}", "\xff\xfe"):
         (d / STOP_MARKER).write_text(junk, errors="surrogateescape")
         assert read_progress(d) == 40

@@ -86,8 +86,7 @@ def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: Slu
     assert f"preemption {n}/10" in out
     # the checkpoint folder is gone after success, the timeline stays
     assert not (w.root / ".snakemake/rkslurm/sim/_").exists()
-    events = [json.loads(line) for line in (w.root / ".snakemake/rkslurm/events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events].count("preemption") == n
+    assert not (w.root / ".snakemake/rkslurm/events.jsonl").exists()  # the step's own events are the record (issue 20)
     print(f"cancel-mode test: {time.monotonic() - t0:.1f} s")
 
 
@@ -273,7 +272,7 @@ def test_rkrun_step_preempted_twice_restores_and_matches(slurm_workflow: SlurmWo
 
     if shutil.which("rkrun") is None:
         pytest.skip("rkrun not installed")
-    from snakemake_executor_plugin_rkslurm import ckptdir
+    from rkstep.folder import StepFolder
 
     w = slurm_workflow
     steps = 5000
@@ -321,7 +320,7 @@ def test_rkrun_step_preempted_twice_restores_and_matches(slurm_workflow: SlurmWo
     stops: list[int] = []
     for i in range(2):
         base = max(stops, default=0)
-        wait_until(lambda b=base: (ckptdir.read_progress(ck) or 0) >= b + 300 or p.poll() is not None, 180, "rkrun to make progress")
+        wait_until(lambda b=base: (StepFolder(ck).progress() or 0) >= b + 300 or p.poll() is not None, 180, "rkrun to make progress")
         assert p.poll() is None, "workflow ended before the preemption"
         submit_urgent(3)
         wait_until(lambda n=i + 1: len(logged_stops()) >= n, 120, "rkrun to stop on the preemption")

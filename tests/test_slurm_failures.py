@@ -9,7 +9,6 @@ shared cluster cannot add preemptions to what a test counts.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -47,11 +46,6 @@ def _running_step(w: SlurmWorkflow, p: subprocess.Popen, min_step: int, run_no: 
     return w.events("start")[run_no - 1]
 
 
-def _timeline(w: SlurmWorkflow) -> list[dict]:
-    path = w.root / ".snakemake/rkslurm/events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _squeue_ids() -> set[str]:
     return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout.split())
 
@@ -71,7 +65,7 @@ def test_user_scancel_fails_the_step_at_once(slurm_workflow: SlurmWorkflow) -> N
     assert p.returncode != 0
     assert "cancelled by scancel, not preempted" in out, out[-5000:]
     assert _submitted_ids(out) == [job], "a cancelled step must not be resubmitted"
-    assert [e["cause"] for e in _timeline(w) if e["event"] == "failed"] == ["cancelled"]
+    assert out.count("cancelled by scancel, not preempted") >= 1 and "Error in rule sim" in out
     assert len(w.events("start")) == 1
     # the checkpoint is kept for a deliberate rerun
     assert (w.root / ".snakemake/rkslurm/sim/_/rkslurm.progress.json").exists()
@@ -94,7 +88,7 @@ def _kill_and_finish(w: SlurmWorkflow, how: str) -> str:
     killed_at = max(e["step"] for e in w.trace() if e["event"] == "ckpt" and e["job"] == starts[0]["job"])
     assert starts[1]["step"] == killed_at >= 4, "the resubmission restores the killed attempt's newest checkpoint"
     assert "killed by a signal it could not catch after checkpoint progress" in out and "kill 1/3" in out, out[-5000:]
-    assert [e["event"] for e in _timeline(w)].count("kill") == 1
+    assert out.count("kill 1/3") == 1 and "kill 2/3" not in out
     # both attempts' Slurm logs are kept after the success (the story of the step)
     for e in starts:
         assert (w.root / f".snakemake/slurm_logs/rule_sim/{e['job']}.log").exists()
@@ -172,7 +166,7 @@ def test_rerun_after_the_head_died_adopts_the_running_job(slurm_workflow: SlurmW
     assert _submitted_ids(out) == [], "no duplicate job"
     assert {e["job"] for e in w.events("start")} == {job} and len(w.events("start")) == 1
     _bit_identical(w)
-    assert [e["event"] for e in _timeline(w)].count("adopted") == 1
+    assert out.count("adopting its running Slurm job") == 1
 
 
 def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_workflow: SlurmWorkflow) -> None:
@@ -186,7 +180,7 @@ def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_wor
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0  # the test step cannot write its next checkpoint and fails
     assert f"the checkpoint folder {folder} was deleted under job {job}" in out, out[-5000:]
-    assert [e["event"] for e in _timeline(w)].count("folder_gone") == 1
+    assert out.count("was deleted under job") == 1  # said once, not at every poll
 
 
 def test_requeued_rerun_records_its_restart_count(slurm_workflow: SlurmWorkflow) -> None:

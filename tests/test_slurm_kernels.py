@@ -44,13 +44,13 @@ def _local(args: str, out: Path, ck: Path) -> None:
 
 def _preempted_once(w: SlurmWorkflow, args: str, min_progress: int) -> str:
     """Run the one-step workflow, preempt it once past ``min_progress``; the logs of every job, in order."""
-    from snakemake_executor_plugin_rkslurm import ckptdir
+    from rkstep.folder import StepFolder
 
     (w.root / "Snakefile").write_text(SNAKEFILE.format(rkrun=RKRUN, args=args))
     ck = w.root / ".snakemake/rkslurm/sim/_"
     log_dir = w.root / ".snakemake/slurm_logs/rule_sim"
     p = w.start("--rkslurm-keep-successful-logs")
-    wait_until(lambda: (ckptdir.read_progress(ck) or 0) >= min_progress or p.poll() is not None, 180, "the step to make progress")
+    wait_until(lambda: (StepFolder(ck).progress() or 0) >= min_progress or p.poll() is not None, 180, "the step to make progress")
     if p.poll() is not None:
         raise AssertionError(f"workflow ended before the preemption:\n{p.communicate()[0][-4000:]}")
     submit_urgent(3)

@@ -1,17 +1,14 @@
-"""workflows/wavesim/scripts/events.py reads the step protocol's JSONL events (no log grepping)."""
+"""The workflow's timeline numbers come from the step protocol's JSONL events (rkstep.events), no log text."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from rkstep import EventWriter, StepPaths
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows" / "wavesim" / "scripts"))
-import events  # noqa: E402
+from rkstep.events import attempts, read_events, summarise
 
 
-def test_rkstep_events_become_the_same_attempts_as_the_log(tmp_path: Path) -> None:
+def test_rkstep_events_tell_the_whole_story(tmp_path: Path) -> None:
     p = StepPaths(tmp_path).events
     a = EventWriter(p, job="11")
     a.start(0)
@@ -26,10 +23,11 @@ def test_rkstep_events_become_the_same_attempts_as_the_log(tmp_path: Path) -> No
     c.start()
     c.restore(200, ["wavesim-000000000200-full.rkcp"])
     c.end(0, 300)
-    runs = events.attempts(events.read_events(p))
+    runs = attempts(read_events(p))
     assert [r.job for r in runs] == ["11", "12", "13"]
-    assert runs[0].stopped and runs[0].end_step == 130 and runs[0].stop_signal == "SIGTERM" and runs[0].rc == 75
-    assert runs[1].restored and runs[1].start_step == 130 and runs[1].end_step == 200 and not runs[1].done and runs[1].interrupted
-    assert runs[2].done and runs[2].end_step == 300 and runs[2].rc == 0
-    s = events.summarise(runs)
+    assert runs[0].stopped and runs[0].reached == 130 and runs[0].stop_signal == "SIGTERM" and runs[0].end_rc == 75
+    assert runs[1].restored and runs[1].start_step == 130 and runs[1].reached == 200 and not runs[1].done and runs[1].interrupted
+    assert runs[1].chain_shape == (100, 1)
+    assert runs[2].done and runs[2].reached == 300 and runs[2].end_rc == 0
+    s = summarise(runs)
     assert s["restored_from"] == [130, 200] and s["stopped_at"] == [130] and s["completed"] is True

@@ -21,10 +21,11 @@ WF = REPO / "workflows" / "wavesim"
 SCRIPTS = WF / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import events  # noqa: E402
 import make_model  # noqa: E402
 import plot  # noqa: E402
 import qc  # noqa: E402
+
+from rkstep.events import attempts, parse_events, read_events, summarise  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -211,67 +212,73 @@ def test_analyse_detects_a_different_model(tmp_path: Path, tiny_result: Path) ->
     assert proc.returncode == 2 and "different velocity model" in proc.stderr
 
 
-# ---------------------------------------------------------------- events (run log → timeline)
-
-RUNLOG = """\
-2026-11-29T04:00:00.000Z rkslurm attempt start job=11 restart=0 host=localhost
-rkrun: backend opencl: OpenCL Portable Computing Language
-rkrun: no checkpoint in /ck; starting from step 0
-rkrun: step 100/400 (50.0 steps/s, eta 6 s)
-rkrun: stopped at step 120 on SIGTERM; checkpoint written
-2026-11-29T04:00:03.000Z rkslurm attempt end job=11 rc=75
-2026-11-29T04:00:10.000Z rkslurm attempt start job=12 restart=0 host=localhost
-rkrun: restored from step 120 (chain: wavesim-000000000120-full.rkcp)
-2026-11-29T04:00:14.000Z rkslurm attempt start job=13 restart=0 host=localhost
-rkrun: restored from step 200 (chain: wavesim-000000000160-full.rkcp, wavesim-000000000180-delta.rkcp, wavesim-000000000200-delta.rkcp) = full step 160 + 2 delta(s)
-rkrun: done: step 400, wrote result.h5
-2026-11-29T04:00:20.000Z rkslurm attempt end job=13 rc=0
-"""
+# ---------------------------------------------------------------- events (rkstep.events.jsonl → timeline)
 
 
-def test_events_attempts_from_runlog() -> None:
-    runs = events.attempts(events.parse_log(RUNLOG))
+def _ev(event: str, job: str, pid: int, t: float, **kw: object) -> str:
+    return json.dumps({"event": event, "job": job, "restart": 0, "pid": pid, "t": t, **kw})
+
+
+RUN_EVENTS = (
+    "\n".join(
+        [
+            _ev("start", "11", 1, 1000.0, step=None),
+            _ev("checkpoint", "11", 1, 1002.0, step=100),
+            _ev("stop", "11", 1, 1003.0, step=120, signal="SIGTERM"),
+            _ev("end", "11", 1, 1003.0, rc=75, step=120),
+            _ev("start", "12", 2, 1010.0),
+            _ev("restore", "12", 2, 1010.5, step=120, chain=["wavesim-000000000120-full.rkcp"]),
+            _ev("checkpoint", "12", 2, 1012.0, step=200),  # then SIGKILLed: no end
+            _ev("start", "13", 3, 1014.0),
+            _ev(
+                "restore",
+                "13",
+                3,
+                1014.5,
+                step=200,
+                chain=["wavesim-000000000160-full.rkcp", "wavesim-000000000180-delta.rkcp", "wavesim-000000000200-delta.rkcp"],
+            ),
+            _ev("end", "13", 3, 1020.0, rc=0, step=400),
+        ]
+    )
+    + "\n"
+)
+
+
+def test_events_attempts_and_summary_for_the_plots() -> None:
+    """The workflow reads rkstep's events (no log text): the plot's and the demo's numbers."""
+    runs = attempts(parse_events(RUN_EVENTS.encode()))
     assert [a.job for a in runs] == ["11", "12", "13"]
     a, b, c = runs
-    assert (a.start_step, a.end_step, a.stopped, a.stop_signal, a.rc, a.interrupted) == (0, 120, True, "SIGTERM", 75, True)
-    assert b.restored and b.start_step == 120 and b.superseded and b.interrupted  # killed without a word
-    assert c.restored and c.start_step == 200 and c.done and not c.interrupted and c.end_step == 400
-    assert b.chain is None and c.chain == (160, 2)  # which chain was restored: its full step and its deltas
-    assert a.end_time is not None and a.start_time is not None and a.end_time - a.start_time == pytest.approx(3.0)
-    s = events.summarise(runs)
-    assert s == {
+    assert (a.reached, a.stopped, a.stop_signal, a.end_rc, a.interrupted) == (120, True, "SIGTERM", 75, True)
+    assert b.restored and b.start_step == 120 and b.killed and b.interrupted and b.reached == 200
+    assert c.restored and c.start_step == 200 and c.done and not c.interrupted and c.reached == 400
+    assert b.chain_shape == (120, 0) and c.chain_shape == (160, 2)  # which chain was restored: its full step and its deltas
+    assert (
+        a.points == [(1002.0, 100)]
+        and a.end_time is not None
+        and a.start_time is not None
+        and a.end_time - a.start_time == pytest.approx(3.0)
+    )
+    assert summarise(runs) == {
         "attempts": 3,
         "interruptions": 2,
         "stops_on_signal": 1,
         "restores": 2,
         "restored_from": [120, 200],
-        "restored_chains": [[160, 2]],
+        "restored_chains": [[120, 0], [160, 2]],
         "stopped_at": [120],
         "completed": True,
         "jobs": ["11", "12", "13"],
     }
 
 
-def test_events_plain_rkrun_log_and_json_lines() -> None:
-    plain = "rkrun: no checkpoint in x; starting from step 0\nrkrun: stopped at step 50 on SIGUSR1; checkpoint written\nrkrun: restored from step 50 (chain: a)\nrkrun: done: step 90, wrote r.h5\n"
-    runs = events.attempts(events.parse_log(plain))
-    assert [(r.start_step, r.end_step, r.restored, r.done) for r in runs] == [(0, 50, False, False), (50, 90, True, True)]
-    js = '{"event": "restored", "step": 7, "time": 100.0}\n{"event": "done", "step": 9, "time": 101.5}\nnot json {\n'
-    runs = events.attempts(events.parse_log(js))
-    assert len(runs) == 1 and runs[0].start_step == 7 and runs[0].end_time == 101.5
-
-
-def test_events_ignore_garbage() -> None:
-    assert events.parse_log("\x00\xff garbage\n{bad json\n\n") == []
-    assert events.attempts([]) == []
-
-
 # ---------------------------------------------------------------- plot
 
 
 def test_plot_writes_real_pngs(tmp_path: Path, tiny_result: Path) -> None:
-    log = tmp_path / "run.log"
-    log.write_text(RUNLOG)
+    log = tmp_path / "simulate.events.jsonl"
+    log.write_text(RUN_EVENTS)
     fields, timeline = tmp_path / "f.png", tmp_path / "t.png"
     model = tmp_path / "v.npy"
     make_model.save_model(model, make_model.make_model(12, 10, 9))
@@ -302,11 +309,17 @@ def test_plot_model_shape_mismatch_is_clear(tmp_path: Path, tiny_result: Path) -
 
 
 def test_plot_timeline_without_times(tmp_path: Path) -> None:
-    runs = events.attempts(
-        events.parse_log(
-            "rkrun: no checkpoint in x; starting from step 0\nrkrun: stopped at step 5 on SIGTERM\nrkrun: restored from step 5 (chain: a)\nrkrun: done: step 9, wrote r\n"
-        )
+    runs = attempts(
+        [
+            {"event": "start", "job": None, "pid": 1, "step": 0},
+            {"event": "stop", "job": None, "pid": 1, "step": 5, "signal": "SIGTERM"},
+            {"event": "end", "job": None, "pid": 1, "rc": 75, "step": 5},
+            {"event": "start", "job": None, "pid": 2},
+            {"event": "restore", "job": None, "pid": 2, "step": 5, "chain": ["a"]},
+            {"event": "end", "job": None, "pid": 2, "rc": 0, "step": 9},
+        ]
     )
+    assert [a.restored for a in runs] == [False, True]
     out = tmp_path / "t.png"
     plot.plot_timeline(runs, out, total_steps=9)
     assert png_size(out)[0] > 0
@@ -396,14 +409,18 @@ def test_workflow_dry_run_and_tiny_run(tmp_path: Path) -> None:
         "fields.png",
         "timeline.png",
         "simulate.runlog",
+        "simulate.events.jsonl",
         "traveltime.h5",
         "traveltime.runlog",
+        "traveltime.events.jsonl",
         "qc.json",
     ):
         assert (res / name).stat().st_size > 0, name
     assert json.loads((res / "summary.json").read_text())["final_step"] == 30
     runlog = (res / "simulate.runlog").read_text()
-    assert "rkslurm attempt start job=local" in runlog and "done: step 30" in runlog and "rc=0" in runlog
+    assert "done: step 30" in runlog and "rkslurm attempt" not in runlog  # rkrun's own output, no text markers
+    (run,) = attempts(read_events(res / "simulate.events.jsonl"))
+    assert run.job is None and run.done and run.end_rc == 0
     # checkpoints live outside the declared outputs, in the executor's per-rule folder
     ck = tmp_path / ".snakemake" / "rkslurm" / "simulate" / "name=demo"
     assert sorted(p.name for p in ck.glob("*.rk.h5"))
@@ -435,7 +452,7 @@ def test_workflow_killed_then_rerun_resumes_bit_identical(tmp_path: Path) -> Non
     assert 0 < marker["step"] < steps
     proc = subprocess.run(_snakemake(tmp_path, *_config(grid, steps, every)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    runs = events.attempts(events.read_events(tmp_path / "results" / "demo" / "simulate.runlog"))
+    runs = attempts(read_events(tmp_path / "results" / "demo" / "simulate.events.jsonl"))
     assert len(runs) == 2 and runs[0].stopped and runs[1].restored and runs[1].done
     assert runs[1].start_step == marker["step"]  # resumed exactly where it stopped: nothing lost
     ref = tmp_path / "ref.h5"
@@ -581,13 +598,13 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
     assert "BIT-IDENTICAL" in out and "preempted 2 times by the demo" in out
     report = json.loads((tmp_path / "demo" / "preemptions.json").read_text())
     assert report["ok"] and len(report["preemptions"]) == 2
-    runs = events.attempts(events.read_events(tmp_path / "demo" / "results" / "demo" / "simulate.runlog"))
+    runs = attempts(read_events(tmp_path / "demo" / "results" / "demo" / "simulate.events.jsonl"))
     assert sum(a.restored for a in runs) >= 2 and runs[-1].done
     for a, b in zip(runs, runs[1:], strict=False):
-        assert b.start_step == a.end_step  # the GraceTime let every stop write its final checkpoint: nothing lost
+        assert b.start_step == a.stopped_step  # the GraceTime let every stop write its final checkpoint: nothing lost
     for png in ("fields.png", "timeline.png"):
         assert png_size(tmp_path / "demo" / "results" / "demo" / png)[0] > 0
     # the traveltime step was preempted too and restored from a delta chain, bit-identical (compare.py said so twice)
     assert out.count("BIT-IDENTICAL") == 2 and "restored from a delta chain" in out
-    tt = events.summarise(events.attempts(events.read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.runlog")))
+    tt = summarise(attempts(read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.events.jsonl")))
     assert tt["completed"] and any(deltas >= 1 for _full, deltas in tt["restored_chains"]), tt

@@ -8,15 +8,26 @@ side spells a file name or an exit code of its own.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-#: environment variable through which the executor hands a step its checkpoint folder (or URL)
-ENV_CHECKPOINT_DIR = "RKSLURM_CHECKPOINT_DIR"
+from .env import ENV_CHECKPOINT_DIR
+from .fingerprint import CHECKPOINT_DIR_PARAM, declared_fingerprint, fingerprint, step_fingerprint
+
+__all__ = [
+    "CHECKPOINT_DIR_PARAM",
+    "ENV_CHECKPOINT_DIR",
+    "EX_FAILURE",
+    "EX_OK",
+    "EX_TEMPFAIL",
+    "EX_USAGE",
+    "StepPaths",
+    "declared_fingerprint",
+    "fingerprint",
+    "fingerprint_tag",
+    "step_fingerprint",
+    "submission_tag",
+]
 
 EX_OK = 0
 #: any error (bad data, I/O); not resumable by trying again
@@ -33,8 +44,14 @@ FINGERPRINT_FILE = "rkslurm.fingerprint.json"
 PROGRESS_FILE = "rkslurm.progress.json"
 EVENTS_FILE = "rkstep.events.jsonl"
 RUNLOG_FILE = "rkrun.runlog"
-#: prefix of the ``sbatch --comment`` that names the step of every submission
+#: rkstep's ownership marker: the folder was empty or new when rkstep claimed it, for this step key
+OWNER_FILE = "rkstep.owner.json"
+#: content hashes of the step's inputs (see :class:`rkstep.fingerprint.HashCache`)
+HASHCACHE_FILE = "rkstep.hashes.json"
+#: prefix of the ``sbatch --comment`` word that names the step of every submission
 TAG_PREFIX = "rkslurm:"
+#: prefix of the ``sbatch --comment`` word that carries the submission's fingerprint
+FINGERPRINT_TAG_PREFIX = "rkfp:"
 
 
 @dataclass(frozen=True)
@@ -69,37 +86,13 @@ class StepPaths:
     def runlog(self) -> Path:
         return self.folder / RUNLOG_FILE
 
+    @property
+    def owner(self) -> Path:
+        return self.folder / OWNER_FILE
 
-def _hash_file(h: Any, path: str | os.PathLike[str]) -> None:
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError as exc:
-        h.update(f"<unreadable: {exc.strerror}>".encode())
-
-
-def fingerprint(doc: Mapping[str, Any], files: Iterable[str | os.PathLike[str]] = ()) -> str:
-    """SHA-256 over a JSON document (rule, params, code: whatever decides the
-    result) and the *contents* of the given files.
-
-    Contents, not mtimes: a touched or copied input keeps the checkpoints
-    resumable, and the local and the rkslurm executor compute the same value
-    for the same inputs, so switching between them does not wipe a folder.
-    """
-    h = hashlib.sha256(json.dumps(dict(doc), sort_keys=True, default=repr).encode())
-    for f in files:
-        h.update(b"\0file\0" + os.fspath(f).encode() + b"\0")
-        _hash_file(h, f)
-    return h.hexdigest()
-
-
-def declared_fingerprint(text: str, files: Iterable[str | os.PathLike[str]] = ()) -> str:
-    """The fingerprint of a rule that states what decides its result (a text such as
-    ``grid=... steps=...``) plus its input files. The workflow's own preparation
-    script (local executor) and the rkslurm executor both call this, so a folder
-    prepared under one is resumed under the other."""
-    return fingerprint({"declared": str(text)}, files)
+    @property
+    def hashcache(self) -> Path:
+        return self.folder / HASHCACHE_FILE
 
 
 def submission_tag(checkpoint_key: str) -> str:
@@ -108,8 +101,7 @@ def submission_tag(checkpoint_key: str) -> str:
     return TAG_PREFIX + hashlib.sha256(checkpoint_key.encode()).hexdigest()[:24]
 
 
-def slurm_attempt() -> tuple[str | None, int]:
-    """(Slurm job id, requeue count) of the running attempt, from the job's environment."""
-    job = os.environ.get("SLURM_JOB_ID") or None
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return job, int(restart) if restart.isdigit() else 0
+def fingerprint_tag(digest: str) -> str:
+    """``sbatch --comment`` word carrying (a prefix of) the fingerprint the job was submitted for:
+    a new head process adopts a live job only when it carries the fingerprint it computes now."""
+    return FINGERPRINT_TAG_PREFIX + str(digest)[:24]

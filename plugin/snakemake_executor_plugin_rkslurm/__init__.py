@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from snakemake_executor_plugin_slurm import ExecutorSettings as _StockSettings
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from .ckptdir import rkslurm_checkpoint_dir
+from rkstep.folder import rkslurm_checkpoint_dir
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings", "rkslurm_checkpoint_dir"]
 

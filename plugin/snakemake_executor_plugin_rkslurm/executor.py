@@ -9,8 +9,12 @@ log handling stay the stock plugin's. Explicit seams only:
   retried while slurmctld is unreachable. A resubmission is the same call;
   Snakemake keeps seeing one job per step (the Slurm id of its
   SubmittedJobInfo is swapped in place, no retry attempt).
-- before submitting, a step's live Slurm job from an earlier head process
-  (found by its tag) is adopted instead of submitting a duplicate.
+- before anything in a step's folder is touched, a live Slurm job an earlier
+  head process submitted for it (found by its tag) is adopted -- only when it
+  is this uid's and carries the same fingerprint (:mod:`.adoption`); a live
+  job of other params is cancelled and the step resubmitted. The folder itself
+  is :class:`rkstep.StepFolder`'s: a folder with files rkstep did not create is
+  refused before submission, and nothing in it is touched.
 - ``check_active_jobs`` is query → decide (:class:`.monitor.Monitor`, unit
   tested against a fake Slurm) → act (here).
 """
@@ -18,7 +22,8 @@ log handling stay the stock plugin's. Explicit seams only:
 from __future__ import annotations
 
 import asyncio
-import json
+import os
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -29,11 +34,22 @@ import snakemake_executor_plugin_slurm as _stock
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
-from rkstep.protocol import ENV_CHECKPOINT_DIR, submission_tag
+from rkckpt import logsafe
+from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, step_fingerprint
+from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
+from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 
-from . import ckptdir, slurmquery, submitter
+from . import adoption, slurmquery, submitter
 from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
 from .policy import Action, PolicySettings
+
+#: ``scheme://user:secret@host``: the userinfo of a storage URL (until ``logsafe.redact`` masks it itself)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` as the executor may print or record it: credentials of storage URLs masked."""
+    return logsafe.redact(_URL_USERINFO.sub(r"\1***@", text))
 
 
 class Executor(_stock.Executor):
@@ -66,25 +82,28 @@ class Executor(_stock.Executor):
         self._query_failures = 0
         self._last_query_warning = 0.0
         self.next_seconds_between_status_checks = float(s.poll_interval)
-        self._events_path = Path(s.checkpoint_root).absolute() / "events.jsonl"
 
     # ------------------------------------------------------------ submission
 
     def _checkpoint_dir_for(self, job: JobExecutorInterface) -> Path | str:
         """The step's folder; a URL override (``s3://…``) is returned as a string."""
-        override = job.resources.get(ckptdir.PARAM_NAME) if hasattr(job, "resources") else None
+        override = job.resources.get(CHECKPOINT_DIR_PARAM) if hasattr(job, "resources") else None
         params = getattr(job, "params", None)
         if not override and params is not None and hasattr(params, "get"):
-            override = params.get(ckptdir.PARAM_NAME)
+            override = params.get(CHECKPOINT_DIR_PARAM)
         if override:
             return str(override) if "://" in str(override) else Path(str(override)).absolute()
-        wc = getattr(job, "wildcards", None)
-        wildcards = dict(wc.items()) if wc is not None and hasattr(wc, "items") else {}
-        return ckptdir.default_checkpoint_dir(job.name, wildcards, self.workflow.executor_settings.checkpoint_root)
+        return default_checkpoint_dir(job.name, self._wildcards(job), self.workflow.executor_settings.checkpoint_root)
 
-    def _fingerprint(self, job: JobExecutorInterface) -> str:
-        """Content fingerprint of the step: the rule's declared text (param ``rkslurm_fingerprint``
-        or ``fingerprint``) and input files, else its code, params and input files."""
+    @staticmethod
+    def _wildcards(job: JobExecutorInterface) -> dict[str, Any]:
+        wc = getattr(job, "wildcards", None)
+        return dict(wc.items()) if wc is not None and hasattr(wc, "items") else {}
+
+    def _fingerprint(self, job: JobExecutorInterface, folder: StepFolder | None) -> str:
+        """Content fingerprint of the step (:func:`rkstep.fingerprint.step_fingerprint`): the rule's declared
+        text (param ``rkslurm_fingerprint`` or ``fingerprint``) and inputs, else its code, params and inputs;
+        input hashes come from the folder's cache when it has one."""
         rule = getattr(job, "rule", None)
         code = ""
         if rule is not None:
@@ -92,30 +111,64 @@ class Executor(_stock.Executor):
             run_func = getattr(rule, "run_func", None)
             if not code and run_func is not None:
                 c = getattr(run_func, "__code__", None)
-                code = repr(c.co_code) if c is not None else repr(run_func)
+                code = c.co_code.hex() if c is not None else getattr(run_func, "__qualname__", "")
         params = {}
         p = getattr(job, "params", None)
         if p is not None and hasattr(p, "items"):
             params = {str(k): v for k, v in p.items()}
-        return ckptdir.step_fingerprint(job.name, params, code, [str(f) for f in job.input])
+        inputs = [str(f) for f in job.input]
+        if folder is not None:
+            return folder.fingerprint(job.name, params, code, inputs)
+        return step_fingerprint(job.name, params, code, inputs)
 
-    def _new_step(self, job: JobExecutorInterface) -> Step:
+    def _new_step(self, job: JobExecutorInterface) -> tuple[Step, str]:
+        """The step and its fingerprint. Checks the folder (refusing one rkstep does not own) but
+        changes nothing in it: the live job is looked for first (:meth:`_prepare` comes after)."""
         partition = job.resources.get("slurm_partition") or self._default_partition
         path = self._checkpoint_dir_for(job)
         if isinstance(path, str):
             self.logger.warning(
-                f"rkslurm: rule {job.name} checkpoints to {path}: passed on as is; without a local folder rkslurm cannot "
+                f"rkslurm: rule {job.name} checkpoints to {redact(path)}: passed on as is; without a local folder rkslurm cannot "
                 "check its fingerprint or progress (time-limit continuation needs progress), nor remove it after success."
             )
-            return Step(rule=job.name, checkpoint_dir=None, export=path, tag=submission_tag(path), partition=partition)
-        prep = ckptdir.prepare(path, self._fingerprint(job))
+            digest = self._fingerprint(job, None)
+            return Step(
+                rule=job.name,
+                checkpoint_dir=None,
+                export=path,
+                tag=submission_tag(path),
+                fingerprint_tag=fingerprint_tag(digest),
+                partition=partition,
+            ), digest
+        folder = StepFolder(
+            path, key=step_key(job.name, self._wildcards(job)), warn=lambda m: self.logger.warning(f"rkslurm: rule {job.name}: {m}")
+        )
+        folder.check()  # FolderRefused: reported before submission, nothing touched
+        digest = self._fingerprint(job, folder)
+        step = Step(
+            rule=job.name,
+            checkpoint_dir=path,
+            export=str(path),
+            tag=submission_tag(str(path)),
+            fingerprint_tag=fingerprint_tag(digest),
+            partition=partition,
+            folder=folder,
+        )
+        return step, digest
+
+    def _prepare(self, step: Step, digest: str) -> None:
+        """Ready the step's folder for a new job (after no live job could be adopted)."""
+        if step.folder is None:
+            return
+        prep = step.folder.prepare(digest)
         if prep.stale_reason:
-            self.logger.warning(f"rkslurm: starting rule {job.name} fresh; old checkpoints in {path} removed: {prep.stale_reason}.")
+            self.logger.warning(
+                f"rkslurm: starting rule {step.rule} fresh; old checkpoints in {step.checkpoint_dir} removed: {prep.stale_reason}."
+            )
         elif not prep.fresh:
             self.logger.info(
-                f"rkslurm: rule {job.name} will restore from its checkpoint folder {path} (step {ckptdir.read_progress(path)})."
+                f"rkslurm: rule {step.rule} will restore from its checkpoint folder {step.checkpoint_dir} (step {step.progress()})."
             )
-        return Step(rule=job.name, checkpoint_dir=path, export=str(path), tag=submission_tag(str(path)), partition=partition)
 
     def _extras(self, step: Step) -> submitter.SubmitExtras:
         s = self.workflow.executor_settings
@@ -125,14 +178,15 @@ class Executor(_stock.Executor):
             options.append(f"--signal=TERM@{lead}")
         if not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
             options.append("--requeue")  # let Slurm requeue (same job id) where the partition says REQUEUE
+        comment = " ".join(w for w in (step.tag, step.fingerprint_tag) if w)
         return submitter.SubmitExtras(
-            env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=step.tag, exclude=step.history.excluded_nodes
+            env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=comment or None, exclude=step.history.excluded_nodes
         )
 
     def _submit(self, job: JobExecutorInterface, step: Step) -> tuple[str, str]:
         """sbatch the step (blocking, retried while slurmctld is away); returns (job id, log path)."""
         call, stdin, pattern = submitter.build_submission(self, job, self._extras(step))
-        self.logger.debug(f"rkslurm sbatch call: {call}")
+        self.logger.debug(f"rkslurm sbatch call: {redact(call)}")
         out = submitter.sbatch_with_retry(
             call,
             stdin,
@@ -143,12 +197,18 @@ class Executor(_stock.Executor):
         return job_id, str(pattern).replace("%j", job_id)
 
     def _adoptable(self, job: JobExecutorInterface, step: Step) -> tuple[str, str] | None:
-        """The live Slurm job an earlier head process submitted for this step, if any."""
+        """The live Slurm job an earlier head process submitted for this step, if it may be adopted.
+
+        Only this uid's jobs (``squeue --me``, confirmed by scontrol's UserId) with the step's
+        tag are considered; one of another fingerprint is cancelled (its checkpoints would not
+        be this step's), another user's is never touched.
+        """
         window = float(self.workflow.executor_settings.submit_retry_minutes) * 60.0
         deadline, delay = time.monotonic() + window, 1.0
         while True:
             try:
-                live = self.slurm.tagged_jobs(step.tag)
+                rows = adoption.list_my_jobs()
+                plan = adoption.plan_adoption(rows, step.tag, step.fingerprint_tag, os.getuid(), adoption.job_uid)
                 break
             except (slurmquery.QueryError, OSError) as e:
                 # "cannot ask" is not "no such job": wait as sbatch would, then submit
@@ -158,13 +218,21 @@ class Executor(_stock.Executor):
                 self.logger.warning(f"rkslurm: rule {step.rule}: cannot ask squeue for a running job of this step ({e}); retrying")
                 time.sleep(min(delay, 30.0, max(0.0, deadline - time.monotonic())))
                 delay *= 2
-        if not live:
+        for other, why in plan.ignore:
+            self.logger.warning(
+                f"rkslurm: rule {step.rule}: not adopting or cancelling Slurm job {other.job_id} with this step's tag: {why}"
+            )
+        for other, why in plan.cancel:
+            self.logger.warning(f"rkslurm: rule {step.rule}: cancelling its live Slurm job {other.job_id}: {why}")
+            self.slurm.cancel(other.job_id)
+        if plan.cancel and not adoption.wait_gone([j.job_id for j, _ in plan.cancel], max(window, 120.0)):
+            # its final checkpoint could land in the folder after we cleared it: never prepare under a live job
+            raise RuntimeError(
+                f"cancelled Slurm job(s) {', '.join(j.job_id for j, _ in plan.cancel)} did not end; not touching the step's folder"
+            )
+        if plan.adopt is None:
             return None
-        live.sort(key=lambda t: int(t[0]) if t[0].isdigit() else 0)
-        job_id = live[-1][0]
-        for other, _ in live[:-1]:
-            self.logger.warning(f"rkslurm: rule {step.rule}: more than one live job carries tag {step.tag}; cancelling older job {other}")
-            self.slurm.cancel(other)
+        job_id = plan.adopt.job_id
         return job_id, str(submitter.log_pattern(self, job)).replace("%j", job_id)
 
     def run_jobs(self, jobs: list[JobExecutorInterface]) -> None:
@@ -186,8 +254,10 @@ class Executor(_stock.Executor):
         if job.is_group():
             return super().run_job(job)
         try:
-            step = self._new_step(job)
-            adopted = self._adoptable(job, step)
+            step, digest = self._new_step(job)
+            adopted = self._adoptable(job, step)  # before anything in the folder is touched
+            if adopted is None:
+                self._prepare(step, digest)
             if adopted is not None:
                 job_id, log = adopted
                 self.logger.warning(
@@ -198,25 +268,14 @@ class Executor(_stock.Executor):
                 job_id, log = self._submit(job, step)
                 self.logger.info(f"Job {job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}).")
         except Exception as e:  # noqa: BLE001 - report, never crash the submit thread
-            self._threadsafe(self.report_job_error, SubmittedJobInfo(job), msg=f"rkslurm: cannot submit rule {job.name}: {e}")
+            self._threadsafe(self.report_job_error, SubmittedJobInfo(job), msg=redact(f"rkslurm: cannot submit rule {job.name}: {e}"))
             return
         step.submitted(job_id, log, time.time())
         with self._steps_lock:
             self._steps[job.jobid] = step
-        self._event(step, "adopted" if adopted else "submitted", job_id=job_id, log=log)
         self._threadsafe(self.report_job_submission, SubmittedJobInfo(job, external_jobid=job_id, aux={"slurm_logfile": Path(log)}))
 
     # ------------------------------------------------------------ status loop
-
-    def _event(self, step: Step, event: str, **kw: Any) -> None:
-        """Append one line to <checkpoint-root>/events.jsonl (the run's timeline)."""
-        rec = {"t": round(time.time(), 3), "rule": step.rule, "checkpoint_dir": step.export, "event": event, **kw}
-        try:
-            self._events_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._events_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError:
-            pass
 
     def _step_of(self, j: SubmittedJobInfo) -> Step:
         with self._steps_lock:
@@ -235,7 +294,7 @@ class Executor(_stock.Executor):
         # query + decide
         try:
             async with self.status_rate_limiter:
-                plans = await asyncio.to_thread(self.monitor.plan, [(j, self._step_of(j)) for j in active_jobs])
+                plans, broken = await asyncio.to_thread(self._plan_each, [(j, self._step_of(j)) for j in active_jobs])
         except slurmquery.QueryError as e:
             self._on_query_failure(e)
             for j in active_jobs:
@@ -244,13 +303,52 @@ class Executor(_stock.Executor):
         if self._query_failures:
             self.logger.info(f"rkslurm: Slurm status queries work again after {self._query_failures} failures.")
         self._query_failures = 0
+        for j, step, err in broken:
+            await self._fail_unexpected(j, step, "cannot read its state", err)
         # act
         any_preemptible = False
         for plan in plans:
-            if await self._act(plan):
+            try:
+                active = await self._act(plan)
+            except Exception as e:  # noqa: BLE001 - one step's trouble never ends the status loop
+                await self._fail_unexpected(plan.key, plan.step, "cannot act on its state", e)
+                continue
+            if active:
                 yield plan.key
                 any_preemptible = any_preemptible or self.monitor.preemptible(plan.observation.partition or plan.step.partition)
         self.next_seconds_between_status_checks = float(s.poll_interval if any_preemptible else s.slow_poll_interval)
+
+    def _plan_each(self, pairs: list[tuple[SubmittedJobInfo, Step]]) -> tuple[list[Plan], list[tuple[SubmittedJobInfo, Step, Exception]]]:
+        """``monitor.plan`` for all steps; when it raises anything but QueryError (a hostile file in one
+        folder, a bug), plan each step alone so that only the step that raised is failed."""
+        try:
+            return self.monitor.plan(pairs), []
+        except slurmquery.QueryError:
+            raise
+        except Exception:  # noqa: BLE001 - narrowed below, step by step
+            pass
+        plans: list[Plan] = []
+        broken: list[tuple[SubmittedJobInfo, Step, Exception]] = []
+        for j, step in pairs:
+            try:
+                plans.extend(self.monitor.plan([(j, step)]))
+            except slurmquery.QueryError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                broken.append((j, step, e))
+        return plans, broken
+
+    async def _fail_unexpected(self, j: SubmittedJobInfo, step: Step, what: str, e: Exception) -> None:
+        """Fail one step on an error nobody planned for (cancelling its job); the others keep running."""
+        if step.job_id:
+            try:
+                await asyncio.to_thread(self.slurm.cancel, step.job_id)
+            except Exception:  # noqa: BLE001
+                pass
+        msg = redact(
+            f"rkslurm: rule {step.rule}: {what} ({type(e).__name__}: {e}); failing this step only, Slurm job {step.job_id} cancelled\n"
+        )
+        self.report_job_error(j, msg=msg)
 
     def _on_query_failure(self, e: Exception) -> None:
         s = self.workflow.executor_settings
@@ -269,39 +367,31 @@ class Executor(_stock.Executor):
         j, step, obs, d = plan.key, plan.step, plan.observation, plan.decision
         for w in plan.warnings:
             self.logger.warning(w)
-            self._event(step, "folder_gone", job_id=obs.job_id)
         prev = step.history
         step.history = d.history
         if d.action is Action.WAIT:
             if d.history.job_requeues > prev.job_requeues:
                 step.submitted_at = time.time()  # older stop markers belong to the previous run of this id
                 self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
-                self._event(step, "requeued", job_id=obs.job_id, checkpoint_step=obs.checkpoint_step, reason=d.reason)
             return True
         if d.action is Action.SUCCEED:
-            self._event(step, "succeeded", job_id=obs.job_id)
             self._on_success(step)
             self.report_job_success(j)
             return False
         if d.action is Action.FAIL:
             if obs.state.is_active or obs.state.is_held:
                 await asyncio.to_thread(self.slurm.cancel, obs.job_id)
-            self._event(step, "failed", job_id=obs.job_id, reason=d.reason, cause=d.event)
             logs = [p for p in step.history.log_paths if p]
             self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {d.reason}\n", aux_logs=logs)
             return False
         # RESUBMIT
         self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
-        self._event(
-            step, d.event or "resubmit", job_id=obs.job_id, state=obs.state.value, checkpoint_step=obs.checkpoint_step, reason=d.reason
-        )
         try:
             job_id, log = await asyncio.to_thread(self._submit, j.job, step)
         except Exception as e:  # noqa: BLE001 - any failure fails this step only
             self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {e}. {step.history.describe()}\n")
             return False
         step.submitted(job_id, log, time.time())
-        self._event(step, "submitted", job_id=job_id, log=log)
         self.logger.info(
             f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
         )
@@ -311,8 +401,8 @@ class Executor(_stock.Executor):
 
     def _on_success(self, step: Step) -> None:
         s = self.workflow.executor_settings
-        if not s.keep_checkpoints and step.checkpoint_dir is not None and step.checkpoint_dir.is_dir():
-            ckptdir.remove(step.checkpoint_dir)
+        if not s.keep_checkpoints and step.folder is not None:
+            step.folder.remove()  # the step's files only; the folder too when rkstep made it
         # one clean attempt: its log goes like the stock executor's; a step that was
         # interrupted keeps every attempt's log (the story of what happened to it)
         if not s.keep_successful_logs and len(step.history.job_ids) == 1:

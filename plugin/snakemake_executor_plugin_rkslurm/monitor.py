@@ -11,16 +11,17 @@ against a fake :class:`SlurmApi` without a cluster or a workflow.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rkstep.events import latest_attempt, read_events
+from rkstep.folder import StepFolder
 from rkstep.protocol import EX_TEMPFAIL, StepPaths
 
-from . import ckptdir, slurmquery
+from . import slurmquery
 from .policy import Decision, JobObservation, PolicySettings, SlurmJobState, StepHistory, classify, decide, parse_exit_code, parse_state
 from .slurmquery import JobRecord
 
@@ -59,14 +60,22 @@ class Step:
     checkpoint_dir: Path | None
     #: what the job gets as RKSLURM_CHECKPOINT_DIR (the folder, or the rule's URL)
     export: str = ""
-    #: ``sbatch --comment`` of every submission of this step
+    #: ``sbatch --comment`` word of every submission of this step
     tag: str = ""
+    #: ``sbatch --comment`` word with the fingerprint the step was submitted for
+    fingerprint_tag: str = ""
     history: StepHistory = field(default_factory=StepHistory)
     partition: str | None = None
     submitted_at: float = 0.0
     #: Slurm log of the current job
     log: str | None = None
     folder_gone_reported: bool = False
+    #: the folder's owner (rkstep); made from ``checkpoint_dir`` when not given
+    folder: StepFolder | None = None
+
+    def __post_init__(self) -> None:
+        if self.folder is None and self.checkpoint_dir is not None:
+            self.folder = StepFolder(self.checkpoint_dir)
 
     @property
     def job_id(self) -> str | None:
@@ -77,7 +86,7 @@ class Step:
         return StepPaths(self.checkpoint_dir) if self.checkpoint_dir is not None else None
 
     def progress(self) -> int | None:
-        return ckptdir.read_progress(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        return self.folder.progress() if self.folder is not None else None
 
     def submitted(self, job_id: str, log: str | None, now: float) -> None:
         self.history = self.history.with_submission(str(job_id), log, self.progress())
@@ -137,8 +146,8 @@ class Monitor:
             rec.requeue if rec and rec.requeue is not None else True
         )
         attempt = None
-        if step.paths is not None and job_id:
-            attempt = latest_attempt(read_events(step.paths.events), job_id)
+        if step.folder is not None and job_id:
+            attempt = step.folder.observe(job_id).attempt  # reads only what was appended since the last poll
         stopped = attempt.stopped_step if attempt is not None and attempt.stopped_step is not None else self._fresh_stop_step(step)
         if rec is not None:
             state = classify(
@@ -168,16 +177,15 @@ class Monitor:
 
     def _fresh_stop_step(self, step: Step) -> int | None:
         """The stop marker, when this attempt wrote it (steps that write no events)."""
-        if step.paths is None:
+        if step.folder is None:
             return None
-        marker = step.paths.stop_marker
+        marker = step.folder.paths.stop_marker
         try:
-            if marker.stat().st_mtime + 1 < step.submitted_at:
+            if os.lstat(marker).st_mtime + 1 < step.submitted_at:
                 return None
-            value = (ckptdir.read_marker(marker) or {}).get("step")
-            return value if isinstance(value, int) and not isinstance(value, bool) else None
         except OSError:
             return None
+        return step.folder.marker_step(marker)
 
     def _folder_warning(self, step: Step, obs: JobObservation) -> tuple[str, ...]:
         """The checkpoint folder vanished under the job: say so here, where the user looks

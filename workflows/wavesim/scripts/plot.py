@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analyse import ResultError, load_result  # noqa: E402
 from common import atomic_path  # noqa: E402
-from events import Attempt, attempts, read_events, summarise  # noqa: E402
+
+from rkstep.events import Attempt, attempts, read_events, summarise  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
@@ -103,9 +104,10 @@ def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: i
         return i + frac
 
     for i, a in enumerate(runs):
-        pts = [(x(a.start_time, i, 0.0), a.start_step)]
-        pts += [(x(t, i, 0.5), s) for t, s in a.points if s >= a.start_step]
-        end = a.end_step if a.end_step is not None else (pts[-1][1] if pts else a.start_step)
+        start = a.start_step or 0
+        pts = [(x(a.start_time, i, 0.0), start)]
+        pts += [(x(t, i, 0.5), s) for t, s in a.points if s >= start]
+        end = a.end_step if a.end_step is not None else (pts[-1][1] if pts else start)
         end_x = x(a.end_time, i, 0.9) if a.end_time is not None or not use_time else pts[-1][0]
         pts.append((end_x, end))
         pts.sort()
@@ -113,11 +115,12 @@ def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: i
         label = f"job {a.job}" if a.job else f"attempt {i + 1}"
         ax.plot(xs, ys, "-", lw=2, label=label)
         if a.restored:
-            ax.plot([xs[0]], [a.start_step], "^", color="tab:green", ms=10, zorder=5)
-            chain = f" (full {a.chain[0]} + {a.chain[1]} Δ)" if a.chain is not None else ""
+            ax.plot([xs[0]], [start], "^", color="tab:green", ms=10, zorder=5)
+            shape = a.chain_shape
+            chain = f" (full {shape[0]} + {shape[1]} Δ)" if shape is not None else ""
             ax.annotate(
-                f"restore @ {a.start_step}{chain}",
-                (xs[0], a.start_step),
+                f"restore @ {start}{chain}",
+                (xs[0], start),
                 textcoords="offset points",
                 xytext=(4, -12),
                 fontsize=8,
@@ -145,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("result", help="rkrun result HDF5")
     ap.add_argument("--model", help="velocity model .npy (default: /velocity of the result)")
-    ap.add_argument("--log", help="the simulate step's run log (rkrun output of every attempt)")
+    ap.add_argument("--log", help="the simulate step's attempt events (rkstep.events.jsonl of its checkpoint folder)")
     ap.add_argument("--traveltime", help="rkrun traveltime result: first-arrival contours over the field")
-    ap.add_argument("--tt-log", help="the traveltime step's run log: a second timeline panel")
+    ap.add_argument("--tt-log", help="the traveltime step's attempt events: a second timeline panel")
     ap.add_argument("--fields", required=True, help="output PNG: slices of the final field")
     ap.add_argument("--timeline", required=True, help="output PNG: timeline of the run")
     a = ap.parse_args(argv)

@@ -1,11 +1,11 @@
 """Under a non-rkslurm executor: keep the step's checkpoint folder only if it belongs to these params.
 
-The rkslurm executor fingerprints the folder itself; this gives a local run
-the same protection (a changed grid or step count never restores stale
-state) using the executor package's own ``ckptdir.prepare`` and the step
-protocol's ``declared_fingerprint`` -- the value the executor computes from
-the rule's ``fingerprint`` param and inputs, so the folder survives a switch
-between executors.
+The rkslurm executor prepares the folder itself; this gives a local run the
+same protection (a changed grid or step count never restores stale state)
+through the one owner of the folder, :class:`rkstep.StepFolder`, and the same
+declared fingerprint the executor computes from the rule's ``fingerprint``
+param and inputs, so the folder survives a switch between executors. It needs
+rkstep only (installed with rkrun), not the executor package.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # remote storage: rkrun itself refuses a checkpoint of another simulation
     from pathlib import Path
 
-    from rkstep.protocol import declared_fingerprint
-    from snakemake_executor_plugin_rkslurm.ckptdir import prepare
+    from rkstep.fingerprint import declared_fingerprint
+    from rkstep.folder import FolderError, StepFolder
 
-    # by content, not mtime; the same function the rkslurm executor uses for a rule
-    # with a declared fingerprint, so switching executors resumes the folder
-    res = prepare(Path(path), declared_fingerprint(text, files))
+    folder = StepFolder(Path(path))
+    try:
+        res = folder.prepare(declared_fingerprint(text, files, folder.hash_cache()))
+    except FolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if res.stale_reason:
         print(f"simulate: old checkpoints in {path} not restored: {res.stale_reason}", file=sys.stderr)
     return 0
