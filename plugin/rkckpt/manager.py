@@ -93,6 +93,8 @@ class ManagerStats:
     failed: int = 0
     bytes_written: int = 0
     seconds: float = 0.0  # time spent encoding + writing
+    #: (step, writer seconds: encode, write, retention) of the newest successful write (--checkpoint-every auto measures it)
+    last_write: tuple[int, float] | None = None
     wait_seconds: float = 0.0  # time callers were blocked by back-pressure
     full: int = 0
     deltas: int = 0
@@ -305,6 +307,8 @@ class CheckpointManager:
             else:
                 self.stats.deltas += 1
         self._retain()
+        with self._cond:
+            self.stats.last_write = (step, time.perf_counter() - t0)
         return step
 
     def _retain(self) -> None:
@@ -349,6 +353,10 @@ class CheckpointManager:
             while self._busy:
                 self._cond.wait()
         self.stats.wait_seconds += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Wait until the background write (if any) has finished, without flushing the storage."""
+        self._wait_idle()
 
     def submit(self, resp: SnapshotResponse) -> None:
         """Write ``resp`` in the background; waits while a previous write is in flight."""
