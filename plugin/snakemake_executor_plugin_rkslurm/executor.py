@@ -31,7 +31,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
 from rkstep.protocol import ENV_CHECKPOINT_DIR, submission_tag
 
-from . import ckptdir, slurmquery, submitter
+from . import ckptdir, interruptions, slurmquery, submitter
 from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
 from .policy import Action, PolicySettings
 
@@ -211,6 +211,9 @@ class Executor(_stock.Executor):
     def _event(self, step: Step, event: str, **kw: Any) -> None:
         """Append one line to <checkpoint-root>/events.jsonl (the run's timeline)."""
         rec = {"t": round(time.time(), 3), "rule": step.rule, "checkpoint_dir": step.export, "event": event, **kw}
+        interruptions.default_history().observe(
+            step.partition, str(step.export or step.rule), event, rec["t"]
+        )  # M for --checkpoint-every auto
         try:
             self._events_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._events_path, "a") as f:
