@@ -332,10 +332,10 @@ class StepLoop:
             self.done_at = self.krun.done_at(self.kernel)
 
     def _snapshot(self, reason: str) -> SnapshotResponse:
-        c = self.kernel.create_checkpoint(reuse=self.mgr.reusable())
+        c, ready = self.kernel.snapshot(reuse=self.mgr.reusable())  # copied while the kernel goes on
         for s in self.krun.series:
             c.add_region(s.region, _series_array(s, self.series[s.name]))
-        return SnapshotResponse(SnapshotRequest(self.step, reason), c)
+        return SnapshotResponse(SnapshotRequest(self.step, reason), c, ready)
 
     def _next_stop(self) -> int:
         nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))

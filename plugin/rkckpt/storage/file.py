@@ -109,6 +109,13 @@ class FileStorage(StorageBase):
         return p if self.exists(name) else None
 
     def save(self, name: str, data: Payload) -> int:
+        return self._save(name, data, self.fsync)
+
+    def save_cache(self, name: str, data: Payload) -> int:
+        """``save`` for a file that is only a cache (the chain index): atomic rename, no fsyncs."""
+        return self._save(name, data, False)
+
+    def _save(self, name: str, data: Payload, fsync: bool) -> int:
         final = self.path(name)
         self.acquire_lock()
         try:
@@ -121,7 +128,7 @@ class FileStorage(StorageBase):
                 write_payload(f, data)
                 f.flush()
                 size = f.tell()
-                if self.fsync:
+                if fsync:
                     os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException as exc:
@@ -132,7 +139,7 @@ class FileStorage(StorageBase):
             if isinstance(exc, OSError):
                 raise _oserror(final, "writing", exc) from None
             raise
-        if self.fsync:
+        if fsync:
             fsync_dir(self.root)
         return size
 
