@@ -116,21 +116,24 @@ def test_retention_does_not_read_back_what_the_manager_just_wrote(tmp_path) -> N
     assert f"{KID}-000000000005-full.rk.h5" in st2.reads and f"{KID}-000000000006-full.rk.h5" not in st2.reads
 
 
-def test_index_is_saved_atomically_without_its_own_fsyncs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("keep", [10, 1])  # 1: every write also deletes the chain before it
+def test_index_is_saved_atomically_without_its_own_fsyncs(tmp_path, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
     st = FileStorage(tmp_path / "ck")
     calls: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
-    with CheckpointManager(st, CheckpointPolicy(every_steps=1, full_every=0, keep_chains=10), KID) as m:
+    with CheckpointManager(st, CheckpointPolicy(every_steps=1, full_every=0, keep_chains=keep), KID) as m:
         m.submit(SnapshotResponse(SnapshotRequest(1), _state(1, 1.0)))
         m.flush()
         calls.clear()
         m.submit(SnapshotResponse(SnapshotRequest(2), _state(2, 1.0)))
         m.wait()
         assert len(calls) == 2  # the checkpoint file and its folder; none for the index
+        assert m.stats.deleted == (1 if keep == 1 else 0)
+    steps = {1, 2} if keep > 1 else {2}
     idx = ChainIndex(FileStorage(tmp_path / "ck"))
-    assert {e.step for e in idx.refresh()} == {1, 2}
-    assert idx._load_index().keys() == {f"{KID}-000000000001-full.rk.h5", f"{KID}-000000000002-full.rk.h5"}  # the cache is current
+    assert {e.step for e in idx.refresh()} == steps
+    assert idx._load_index().keys() == {f"{KID}-00000000000{s}-full.rk.h5" for s in steps}  # the cache is current
     assert not [n for n in os.listdir(tmp_path / "ck") if n.startswith(".") and n != ".rkckpt.lock"]  # no temp files left
     assert (tmp_path / "ck" / INDEX_NAME).is_file()
 

@@ -334,7 +334,7 @@ class CheckpointManager:
     def _retain(self) -> None:
         try:
             doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id)
-            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed))
+            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed, durable_index=False))
             if not doomed:
                 self._save_index()
         except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
