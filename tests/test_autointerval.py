@@ -13,7 +13,7 @@ import pytest
 from fixtures_kernel import rkrun_env
 from rkkernel.autointerval import Tuner, choose, young_daly_seconds
 from rkstep.mtbi import DEFAULT_MTBI_SECONDS, ENV_MTBI_SECONDS, read_mtbi
-from snakemake_executor_plugin_rkslurm.interruptions import InterruptionHistory
+from snakemake_executor_plugin_rkslurm.interruptions import InterruptionHistory, job_env
 
 CKPT_RE = re.compile(r"-(\d{12})-(full|delta)\.(rkcp|rk\.h5)$")
 
@@ -142,6 +142,10 @@ def test_interruption_history_per_partition(tmp_path: Path) -> None:
     assert hist["long"].interruptions == 0 and again.env_for("long") == {}
     assert read_mtbi(again.env_for("preempt")).seconds == 495.0
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temp files left behind
+    # what the submitter puts in the job's environment: M of the job's partition; a value set by hand wins
+    assert job_env({"RKSLURM_CHECKPOINT_DIR": "/ck/a"}, "preempt", again) == {"RKSLURM_CHECKPOINT_DIR": "/ck/a", ENV_MTBI_SECONDS: "495"}
+    assert job_env({ENV_MTBI_SECONDS: "60"}, "preempt", again) == {ENV_MTBI_SECONDS: "60"}
+    assert job_env({}, "long", again) == {} and job_env({}, None, again) == {}
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,3 +192,8 @@ def default_history() -> InterruptionHistory:
         if _default is None:
             _default = InterruptionHistory(DEFAULT_PATH.absolute())
         return _default
+
+
+def job_env(env: Mapping[str, str], partition: str | None, history: InterruptionHistory | None = None) -> dict[str, str]:
+    """A job's environment plus ``RKSLURM_MTBI_SECONDS`` for ``partition`` when known (a value already in ``env`` wins)."""
+    return {**(history or default_history()).env_for(partition), **env}

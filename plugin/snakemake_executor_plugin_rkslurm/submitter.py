@@ -138,7 +138,7 @@ def build_submission(executor: Any, job: Any, extras: SubmitExtras) -> tuple[str
     from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
 
     partition = job.resources.get("slurm_partition") or getattr(executor, "_default_partition", None)
-    extras = dataclasses.replace(extras, env={**interruptions.default_history().env_for(partition), **extras.env})  # M for auto intervals
+    extras = dataclasses.replace(extras, env=interruptions.job_env(extras.env, partition))  # M for --checkpoint-every auto
     wildcard_str = get_job_wildcards(job)
     logfile = log_pattern(executor, job)
     logfile.parent.mkdir(parents=True, exist_ok=True)
