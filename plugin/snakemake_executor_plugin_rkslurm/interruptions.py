@@ -83,7 +83,7 @@ class InterruptionHistory:
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # observe() holds it around record()
         #: run start time per step (its checkpoint folder), from the events seen by this process
         self._started: dict[str, float] = {}
 
@@ -142,20 +142,21 @@ class InterruptionHistory:
     def observe(self, partition: str | None, step_key: str, event: str, now: float | None = None) -> None:
         """Feed one executor event of a step (``executor._event``); records a run when one ends."""
         now = time.time() if now is None else now
-        if event in STARTS:
-            self._started[step_key] = now
-            return
-        if event not in INTERRUPTIONS and event not in ENDS:
-            return
-        start = self._started.pop(step_key, None)
-        if event == "requeued":
-            self._started[step_key] = now  # Slurm runs the same job id again; a resubmission says "submitted"
-        if start is None:
-            return  # a run this process did not see start (adopted before this version): no exposure to count
-        try:
-            self.record(partition, now - start, event in INTERRUPTIONS, now)
-        except OSError as exc:  # a statistic: never fail a step for it
-            log.warning("cannot update the interruption history %s: %s", self.path, exc)
+        with self._lock:
+            if event in STARTS:
+                self._started[step_key] = now
+                return
+            if event not in INTERRUPTIONS and event not in ENDS:
+                return
+            start = self._started.pop(step_key, None)
+            if event == "requeued":
+                self._started[step_key] = now  # Slurm runs the same job id again; a resubmission says "submitted"
+            if start is None:
+                return  # a run this process did not see start: no exposure to count
+            try:
+                self.record(partition, now - start, event in INTERRUPTIONS, now)
+            except Exception as exc:  # noqa: BLE001 - a statistic: never fail a step for it
+                log.warning("cannot update the interruption history %s: %s", self.path, exc)
 
     def _save(self, hist: dict[str, PartitionHistory]) -> None:
         doc = {
