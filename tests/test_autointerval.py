@@ -12,6 +12,7 @@ import pytest
 
 from fixtures_kernel import rkrun_env
 from rkkernel.autointerval import Tuner, choose, young_daly_seconds
+from rkstep.events import read_events
 from rkstep.mtbi import DEFAULT_MTBI_SECONDS, ENV_MTBI_SECONDS, read_mtbi
 from snakemake_executor_plugin_rkslurm.interruptions import InterruptionHistory, job_env
 
@@ -21,7 +22,7 @@ CKPT_RE = re.compile(r"-(\d{12})-(full|delta)\.(rkcp|rk\.h5)$")
 # ---------------------------------------------------------------- the rule
 def test_young_daly_formula_on_synthetic_cost_and_rate() -> None:
     # C = 0.05 s stall + 0.15 s writer, M = 1 h, 500 steps/s of compute
-    tuner = Tuner(True, 3600.0, "test")
+    tuner = Tuner(True, 3600.0, "test", probes=1)
     assert not tuner.probe_due()  # no batch yet: nothing to measure a rate from
     tuner.batch(32, 1.0)  # the first batch (a compile at the first launch): left out of the rate
     tuner.batch(1000, 2.0)
@@ -42,7 +43,7 @@ def test_young_daly_formula_on_synthetic_cost_and_rate() -> None:
 
 
 def test_failed_probe_is_taken_again_and_seconds_mode() -> None:
-    tuner = Tuner(False, 100.0, "test")
+    tuner = Tuner(False, 100.0, "test", probes=1)
     tuner.batch(10, 1.0)
     tuner.probed(10, 0.5, failed_before=0)
     assert tuner.poll(None, 1) is None and tuner.probe_due()  # the write failed: probe again
@@ -50,6 +51,20 @@ def test_failed_probe_is_taken_again_and_seconds_mode() -> None:
     got = tuner.poll((20, 1.5), 1)
     assert got is not None and got.steps is None
     assert got.seconds == pytest.approx(math.sqrt(2 * 2.0 * 100.0)) == 20.0
+
+
+def test_first_probe_cost_is_left_out() -> None:
+    """The first checkpoint of a process pays one-off costs (imports, the first file): C is the later probes' mean."""
+    tuner = Tuner(True, 50.0, "test")  # the default: two probes
+    tuner.batch(100, 1.0)
+    tuner.probed(100, 0.01, 0)
+    assert tuner.poll((100, 0.49), 0) is None and tuner.probe_due()
+    tuner.batch(100, 1.0)
+    tuner.probed(200, 0.02, 0)
+    got = tuner.poll((200, 0.07), 0)
+    assert got is not None and got.cost_seconds == pytest.approx(0.09)
+    assert got.seconds == pytest.approx(math.sqrt(2 * 0.09 * 50.0)) == pytest.approx(3.0)
+    assert got.steps == 300
 
 
 def test_interval_is_at_least_one_step_and_inputs_are_checked() -> None:
@@ -91,21 +106,23 @@ def _run_auto(rkrun, tmp_path: Path, mtbi: str, *flags: str) -> tuple[str, list[
 
 
 def test_rkrun_auto_tiny_mtbi_checkpoints_every_step(rkrun, tmp_path: Path) -> None:
-    log, steps = _run_auto(rkrun, tmp_path, "1e-9", "--checkpoint-every", "auto")
+    log, steps = _run_auto(rkrun, tmp_path, "1e-15", "--checkpoint-every", "auto")
     m = re.search(
         r"checkpoint interval every (\d+) steps \(Young-Daly sqrt\(2\*C\*M\) = sqrt\(2 \* ([0-9.e+-]+) s \* ([0-9.e+-]+) s\)", log
     )
     assert m, log
-    assert int(m[1]) == 1 and float(m[3]) == 1e-9 and float(m[2]) > 0
+    assert int(m[1]) == 1 and float(m[3]) == 1e-15 and float(m[2]) > 0
     assert "M from $RKSLURM_MTBI_SECONDS" in log
-    # the probe after the first batch (step 4), then every step; retention keeps the newest 2 chains
+    # the probes after the first two batches (steps 4, 8), then every step; retention keeps the newest 2 chains
     assert steps[-1] == 40 and steps == list(range(steps[0], 41)), steps
 
 
 def test_rkrun_auto_huge_mtbi_writes_only_probe_and_final(rkrun, tmp_path: Path) -> None:
     log, steps = _run_auto(rkrun, tmp_path, "1e12", "--checkpoint-seconds", "auto")
     assert re.search(r"checkpoint interval every [0-9.e+]+ s \(Young-Daly", log), log
-    assert steps == [4, 40], steps
+    assert steps == [8, 40], steps  # retention keeps the newest 2 chains
+    written = [e["step"] for e in read_events(tmp_path / "ck" / "rkstep.events.jsonl") if e["event"] == "checkpoint"]
+    assert written == [4, 8, 40], written  # the two probes, then only the final checkpoint
 
 
 def test_auto_is_refused_when_misspelt(rkrun, tmp_path: Path) -> None:

@@ -12,8 +12,11 @@ which is the case that matters here).
   (encode, write, fsync). The writer runs beside the kernel, but on a busy
   node it takes cycles the kernel would have had, so counting it whole is
   the conservative choice (a longer interval, never a too-short one).
-  Several probes are averaged: ``PROBES`` checkpoints, the first of which
-  is taken after the first batch so C is known early.
+  ``PROBES`` (2) checkpoints are taken back to back from the first batch
+  on, so C is known early; the first one's cost is left out when there are
+  more (it carries one-off costs: importing h5py, the first file of the
+  folder, about 0.1-0.2 s here, which would inflate C several times and the
+  interval by its square root), the others are averaged.
 * **M** comes from ``rkstep.mtbi`` (``$RKSLURM_MTBI_SECONDS``, set by the
   executor per partition, with a documented default).
 * ``--checkpoint-every auto`` turns T into steps with the measured step
@@ -25,8 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: checkpoints whose cost is averaged before the interval is fixed
-PROBES = 1
+#: probe checkpoints taken before the interval is fixed (the first one's cost is left out when more)
+PROBES = 2
 
 
 def young_daly_seconds(cost_seconds: float, mtbi_seconds: float) -> float:
@@ -131,6 +134,7 @@ class Tuner:
             return None
         if len(self.costs) < self.probes:
             return None
-        cost = sum(self.costs) / len(self.costs)
+        costs = self.costs[1:] or self.costs
+        cost = sum(costs) / len(costs)
         self.result = choose(max(cost, 1e-6), self.mtbi_seconds, self.mtbi_source, self.steps_per_second, self.in_steps)
         return self.result
