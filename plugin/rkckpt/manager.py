@@ -103,7 +103,7 @@ class ManagerStats:
     completed: int = 0
     failed: int = 0
     bytes_written: int = 0
-    seconds: float = 0.0  # time spent encoding + writing
+    seconds: float = 0.0  # time spent waiting for the snapshot's device->host copy, encoding + writing
     #: (step, writer seconds: encode, write, retention) of the newest successful write (--checkpoint-every auto measures it)
     last_write: tuple[int, float] | None = None
     wait_seconds: float = 0.0  # time callers were blocked by back-pressure
