@@ -13,7 +13,10 @@ bandwidths: the strictest honest bound, not the one that flatters.
 (``fdtd_sweep``, temporal blocking), so a cell update moves about 3 bytes
 from memory instead of 12, and the roofline stops being the bound.
 ``opencl-1`` is the one-step-per-launch kernel (``fdtd_bulk``, what a GPU
-runs), for comparison. ``tt-opencl`` / ``tt-opencl-1`` are the same two
+runs), for comparison. ``NAME@K`` runs in synchronised batches of K steps,
+as rkrun does with ``--checkpoint-every K``: ``tt-opencl@2`` is traveltime
+at the README's and demo's interval (2-deep sweeps since issue 19; before,
+single ``tt_step`` launches, which ``tt-opencl-1@2`` still shows). ``tt-opencl`` / ``tt-opencl-1`` are the same two
 forms of the traveltime kernel (``tt_sweep`` / ``tt_step``); its traffic
 per cell update is the same 12 bytes or less, but the 26-neighbour minimum
 makes it compute-bound on a CPU. Both give the same bits. Each gets one row per
@@ -33,6 +36,7 @@ runs) and exclude compilation. Figures only; nothing here is asserted.
     python3 bench/stencil.py --backends cuda cuda-loop --sizes 512
     python3 bench/stencil.py --backends tt-opencl --sizes 128    # the traveltime kernel (tt-numpy, tt-cuda too)
     python3 bench/stencil.py --backends tt-opencl tt-opencl-1:pocl --sizes 128
+    python3 bench/stencil.py --backends tt-opencl tt-opencl@2 tt-opencl-1@2 --sizes 128   # the demo's interval
 """
 
 from __future__ import annotations
@@ -156,6 +160,10 @@ def bench_runtime(backend: str, n: int, steps: int) -> Callable[[], float]:
     from rkkernel.runtime import PersistentKernel
     from rkkernel.wavesim import WaveParams, make_spec
 
+    # NAME@K: batches of K steps, each synchronised, as rkrun runs with --checkpoint-every K
+    backend, _, every = backend.partition("@")
+    batch = int(every) if every else steps
+
     if backend.startswith("tt-"):  # the traveltime kernel (26-neighbour relaxation, same 12 B/cell traffic)
         from rkkernel.traveltime import make_spec as tt_spec
 
@@ -175,9 +183,10 @@ def bench_runtime(backend: str, n: int, steps: int) -> Callable[[], float]:
 
     def measure() -> float:
         t = time.perf_counter()
-        k.run(steps)
+        for _ in range(steps // batch):
+            k.run(batch)
         _ = k.step  # synchronise
-        return (n - 2) ** 3 * steps / (time.perf_counter() - t) / 1e6
+        return (n - 2) ** 3 * (steps // batch * batch) / (time.perf_counter() - t) / 1e6
 
     measure._keep = k  # type: ignore[attr-defined]
     return measure
@@ -243,17 +252,21 @@ CPU_ORDER = _cpu_order()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "opencl-1", "numba", "tt-opencl"])
+    ap.add_argument("--backends", nargs="+", default=["numpy", "opencl", "opencl-1", "numba", "tt-opencl", "tt-opencl@2"])
     ap.add_argument("--steps", type=int, default=None, help="steps per timing (default: by size)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each figure is the best of them")
     args = ap.parse_args()
     # "opencl", "opencl-1" and "tt-opencl" without a platform: one row per working OpenCL platform
-    per_platform = ("opencl", "opencl-1", "tt-opencl")
-    platforms = opencl_platforms() if any(b in per_platform for b in args.backends) else []
-    args.backends = (
-        [f"{b}:{p}" for b in args.backends for p in (platforms if b in per_platform else [None])] if platforms else args.backends
-    )
-    args.backends = [b.removesuffix(":None") for b in args.backends]
+    per_platform = ("opencl", "opencl-1", "tt-opencl", "tt-opencl-1")
+    platforms = opencl_platforms() if any(b.partition("@")[0] in per_platform for b in args.backends) else []
+
+    def expand(b: str) -> list[str]:
+        name, at, every = b.partition("@")
+        if not platforms or name not in per_platform:
+            return [b]
+        return [f"{name}:{p}{at}{every}" for p in platforms]
+
+    args.backends = [x for b in args.backends for x in expand(b)]
 
     gpu = any(b.startswith("cuda") for b in args.backends)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; best of {args.rounds} interleaved rounds")

@@ -173,18 +173,56 @@ inline void fdtd_plane(__global const float *restrict cur, __global float *restr
     }
 }
 
-/* Global size: the number of slabs (>= 1, each at least 2*levels planes), local size 1. */
-__kernel void fdtd_sweep(__global const rk_control *restrict ctl,
-                         __global float *restrict cur,
-                         __global float *restrict prev_next,
-                         __global const float *restrict vel,
-                         __global const float *restrict wavelet,
-                         const float r2, const int nx, const int nxy,
-                         const int src_index, const int wavelet_len, const int nz,
-                         __global const uint *restrict x_interior,
-                         __global volatile uint *sync, const int levels)
+#ifdef cl_khr_fp64
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#define RK_SWEEP_SAMPLES 1
+#define RK_SUMS_T double
+#else
+#define RK_SWEEP_SAMPLES 0
+#define RK_SUMS_T float  /* unused: no sampled sweep without float64 */
+#endif
+
+#if RK_SWEEP_SAMPLES
+/* Σp² of plane z of f in the order of rkkernel/reduce.py (columns over y, then
+ * the plane over x), into out[z]; col: nx doubles of this work item's scratch.
+ * Called by a sampled sweep right after it wrote the plane, still in cache. */
+inline void fdtd_plane_sumsq(__global const float *restrict f, __global double *restrict col,
+                             __global double *restrict out, const int nx, const int nxy, const int z)
 {
-    RK_BEGIN(ctl);
+    __global const float *restrict plane = f + z * nxy;
+    const int ny = nxy / nx;
+    for (int x = 0; x < nx; ++x)
+        col[x] = 0.0;
+    for (int y = 0; y < ny; ++y) {
+        __global const float *restrict row = plane + y * nx;
+        for (int x = 0; x < nx; ++x) {
+            const double v = (double)row[x];
+            col[x] = col[x] + v * v;
+        }
+    }
+    volatile double acc = 0.0;  /* volatile: a CPU compiler must not regroup these additions */
+    for (int x = 0; x < nx; ++x)
+        acc = acc + col[x];
+    out[z] = acc;
+}
+
+#endif
+
+/* The sweep; with sample_levels != 0 (bit j: sample the field level j makes, step t+j+1)
+ * also the plane sums of those levels, row sample_row + (rank of j among the set bits)
+ * of sums (nz doubles a row), each plane summed right after it is written. */
+inline void fdtd_sweep_body(__global const rk_control *restrict ctl,
+                            __global float *restrict cur,
+                            __global float *restrict prev_next,
+                            __global const float *restrict vel,
+                            __global const float *restrict wavelet,
+                            const float r2, const int nx, const int nxy,
+                            const int src_index, const int wavelet_len, const int nz,
+                            __global const uint *restrict x_interior,
+                            __global volatile uint *sync, const int levels,
+                            __global RK_SUMS_T *restrict sums, __global RK_SUMS_T *restrict cols,
+                            const int sample_levels, const int sample_row)
+{
     const int i = (int)get_global_id(0);
     const int slabs = (int)get_global_size(0);
     const ulong t = ctl->current_step;
@@ -194,13 +232,31 @@ __kernel void fdtd_sweep(__global const rk_control *restrict ctl,
     /* level j (step t+j) covers [lo + j, hi - j] of this slab; at a wall, no shrink */
     const int shrink_lo = (i == 0) ? 0 : 1;
     const int shrink_hi = (i == slabs - 1) ? 0 : 1;
-#define LEVEL(j, z) fdtd_plane(((j) & 1) ? prev_next : cur, ((j) & 1) ? cur : prev_next, vel, wavelet, r2, nx, nxy, \
-                               src_index, wavelet_len, x_interior, (z), t + (ulong)(j))
+#define LEVEL_OUT(j) (((j) & 1) ? cur : prev_next)
+#if RK_SWEEP_SAMPLES
+#define SAMPLE(j, z) if ((sample_levels >> (j)) & 1) \
+        fdtd_plane_sumsq(LEVEL_OUT(j), cols + i * nx, \
+                         sums + (sample_row + popcount(sample_levels & ((1 << (j)) - 1))) * nz, nx, nxy, (z))
+#else
+#define SAMPLE(j, z) (void)0
+#endif
+#define LEVEL(j, z) fdtd_plane(((j) & 1) ? prev_next : cur, LEVEL_OUT(j), vel, wavelet, r2, nx, nxy, \
+                               src_index, wavelet_len, x_interior, (z), t + (ulong)(j)); \
+                    SAMPLE(j, z)
     for (int z = lo; z <= hi + levels - 1; ++z) {
         for (int j = 0; j < levels; ++j) {
             const int p = z - j;
-            if (p >= lo + j * shrink_lo && p <= hi - j * shrink_hi)
+            if (p >= lo + j * shrink_lo && p <= hi - j * shrink_hi) {
                 LEVEL(j, p);
+            }
+        }
+    }
+    for (int j = 0; j < levels; ++j) {  /* the wall planes (never written) of a sampled level */
+        if (i == 0) {
+            SAMPLE(j, 0);
+        }
+        if (i == slabs - 1) {
+            SAMPLE(j, nz - 1);
         }
     }
     mem_fence(CLK_GLOBAL_MEM_FENCE);
@@ -213,8 +269,48 @@ __kernel void fdtd_sweep(__global const rk_control *restrict ctl,
         mem_fence(CLK_GLOBAL_MEM_FENCE);
         const int top = side == 0 ? lo - 1 : hi;                /* last plane of slab b */
         for (int j = 1; j < levels; ++j)
-            for (int p = top - j + 1; p <= top + j; ++p)
+            for (int p = top - j + 1; p <= top + j; ++p) {
                 LEVEL(j, p);
+            }
     }
 #undef LEVEL
+#undef SAMPLE
+#undef LEVEL_OUT
 }
+
+/* Global size: the number of slabs (>= 1, each at least 2*levels planes), local size 1. */
+__kernel void fdtd_sweep(__global const rk_control *restrict ctl,
+                         __global float *restrict cur,
+                         __global float *restrict prev_next,
+                         __global const float *restrict vel,
+                         __global const float *restrict wavelet,
+                         const float r2, const int nx, const int nxy,
+                         const int src_index, const int wavelet_len, const int nz,
+                         __global const uint *restrict x_interior,
+                         __global volatile uint *sync, const int levels)
+{
+    RK_BEGIN(ctl);
+    fdtd_sweep_body(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, nz, x_interior,
+                    sync, levels, 0, 0, 0, 0);
+}
+
+#if RK_SWEEP_SAMPLES
+/* fdtd_sweep that also records the energy (Σp², see fdtd_sweep_body) of the levels in
+ * sample_levels: a sample inside a batch costs no extra pass over memory. */
+__kernel void fdtd_sweep_sampled(__global const rk_control *restrict ctl,
+                                 __global float *restrict cur,
+                                 __global float *restrict prev_next,
+                                 __global const float *restrict vel,
+                                 __global const float *restrict wavelet,
+                                 const float r2, const int nx, const int nxy,
+                                 const int src_index, const int wavelet_len, const int nz,
+                                 __global const uint *restrict x_interior,
+                                 __global volatile uint *sync, const int levels,
+                                 __global double *restrict sums, __global double *restrict cols,
+                                 const int sample_levels, const int sample_row)
+{
+    RK_BEGIN(ctl);
+    fdtd_sweep_body(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, nz, x_interior,
+                    sync, levels, sums, cols, sample_levels, sample_row);
+}
+#endif

@@ -81,6 +81,8 @@ def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: Slu
     assert len({e["job"] for e in w.events("start")}) == n + 1
     assert out.count("Finished jobid: 1 ") == 1, out[-5000:]
     assert "Error in rule" not in out and "attempt" not in out.lower()
+    # a rule without slurm_account: no stock account guess and none of its error-looking lines
+    assert "trying to guess" not in out and "invalid option" not in out and "Unable to guess" not in out, out[-5000:]
     assert f"preemption {n}/10" in out
     # the checkpoint folder is gone after success, the timeline stays
     assert not (w.root / ".snakemake/rkslurm/sim/_").exists()

@@ -7,10 +7,23 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from rkckpt import container
+from rkckpt.model import PARENT_DIGEST_KEY, Checkpoint, Metadata
 from rkckpt.storage import FileStorage, MemoryStorage, StorageError, TwoLevelStorage
 from rkckpt.storage.twolevel import JOURNAL
+
+
+def _ckpt(step: int, parent: str | None = None) -> bytes:
+    """A real (small) checkpoint stream: the loss report reads the chain from the files' headers."""
+    meta = Metadata("k", "t", step)
+    if parent is not None:
+        meta = meta.with_custom(**{PARENT_DIGEST_KEY: parent})
+    c = Checkpoint(meta)
+    c.add_region("a", np.full(16, step, dtype=np.float32))
+    return container.encode(c)
 
 
 class _Cut(MemoryStorage):
@@ -33,15 +46,15 @@ def test_node_failure_before_upload_states_the_lost_steps(tmp_path: Path, caplog
     shared = _Cut()
     monkeypatch.setenv("SLURMD_NODENAME", "n1")
     a = _open(tmp_path, "n1", shared)
-    a.save("k-000000000100-full.rkcp", b"one")
+    a.save("k-000000000100-full.rkcp", _ckpt(100))
     a.flush()
     shared.cut = True
-    a.save("k-000000000200-delta.rkcp", b"two")
-    a.save("k-000000000300-delta.rkcp", b"three")
+    a.save("k-000000000200-full.rkcp", _ckpt(200))
+    a.save("k-000000000300-full.rkcp", _ckpt(300))
     with pytest.raises(StorageError):
         a.flush(timeout=10, retry=False)
     note = json.loads(shared.load(JOURNAL))
-    assert (note["name"], note["step"], note["node"]) == ("k-000000000300-delta.rkcp", 300, "n1")
+    assert (note["name"], note["step"], note["node"]) == ("k-000000000300-full.rkcp", 300, "n1")
     monkeypatch.setenv("SLURMD_NODENAME", "n2")
     with caplog.at_level(logging.INFO, logger="rkckpt.storage.twolevel"):
         b = _open(tmp_path, "n2", shared)
@@ -78,3 +91,38 @@ def test_no_or_broken_journal_is_quiet(tmp_path: Path, caplog: pytest.LogCapture
         shared.save(JOURNAL, b"{not json")
         _open(tmp_path, "n2", shared).close()
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+
+def test_stale_journal_never_reports_a_negative_loss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18: a note older than what the store holds (a later run wrote on; retention removed
+    the noted file) said "-50 steps are lost". Nothing is lost, and the report says so."""
+    shared = MemoryStorage()
+    shared.save("k-000000000100-full.rkcp", _ckpt(100))
+    shared.save(JOURNAL, json.dumps({"name": "k-000000000050-full.rkcp", "step": 50, "node": "n1"}).encode())
+    with caplog.at_level(logging.INFO, logger="rkckpt.storage.twolevel"):
+        _open(tmp_path, "n2", shared).close()
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "-50" not in msg and "lost and computed again" not in msg
+    assert "older than the newest restorable checkpoint in mem: (step 100): none of its checkpoints is lost" in msg
+
+
+def test_journal_loss_is_counted_against_the_chain_not_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A delta whose parent never arrived is not what survived: the loss runs back to the newest
+    complete chain (step 100), not to the orphan's name (step 250)."""
+    shared = MemoryStorage()
+    shared.save("k-000000000100-full.rkcp", _ckpt(100))
+    shared.save("k-000000000250-delta.rkcp", _ckpt(250, parent="0" * 64))
+    shared.save(JOURNAL, json.dumps({"name": "k-000000000300-delta.rkcp", "step": 300, "node": "n1"}).encode())
+    with caplog.at_level(logging.INFO, logger="rkckpt.storage.twolevel"):
+        _open(tmp_path, "n2", shared).close()
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "the newest checkpoint there is step 100, so 200 steps are lost" in msg
+
+
+@pytest.mark.parametrize("step", [-50, 7])
+def test_journal_that_contradicts_itself_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture, step: int) -> None:
+    shared = MemoryStorage()
+    shared.save(JOURNAL, json.dumps({"name": "k-000000000300-delta.rkcp", "step": step, "node": "n1"}).encode())
+    with caplog.at_level(logging.INFO, logger="rkckpt.storage.twolevel"):
+        _open(tmp_path, "n2", shared).close()
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "previous run" in r.getMessage()]

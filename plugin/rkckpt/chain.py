@@ -92,6 +92,21 @@ class Entry:
         return self.error is None
 
 
+class SelfParentError(CheckpointError):
+    """A delta whose parent would be itself (or a newer file): it could never be restored."""
+
+
+def orphan_problem(e: Entry) -> str:
+    """Why the delta ``e`` has no parent; a delta naming its own state is called out as such.
+
+    Such a file is what a writer leaves when it writes a step over itself: its
+    parent digest is its own state digest, and the file it replaced is gone.
+    """
+    if e.parent_digest is not None and e.parent_digest == e.state_digest:
+        return f"orphaned: {e.name} names its own state {e.parent_digest} as its parent (a checkpoint written over itself)"
+    return f"orphaned: parent state {e.parent_digest} of {e.name} is missing or unreadable"
+
+
 @dataclass
 class RestorePoint:
     """A materialised state and the files it was rebuilt from (oldest first)."""
@@ -286,7 +301,7 @@ class ChainIndex:
                 break
             p = self.parent_of(cur)
             if p is None:
-                return chain[::-1], f"orphaned: parent state {cur.parent_digest} of {cur.name} is missing or unreadable"
+                return chain[::-1], orphan_problem(cur)
             chain.append(p)
             cur = p
         chain.reverse()
@@ -420,7 +435,7 @@ def describe(storage: Storage, *, verify: bool = True, kernel_id: str | None = N
         if not e.ok:
             st = str(e.error)
         elif e.kind == "delta" and parent is None:
-            st = f"orphaned: parent state {e.parent_digest} is missing or unreadable"
+            st = orphan_problem(e)
         elif parent is not None and status.get(parent.name) != "ok":
             st = f"parent {parent.name} is broken"
         else:

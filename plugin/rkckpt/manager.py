@@ -40,12 +40,12 @@ import numpy as np
 
 from . import container, hdf5, retention
 from . import delta as rkdelta
-from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, checkpoint_name, latest_restorable
+from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
 from .codec import WriteOptions
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
 from .model import Checkpoint
-from .storage import Storage, StorageError, open_storage
+from .storage import ExistsError, Storage, StorageError, open_storage
 
 log = logging.getLogger("rkckpt.manager")
 
@@ -178,6 +178,16 @@ def _payload_bytes(c: Checkpoint) -> int:
     return sum(ch.size for ch in c.chunks)
 
 
+def _create(storage: Storage, name: str, data: object) -> int:
+    """Save a checkpoint that must not replace anything (``Storage.create``; ``save`` for stores without it)."""
+    create = getattr(storage, "create", None)
+    if create is None:
+        if storage.exists(name):
+            raise ExistsError(f"{storage.url.rstrip('/')}/{name}", "a checkpoint with this name exists; refusing to replace it")
+        return storage.save(name, data)  # type: ignore[arg-type]
+    return create(name, data)
+
+
 def _writer(ckpt: Checkpoint, options: WriteOptions, fmt: str, chain_base: str | None):  # noqa: ANN202
     """Streaming writer for ``Storage.save`` in the chain's file form."""
     if fmt == "rk.h5":
@@ -218,6 +228,9 @@ class CheckpointManager:
         self._parent: Checkpoint | None = None  # materialised state of the last file written
         self._parent_digest: str | None = None
         self._chain_base: str | None = None  # digest of the full checkpoint the current chain starts from
+        self._parent_step: int | None = None  # step of _parent: a delta is only ever written at a later step
+        self._chain: list[str] = []  # files of the chain being extended, oldest first (retention keeps them)
+        self._passed_over: frozenset[str] = frozenset()  # newer files the restore could not use (retention never counts them)
         self._handed_in: set[int] = set()  # id() of live states that came through submit/final
         self._released: Checkpoint | None = None  # one of those the manager no longer reads
         self._deltas_since_full = 0
@@ -253,7 +266,27 @@ class CheckpointManager:
             self._chain_base = None  # the chain's first file knows it; not needed to continue
             self._deltas_since_full = len(rp.chain) - 1
             self._last_step = rp.step
+            self._parent_step = rp.step
+            self._chain = list(rp.chain)
+            root = self.index.entries.get(rp.chain[0]) if rp.chain else None
+            if root is not None and root.kind == "full":  # restore read it in full and matched its digest
+                retention.trust_written(self.index, root.name, root.size)
+        else:
+            self._parent = self._parent_digest = self._parent_step = None
+            self._chain = []
+        self._passed_over = self._newer_than(rp, exclude)
         return rp
+
+    def _newer_than(self, rp: RestorePoint | None, exclude: Iterable[str]) -> frozenset[str]:
+        """Files the restore passed over: everything after its restore point, and what the caller excluded."""
+        es = self.index.sorted(self.kernel_id)
+        if rp is not None and rp.chain:
+            keys = [(e.step, e.kind == "delta", e.name) for e in es]
+            tail = self.index.entries.get(rp.chain[-1])
+            if tail is not None:
+                at = (tail.step, tail.kind == "delta", tail.name)
+                return frozenset(e.name for e, k in zip(es, keys, strict=True) if k > at) | frozenset(exclude)
+        return frozenset(e.name for e in es) | frozenset(exclude)
 
     # ------------------------------------------------------------ writing
     def _write(self, resp: SnapshotResponse, *, stopping: bool = False) -> int:
@@ -287,8 +320,20 @@ class CheckpointManager:
         name = checkpoint_name(self.kernel_id, step, kind, p.checkpoint_format)
         base = digest if kind == "full" else self._chain_base
         try:
+            if kind == "delta" and self._parent_step is not None and step <= self._parent_step:
+                raise SelfParentError(
+                    f"{self.storage.url.rstrip('/')}/{name}",
+                    f"refusing a delta at step {step} on a parent at step {self._parent_step}: a checkpoint's parent is never itself",
+                )
             try:
-                n = self.storage.save(name, _writer(body, self.options, p.checkpoint_format, base or ""))
+                write = _writer(body, self.options, p.checkpoint_format, base or "")
+                if name in self._passed_over and self.storage.exists(name):
+                    # The only files ever replaced: newer than the restore point, which the restore could
+                    # not use (damaged, refused). Any other name is created, never replaced.
+                    log.warning("%s: the restore could not use this file; the new checkpoint replaces it", name)
+                    n = self.storage.save(name, write)
+                else:
+                    n = _create(self.storage, name, write)
             except CheckpointError as exc:
                 if exc.source is None:  # an encoder error: say which checkpoint it was writing
                     raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
@@ -299,6 +344,7 @@ class CheckpointManager:
                 self.stats.failed += 1
                 self.stats.last_error = str(exc)
             raise
+        self._passed_over -= {name}
         entry = Entry(name, self.kernel_id, step, kind, n, digest, body.metadata.parent_digest)
         self.index.add(entry)
         if kind == "full":
@@ -306,10 +352,11 @@ class CheckpointManager:
             # from the state whose digest is recorded in it, every chunk checksummed on the way out:
             # reading it straight back would read the page cache, not the disk, and prove nothing
             # more. Older files (from other processes) are still read back in full by retention.
-            self.index.verified[name] = n
+            retention.trust_written(self.index, name, n)
         # success: this state is the parent of the next delta
         old = self._parent
-        self._parent, self._parent_digest = full_state, digest
+        self._parent, self._parent_digest, self._parent_step = full_state, digest, step
+        self._chain = [name] if kind == "full" else [*self._chain, name]
         if old is not None and old is not full_state and id(old) in self._handed_in:
             with self._cond:
                 self._handed_in.discard(id(old))
@@ -333,7 +380,8 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         try:
-            doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id)
+            writer = retention.WriterView(tuple(self._chain), self._passed_over)
+            doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id, writer=writer)
             self.stats.deleted += len(retention.delete(self.storage, self.index, doomed, durable_index=False))
             if not doomed:
                 self._save_index()

@@ -177,7 +177,9 @@ class Checkpoint:
         regions = self.regions()
         regions[name] = RegionInfo(name, arr.dtype.str, tuple(arr.shape), cid)
         self.metadata = self.metadata.with_custom(**{REGIONS_KEY: _regions_json(regions)})
-        chunk = Chunk(int(chunk_type), cid, memoryview(arr).cast("B"))
+        # reshape(-1).view(uint8): a byte view without copying; memoryview.cast refuses an
+        # empty array with a 2-D shape (a series with no samples yet: --energy-every 0).
+        chunk = Chunk(int(chunk_type), cid, memoryview(arr.reshape(-1).view(np.uint8)))
         existing = self.find(chunk_type, cid)
         if existing is not None:
             self.chunks[self.chunks.index(existing)] = chunk

@@ -9,6 +9,15 @@ kept are read in full (checksums, sizes and the recorded state digest)
 before anything older is deleted; the result is remembered per file size in
 ``ChainIndex.verified`` so retention after every write stays cheap.
 
+The running writer knows more than the files say, and tells retention in a
+``WriterView``: the chain it extends (never deleted, whatever else the plan
+says) and the newer files its restore passed over (a chain the caller
+could not restore, for a reason of its own such as a series with steps out
+of order, is never counted as a kept chain, or it would supersede the chain
+the run restored from). Files the writer just wrote and checked by CRC as
+it wrote them are marked with ``trust_written`` so they are not read back
+in full; older files still are.
+
 Deletion goes newest step first, so a chain loses its deltas before its
 root: a SIGKILL at any instant leaves a shorter chain, never an orphaned
 delta. Orphans left by older versions (or by hand) that a verified root
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .chain import ChainIndex, Entry, _verify_chain
 from .errors import CheckpointError
@@ -27,6 +37,31 @@ from .storage.base import Storage, StorageError
 log = logging.getLogger("rkckpt.retention")
 
 ORPHANED = "orphaned"
+
+
+@dataclass(frozen=True)
+class WriterView:
+    """What the running writer knows about its folder that the files alone do not say.
+
+    ``chain``: the files of the chain it extends, oldest first (restored
+    from, or written since): never deleted. ``passed_over``: files newer than
+    its restore point, which its restore could not use: never counted as a
+    kept chain (retention applies the caller's verdicts, not only CRCs).
+    """
+
+    chain: tuple[str, ...] = ()
+    passed_over: frozenset[str] = frozenset()
+
+
+def trust_written(index: ChainIndex, name: str, size: int) -> None:
+    """Count ``name`` (of ``size`` bytes) as read back intact without reading it.
+
+    For a writer that checked the file's chunk CRCs and state digest while
+    writing it: retention then skips the full read-back of new files, and
+    ``rkckpt verify`` (and retention of files it did not write) still read
+    everything. A file whose size later differs is read again.
+    """
+    index.verified[name] = size
 
 
 def _verified(index: ChainIndex, root: Entry) -> bool:
@@ -45,8 +80,8 @@ def _verified(index: ChainIndex, root: Entry) -> bool:
     return True
 
 
-def _plan_kernel(index: ChainIndex, es: list[Entry], keep: int) -> list[Entry]:
-    fulls = sorted((e for e in es if e.kind == "full" and e.ok), key=lambda e: e.step, reverse=True)
+def _plan_kernel(index: ChainIndex, es: list[Entry], keep: int, writer: WriterView) -> list[Entry]:
+    fulls = sorted((e for e in es if e.kind == "full" and e.ok and e.name not in writer.passed_over), key=lambda e: e.step, reverse=True)
     chains = {e.name: index.chain_of(e) for e in es}
     orphans = [e for e in es if e.kind == "delta" and (chains[e.name][1] or "").startswith(ORPHANED)]
     older = [e for e in es if fulls and e.step < fulls[min(keep, len(fulls)) - 1].step]
@@ -81,16 +116,21 @@ def _plan_kernel(index: ChainIndex, es: list[Entry], keep: int) -> list[Entry]:
     for e in es:
         if e.name not in doomed and e.name not in kept and any(c.name in doomed for c in chains[e.name][0]):
             doomed[e.name] = e
+    for n in writer.chain:  # the chain being extended stays whole, whatever the files say
+        doomed.pop(n, None)
     return list(doomed.values())
 
 
-def plan(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:
+def plan(index: ChainIndex, keep: int, kernel_id: str | None = None, *, writer: WriterView | None = None) -> list[str]:
     """Names to delete, in the order to delete them (newest step first, deltas before fulls).
 
-    Keeps the newest ``keep`` chains whose full checkpoint verifies; nothing
-    at or after the oldest of those is touched. With fewer verified chains
-    than ``keep`` only orphaned deltas older than the newest verified chain go.
+    Keeps the newest ``keep`` chains whose full checkpoint verifies (and,
+    with a ``writer``, that its restore did not pass over); nothing at or
+    after the oldest of those is touched, nor the writer's chain. With fewer
+    verified chains than ``keep`` only orphaned deltas older than the newest
+    verified chain go.
     """
+    writer = writer or WriterView()
     if keep < 1:
         raise ValueError("keep must be at least 1")
     by_kernel: dict[str, list[Entry]] = {}
@@ -98,7 +138,7 @@ def plan(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str
         by_kernel.setdefault(e.kernel_id, []).append(e)
     doomed: list[Entry] = []
     for es in by_kernel.values():
-        doomed.extend(_plan_kernel(index, es, keep))
+        doomed.extend(_plan_kernel(index, es, keep, writer))
     doomed.sort(key=lambda e: (e.step, e.kind == "delta", e.name), reverse=True)
     return [e.name for e in doomed]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from .plugin import KernelPlugin, PluginError, all_options, find_plugin, finish_values, known_kernels, parse_values
+from .plugin import ConfigError, KernelPlugin, PluginError, all_options, find_plugin, finish_values, known_kernels, parse_values
 from .signals import StopFlag, ignore_stop_signals
 
 EX_USAGE = 2
@@ -44,23 +44,65 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="rkrun: %(message)s", stream=sys.stderr, force=True)
 
 
-def _load_config(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise click.UsageError(f"{path}: cannot read config: {exc.strerror}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+#: What a config value may be: a scalar, or a short flat list of them (``grid: [64, 64, 64]``).
+_SCALARS = (str, int, float, bool, type(None))
+_MAX_LIST = 16
 
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
+
+def _load_config(path: Path) -> dict:
+    """A config file as a mapping of option names to plain values, or a one-line ``ConfigError``.
+
+    The file is read without blocking (a FIFO is refused, not waited on) and
+    with a size cap (``/dev/zero`` is refused), decoded strictly as UTF-8, and
+    parsed without executing anything (``yaml.safe_load``, JSON). Values are
+    scalars or flat lists of them, so no error message ever formats a huge
+    nested structure (a YAML alias bomb).
+    """
+    from .inputs import CONFIG_MAX_BYTES, InputFileError, decode_text, one_line, read_bounded
+
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        text = decode_text(read_bounded(path, "config file", CONFIG_MAX_BYTES), path, "config file")
+    except InputFileError as exc:
+        raise ConfigError(str(exc)) from None
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"{path}: a YAML config needs PyYAML, which is not installed (pip install pyyaml, or use a .json config)"
+            ) from None
+        # Not CSafeLoader: libyaml recurses on the C stack and a deeply nested file
+        # ("a: [[[[...") crashes the process (SIGSEGV); the Python loader stops at
+        # Python's recursion limit with an exception. Config files are small.
+        loader = yaml.SafeLoader
+    try:
+        doc = yaml.load(text, Loader=loader) if is_yaml else json.loads(text)  # noqa: S506 - a safe loader
     except Exception as exc:  # noqa: BLE001 - any parse error is "bad config"
-        raise click.UsageError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+        raise ConfigError(f"{path}: not valid {'YAML' if is_yaml else 'JSON'}: {one_line(exc)}") from None
     if not isinstance(doc, dict):
-        raise click.UsageError(f"{path}: config must be a mapping")
-    return {str(k).replace("-", "_"): v for k, v in doc.items()}
+        raise ConfigError(f"{path}: config must be a mapping of option names to values, not {_what(doc)}")
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{path}: key {one_line(repr(k), 60)} is not a string")
+        name = k.replace("-", "_")
+        if isinstance(v, list):
+            if len(v) > _MAX_LIST or not all(isinstance(x, _SCALARS) for x in v):
+                raise ConfigError(f"{path}: {one_line(name, 60)}: must be a value or a short list of plain values, not {_what(v)}")
+        elif not isinstance(v, _SCALARS):
+            raise ConfigError(f"{path}: {one_line(name, 60)}: must be a number, a string or a list of them, not {_what(v)}")
+        out[name] = v
+    return out
+
+
+def _what(doc: object) -> str:
+    if isinstance(doc, list):
+        return "a list" if all(isinstance(x, _SCALARS) for x in doc) else "a nested list"
+    if doc is None:
+        return "nothing (empty file)"
+    name = type(doc).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _plugin(ref: str, source: str) -> KernelPlugin:
@@ -106,7 +148,7 @@ def kernel_command(plugin: KernelPlugin) -> click.Command:
             doc = _load_config(config)
             kernel = doc.pop("kernel", plugin.name)
             if kernel != plugin.name:
-                raise click.UsageError(f"{config}: is for kernel {kernel!r}, not {plugin.name!r}")
+                raise ConfigError(f"{config}: is for kernel {str(kernel)[:60]!r}, not {plugin.name!r}")
             values = parse_values(plugin, doc, str(config))
             for o in options:  # the command line wins over the file
                 if ctx.get_parameter_source(o.name) == click.core.ParameterSource.COMMANDLINE or (
@@ -164,7 +206,10 @@ def main(ctx: click.Context, config: Path | None, kernel: str | None, verbose: b
         if ctx.invoked_subcommand is not None:
             raise click.UsageError("use either --config or a kernel command (NAME --config FILE)")
         doc = _load_config(config)
-        ref = str(doc.pop("kernel", None) or kernel or "wavesim")
+        named = doc.pop("kernel", None)
+        if named is not None and not (isinstance(named, str) and named.strip()):
+            raise ConfigError(f"{config}: kernel: must be a kernel name or module:OBJECT, not {named!r:.60}")
+        ref = named or kernel or "wavesim"
         plugin = _plugin(ref, str(config))
         ctx.exit(_run(plugin, parse_values(plugin, doc, str(config)), str(config)))
     elif ctx.invoked_subcommand is None:

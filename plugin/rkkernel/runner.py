@@ -7,7 +7,8 @@ before any compute), **restore** (newest restorable chain; a chain that
 fails to restore is skipped with one warning and the next older one
 tried), **advance** (batches; periodic checkpoints in the background;
 series samples), then **stop** (a signal: final checkpoint, marker, exit
-75) or **end** (final checkpoint, atomic result file, exit 0).
+75; when nothing ran since the restore or the last checkpoint the stop
+writes nothing, and the marker names that durable step) or **end** (final checkpoint, atomic result file, exit 0).
 
 Exit codes: 0 done; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 with a final
 checkpoint and ``<ckdir>/rkrun.stopped.json`` written — run again to resume;
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from rkckpt import testhook
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
@@ -233,6 +235,7 @@ class StepLoop:
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
         """Build the kernel and the manager; an exit status when the run cannot start."""
+        testhook.fire("start")
         try:
             self.krun = self.plugin.build(self.values)
         except ValueError as exc:
@@ -298,6 +301,7 @@ class StepLoop:
                 if name not in excluded:
                     log.warning("skipped checkpoint %s: %s", name, why)
             source = rp.chain[-1] if rp.chain else None
+            testhook.fire("restore")
             try:
                 series = self._series_from(rp, source or "<checkpoint>")
                 step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=source)
@@ -318,11 +322,43 @@ class StepLoop:
 
     # ------------------------------------------------------------ advance
     def _sample(self) -> None:
+        """Samples due at the current step that no batch took (the start, an early finish)."""
+        from .reduce import combine_planes
+
         for s in self.krun.series:
             rows = self.series[s.name]
             due = s.every and (self.step % s.every == 0 or self.step == self.cfg.steps or self._finished())
             if due and (not rows or rows[-1][0] < self.step):
-                rows.append((self.step, *s.sample(self.kernel, self.step)))
+                if s.sumsq is not None:
+                    rows.append((self.step, combine_planes(self.kernel.sumsq_now(s.sumsq(self.step)))))
+                else:
+                    rows.append((self.step, *s.sample(self.kernel, self.step)))
+
+    def _device_samples(self, end: int) -> list[tuple[int, str, Series]]:
+        """The device-reduced series' samples due in (step, end], ascending: taken inside the batch."""
+        due = []
+        for s in self.krun.series:
+            if s.sumsq is None or not s.every:
+                continue
+            steps = set(range((self.step // s.every + 1) * s.every, end + 1, s.every))
+            if end == self.cfg.steps:
+                steps.add(end)
+            due += [(t, s.sumsq(t), s) for t in steps if t > self.step]
+        return sorted(due, key=lambda d: d[0])
+
+    def _run_batch(self, end: int) -> None:
+        """Advance to ``end``; device series sampled inside the batch (not cut at their steps)."""
+        due = self._device_samples(end)
+        if not due:
+            self.kernel.run(end - self.step)
+            return
+        from .reduce import combine_planes
+
+        _, sums = self.kernel.run_sampled(end - self.step, [(t, name) for t, name, _ in due])
+        for (t, _, s), planes in zip(due, sums, strict=False):  # fewer sums: terminated early
+            rows = self.series[s.name]
+            if not rows or rows[-1][0] < t:
+                rows.append((t, combine_planes(planes)))
 
     def _finished(self) -> bool:
         return self.done_at is not None
@@ -339,7 +375,10 @@ class StepLoop:
 
     def _next_stop(self) -> int:
         nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))
-        for every in (self.mgr.policy.every_steps, *(s.every for s in self.krun.series)):
+        # device-reduced series do not cut batches (see _run_batch), unless the kernel may finish
+        # early: then no sample may fall after the step at which it is seen to be done
+        cut = [s.every for s in self.krun.series if s.sumsq is None or self.krun.done_at is not None]
+        for every in (self.mgr.policy.every_steps, *cut):
             if every:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
@@ -350,7 +389,7 @@ class StepLoop:
         try:
             while self.step < self.cfg.steps and not self.stop.requested and not self._finished():
                 tb, before = time.perf_counter(), self.step
-                self.kernel.run(self._next_stop() - self.step)
+                self._run_batch(self._next_stop())
                 self.stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
                 self.step = self.kernel.step
                 if self.tuner is not None:
@@ -399,10 +438,12 @@ class StepLoop:
     def _stopped(self) -> int:
         self.mgr.flush()  # the periodic write in flight, if any
         self._report_written()
-        if self.submitted is not None and self.submitted == (self.step, self.mgr.stats.failed):
-            # This very step is already checkpointed: writing it again would replace that file
-            # with a delta against itself, orphaning the chain's tail.
-            written = self.step
+        durable = self._durable_step()
+        if durable == self.step:
+            # Nothing ran since the restore or the last checkpoint: that file is the stop's
+            # checkpoint. Writing the step again would put a delta against itself over it.
+            written = durable
+            log.info("step %d is already checkpointed; the stop writes nothing new", written)
         else:
             written = self.mgr.final(self._snapshot("signal"))
             self.mgr.flush()
@@ -421,6 +462,13 @@ class StepLoop:
         if self.stop.extra:
             log.info("ignored further signals while stopping: %s", ", ".join(self.stop.extra))
         return EX_TEMPFAIL
+
+    def _durable_step(self) -> int | None:
+        """The step of the newest checkpoint this run restored from or wrote (None: neither)."""
+        written = self.mgr.stats.last_written_step
+        if written is not None:
+            return written
+        return self.restored.step if self.restored is not None else None
 
     # ------------------------------------------------------------ end
     def _final_checkpoint(self, start_step: int) -> None:

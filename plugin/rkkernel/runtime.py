@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,6 +195,53 @@ class PersistentKernel:
             self.backend.enqueue_steps(step, target - step, frozenset(self._pending_steps(cb)))
             events.extend(self._after_batch())
         return events
+
+    def run_sampled(self, count: int, samples: Sequence[tuple[int, str]]) -> tuple[list[KernelEvent], list[np.ndarray]]:
+        """``run(count)`` that also takes Σx² of region ``name`` at each ``(step, name)`` of ``samples``.
+
+        The sums are per z plane (float64[nz], the order of ``rkkernel.reduce``;
+        ``reduce.combine_planes`` gives the total), in the order of ``samples``,
+        whose steps must be ascending and within ``[step, step + count]``. The
+        reductions are enqueued between the batch's steps and read back with
+        it: the batch is not cut at the sample steps and no field is copied to
+        the host (on OpenCL and CUDA). With commands pending (which may pause
+        or end the run inside the batch) it runs to each sample step in turn.
+        """
+        start = self.step
+        target = start + count
+        steps = [t for t, _ in samples]
+        if steps != sorted(steps) or (steps and (steps[0] < start or steps[-1] > target)):
+            raise ValueError(f"sample steps {steps} must be ascending and within [{start}, {target}]")
+        if not samples:
+            return self.run(count), []
+        cb = self.control()[0]
+        if self._pending_steps(cb) or cb["has_terminated"] or not cb["is_active"]:
+            events: list[KernelEvent] = []
+            sums = []
+            for t, name in samples:
+                if self.step < t:
+                    events += self.run(t - self.step)
+                if self.step != t:
+                    break  # terminated before the sample step
+                sums.append(self.sumsq_now(name))
+            if self.step < target and not self.terminated:
+                events += self.run(target - self.step)
+            return events, sums
+        self.backend.reserve_sums(len(samples), samples[0][1])
+        self.backend.enqueue_steps_sampled(start, count, [(t, name, slot) for slot, (t, name) in enumerate(samples)])
+        self.backend.start_read_sums(len(samples))
+        events = self._after_batch()
+        sums = list(self.backend.finish_read_sums()[: len(samples)])
+        if self.step != target:  # no command was pending, so nothing may stop the batch early
+            raise RuntimeError(f"batch with samples ended at step {self.step}, expected {target}")
+        return events, sums
+
+    def sumsq_now(self, name: str) -> np.ndarray:
+        """Σx² per z plane of region ``name`` at the current step (see ``run_sampled``)."""
+        self.backend.reserve_sums(1, name)
+        self.backend.enqueue_sumsq(name, 0)
+        self.backend.start_read_sums(1)
+        return np.array(self.backend.finish_read_sums()[0], copy=True)
 
     def _pending_steps(self, cb: np.void) -> list[int]:
         """Steps of the commands still in the H2K ring, oldest first."""

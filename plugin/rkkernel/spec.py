@@ -71,6 +71,13 @@ H2K = _Placeholder("H2K")
 K2H = _Placeholder("K2H")
 STEPS = _Placeholder("STEPS")
 SYNC = _Placeholder("SYNC")
+#: Sampled fused launches only (``FusedSteps.sampled``): the float64 buffer of
+#: sample rows (``nz`` plane sums a row), per-work-item float64 scratch of ``nx``
+#: words, the int32 bit mask of the levels to sample and the int32 first row.
+SUMS = _Placeholder("SUMS")
+SUM_SCRATCH = _Placeholder("SUM_SCRATCH")
+SAMPLE_LEVELS = _Placeholder("SAMPLE_LEVELS")
+SAMPLE_ROW = _Placeholder("SAMPLE_ROW")
 
 Arg = str | Swap | np.generic | _Placeholder
 
@@ -110,6 +117,23 @@ class FusedSteps:
     launches: tuple[Launch, ...]
     sync_words: int = 0
     device_types: tuple[str, ...] = ("cpu",)
+    #: Index of the launches' argument that sets the sweep depth (an ``np.int32``
+    #: equal to ``steps``), or None. With it a back end may also run shallower
+    #: sweeps, ``min_steps`` .. ``steps`` deep (the same bits: depth only
+    #: regroups steps), so a batch end, a checkpoint or a command that is not a
+    #: multiple of ``steps`` away ends a sweep early instead of falling back to
+    #: single steps (``--checkpoint-every 2`` with 4-step sweeps).
+    depth_arg: int | None = None
+    min_steps: int = 1
+    #: Optional: the same launches that also record Σx² (the order of
+    #: ``rkkernel.reduce``) of the field level j makes, for each bit j of
+    #: ``SAMPLE_LEVELS``, into row ``SAMPLE_ROW`` + (rank of j) of ``SUMS``, each
+    #: plane summed while it is in cache: a sample inside a batch then costs
+    #: no pass over memory and does not end the sweep. ``level_outputs`` names
+    #: the region level j writes (even j, odd j; ``Swap`` by the first step's
+    #: parity): the runtime uses a sampled sweep only for those regions.
+    sampled: tuple[Launch, ...] = ()
+    level_outputs: tuple[Swap, Swap] | None = None
 
 
 NumpyStep = Callable[[Mapping[str, np.ndarray], int], None]

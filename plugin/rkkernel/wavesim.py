@@ -16,13 +16,30 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .ftz import ftz
-from .spec import CONTROL, H2K, K2H, STEPS, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
+from .spec import (
+    CONTROL,
+    H2K,
+    K2H,
+    SAMPLE_LEVELS,
+    SAMPLE_ROW,
+    STEPS,
+    SUM_SCRATCH,
+    SUMS,
+    SYNC,
+    FusedSteps,
+    KernelSpec,
+    Launch,
+    RegionSpec,
+    Swap,
+)
 
 KERNEL_TYPE = "fdtd_3d"
 F32 = np.float32
 #: Steps per sweep of the CPU OpenCL kernel (fdtd_sweep). 256^3 on pocl, 2 cores, interleaved
 #: runs: 1 step 3.5 Gcells/s, 2 steps 3.9, 3 steps 4.0, 4 steps 4.66, 6 steps 4.67.
 SWEEP_LEVELS = 4
+#: Shallowest sweep worth running instead of single steps (see ``FusedSteps.min_steps``).
+SWEEP_MIN_LEVELS = 2
 #: A longer source wavelet means physics values far off (``--v-top 1e-6``: a TiB of samples).
 MAX_WAVELET_SAMPLES = 1_000_000
 
@@ -102,17 +119,15 @@ def load_velocity(path: str, nx: int, nz: int) -> tuple[np.ndarray, str]:
     """
     import hashlib
 
-    try:
-        raw = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
-    if raw.shape != (nz, nx):
-        raise ValueError(f"{path}: velocity model must have shape (nz, nx) = ({nz}, {nx}), got {raw.shape}")
-    if raw.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: velocity model must be numeric, got {raw.dtype}")
-    v = np.ascontiguousarray(raw, dtype=F32)
-    if not np.isfinite(v).all() or float(v.min()) <= 0:
-        raise ValueError(f"{path}: velocities must be finite and positive")
+    from .inputs import read_npy
+
+    raw = read_npy(path, (nz, nx), "velocity model", "(nz, nx)")  # no FIFO, no pickle, size checked first
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused just below
+        v = np.ascontiguousarray(raw, dtype=F32)
+    if not np.isfinite(v).all() or float(v.min()) < np.finfo(F32).tiny:  # the kernels flush subnormals to zero
+        raise ValueError(
+            f"{path}: velocities must be finite and positive (as float32: {np.finfo(F32).tiny:.3g} to {np.finfo(F32).max:.3g})"
+        )
     return v, hashlib.sha256(v.tobytes()).hexdigest()
 
 
@@ -201,7 +216,19 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
     # SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see fdtd_sweep).
     slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
     sweep_args = (*args, np.int32(nz), "x_interior_mask", SYNC, np.int32(SWEEP_LEVELS))
-    fused = FusedSteps(SWEEP_LEVELS, (Launch("fdtd_sweep", (slabs,), sweep_args, (1,)),), sync_words=slabs)
+    # Any depth 1..SWEEP_LEVELS (the last argument): checkpoints, samples and batch ends
+    # that are not a multiple of SWEEP_LEVELS away end a sweep early, still fused.
+    # fdtd_sweep_sampled: the same sweep that also sums p² of sampled levels (the energy series)
+    sampled_args = (*sweep_args, SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
+    fused = FusedSteps(
+        SWEEP_LEVELS,
+        (Launch("fdtd_sweep", (slabs,), sweep_args, (1,)),),
+        sync_words=slabs,
+        depth_arg=len(sweep_args) - 1,
+        min_steps=SWEEP_MIN_LEVELS,
+        sampled=(Launch("fdtd_sweep_sampled", (slabs,), sampled_args, (1,)),),
+        level_outputs=(Swap("pressure_b", "pressure_a"), Swap("pressure_a", "pressure_b")),  # prev_next, cur
+    )
     persistent = Launch(
         "fdtd_persistent",
         (0,),

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 MODEL_OPTIONS = (
     Option("velocity", click.Path(dir_okay=False), None, "Velocity model .npy, shape (NZ, NX), m/s."),
-    Option("dx", FiniteFloat(min=0, min_open=True), 10.0, "Cell size in metres."),
-    Option("v_top", FiniteFloat(min=0, min_open=True), 1500.0, "Built-in model: upper layer (m/s)."),
-    Option("v_bottom", FiniteFloat(min=0, min_open=True), 2500.0, "Built-in model: lower layer (m/s)."),
+    Option("dx", FiniteFloat(min=0, min_open=True, dtype="float32"), 10.0, "Cell size in metres."),
+    Option("v_top", FiniteFloat(min=0, min_open=True, dtype="float32"), 1500.0, "Built-in model: upper layer (m/s)."),
+    Option("v_bottom", FiniteFloat(min=0, min_open=True, dtype="float32"), 2500.0, "Built-in model: lower layer (m/s)."),
 )
 
 
@@ -41,19 +41,62 @@ def model_params(values: Mapping[str, Any]) -> tuple[WaveParams, np.ndarray | No
         model, digest = load_velocity(str(values["velocity"]), nx, nz)
         extra = {"model_sha256": digest, "model_vmax": float(model.max())}
     params = WaveParams(nx, ny, nz, dx=values["dx"], v_top=values["v_top"], v_bottom=values["v_bottom"], **extra)
+    if model is not None:
+        check_float32_range(params, float(model.min()), float(model.max()))
+    else:
+        check_float32_range(params, min(params.v_top, params.v_bottom), max(params.v_top, params.v_bottom))
     return params, model
 
 
+def check_float32_range(params: WaveParams, vmin: float, vmax: float) -> None:
+    """The float32 numbers the kernels compute from the model options must be normal float32 numbers.
+
+    Each option may be a fine float32 on its own while what the kernels
+    derive from it is not: ``(v*v)*(dt/dx)^2`` (wavesim) or the slowness and
+    the traveltimes (traveltime) overflow to inf or flush to zero, and the run
+    ends with rc 0 and NaN or empty fields. Raises ValueError naming the
+    quantity, computed here in float64.
+    """
+    import math
+
+    from .plugin import FLOAT32_MAX, FLOAT32_TINY
+
+    r2 = (params.dt / params.dx) ** 2
+    diag = params.dx * math.sqrt(3.0)
+    quantities = (
+        ("(dt/dx)^2", r2),
+        ("v_min^2", vmin * vmin),
+        ("v_max^2", vmax * vmax),
+        ("v_min^2 (dt/dx)^2", vmin * vmin * r2),
+        ("the slowness 1/v_min", 1.0 / vmin),
+        ("the slowness 1/v_max", 1.0 / vmax),
+        ("dx*sqrt(3)", diag),
+        ("dx/v_max", params.dx / vmax),
+        ("the longest traveltime (nx+ny+nz)*dx*sqrt(3)/v_min", (params.nx + params.ny + params.nz) * diag / vmin),
+    )
+    for name, x in quantities:
+        if not FLOAT32_TINY <= x <= FLOAT32_MAX:
+            raise ValueError(
+                f"{name} = {x:.3g} is outside float32's normal range ({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}) the kernels "
+                f"compute in (velocities {vmin:g} to {vmax:g} m/s, dx {params.dx:g} m): check --v-top/--v-bottom/--dx or the velocity model"
+            )
+
+
+def _energy_region(step: int) -> str:
+    """The pressure field that holds ``step`` (see ``wavesim.current_field``)."""
+    return "pressure_a" if step % 2 == 0 else "pressure_b"
+
+
 def _energy(kernel: PersistentKernel, step: int) -> tuple[float]:
-    import numpy as np
+    """Σp² of the current pressure field, float64, in the fixed order of ``rkkernel.reduce``.
 
-    from .wavesim import current_field
+    The reference of the device reduction the runner uses (``Series.sumsq``):
+    per-z-plane sums combined in plane order, so the series has the same bits
+    on every back end, interrupted or not, and for a z-slab split.
+    """
+    from .reduce import sumsq
 
-    field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
-    f = field.astype(np.float64).ravel()
-    # numpy's own pairwise sum, not BLAS (np.dot): its order does not depend on
-    # OPENBLAS/OMP thread counts, so an interrupted run's energy series matches.
-    return (float(np.add.reduce(f * f)),)
+    return (sumsq(kernel.region(_energy_region(step))),)
 
 
 def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]:
@@ -88,7 +131,7 @@ def build(values: Mapping[str, Any]) -> KernelRun:
             datasets["receiver_cells"] = np.array(receivers, dtype=np.int64).reshape(-1, 3)
         return datasets, attrs
 
-    series = [Series("energy", 1, int(values["energy_every"]), _energy)]
+    series = [Series("energy", 1, int(values["energy_every"]), _energy, sumsq=_energy_region)]
     if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
         series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
     return KernelRun(spec, result, series=tuple(series))

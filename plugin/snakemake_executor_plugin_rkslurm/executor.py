@@ -325,6 +325,20 @@ class Executor(_stock.Executor):
                 except OSError:
                     pass
 
+    def get_account_arg(self, job: JobExecutorInterface):  # noqa: ANN201 - a generator, as the stock's
+        """No ``-A`` when the rule names no account: Slurm then charges the user's default account.
+
+        The stock plugin instead guesses one with a shell pipeline that it runs
+        without a shell (``sacct ... | tail -1``), which prints "sacct: invalid
+        option -- '1'" and "Unable to guess SLURM account" on every first
+        submission. A cluster that requires an explicit account still says so,
+        in sbatch's own words, at the first submission.
+        """
+        if job.resources.get("slurm_account"):
+            yield from super().get_account_arg(job)
+        else:
+            yield ""
+
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
         super().cancel_jobs(active_jobs)
 

@@ -11,13 +11,24 @@ import os
 import re
 from typing import Any
 
-from .base import InvalidNameError, ListingError, LockedError, Storage, StorageBase, StorageError, UnsafeFolderError, validate_name
+from .base import (
+    ExistsError,
+    InvalidNameError,
+    ListingError,
+    LockedError,
+    Storage,
+    StorageBase,
+    StorageError,
+    UnsafeFolderError,
+    validate_name,
+)
 from .file import FileStorage
 from .memory import MemoryStorage
 from .remote import FsspecStorage, redact_url
 from .twolevel import TwoLevelStorage
 
 __all__ = [
+    "ExistsError",
     "FileStorage",
     "FsspecStorage",
     "InvalidNameError",

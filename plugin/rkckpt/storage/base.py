@@ -46,6 +46,14 @@ class ListingError(StorageError):
     """The store could not be listed (after retries): unknown, which is not the same as empty."""
 
 
+class ExistsError(StorageError):
+    """``create`` found an object under the name already: checkpoints are never replaced.
+
+    A checkpoint name is its step and kind; replacing one would swap a link of
+    a chain that later deltas (and restore points) depend on.
+    """
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe flat object name, else raise ``InvalidNameError``."""
     if not isinstance(name, str):
@@ -90,6 +98,8 @@ class Storage(Protocol):
 
     def save(self, name: str, data: Payload) -> int: ...
 
+    def create(self, name: str, data: Payload) -> int: ...
+
     def load(self, name: str) -> bytes: ...
 
     def open_read(self, name: str) -> BinaryIO: ...
@@ -113,6 +123,17 @@ class StorageBase:
     """Shared helpers; back ends override the primitives."""
 
     url: str = ""
+
+    def create(self, name: str, data: Payload) -> int:
+        """``save`` that never replaces: raises ``ExistsError`` when ``name`` is already stored.
+
+        This generic form checks, then saves; it relies on the single-writer
+        lock (no second writer can create the name in between). Back ends
+        with an atomic no-replace primitive override it.
+        """
+        if self.exists(name):  # type: ignore[attr-defined]
+            raise ExistsError(f"{self.url.rstrip('/')}/{name}", "a checkpoint with this name exists; refusing to replace it")
+        return self.save(name, data)  # type: ignore[attr-defined]
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         with self.open_read(name) as f:  # type: ignore[attr-defined]

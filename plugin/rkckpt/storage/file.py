@@ -16,9 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from .. import testhook
 from ..atomic import fsync_dir
 from ..lock import check_private_folder, open_lock_file
-from .base import LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
+from .base import ExistsError, LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
 TMP_PREFIX = ".rkckpt-tmp-"
@@ -31,6 +32,26 @@ def _oserror(path: object, op: str, exc: OSError) -> StorageError:
     elif exc.errno == errno.EDQUOT:
         what = "disk quota exceeded"
     return StorageError(os.fspath(path), f"{op} failed: {what}")  # type: ignore[arg-type]
+
+
+def _link_no_replace(tmp: str, final: Path) -> None:
+    """Give the finished ``tmp`` the name ``final`` unless that exists (FileExistsError), then drop ``tmp``.
+
+    File systems without hard links fall back to check-then-rename, which
+    the folder's writer lock makes safe against our own writers.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "exists", os.fspath(final)) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
 
 
 class FileStorage(StorageBase):
@@ -109,15 +130,26 @@ class FileStorage(StorageBase):
         return p if self.exists(name) else None
 
     def save(self, name: str, data: Payload) -> int:
-        return self._save(name, data, self.fsync)
+        return self._put(name, data, replace=True, fsync=self.fsync)
 
     def save_cache(self, name: str, data: Payload) -> int:
         """``save`` for a file that is only a cache (the chain index): atomic rename, no fsyncs."""
-        return self._save(name, data, False)
+        return self._put(name, data, replace=True, fsync=False)
 
-    def _save(self, name: str, data: Payload, fsync: bool) -> int:
+    def create(self, name: str, data: Payload) -> int:
+        """Atomic put-no-replace: the complete file appears under ``name`` only if nothing is there.
+
+        ``link(2)`` of the finished temporary file fails with EEXIST instead of
+        replacing, so even a second process that ignored the lock cannot make
+        us overwrite a checkpoint.
+        """
+        return self._put(name, data, replace=False, fsync=self.fsync)
+
+    def _put(self, name: str, data: Payload, *, replace: bool, fsync: bool) -> int:
         final = self.path(name)
         self.acquire_lock()
+        if not replace and self.exists(name):  # fail before writing the bytes
+            raise ExistsError(os.fspath(final), "a checkpoint with this name exists; refusing to replace it")
         try:
             fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
         except OSError as exc:
@@ -130,12 +162,18 @@ class FileStorage(StorageBase):
                 size = f.tell()
                 if fsync:
                     os.fsync(f.fileno())
-            os.replace(tmp, final)
+            if replace:
+                os.replace(tmp, final)
+            else:
+                testhook.fire("write")  # a checkpoint's bytes are down, its name not yet: a write in flight
+                _link_no_replace(tmp, final)
         except BaseException as exc:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(exc, FileExistsError):
+                raise ExistsError(os.fspath(final), "a checkpoint with this name exists; refusing to replace it") from None
             if isinstance(exc, OSError):
                 raise _oserror(final, "writing", exc) from None
             raise

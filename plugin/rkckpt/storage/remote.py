@@ -23,7 +23,7 @@ from .base import Payload, StorageBase, StorageError, retry, validate_name, writ
 LIST_ATTEMPTS = 5
 LIST_DELAY = 0.5
 _SECRET_KEYS = ("secret", "key", "token", "password", "aws_secret_access_key", "aws_access_key_id", "aws_session_token")
-_URL_CREDS = re.compile(r"(?P<scheme>[a-z0-9+.-]+://)[^/@\s]+@", re.I)
+_URL_CREDS = re.compile(r"(?P<scheme>[a-z0-9+.-]+://)[^/\s?#]+@", re.I)  # to the last @: a raw @ in a password
 
 
 def redact_url(url: str) -> str:
@@ -49,6 +49,17 @@ def _secrets(options: dict[str, Any]) -> list[str]:
     return found
 
 
+def _userinfo(url: str) -> list[str]:
+    """The parts (user, password) of a URL's ``user:password@``, unquoted too, that are long enough to mask."""
+    from urllib.parse import unquote
+
+    m = _URL_CREDS.match(url)
+    if not m:
+        return []
+    parts = url[len(m.group("scheme")) : m.end() - 1].split(":", 1)
+    return [v for p in parts for v in {p, unquote(p)} if len(v) >= 4]
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
     for s in secrets:
         text = text.replace(s, "***")
@@ -60,15 +71,13 @@ class FsspecStorage(StorageBase):
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = redact_url(url.rstrip("/"))
-        self.endpoint = redact_url(
-            str(storage_options.get("endpoint_url") or storage_options.get("client_kwargs", {}).get("endpoint_url") or "")
-        )
+        endpoint = str(storage_options.get("endpoint_url") or storage_options.get("client_kwargs", {}).get("endpoint_url") or "")
+        self.endpoint = redact_url(endpoint)
         self.list_attempts = LIST_ATTEMPTS
         self.list_delay = LIST_DELAY
-        self._secrets = _secrets(storage_options)
-        m = _URL_CREDS.match(url)
-        if m:  # credentials embedded in the URL: remember them for scrubbing
-            self._secrets += [p for p in url[len(m.group("scheme")) : m.end() - 1].split(":") if len(p) >= 4]
+        # credentials embedded in the URL or the endpoint (RKCKPT_S3_ENDPOINT=http://u:pw@host), which
+        # botocore and urllib3 log at -vv in forms of their own: remember them for scrubbing
+        self._secrets = _secrets(storage_options) + _userinfo(url) + _userinfo(endpoint)
         register_secret(*self._secrets)  # masked in every log message too (rkckpt.logsafe)
         # a cached instance would keep credentials from an earlier, different environment
         storage_options.setdefault("skip_instance_cache", True)

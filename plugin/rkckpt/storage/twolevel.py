@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import ListingError, Payload, Storage, StorageBase, StorageError, validate_name
+from .base import ExistsError, ListingError, Payload, Storage, StorageBase, StorageError, validate_name
 from .file import FileStorage
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,25 @@ def _newest_step(names: Iterable[str]) -> int | None:
     from ..chain import newest_named_step  # rkckpt.chain imports this package
 
     return newest_named_step(names)
+
+
+def _newest_chained_step(shared: Storage, noted: str) -> int | None:
+    """Newest step in ``shared`` of the noted file's kernel whose chain back to a full file is complete.
+
+    Read from the files' headers (not from names alone), so a delta whose
+    parent never arrived does not count as what survived.
+    """
+    from ..chain import NAME_RE, ChainIndex  # rkckpt.chain imports this package
+
+    m = NAME_RE.match(noted)
+    if m is None:
+        return None
+    index = ChainIndex(shared)
+    index.refresh()
+    for e in reversed(index.sorted(m["kernel_id"])):
+        if index.chain_of(e)[1] is None:
+            return e.step
+    return None
 
 
 class TwoLevelStorage(StorageBase):
@@ -71,6 +90,8 @@ class TwoLevelStorage(StorageBase):
         try:
             doc = json.loads(self.shared.load(JOURNAL))
             name, step, node = str(doc["name"]), int(doc["step"]), str(doc.get("node", "?"))
+            if _newest_step([name]) != step:  # the note contradicts itself: it says nothing reliable
+                raise ValueError(f"the note names {name!r} but says step {step}")
             if self.local.exists(name):
                 return  # same node (or folder): that checkpoint is right here
             if self.shared.exists(name):
@@ -81,16 +102,26 @@ class TwoLevelStorage(StorageBase):
                     self.shared.url,
                 )
                 return
-            kernel = name.rsplit("-", 2)[0]
-            durable = _newest_step(n for n in self.shared.list() if n.startswith(kernel + "-")) or 0
+            durable = _newest_chained_step(self.shared, name)
+            if durable is not None and durable >= step:
+                # a stale note (a later run wrote on, retention removed the noted file): nothing is missing
+                log.info(
+                    "the previous run's note (node %s, checkpoint step %d) is older than the newest restorable checkpoint "
+                    "in %s (step %d): none of its checkpoints is lost",
+                    node,
+                    step,
+                    self.shared.url,
+                    durable,
+                )
+                return
             log.warning(
                 "the previous run (node %s) saved checkpoint step %d node-locally but it never reached %s (the node failed "
                 "before the upload): the newest checkpoint there is step %d, so %d steps are lost and computed again",
                 node,
                 step,
                 self.shared.url,
-                durable,
-                step - durable,
+                durable or 0,
+                step - (durable or 0),
             )
         except Exception as exc:  # noqa: BLE001 - a report only; no journal is the normal first run
             log.debug("no node-local journal in %s: %s", self.shared.url, exc)
@@ -160,6 +191,26 @@ class TwoLevelStorage(StorageBase):
 
     def save(self, name: str, data: Payload) -> int:
         n = self.local.save(name, data)
+        self._note_local_save(name)
+        self._enqueue("put", name)
+        return n
+
+    def create(self, name: str, data: Payload) -> int:
+        """``save`` that never replaces a checkpoint, at either level (``ExistsError``).
+
+        The local folder refuses atomically; the shared store is asked first
+        (a run on another node may have written the name). A shared store that
+        cannot be asked does not stop the local save: node-local saves exist
+        to ride out such outages, and the single-writer lock still holds.
+        """
+        try:
+            there = self.shared.exists(name)
+        except StorageError as exc:
+            log.debug("cannot check %s in %s before saving: %s", name, self.shared.url, exc)
+            there = False
+        if there:
+            raise ExistsError(f"{self.shared.url.rstrip('/')}/{name}", "a checkpoint with this name exists; refusing to replace it")
+        n = self.local.create(name, data)
         self._note_local_save(name)
         self._enqueue("put", name)
         return n

@@ -100,6 +100,59 @@ class Backend(ABC):
         """
         return self.read_region(name, out), _copied
 
+    # -------------------------------------------------------- series reductions
+    # Σx² of a float32 (nz, ny, nx) region per z plane, in the order of
+    # ``rkkernel.reduce`` (which documents it), into sample slot ``slot``:
+    # the runtime enqueues one per sample step between a batch's steps, then
+    # ``start_read_sums`` right after the batch (asynchronous where the back
+    # end can: the read completes with the batch's own synchronisation) and
+    # ``finish_read_sums`` after it. This default computes on the host from a
+    # copy of the region: correct everywhere, fast nowhere; the OpenCL and
+    # CUDA back ends reduce on the device and move only ``nz`` doubles.
+    def enqueue_sumsq(self, region: str, slot: int) -> None:
+        from ..reduce import plane_sumsq
+
+        self._sumsq_shape(region)
+        sums = getattr(self, "_host_sums", None)
+        if sums is None or slot == 0:
+            sums = self._host_sums = {}
+        sums[slot] = plane_sumsq(self.read_region(region))
+
+    def enqueue_steps_sampled(self, first_step: int, count: int, samples: Sequence[tuple[int, str, int]]) -> None:
+        """``enqueue_steps`` with ``enqueue_sumsq(region, slot)`` at each ``(step, region, slot)`` of
+        ``samples`` (ascending steps in ``[first_step, first_step + count]``), without waiting.
+
+        This default ends the steps at each sample step; a back end whose fused
+        launches can sample (``FusedSteps.sampled``) overrides it.
+        """
+        s = first_step
+        for t, name, slot in samples:
+            if t > s:
+                self.enqueue_steps(s, t - s)
+                s = t
+            self.enqueue_sumsq(name, slot)
+        if s < first_step + count:
+            self.enqueue_steps(s, first_step + count - s)
+
+    def reserve_sums(self, slots: int, region: str) -> None:  # noqa: B027 - optional hook
+        """Room for ``slots`` samples of ``region``, before a batch is enqueued."""
+        return None
+
+    def start_read_sums(self, count: int) -> None:
+        sums = getattr(self, "_host_sums", {})
+        self._host_read = np.stack([sums[i] for i in range(count)]) if count else np.zeros((0, 0))
+
+    def finish_read_sums(self) -> np.ndarray:
+        """float64[count, nz]: the plane sums of slots 0 .. count-1 (see ``enqueue_sumsq``)."""
+        return self._host_read
+
+    def _sumsq_shape(self, region: str) -> tuple[int, int, int]:
+        """The (nz, ny, nx) of a float32 3-D region, or ValueError naming it."""
+        r = self.spec.region(region)  # type: ignore[attr-defined]
+        if np.dtype(r.dtype) != np.dtype("<f4") or len(r.shape) != 3:
+            raise ValueError(f"region {region!r}: Σx² needs a float32 (nz, ny, nx) region, it is {r.dtype}{list(r.shape)}")
+        return int(r.shape[0]), int(r.shape[1]), int(r.shape[2])
+
     def write_control_block(self, control: np.ndarray) -> None:
         for f in control.dtype.names or ():
             if not f.startswith("_"):

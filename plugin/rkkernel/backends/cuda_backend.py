@@ -39,6 +39,7 @@ def cuda_program(spec: KernelSpec, persistent: bool = False) -> tuple[str, tuple
     the CUDA include paths are left to the compiler driver (cupy adds them).
     """
     source = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + spec.source_text("cuda")
+    source += "\n" + (KERNELS_DIR / "rk_reduce.cu").read_text()  # the series' Σx² (see rkkernel.reduce)
     options = NVRTC_OPTIONS + tuple(spec.build_options.get("cuda", []))
     if persistent:
         options += ("-DRK_PERSISTENT",)
@@ -133,6 +134,7 @@ class CudaBackend(Backend):
             block, grid = _geometry(launch.global_size, launch.local_size)
             args = [tuple(self._arg(a, parity) for a in launch.args) for parity in (0, 1)]
             self.launches.append((fn, grid, block, args))
+        self._cols = self._sums = None
         self.persistent = None
         if os.environ.get("RKKERNEL_CUDA_PERSISTENT", "1") != "0" and persistent:
             self.persistent = self._setup_persistent(persistent)
@@ -188,6 +190,33 @@ class CudaBackend(Backend):
             for fn, grid, block, args in self.launches:
                 fn(grid, block, args[s % 2])
             self.k_advance((1,), (1,), (self.ctl, self.h2k, self.k2h, np.uint32(1)))
+
+    def enqueue_sumsq(self, region: str, slot: int) -> None:
+        """Σx² per z plane on the device (``rk_reduce.cu``, the order of ``rkkernel.reduce``)."""
+        cp = self.cp
+        f = self.bufs[region]
+        nz, ny, nx = self._sumsq_shape(region)
+        if self._cols is None or self._cols.size < nz * nx:
+            self._cols = cp.empty(nz * nx, dtype=cp.float64)
+        self._reserve_device_sums(slot + 1, nz)
+        cols, planes = self.module.get_function("rk_sumsq_columns"), self.module.get_function("rk_sumsq_planes")
+        bx = min(128, nx)
+        cols(((nx + bx - 1) // bx, nz, 1), (bx, 1, 1), (f, self._cols, np.int32(nx), np.int32(ny), np.int32(nz)))
+        planes(((nz + 63) // 64, 1, 1), (64, 1, 1), (self._cols, self._sums, np.int32(nx), np.int32(nz), np.int32(slot * nz)))
+
+    def _reserve_device_sums(self, slots: int, nz: int) -> None:
+        if self._sums is None or self._sums.size < slots * nz:
+            old = self._sums
+            self._sums = self.cp.zeros(max(slots, 8) * nz, dtype=self.cp.float64)
+            if old is not None:
+                self._sums[: old.size] = old
+        self._sums_nz = nz
+
+    def start_read_sums(self, count: int) -> None:
+        self._sums_host = self.cp.asnumpy(self._sums[: count * self._sums_nz]).reshape(count, self._sums_nz)
+
+    def finish_read_sums(self) -> np.ndarray:
+        return self._sums_host
 
     def read_control(self) -> np.ndarray:
         return self.cp.asnumpy(self.ctl).view(CONTROL_BLOCK_DTYPE).copy()

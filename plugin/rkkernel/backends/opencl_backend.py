@@ -13,13 +13,14 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..cache import setup_opencl_cache
 from ..control import CONTROL_BLOCK_DTYPE
-from ..spec import CONTROL, KERNELS_DIR, SYNC, KernelSpec, Launch
+from ..spec import CONTROL, KERNELS_DIR, SAMPLE_LEVELS, SAMPLE_ROW, SUM_SCRATCH, SUMS, SYNC, KernelSpec, Launch, Swap
 from .base import Backend, BackendUnavailable, check_out, resolve_arg
 from .clprobe import Verdict, build_environment, explain, probe_candidates
 from .hostmem import HUGE_PAGE_MIN_BYTES, cpu_device_buffer
@@ -128,7 +129,19 @@ class _Fused:
     steps: int
     sync: object
     sync_bytes: int
-    launches: list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]]
+    #: depth -> launches (global size, local size, kernels per parity); the full depth
+    #: always, shallower ones down to ``FusedSteps.min_steps`` when the spec allows them
+    by_depth: dict[int, list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]]]
+
+    #: depth -> the sampled launches (``FusedSteps.sampled``), with the argument
+    #: indices of SUMS, SUM_SCRATCH, SAMPLE_LEVELS and SAMPLE_ROW; empty: none
+    sampled: dict[int, tuple[list[tuple[tuple[int, ...], tuple[int, ...] | None, list[object]]], tuple[int, int, int, int]]]
+    level_outputs: tuple[Swap, Swap] | None
+
+    def depth(self, available: int) -> int:
+        """The deepest sweep that fits ``available`` steps, or 0 (single steps)."""
+        fits = [d for d in self.by_depth if d <= available]
+        return max(fits) if fits else 0
 
 
 def _no_wait() -> None:
@@ -211,8 +224,34 @@ class OpenCLBackend(Backend):
         placeholders = ((CONTROL, self.ctl), (SYNC, sync))
         # A fused launch's global size is an upper bound: one work item per compute unit.
         cus = max(1, int(dev.max_compute_units))
-        launches = [((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders)) for x in f.launches]
-        return _Fused(f.steps, sync, sync_bytes, launches)
+        depths = [f.steps] if f.depth_arg is None else range(max(1, f.min_steps), f.steps + 1)
+
+        def bind(launches: tuple[Launch, ...], d: int, extra: tuple = ()) -> list:
+            out = []
+            for x in launches:
+                if f.depth_arg is not None:
+                    args = list(x.args)
+                    args[f.depth_arg] = np.int32(d)
+                    x = Launch(x.function, x.global_size, tuple(args), x.local_size)  # noqa: PLW2901
+                out.append(((min(x.global_size[0], cus), *x.global_size[1:]), x.local_size, self._bind(x, placeholders + extra)))
+            return out
+
+        by_depth = {d: bind(f.launches, d) for d in depths}
+        sampled = {}
+        if f.sampled and f.level_outputs is not None and self._sampled_sweep_builds(f.sampled):
+            # bound with stand-ins; the real buffers, mask and row are set at each enqueue
+            self._standin = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 8)
+            extra = ((SUMS, self._standin), (SUM_SCRATCH, self._standin), (SAMPLE_LEVELS, np.int32(0)), (SAMPLE_ROW, np.int32(0)))
+            index = tuple(
+                next(i for i, a in enumerate(f.sampled[0].args) if a is p) for p in (SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
+            )
+            sampled = {d: (bind(f.sampled, d, extra), index) for d in depths}
+        return _Fused(f.steps, sync, sync_bytes, by_depth, sampled, f.level_outputs)
+
+    def _sampled_sweep_builds(self, launches: tuple[Launch, ...]) -> bool:
+        """The sampled sweep kernels are in the program (they need float64; see kernels/fdtd3d.cl)."""
+        names = set(self.program.get_info(self.cl.program_info.KERNEL_NAMES).split(";"))
+        return all(x.function in names for x in launches)
 
     def _bind(self, launch: Launch, placeholders: tuple) -> list[object]:
         """The launch's kernel with its arguments set, once per step parity ([even, odd])."""
@@ -231,11 +270,13 @@ class OpenCLBackend(Backend):
         s, end = first_step, first_step + count
         f = self.fused
         while s < end:
-            if f is not None and s + f.steps <= end and not any(s < t < s + f.steps for t in stops):
+            # a fused sweep never crosses a step at which a command is due
+            depth = f.depth(min([end, *(t for t in stops if s < t < end)]) - s) if f is not None else 0
+            if depth:
                 cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
-                for global_size, local_size, pair in f.launches:
+                for global_size, local_size, pair in f.by_depth[depth]:
                     cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
-                taken = f.steps
+                taken = depth
             else:
                 for global_size, local_size, pair in self.launches:
                     cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
@@ -244,6 +285,136 @@ class OpenCLBackend(Backend):
                 cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
             s += taken
         q.flush()
+
+    # -------------------------------------------------------- series reductions
+    def _reducer(self):
+        """The Σx² program (kernels/rk_reduce.cl), built on first use; None: this device has no float64."""
+        if getattr(self, "_reduce", False) is not False:
+            return self._reduce
+        self._reduce = None
+        dev = self.ctx.devices[0]
+        if not int(getattr(dev, "double_fp_config", 0) or 0):
+            log.info("%s has no float64: series sums are computed on the host", self.description)
+            return None
+        cl = self.cl
+        src = (KERNELS_DIR / "rk_reduce.cl").read_text()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                prog = cl.Program(self.ctx, src).build(options=list(BASE_OPTIONS), cache_dir=str(setup_opencl_cache()))
+        except cl.Error as exc:
+            log.warning("%s: the Σx² program does not build (%s); series sums are computed on the host", self.description, exc)
+            return None
+        self._reduce = (cl.Kernel(prog, "rk_sumsq_columns"), cl.Kernel(prog, "rk_sumsq_planes"))
+        self._cols = None
+        self._sums = None
+        self._sums_nz = 0
+        return self._reduce
+
+    def enqueue_sumsq(self, region: str, slot: int) -> None:
+        """Σx² per z plane on the device, in the order of ``rkkernel.reduce``; only ``nz`` doubles come back."""
+        red = self._reducer()
+        if red is None:
+            super().enqueue_sumsq(region, slot)
+            return
+        cl, q = self.cl, self.queue
+        nz, ny, nx = self._sumsq_shape(region)
+        cols_k, planes_k = red
+        if self._cols is None or self._cols.size < 8 * nz * nx:
+            self._cols = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, 8 * nz * nx)
+        if self._sums is None or self._sums.size < 8 * (slot + 1) * nz:
+            # grown only between batches (the runtime reserves each batch's slots up front)
+            self._sums = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, 8 * max(slot + 1, 64) * nz)
+        self._sums_nz = nz
+        dev = self.ctx.devices[0]
+        local = None
+        if dev.type & cl.device_type.CPU:
+            wg_max = cols_k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
+            local = _cpu_local_size((nx, nz), wg_max)
+        cols_k.set_args(self.bufs[region], self._cols, np.int32(nx), np.int32(ny))
+        cl.enqueue_nd_range_kernel(q, cols_k, (nx, nz), local)
+        planes_k.set_args(self._cols, self._sums, np.int32(nx), np.int32(slot * nz))
+        cl.enqueue_nd_range_kernel(q, planes_k, (nz,), None)
+
+    def enqueue_steps_sampled(self, first_step: int, count: int, samples: Sequence[tuple[int, str, int]]) -> None:
+        """Fused sweeps that sample their levels themselves (``FusedSteps.sampled``): a sample costs
+        no pass over memory and ends no sweep. Otherwise the default (reductions between steps)."""
+        f = self.fused
+        if f is None or not f.sampled or f.level_outputs is None or self._reducer() is None or not samples:
+            super().enqueue_steps_sampled(first_step, count, samples)
+            return
+        cl, q = self.cl, self.queue
+        nz, _, nx = self._sumsq_shape(samples[0][1])
+        cus = max(g[0] for launches, _ in f.sampled.values() for g, _, _ in launches)
+        if getattr(self, "_sweep_cols", None) is None or self._sweep_cols.size < 8 * cus * nx:
+            self._sweep_cols = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, 8 * cus * nx)
+        pending = list(samples)
+        cl.enqueue_nd_range_kernel(q, self.k_poll, (1,), (1,))
+        s, end = first_step, first_step + count
+        while pending and pending[0][0] == s:  # a sample before the first step
+            self.enqueue_sumsq(pending[0][1], pending[0][2])
+            pending.pop(0)
+        while s < end:
+            depth = f.depth(end - s)
+            inside = [p for p in pending if p[0] <= s + depth] if depth else []
+            if any(name != f.level_outputs[(t - s - 1) % 2].pick(s % 2) for t, name, _ in inside):
+                depth = f.depth(inside[0][0] - s)  # not what the sweep writes: end the sweep at the sample
+                inside = []
+            if depth:
+                cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
+                if inside:
+                    launches, (i_sums, i_cols, i_mask, i_row) = f.sampled[depth]
+                    mask = sum(1 << (t - s - 1) for t, _, _ in inside)
+                    for global_size, local_size, pair in launches:
+                        k = pair[s % 2]
+                        k.set_arg(i_sums, self._sums)
+                        k.set_arg(i_cols, self._sweep_cols)
+                        k.set_arg(i_mask, np.int32(mask))
+                        k.set_arg(i_row, np.int32(inside[0][2]))
+                        cl.enqueue_nd_range_kernel(q, k, global_size, local_size)
+                    del pending[: len(inside)]
+                else:
+                    for global_size, local_size, pair in f.by_depth[depth]:
+                        cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = depth
+            else:
+                for global_size, local_size, pair in self.launches:
+                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                taken = 1
+            for _ in range(taken):
+                cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+            s += taken
+            while pending and pending[0][0] == s:  # after single steps or a sweep that did not sample it
+                self.enqueue_sumsq(pending[0][1], pending[0][2])
+                pending.pop(0)
+        q.flush()
+
+    def reserve_sums(self, slots: int, region: str) -> None:
+        """Room for ``slots`` samples of ``region`` before a batch is enqueued (no reallocation inside it)."""
+        if self._reducer() is None:
+            return
+        nz, _, _ = self._sumsq_shape(region)
+        self._sums_nz = nz  # the row length start_read_sums reads, whoever writes the rows
+        if self._sums is None or self._sums.size < 8 * slots * nz:
+            self._sums = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, 8 * max(slots, 64) * nz)
+
+    def start_read_sums(self, count: int) -> None:
+        if self._reducer() is None:
+            super().start_read_sums(count)
+            return
+        # Non-blocking: enqueued behind the batch, it completes with the batch's own synchronisation.
+        self._sums_host = np.empty((count, self._sums_nz), dtype=np.float64)
+        self._sums_event = None
+        if self._sums_host.nbytes:
+            self._sums_event = self.cl.enqueue_copy(self.queue, self._sums_host, self._sums, is_blocking=False)
+        self.queue.flush()
+
+    def finish_read_sums(self) -> np.ndarray:
+        if self._reducer() is None:
+            return super().finish_read_sums()
+        if self._sums_event is not None:
+            self._sums_event.wait()
+        return self._sums_host
 
     def read_control(self) -> np.ndarray:
         out = np.zeros(1, dtype=CONTROL_BLOCK_DTYPE)
