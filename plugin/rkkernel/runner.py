@@ -378,7 +378,10 @@ class StepLoop:
         # device-reduced series do not cut batches (see _run_batch), unless the kernel may finish
         # early: then no sample may fall after the step at which it is seen to be done
         cut = [s.every for s in self.krun.series if s.sumsq is None or self.krun.done_at is not None]
-        for every in (self.mgr.policy.every_steps, *cut):
+        ckpt = self.cfg.checkpoint_every
+        if ckpt == "auto":  # the manager's, once the interval is chosen (rkkernel.autointerval)
+            ckpt = self.mgr.policy.every_steps
+        for every in (ckpt, *cut):
             if every:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
