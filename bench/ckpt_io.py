@@ -6,6 +6,16 @@ Cold reads drop the file from the page cache (fsync, then
 posix_fadvise(DONTNEED)) before reading. Each figure is the best of --repeat.
 
     python3 bench/ckpt_io.py [--mib 128] [--repeat 3] [--dir DIR] [--no-large]
+    python3 bench/ckpt_io.py --h5-rounds 5 [--mib 128] [--fresh-mib 16] [--compare OLD_PLUGIN_DIR]
+
+``--h5-rounds N`` runs only the ``.rk.h5`` figures of issue 19 item 5, in N
+interleaved rounds (the order of the operations shuffled in each round) and
+prints medians: save and cold load into fresh memory against the raw disk in
+this process, then cold loads in fresh processes (import and load timed
+apart, ``.rk.h5`` against ``.rkcp``), and what the libhdf5 probe costs per
+file. ``--compare DIR`` also runs the fresh-process loads with
+``PYTHONPATH=DIR`` (e.g. ``/work/main/plugin``, the old code) in the same
+rounds, each version reading files it wrote itself.
 
 Unless --no-large (or less than 10 GiB free), it also round-trips a 3 GiB
 state (sharded extension) in two fresh processes and prints their peak RSS.
@@ -79,9 +89,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--no-large", action="store_true", help="skip the 3 GiB sharded round trip")
+    ap.add_argument("--h5-rounds", type=int, default=0, help="only the .rk.h5 figures, in N interleaved rounds (medians)")
+    ap.add_argument("--fresh-mib", type=int, default=16, help="state size of the fresh-process loads (16 MiB: two 128^3 fields)")
+    ap.add_argument("--compare", default=None, help="plugin folder of another version for the fresh-process loads")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rkckpt-bench-", dir=args.dir))
     try:
+        if args.h5_rounds:
+            h5_rounds(args, work)
+            return
         run(args, work)
         if not args.no_large:
             large(work)
@@ -255,6 +271,161 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f" ({r / fresh_r:.2f}x the raw read into a fresh buffer, which a loader returning new memory pays)"
         )
     print(f"  block delta (b) <= 6 % of region: {db / region_bytes * 100:.2f} % {'OK' if db <= 0.06 * region_bytes else 'MISSED'}")
+
+
+_FRESH = """
+import json, sys, time
+t0 = time.perf_counter()
+from rkckpt import container
+t1 = time.perf_counter()
+ck = container.load(sys.argv[1])
+t2 = time.perf_counter()
+assert ck.chunks[0].size > 0
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "h5py": "h5py" in sys.modules}))
+"""
+
+_FRESH_WRITE = """
+import sys, numpy as np
+from rkckpt import codec, container
+from rkckpt.model import Checkpoint, Metadata
+n = int(sys.argv[2]) << 20
+ck = Checkpoint(Metadata("bench", "wave_3d", 1), created_at=1)
+rng = np.random.default_rng(1)
+ck.add_region("pressure", rng.random(n // 8, dtype=np.float32))
+ck.add_region("velocity", rng.random(n // 8, dtype=np.float32))
+container.write(sys.argv[1], ck, codec.WriteOptions())
+"""
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def h5_rounds(args: argparse.Namespace, work: Path) -> None:
+    """Issue 19 item 5: .rk.h5 save/load against raw, interleaved rounds, medians (see the module docstring)."""
+    import random
+
+    p, v = wave_fields(args.mib)
+    nbytes = p.nbytes + v.nbytes
+    gb = nbytes / 1e9
+    ck = Checkpoint(Metadata("bench", "wave_3d", 1), created_at=1)
+    ck.add_region("pressure", p)
+    ck.add_region("velocity", v)
+    raw, h5p, rkcp = work / "raw.bin", work / "s.rk.h5", work / "s.rkcp"
+    store = FileStorage(work / "store")
+    name = checkpoint_name("bench", 1, "full", "rk.h5")
+
+    def raw_write() -> None:
+        raw.unlink(missing_ok=True)
+        with open(raw, "wb", buffering=0) as f:
+            f.write(memoryview(p).cast("B"))
+            f.write(memoryview(v).cast("B"))
+            os.fsync(f.fileno())
+
+    def raw_read_fresh() -> None:
+        fresh = np.empty(nbytes, np.uint8)
+        with open(raw, "rb", buffering=0) as f:
+            mv, got = memoryview(fresh), 0
+            while got < nbytes:
+                got += f.readinto(mv[got:])
+
+    def h5_save() -> None:
+        h5p.unlink(missing_ok=True)
+        container.write(h5p, ck, codec.WriteOptions())
+
+    def h5_load() -> None:
+        assert container.load(h5p).chunks[0].size == p.nbytes
+
+    def rkcp_save() -> None:
+        rkcp.unlink(missing_ok=True)
+        container.write(rkcp, ck, codec.WriteOptions())
+
+    def rkcp_load() -> None:
+        assert container.load(rkcp).chunks[0].size == p.nbytes
+
+    def mgr_save() -> None:
+        store.save(name, lambda f: hdf5.write_to(f, ck, codec.WriteOptions()))
+
+    def mgr_load() -> None:
+        assert load_checkpoint(store, name).chunks[0].size == p.nbytes
+
+    ops: dict[str, tuple[Callable[[], object], Callable[[], object] | None, bool]] = {
+        "raw write": (raw_write, None, True),
+        "raw cold read (fresh)": (raw_read_fresh, lambda: drop_cache(raw), False),
+        ".rk.h5 save": (h5_save, None, True),
+        ".rk.h5 cold load": (h5_load, lambda: drop_cache(h5p), False),
+        ".rk.h5 save (manager)": (mgr_save, None, True),
+        ".rk.h5 cold load (manager)": (mgr_load, lambda: drop_cache(store.path(name)), False),
+        ".rkcp save": (rkcp_save, None, True),
+        ".rkcp cold load": (rkcp_load, lambda: drop_cache(rkcp), False),
+    }
+    for fn in (raw_write, h5_save, mgr_save, rkcp_save):
+        fn()  # the files exist before the first load
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    rng = random.Random(0)
+    for _ in range(args.h5_rounds):
+        order = list(ops)
+        rng.shuffle(order)
+        for k in order:
+            fn, before, _w = ops[k]
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    store.close()
+    med = {k: gb / _median(t) for k, t in times.items()}
+    print(f"state {nbytes / 2**20:.0f} MiB, {args.h5_rounds} interleaved rounds, medians (GB/s); cpus={os.cpu_count()}")
+    print(f"{'operation':30s} {'GB/s':>8s} {'x raw':>7s}")
+    for k in ops:
+        ref = med["raw write"] if ops[k][2] else med["raw cold read (fresh)"]
+        print(f"{k:30s} {med[k]:8.3f} {med[k] / ref:7.2f}")
+    for k, target in ((".rk.h5 save", "raw write"), (".rk.h5 cold load", "raw cold read (fresh)")):
+        r = med[k] / med[target]
+        print(f"  target {k} >= 0.95x {target}: {r:.2f}x {'OK' if r >= 0.95 else 'MISSED'}")
+
+    # fresh processes: cold load of a --fresh-mib state, import and load timed apart
+    versions = {"this": str(Path(hdf5.__file__).parents[1])}
+    if args.compare:
+        versions["compare"] = args.compare
+    files: dict[tuple[str, str], Path] = {}
+    # bytecode cached outside the source trees, as an installed package has it (no compile in the timings)
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    base_env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    for label, plugin in versions.items():
+        env = dict(base_env, PYTHONPATH=plugin)
+        for fmt in ("rk.h5", "rkcp"):
+            path = work / f"fresh-{label}.{fmt}"
+            subprocess.run([sys.executable, "-c", _FRESH_WRITE, str(path), str(args.fresh_mib)], check=True, env=env)
+            files[(label, fmt)] = path
+            subprocess.run([sys.executable, "-c", _FRESH, str(path)], check=True, capture_output=True, env=env)  # warm the cache
+    fresh: dict[tuple[str, str], list[dict]] = {k: [] for k in files}
+    for _ in range(args.h5_rounds):
+        order = list(files)
+        rng.shuffle(order)
+        for key in order:
+            drop_cache(files[key])
+            env = dict(base_env, PYTHONPATH=versions[key[0]])
+            out = subprocess.run([sys.executable, "-c", _FRESH, str(files[key])], check=True, capture_output=True, text=True, env=env)
+            fresh[key].append(json.loads(out.stdout))
+    print(f"\nfresh process, cold {args.fresh_mib} MiB state, {args.h5_rounds} interleaved rounds, medians (ms):")
+    print(f"{'version':10s} {'format':7s} {'import rkckpt':>14s} {'load':>8s} {'h5py imported':>14s}")
+    for (label, fmt), runs in fresh.items():
+        imp = _median([r["import"] for r in runs]) * 1e3
+        load = _median([r["load"] for r in runs]) * 1e3
+        print(f"{label:10s} {fmt:7s} {imp:14.1f} {load:8.1f} {str(runs[0]['h5py']):>14s}")
+    for label, plugin in versions.items():
+        print(f"  {label}: PYTHONPATH={plugin}")
+
+    # what the libhdf5 probe costs per file (a file that is not laid out as rkckpt writes it takes it)
+    small = work / "probe.rk.h5"
+    container.write(small, Checkpoint(Metadata("bench", "wave_3d", 1), created_at=1), codec.WriteOptions())
+    costs = []
+    for _ in range(max(5, args.h5_rounds)):
+        t = time.perf_counter()
+        assert hdf5._probe_child(str(small), 30.0) is None
+        costs.append(time.perf_counter() - t)
+    print(f"\nlibhdf5 probe (fork, open, attributes, tables) per file, h5py already imported: median {_median(costs) * 1e3:.1f} ms")
 
 
 _LARGE_WRITE = """

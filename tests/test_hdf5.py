@@ -134,7 +134,8 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     def boom():
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written
+    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written ...
+    monkeypatch.setattr(hdf5._Template, "render", lambda self, facts, length: boom())  # ... from a template too
     with pytest.raises(RuntimeError, match="disk on fire"):
         hdf5.write_h5(path, sample_checkpoint(step=2), codec.COMPAT)
     assert path.read_bytes() == before
@@ -174,18 +175,62 @@ def test_crc32_combine_matches_zlib(la, lb):
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
 
 
-def test_reads_a_chunked_compressed_stream_dataset(tmp_path):
-    """Another tool may rewrite /rkckpt chunked and gzip-compressed (h5repack); it still reads."""
+@pytest.mark.parametrize("how", ["gzip", "chunked", "never-written-1GiB"])
+def test_non_contiguous_stream_dataset_is_refused_without_reading(tmp_path, how):
+    """A /rkckpt rewritten chunked or compressed (h5repack), or a 1 GiB chunked one never
+    written (a 9 KB file), is refused without reading it: no reader allocates its size."""
+    import resource
+
     path = tmp_path / "repacked.rk.h5"
     ck = sample_checkpoint()
     hdf5.write_h5(path, ck, codec.COMPAT)
     with h5py.File(path, "a") as f:
         data = f["rkckpt"][()]
         del f["rkckpt"]
-        f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
-    assert container.read(path).checkpoint.content_digest() == ck.content_digest()
-    np.testing.assert_array_equal(hdf5.read_region(path, "velocity"), ck.region("velocity"))
-    hdf5.check_h5(path)
+        if how == "gzip":
+            f.create_dataset("rkckpt", data=data, chunks=(1024,), compression="gzip")
+        elif how == "chunked":
+            f.create_dataset("rkckpt", data=data, chunks=(1024,))
+        else:
+            f.create_dataset("rkckpt", shape=(1 << 30,), dtype="u1", chunks=(1 << 20,), compression="gzip")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for read in (container.read, hdf5.check_h5, hdf5.read_index, lambda p: hdf5.read_region(p, "velocity"), hdf5.open_stream):
+        with pytest.raises(CheckpointError, match="not contiguous: refused without reading") as exc:
+            read(path)
+        assert exc.value.source == str(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: nothing near 1 GiB
+
+
+def test_contiguous_stream_longer_than_the_file_is_refused(tmp_path):
+    """A /rkckpt whose declared size runs past the end of the file is refused before any read."""
+    path = tmp_path / "short.rk.h5"
+    hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
+    data = path.read_bytes()
+    loc = hdf5.h5layout.locate(hdf5.FileSource(path))
+    path.write_bytes(data[: loc.offset + loc.length // 2])
+    with pytest.raises(CheckpointError, match="truncated HDF5 file|file holds") as exc:
+        container.read(path)
+    assert exc.value.source == str(path)
+
+
+def test_hot_path_needs_no_h5py(tmp_path):
+    """Restore-path reads of a file this writer laid out locate the stream without importing h5py."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.rk.h5"
+    ck = sample_checkpoint()
+    hdf5.write_h5(path, ck, small_options())
+    code = (
+        "import sys\n"
+        "from rkckpt import container, chain\n"
+        "from rkckpt.storage.file import FileStorage  # noqa: F401 - the restore path imports it\n"
+        f"ck = container.read({str(path)!r}).checkpoint\n"
+        "print(ck.content_digest(), 'h5py' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [ck.content_digest(), "False"]
 
 
 _chunk = st.tuples(
@@ -226,10 +271,14 @@ def test_probe_survives_a_crashing_or_hanging_hdf5_library(tmp_path, monkeypatch
     path = tmp_path / "p.rk.h5"
     hdf5.write_h5(path, sample_checkpoint(), codec.COMPAT)
     hdf5.probe(path)  # healthy file: no error
+    hdf5._PROBED.clear()  # the verdict is remembered per file identity: forget it for the next cases
     monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: os.kill(os.getpid(), signal.SIGSEGV))
     with pytest.raises(CheckpointError, match="crashed") as exc:
         hdf5.probe(path)
     assert exc.value.source == str(path)
+    with pytest.raises(CheckpointError, match="crashed"):  # remembered: no second child
+        hdf5.probe(path)
+    hdf5._PROBED.clear()
     monkeypatch.setattr(hdf5._Opened, "attrs", lambda self: time.sleep(30))
     with pytest.raises(CheckpointError, match="did not finish"):
         hdf5.probe(path, timeout=0.5)
@@ -238,3 +287,75 @@ def test_probe_survives_a_crashing_or_hanging_hdf5_library(tmp_path, monkeypatch
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     with pytest.raises(CheckpointError, match="HDF5"):
         hdf5.probe(bad)
+
+
+def _other_layout(src, dst) -> None:
+    """The same checkpoint as h5py lays it out by default (superblock 0, symbol-table root group):
+    another tool's file, not what h5layout.locate parses, so libhdf5 reads it."""
+    with h5py.File(src, "r") as a, h5py.File(dst, "w") as b:
+        for k, v in a.attrs.items():
+            b.attrs[k] = v
+        b.create_dataset("rkckpt", data=a["rkckpt"][()])
+        a.copy("index", b)
+        a.copy("regions", b)
+
+
+@pytest.mark.parametrize("layout", ["dense attributes (the writer before)", "h5py default"])
+def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path, monkeypatch, layout):
+    from rkckpt import h5layout
+    from rkckpt.chain import load_checkpoint, read_region
+    from rkckpt.source import FileSource
+    from rkckpt.storage import MemoryStorage
+
+    ck = sample_checkpoint()
+    fresh, other = tmp_path / "fresh.rk.h5", tmp_path / "sample-0-000000000007-full.rk.h5"
+    hdf5.write_h5(fresh, ck, codec.COMPAT)
+    if layout.startswith("dense"):
+        with monkeypatch.context() as m:
+            m.setattr(hdf5, "MAX_COMPACT_ATTRS", 8)  # 12 attributes: dense storage, as the writer did before
+            m.setattr(hdf5, "_OFFSETS", {})
+            m.setattr(hdf5, "_TEMPLATES", {})
+            hdf5.write_h5(other, ck, codec.COMPAT)
+    else:
+        _other_layout(fresh, other)
+    with FileSource(other) as fs, pytest.raises(h5layout.NotFixedLayout, match="dense|superblock version 0"):
+        h5layout.locate(fs)
+    assert container.read(other).checkpoint.content_digest() == ck.content_digest()
+    hdf5.check_h5(other)
+    store = MemoryStorage()
+    store.save(other.name, other.read_bytes())
+    assert load_checkpoint(store, other.name).content_digest() == ck.content_digest()
+    np.testing.assert_array_equal(read_region(store, other.name, "velocity"), ck.region("velocity"))
+    store.save("sample-0-000000000007-full.rk.h5", fresh.read_bytes())  # ours: structure copied sparse, stream range-read
+    np.testing.assert_array_equal(read_region(store, other.name, "pressure"), ck.region("pressure"))
+
+
+def test_template_writes_the_bytes_a_fresh_layout_writes(tmp_path, monkeypatch):
+    """Checkpoints of one shape are written by patching one layout (no h5py per checkpoint); the bytes
+    equal those of a fresh HDF5 layout of each, fulls and deltas, of different lengths and values."""
+    monkeypatch.setattr(hdf5, "_TEMPLATES", {})
+    rng = np.random.default_rng(5)
+    cks = []
+    prev = None
+    for step in (1, 2, 3, 4):
+        ck = sample_checkpoint(step=step)
+        ck.created_at = 1_700_000_000_000_000 + step * 7919
+        ck.add_region("pressure", rng.random((256, 16), dtype=np.float32) * (step if step != 3 else 0))
+        cks.append((ck, None))
+        if prev is not None:
+            cks.append((make_delta(prev, ck), prev.content_digest()))
+        prev = ck
+    for options in (codec.COMPAT, small_options()):
+        for i, (ck, base) in enumerate(cks):
+            patched, fresh = tmp_path / f"p{i}.rk.h5", tmp_path / f"f{i}.rk.h5"
+            hdf5.write_h5(patched, ck, options, chain_base=base)
+            with monkeypatch.context() as m:
+                m.setattr(hdf5, "_make_template", lambda *a: None)
+                m.setattr(hdf5, "_TEMPLATES", {})
+                hdf5.write_h5(fresh, ck, options, chain_base=base)
+            assert patched.read_bytes() == fresh.read_bytes(), (i, options)
+            raw = patched.read_bytes()
+            heads = [raw[at + 5] for at in range(len(raw)) if raw.startswith(b"OHDR\x02", at)]
+            assert heads and not any(flags & 0x20 for flags in heads)  # no object records a time: no clock in the bytes
+            hdf5.check_h5(patched)
+    assert any(t is not None for t in hdf5._TEMPLATES.values())

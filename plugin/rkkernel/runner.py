@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from rkckpt import testhook
+from rkckpt import hdf5, testhook
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
@@ -288,6 +288,7 @@ class StepLoop:
     def _restore(self) -> int | None:
         """Restore the newest chain that restores; an exit status when the run must not go on."""
         excluded: list[str] = []
+        hdf5.abandon_probes_when(lambda: self.stop.requested)  # a stop is not held up by a stuck libhdf5 probe
         while True:
             rp = self.mgr.latest(exclude=excluded)
             if rp is None:
