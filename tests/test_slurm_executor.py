@@ -87,6 +87,9 @@ def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: Slu
     # the checkpoint folder is gone after success, the timeline stays
     assert not (w.root / ".snakemake/rkslurm/sim/_").exists()
     assert not (w.root / ".snakemake/rkslurm/events.jsonl").exists()  # the step's own events are the record (issue 20)
+    # the partition's interruption history (M for --checkpoint-every auto) counted them, with the time run before each
+    hist = json.loads((w.root / ".snakemake/rkslurm/interruptions.json").read_text())["partitions"]["scavenger"]
+    assert hist["interruptions"] == n and hist["exposed_seconds"] > 0, hist
     print(f"cancel-mode test: {time.monotonic() - t0:.1f} s")
 
 

@@ -231,9 +231,11 @@ class ChainIndex:
             self.rebuilt = True
             return {}
 
-    def save(self) -> None:
+    def save(self, *, durable: bool = True) -> None:
+        """Write the index; ``durable=False``: atomic but not fsynced where the storage can (it is a cache)."""
         doc = {"version": INDEX_VERSION, "entries": {n: asdict(e) for n, e in sorted(self.entries.items())}}
-        self.storage.save(INDEX_NAME, json.dumps(doc, indent=1, sort_keys=True).encode())
+        save = self.storage.save if durable else getattr(self.storage, "save_cache", self.storage.save)
+        save(INDEX_NAME, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def refresh(self, *, trust_cache: bool = True) -> list[Entry]:
         """Reconcile the cached index with the objects actually present.

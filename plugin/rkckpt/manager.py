@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +64,9 @@ class SnapshotRequest:
 class SnapshotResponse:
     request: SnapshotRequest
     checkpoint: Checkpoint
+    #: Waits until the checkpoint's buffers hold the state (an asynchronous device->host copy,
+    #: ``PersistentKernel.snapshot``); the writer calls it before reading a byte. None: complete already.
+    ready: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ class CheckpointPolicy:
     #: 256, 7.5% with 64 (a cache line, 16 floats), 5.4% with 32; below 64 the
     #: 16-byte run entries and the per-block work grow faster than the savings.
     delta_block: int = 64
+    #: A delta is only made when the change estimate (``_estimated_change``, within about
+    #: 0.03 of the real delta on the wave and traveltime states) is at most this. Making a
+    #: delta costs about as much as writing a full (19-53 ms per 16 MiB: a compare pass over
+    #: parent and child plus the patch), so it never pays in time on a local disk; it pays in
+    #: bytes (disk, object store, the flush to it) when it stores a small part of the state.
+    #: Below 0.3 a delta saves at least 70% of them; between this and ``max_delta_fraction``
+    #: it saves little and, near that limit, may be built only to be thrown away.
+    delta_try_fraction: float = 0.3
     keep_chains: int = 2
     compat: bool = False
     level: int | None = None  # zstd level; None: the codec's default
@@ -92,7 +103,9 @@ class ManagerStats:
     completed: int = 0
     failed: int = 0
     bytes_written: int = 0
-    seconds: float = 0.0  # time spent encoding + writing
+    seconds: float = 0.0  # time spent waiting for the snapshot's device->host copy, encoding + writing
+    #: (step, writer seconds: encode, write, retention) of the newest successful write (--checkpoint-every auto measures it)
+    last_write: tuple[int, float] | None = None
     wait_seconds: float = 0.0  # time callers were blocked by back-pressure
     full: int = 0
     deltas: int = 0
@@ -192,6 +205,7 @@ class CheckpointManager:
         if (
             self.policy.full_every < 0
             or not 0 < self.policy.max_delta_fraction <= 1
+            or not 0 <= self.policy.delta_try_fraction <= 1
             or self.policy.keep_chains < 1
             or self.policy.delta_block < 1
         ):
@@ -278,6 +292,8 @@ class CheckpointManager:
     def _write(self, resp: SnapshotResponse, *, stopping: bool = False) -> int:
         step = resp.request.step
         t0 = time.perf_counter()
+        if resp.ready is not None:
+            resp.ready()  # the device->host copy, overlapped with the kernel until now
         if not self._indexed:  # learn about files from earlier runs before retention
             try:
                 self.index.refresh()
@@ -294,7 +310,7 @@ class CheckpointManager:
             and self._parent_digest is not None
             and (self._deltas_since_full < p.full_every or (stopping and p.full_every > 0))
             and full_state.metadata.kernel_id == self._parent.metadata.kernel_id
-            and _estimated_change(self._parent, full_state, p.delta_block) <= p.max_delta_fraction
+            and _estimated_change(self._parent, full_state, p.delta_block) <= min(p.max_delta_fraction, p.delta_try_fraction)
         ):
             d = _make_delta(self._parent, self._parent_digest, full_state, digest, block=not p.compat, block_size=p.delta_block)
             if _payload_bytes(d) <= p.max_delta_fraction * max(1, _payload_bytes(full_state)):
@@ -331,6 +347,12 @@ class CheckpointManager:
         self._passed_over -= {name}
         entry = Entry(name, self.kernel_id, step, kind, n, digest, body.metadata.parent_digest)
         self.index.add(entry)
+        if kind == "full":
+            # Retention keeps a chain only when its root is known intact. This one was just encoded
+            # from the state whose digest is recorded in it, every chunk checksummed on the way out:
+            # reading it straight back would read the page cache, not the disk, and prove nothing
+            # more. Older files (from other processes) are still read back in full by retention.
+            retention.trust_written(self.index, name, n)
         # success: this state is the parent of the next delta
         old = self._parent
         self._parent, self._parent_digest, self._parent_step = full_state, digest, step
@@ -352,17 +374,29 @@ class CheckpointManager:
             else:
                 self.stats.deltas += 1
         self._retain()
+        with self._cond:
+            self.stats.last_write = (step, time.perf_counter() - t0)
         return step
 
     def _retain(self) -> None:
         try:
             writer = retention.WriterView(tuple(self._chain), self._passed_over)
             doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id, writer=writer)
-            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed))
+            self.stats.deleted += len(retention.delete(self.storage, self.index, doomed, durable_index=False))
             if not doomed:
-                self.index.save()
+                self._save_index()
         except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
             log.warning("checkpoint retention in %s failed: %s", self.storage.url, exc)
+
+    def _save_index(self) -> None:
+        """Save ``rkckpt-index.json`` after a write: atomically, but without its own fsyncs where the storage allows.
+
+        The index is a cache (readers treat a missing, stale or damaged one as a
+        miss and read the headers); after a crash it may lag the files, never
+        lose them. Fsyncing it and its folder at every checkpoint doubled the
+        fsyncs of a write for nothing a reader relies on.
+        """
+        self.index.save(durable=False)
 
     def _mark_written(self, step: int) -> None:
         self._last_step = step
@@ -397,6 +431,10 @@ class CheckpointManager:
             while self._busy:
                 self._cond.wait()
         self.stats.wait_seconds += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Wait until the background write (if any) has finished, without flushing the storage."""
+        self._wait_idle()
 
     def submit(self, resp: SnapshotResponse) -> None:
         """Write ``resp`` in the background; waits while a previous write is in flight."""

@@ -143,8 +143,9 @@ def plan(index: ChainIndex, keep: int, kernel_id: str | None = None, *, writer: 
     return [e.name for e in doomed]
 
 
-def delete(storage: Storage, index: ChainIndex, names: Iterable[str]) -> list[str]:
-    """Delete ``names`` in the given order and save the index; return what was deleted."""
+def delete(storage: Storage, index: ChainIndex, names: Iterable[str], *, durable_index: bool = True) -> list[str]:
+    """Delete ``names`` in the given order and save the index (``durable_index=False``: without fsyncs, it is
+    a cache; the checkpoint manager after each write); return what was deleted."""
     done = []
     for n in names:
         storage.delete(n)
@@ -152,7 +153,7 @@ def delete(storage: Storage, index: ChainIndex, names: Iterable[str]) -> list[st
         index.verified.pop(n, None)
         done.append(n)
     if done:
-        index.save()
+        index.save(durable=durable_index)
     return done
 
 

@@ -163,6 +163,19 @@ def _short(value: Any, limit: int = 60) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+class OrAuto(click.ParamType):
+    """``auto`` (the interval is chosen by cost, see ``rkkernel.autointerval``) or a value of ``inner``."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return self.inner.convert(value, param, ctx)
+
+
 class NonEmpty(click.ParamType):
     """A non-empty string (``--checkpoint-dir ""`` must not mean "the current folder")."""
 
@@ -301,8 +314,13 @@ def common_options(plugin: KernelPlugin) -> tuple[Option, ...]:
         # A step is a float64 in the series rows: exact up to 2^53.
         Option("steps", StrictInt(min=0, max=2**53), None, "Steps to run (a kernel may finish earlier)."),
         Option("checkpoint_dir", NonEmpty(), None, "Directory or URL (default: $RKSLURM_CHECKPOINT_DIR).", envvar="RKSLURM_CHECKPOINT_DIR"),
-        Option("checkpoint_every", StrictInt(min=1), None, "Steps between checkpoints."),
-        Option("checkpoint_seconds", FiniteFloat(min=0, min_open=True), None, "Also checkpoint after this many seconds."),
+        Option("checkpoint_every", OrAuto(StrictInt(min=1)), None, "Steps between checkpoints (auto: Young-Daly, by measured cost)."),
+        Option(
+            "checkpoint_seconds",
+            OrAuto(FiniteFloat(min=0, min_open=True)),
+            None,
+            "Also checkpoint after this many seconds (auto: Young-Daly, by measured cost).",
+        ),
         Option("full_every", StrictInt(min=0), 8, "Deltas between full checkpoints (0: every checkpoint full)."),
         Option("checkpoint_format", click.Choice(["rk.h5", "rkcp"]), "rk.h5", "Checkpoint files: HDF5-wrapped or bare RKCKPT."),
         Option(

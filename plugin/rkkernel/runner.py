@@ -20,6 +20,7 @@ failed, and says so loudly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,8 +37,10 @@ from rkckpt import hdf5, testhook
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
+from rkstep.mtbi import read_mtbi
 from rkstep.protocol import EX_OK, EX_TEMPFAIL, EX_USAGE, STOP_MARKER
 
+from .autointerval import Tuner
 from .plugin import KernelPlugin, KernelRun, Series
 from .result import write_result
 from .runtime import PersistentKernel, RestoreInvalid, RestoreMismatch
@@ -58,10 +61,10 @@ class RunConfig:
     grid: tuple[int, int, int]
     steps: int
     checkpoint_dir: str
-    checkpoint_every: int | None
+    checkpoint_every: int | str | None  # "auto": Young-Daly (rkkernel.autointerval)
     out: str
     backend: str = "auto"
-    checkpoint_seconds: float | None = None
+    checkpoint_seconds: float | str | None = None  # "auto" as for checkpoint_every
     checkpoint_format: str = "rk.h5"  # "rkcp": bare RKCKPT files
     full_every: int = 8
     batch: int = 32
@@ -226,6 +229,8 @@ class StepLoop:
         self.checkpoint_failures: list[str] = []
         #: (step, failed writes before it) of the last periodic checkpoint handed to the manager
         self.submitted: tuple[int, int] | None = None
+        #: --checkpoint-every/--checkpoint-seconds auto: measures C and picks the interval
+        self.tuner: Tuner | None = None
 
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
@@ -246,9 +251,13 @@ class StepLoop:
         with self.stop.held():
             self.kernel = PersistentKernel(self.krun.spec, self.cfg.backend, kernel_id=self.cfg.kernel_id)
         log.info("backend %s: %s", self.kernel.backend_name, self.kernel.description)
+        every, seconds = self.cfg.checkpoint_every, self.cfg.checkpoint_seconds
+        if "auto" in (every, seconds):
+            m = read_mtbi()
+            self.tuner = Tuner(every == "auto", m.seconds, m.source)
         policy = CheckpointPolicy(
-            every_steps=self.cfg.checkpoint_every,
-            every_seconds=self.cfg.checkpoint_seconds,
+            every_steps=None if every == "auto" else every,
+            every_seconds=None if seconds == "auto" else seconds,
             full_every=self.cfg.full_every,
             checkpoint_format=self.cfg.checkpoint_format,
         )
@@ -360,17 +369,20 @@ class StepLoop:
             self.done_at = self.krun.done_at(self.kernel)
 
     def _snapshot(self, reason: str) -> SnapshotResponse:
-        c = self.kernel.create_checkpoint(reuse=self.mgr.reusable())
+        c, ready = self.kernel.snapshot(reuse=self.mgr.reusable())  # copied while the kernel goes on
         for s in self.krun.series:
             c.add_region(s.region, _series_array(s, self.series[s.name]))
-        return SnapshotResponse(SnapshotRequest(self.step, reason), c)
+        return SnapshotResponse(SnapshotRequest(self.step, reason), c, ready)
 
     def _next_stop(self) -> int:
         nxt = min(self.cfg.steps, self.step + max(1, self.cfg.batch))
         # device-reduced series do not cut batches (see _run_batch), unless the kernel may finish
         # early: then no sample may fall after the step at which it is seen to be done
         cut = [s.every for s in self.krun.series if s.sumsq is None or self.krun.done_at is not None]
-        for every in (self.cfg.checkpoint_every, *cut):
+        ckpt = self.cfg.checkpoint_every
+        if ckpt == "auto":  # the manager's, once the interval is chosen (rkkernel.autointerval)
+            ckpt = self.mgr.policy.every_steps
+        for every in (ckpt, *cut):
             if every:
                 nxt = min(nxt, (self.step // every + 1) * every)
         return nxt
@@ -380,20 +392,43 @@ class StepLoop:
         t0, s0 = time.monotonic(), self.step
         try:
             while self.step < self.cfg.steps and not self.stop.requested and not self._finished():
+                tb, before = time.perf_counter(), self.step
                 self._run_batch(self._next_stop())
                 self.stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
                 self.step = self.kernel.step
+                if self.tuner is not None:
+                    self.tuner.batch(self.step - before, time.perf_counter() - tb)
                 self._check_done()
                 self._sample()
-                if self.step < self.cfg.steps and not self._finished() and self.mgr.due(self.step):
+                probe = self.tuner is not None and self.tuner.probe_due()
+                if self.step < self.cfg.steps and not self._finished() and (probe or self.mgr.due(self.step)):
                     self.submitted = (self.step, self.mgr.stats.failed)
+                    ts = time.perf_counter()
                     self.mgr.submit(self._snapshot("periodic"))
+                    if probe and self.tuner is not None:
+                        self.tuner.probed(self.step, time.perf_counter() - ts, self.submitted[1])
+                        self.mgr.wait()  # once per run: the interval is known from the next batch on
+                self._tune()
                 self._report_written()
                 progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
                 if self.cfg.throttle_ms:
                     time.sleep(self.cfg.throttle_ms / 1000.0)
         finally:
             progress.close()
+
+    def _tune(self) -> None:
+        """--checkpoint-every/--checkpoint-seconds auto: set the interval once the probe's cost is known."""
+        if self.tuner is None or self.tuner.pending is None:
+            return
+        st = self.mgr.stats
+        chosen = self.tuner.poll(st.last_write, st.failed)
+        if chosen is None:
+            return
+        if chosen.steps is not None:
+            self.mgr.policy = dataclasses.replace(self.mgr.policy, every_steps=chosen.steps)
+        else:
+            self.mgr.policy = dataclasses.replace(self.mgr.policy, every_seconds=chosen.seconds)
+        log.info("%s", chosen.describe())
 
     def _report_written(self) -> None:
         """A ``checkpoint`` event once a write has landed in storage, not when it is handed over:

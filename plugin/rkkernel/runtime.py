@@ -271,7 +271,24 @@ class PersistentKernel:
 
     # ------------------------------------------------------------ checkpoints
     def create_checkpoint(self, reuse: Checkpoint | None = None) -> Checkpoint:
-        """Full state at the current step boundary (device → host copy).
+        """Full state at the current step boundary (device → host copy), complete on return.
+
+        See ``snapshot`` for ``reuse`` and for the asynchronous form.
+        """
+        ckpt, wait = self.snapshot(reuse)
+        wait()
+        return ckpt
+
+    def snapshot(self, reuse: Checkpoint | None = None) -> tuple[Checkpoint, Callable[[], None]]:
+        """Full state at the current step boundary, copied to the host asynchronously.
+
+        Returns the checkpoint and a ``wait()``: the region copies are queued
+        on the device behind the steps already run and ahead of any enqueued
+        later, so the kernel may go on at once and, once ``wait()`` returned,
+        the region buffers hold exactly this step's state (bit-identical to a
+        synchronous copy). Nothing may read the region buffers before that
+        (the checkpoint manager calls it first thing on its writer thread).
+        The control block, queues, HLC and halos are small and copied now.
 
         ``reuse``: an earlier checkpoint of this kernel that nobody reads any
         more (``CheckpointManager.reusable()``); its region buffers are
@@ -301,8 +318,14 @@ class PersistentKernel:
         halos = []
         halo_bytes = []
         offset = 0
+        waits: list[Callable[[], None]] = []
         for r in self.spec.regions:
-            arr = self.backend.read_region(r.name, _reusable_buffer(reuse, r.name, np.dtype(r.dtype), tuple(r.shape)))
+            out = _reusable_buffer(reuse, r.name, np.dtype(r.dtype), tuple(r.shape))
+            if r.role == "halo":
+                arr = self.backend.read_region(r.name, out)
+            else:
+                arr, wait = self.backend.read_region_async(r.name, out)
+                waits.append(wait)
             if r.role == "halo":
                 halos.append({"name": r.name, "dtype": np.dtype(r.dtype).str, "shape": list(r.shape), "offset": offset})
                 halo_bytes.append(arr.tobytes())
@@ -312,7 +335,12 @@ class PersistentKernel:
         if halos:
             ckpt.chunks.append(Chunk(int(ChunkType.HALO_BUFFERS), 0, b"".join(halo_bytes)))
             ckpt.metadata = ckpt.metadata.with_custom(**{HALOS_KEY: json.dumps(halos, sort_keys=True, separators=(",", ":"))})
-        return ckpt
+
+        def wait_all() -> None:
+            for w in waits:
+                w()
+
+        return ckpt, wait_all
 
     def create_incremental_checkpoint(self, base: Checkpoint) -> Checkpoint:
         """Delta against ``base`` (a full state, e.g. the last checkpoint written)."""

@@ -39,7 +39,7 @@ from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, step_fingerprint
 from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
 from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 
-from . import adoption, slurmquery, submitter
+from . import adoption, interruptions, slurmquery, submitter
 from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
 from .policy import Action, PolicySettings
 
@@ -273,9 +273,14 @@ class Executor(_stock.Executor):
         step.submitted(job_id, log, time.time())
         with self._steps_lock:
             self._steps[job.jobid] = step
+        self._record(step, "adopted" if adopted is not None else "submitted")
         self._threadsafe(self.report_job_submission, SubmittedJobInfo(job, external_jobid=job_id, aux={"slurm_logfile": Path(log)}))
 
     # ------------------------------------------------------------ status loop
+
+    def _record(self, step: Step, event: str) -> None:
+        """Feed the partition's interruption history (M for ``--checkpoint-every auto``) with one step event."""
+        interruptions.default_history().observe(step.partition, str(step.export or step.rule), event, time.time())
 
     def _step_of(self, j: SubmittedJobInfo) -> Step:
         with self._steps_lock:
@@ -373,25 +378,30 @@ class Executor(_stock.Executor):
             if d.history.job_requeues > prev.job_requeues:
                 step.submitted_at = time.time()  # older stop markers belong to the previous run of this id
                 self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
+                self._record(step, "requeued")
             return True
         if d.action is Action.SUCCEED:
+            self._record(step, "succeeded")
             self._on_success(step)
             self.report_job_success(j)
             return False
         if d.action is Action.FAIL:
             if obs.state.is_active or obs.state.is_held:
                 await asyncio.to_thread(self.slurm.cancel, obs.job_id)
+            self._record(step, "failed")
             logs = [p for p in step.history.log_paths if p]
             self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {d.reason}\n", aux_logs=logs)
             return False
         # RESUBMIT
         self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
+        self._record(step, d.event or "resubmit")
         try:
             job_id, log = await asyncio.to_thread(self._submit, j.job, step)
         except Exception as e:  # noqa: BLE001 - any failure fails this step only
             self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {e}. {step.history.describe()}\n")
             return False
         step.submitted(job_id, log, time.time())
+        self._record(step, "submitted")
         self.logger.info(
             f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
         )

@@ -15,6 +15,7 @@ short outage during a resubmission does not fail a step that was only waiting.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -23,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import interruptions
 
 #: sbatch errors that say "slurmctld is not answering right now", not "this request is wrong"
 TRANSIENT_SBATCH_ERROR = re.compile(
@@ -134,6 +137,8 @@ def build_submission(executor: Any, job: Any, extras: SubmitExtras) -> tuple[str
     from snakemake_executor_plugin_slurm.utils import get_job_wildcards, set_gres_string
     from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
 
+    partition = job.resources.get("slurm_partition") or getattr(executor, "_default_partition", None)
+    extras = dataclasses.replace(extras, env=interruptions.job_env(extras.env, partition))  # M for --checkpoint-every auto
     wildcard_str = get_job_wildcards(job)
     logfile = log_pattern(executor, job)
     logfile.parent.mkdir(parents=True, exist_ok=True)

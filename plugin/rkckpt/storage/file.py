@@ -130,7 +130,11 @@ class FileStorage(StorageBase):
         return p if self.exists(name) else None
 
     def save(self, name: str, data: Payload) -> int:
-        return self._put(name, data, replace=True)
+        return self._put(name, data, replace=True, fsync=self.fsync)
+
+    def save_cache(self, name: str, data: Payload) -> int:
+        """``save`` for a file that is only a cache (the chain index): atomic rename, no fsyncs."""
+        return self._put(name, data, replace=True, fsync=False)
 
     def create(self, name: str, data: Payload) -> int:
         """Atomic put-no-replace: the complete file appears under ``name`` only if nothing is there.
@@ -139,9 +143,9 @@ class FileStorage(StorageBase):
         replacing, so even a second process that ignored the lock cannot make
         us overwrite a checkpoint.
         """
-        return self._put(name, data, replace=False)
+        return self._put(name, data, replace=False, fsync=self.fsync)
 
-    def _put(self, name: str, data: Payload, *, replace: bool) -> int:
+    def _put(self, name: str, data: Payload, *, replace: bool, fsync: bool) -> int:
         final = self.path(name)
         self.acquire_lock()
         if not replace and self.exists(name):  # fail before writing the bytes
@@ -156,7 +160,7 @@ class FileStorage(StorageBase):
                 write_payload(f, data)
                 f.flush()
                 size = f.tell()
-                if self.fsync:
+                if fsync:
                     os.fsync(f.fileno())
             if replace:
                 os.replace(tmp, final)
@@ -173,7 +177,7 @@ class FileStorage(StorageBase):
             if isinstance(exc, OSError):
                 raise _oserror(final, "writing", exc) from None
             raise
-        if self.fsync:
+        if fsync:
             fsync_dir(self.root)
         return size
 

@@ -8,7 +8,7 @@ the ``read_*`` calls is asynchronous and ordered (one in-order device queue).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,10 @@ def check_out(out: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], name: st
     if out.dtype != dtype or out.shape != tuple(shape) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"region {name!r}: cannot read {dtype}{list(shape)} into a {out.dtype}{list(out.shape)} array")
     return out
+
+
+def _copied() -> None:
+    """``wait()`` of a copy that was made synchronously."""
 
 
 class Backend(ABC):
@@ -83,6 +87,18 @@ class Backend(ABC):
 
     @abstractmethod
     def write_region(self, name: str, array: np.ndarray) -> None: ...
+
+    def read_region_async(self, name: str, out: np.ndarray | None = None) -> tuple[np.ndarray, Callable[[], None]]:
+        """Start a host copy of a region; return the array and a ``wait()`` for the copy.
+
+        The copy is ordered like any other command: after the work queued so
+        far and before work queued later, so once ``wait()`` returns the
+        array holds the region exactly as of this call's place in the queue,
+        whatever the device did since (a checkpoint stays the state of its
+        step while the kernel runs on). Until then the caller must not read
+        the array. Back ends that cannot copy asynchronously copy now.
+        """
+        return self.read_region(name, out), _copied
 
     # -------------------------------------------------------- series reductions
     # Σx² of a float32 (nz, ny, nx) region per z plane, in the order of

@@ -89,6 +89,20 @@ def probe(spec: KernelSpec | None = None) -> tuple[bool, str]:
     return index is not None, why
 
 
+def _no_wait() -> None:
+    return None
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Page-locked host memory (a real asynchronous DMA target), else ordinary memory."""
+    try:
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+    except Exception:  # noqa: BLE001 - no pinned memory to be had: a pageable copy still works
+        return np.empty(shape, dtype=dtype)
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
@@ -237,6 +251,50 @@ class CudaBackend(Backend):
         if out is None:
             return self.cp.asnumpy(buf)
         return buf.get(out=check_out(out, np.dtype(buf.dtype), buf.shape, name))
+
+    def read_region_async(self, name: str, out: np.ndarray | None = None):  # noqa: ANN201 - see Backend
+        """Device-to-device copy into a staging buffer on the compute stream, then a DMA into pinned
+        host memory on a copy stream: the kernel goes on at once; ``wait()`` waits for the DMA.
+
+        Ordering: the staging copy runs after the steps queued so far (same
+        stream); the DMA waits for it (an event); the next staging copy of
+        this region waits for the previous DMA (an event), so a staging
+        buffer is never overwritten while it is read. Without the memory for
+        a staging buffer the copy is synchronous.
+        """
+        cp = self.cp
+        buf = self.bufs[name]
+        if out is None:
+            out = _pinned_empty(buf.shape, np.dtype(buf.dtype))
+        else:
+            check_out(out, np.dtype(buf.dtype), buf.shape, name)
+        if not out.nbytes:
+            return out, _no_wait
+        if not hasattr(self, "_staging"):
+            self._staging: dict[str, object] = {}
+            self._staged: dict[str, object] = {}
+            self._copy_stream = cp.cuda.Stream(non_blocking=True)
+        null = cp.cuda.Stream.null
+        staging = self._staging.get(name)
+        if staging is None:
+            try:
+                staging = self._staging[name] = cp.empty_like(buf)
+            except cp.cuda.memory.OutOfMemoryError:
+                return self.read_region(name, out), _no_wait
+        prev = self._staged.get(name)
+        if prev is not None:
+            null.wait_event(prev)
+        with null:
+            staging[...] = buf
+        ready = cp.cuda.Event(disable_timing=True)
+        ready.record(null)
+        stream = self._copy_stream
+        stream.wait_event(ready)
+        cp.cuda.runtime.memcpyAsync(out.ctypes.data, staging.data.ptr, out.nbytes, cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(stream)
+        self._staged[name] = done
+        return out, done.synchronize
 
     def write_region(self, name: str, array: np.ndarray) -> None:
         buf = self.bufs[name]

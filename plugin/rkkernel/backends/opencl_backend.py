@@ -144,6 +144,10 @@ class _Fused:
         return max(fits) if fits else 0
 
 
+def _no_wait() -> None:
+    return None
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
 
@@ -445,6 +449,16 @@ class OpenCLBackend(Backend):
         if out.nbytes:
             self.cl.enqueue_copy(self.queue, out, self.bufs[name], is_blocking=True)
         return out
+
+    def read_region_async(self, name: str, out: np.ndarray | None = None):  # noqa: ANN201 - see Backend
+        """A non-blocking ``enqueue_copy`` on the in-order queue; ``wait()`` waits for its event."""
+        dt, shape = self.shapes[name]
+        out = np.empty(shape, dtype=dt) if out is None else check_out(out, dt, shape, name)
+        if not out.nbytes:
+            return out, _no_wait
+        event = self.cl.enqueue_copy(self.queue, out, self.bufs[name], is_blocking=False)
+        self.queue.flush()  # start it now, not at the next blocking call
+        return out, event.wait
 
     def write_region(self, name: str, array: np.ndarray) -> None:
         dt, shape = self.shapes[name]
