@@ -11,20 +11,23 @@ against a fake :class:`SlurmApi` without a cluster or a workflow.
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rkstep.events import latest_attempt, read_events
+from rkstep.events import Attempt
 from rkstep.protocol import EX_TEMPFAIL, StepPaths
 
 from . import ckptdir, slurmquery
+from .eventfeed import EventFeed
 from .policy import Decision, JobObservation, PolicySettings, SlurmJobState, StepHistory, classify, decide, parse_exit_code, parse_state
 from .slurmquery import JobRecord
 
-__all__ = ["Monitor", "Plan", "SlurmApi", "SlurmCli", "Step"]
+__all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
 
 
 class SlurmApi(Protocol):
@@ -38,13 +41,34 @@ class SlurmApi(Protocol):
 
 
 class SlurmCli:
-    """:class:`SlurmApi` on the real command-line tools (scontrol, sacct, squeue, scancel)."""
+    """:class:`SlurmApi` on the real command-line tools (squeue, sacct, scancel).
+
+    Per poll: one ``squeue -j`` for all ids, at most one ``sacct``. The
+    adoption listing (``squeue --me``) is one call shared by every step that
+    asks within ``listing_max_age`` seconds (the whole start-up burst of
+    submissions), never one per submission.
+    """
+
+    def __init__(self, listing_max_age: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.listing_max_age = listing_max_age
+        self.clock = clock
+        self._listing: list[slurmquery.QueueRow] | None = None
+        self._listing_at = 0.0
+        self._listing_lock = threading.Lock()
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         return slurmquery.query(job_ids)
 
+    def my_jobs(self) -> list[slurmquery.QueueRow]:
+        """This user's live jobs (job id, name, uid, state, comment): cached ``squeue --me``."""
+        with self._listing_lock:
+            if self._listing is None or self.clock() - self._listing_at > self.listing_max_age:
+                self._listing = slurmquery.my_jobs()  # raises: "cannot ask" is never "no job"
+                self._listing_at = self.clock()
+            return list(self._listing)
+
     def tagged_jobs(self, tag: str) -> list[tuple[str, str]]:
-        return slurmquery.tagged_jobs(tag)
+        return slurmquery.tagged_jobs(tag, rows=self.my_jobs())
 
     def cancel(self, job_id: str) -> None:
         slurmquery.cancel(job_id)
@@ -67,6 +91,13 @@ class Step:
     #: Slurm log of the current job
     log: str | None = None
     folder_gone_reported: bool = False
+    #: the job's time limit in seconds when the rule sets ``runtime`` (else the partition's applies)
+    time_limit: int | None = None
+    #: incremental reader of the step's events file (made on first use)
+    feed: EventFeed | None = field(default=None, repr=False)
+    #: what Slurm said about the current job at the last full observation, and that observation
+    seen: tuple[Any, ...] | None = field(default=None, repr=False)
+    last_observation: JobObservation | None = field(default=None, repr=False)
 
     @property
     def job_id(self) -> str | None:
@@ -118,15 +149,41 @@ class Monitor:
         return self.preempt_modes.get(partition or "", "OFF") not in ("OFF", "")
 
     def plan(self, steps: Sequence[tuple[Any, Step]]) -> list[Plan]:
-        """One :class:`Plan` per step. Raises :class:`~.slurmquery.QueryError` when Slurm did not answer."""
-        ids = [s.job_id for _, s in steps if s.job_id]
+        """One :class:`Plan` per step. Raises :class:`~.slurmquery.QueryError` when Slurm did not answer.
+
+        One Slurm query for all steps. A step whose job looks as it did at the
+        last poll keeps that observation: its folder (events, stop marker,
+        progress) is read only when its job changed state, so a poll of
+        thousands of pending steps reads no files.
+        """
+        ids = list(dict.fromkeys(s.job_id for _, s in steps if s.job_id))
         records = self.slurm.query(ids) if ids else {}
         plans = []
         for key, step in steps:
-            obs = self.observe(step, records.get(step.job_id or ""))
+            rec = records.get(step.job_id or "")
+            sig = _signature(step, rec)
+            if sig is not None and sig == step.seen and step.last_observation is not None:
+                obs = step.last_observation
+            else:
+                obs = self.observe(step, rec)
+                step.seen, step.last_observation = sig, obs
             warnings = self._folder_warning(step, obs)
             plans.append(Plan(key, step, obs, decide(obs, step.history, self.policy), warnings))
         return plans
+
+    def fast_poll(self, plans: Sequence[Plan]) -> bool:
+        """Poll fast only while some step RUNS on a preemptible partition (pending ones cannot be preempted)."""
+        return any(
+            p.observation.state is SlurmJobState.RUNNING and self.preemptible(p.observation.partition or p.step.partition) for p in plans
+        )
+
+    def attempt(self, step: Step, job_id: str) -> Attempt | None:
+        """The newest attempt of ``job_id`` from the step's events (read from the last offset)."""
+        if step.paths is None or not job_id:
+            return None
+        if step.feed is None or step.feed.path != step.paths.events:
+            step.feed = EventFeed(step.paths.events)
+        return step.feed.latest_attempt(job_id)
 
     def observe(self, step: Step, rec: JobRecord | None) -> JobObservation:
         job_id = step.job_id or ""
@@ -136,11 +193,10 @@ class Monitor:
         requeue_on_preempt = self.preempt_modes.get(partition or "", "") == "REQUEUE" and (
             rec.requeue if rec and rec.requeue is not None else True
         )
-        attempt = None
-        if step.paths is not None and job_id:
-            attempt = latest_attempt(read_events(step.paths.events), job_id)
+        attempt = self.attempt(step, job_id)
         stopped = attempt.stopped_step if attempt is not None and attempt.stopped_step is not None else self._fresh_stop_step(step)
         if rec is not None:
+            ended = attempt is not None and attempt.ended
             state = classify(
                 state,
                 preempted=rec.preempted,
@@ -148,6 +204,8 @@ class Monitor:
                 run_seconds=rec.run_seconds,
                 time_limit_seconds=rec.time_limit_seconds,
                 signal_lead=self.signal_lead,
+                finished=ended and attempt.end_rc == 0,  # type: ignore[union-attr]
+                step_error=ended and attempt.end_rc not in (0, EX_TEMPFAIL),  # type: ignore[union-attr]
             )
         return JobObservation(
             job_id=job_id,
@@ -184,6 +242,8 @@ class Monitor:
         (the step's own complaints went to a log inside that folder, or to its job log)."""
         if step.checkpoint_dir is None or step.folder_gone_reported or obs.state is SlurmJobState.COMPLETED:
             return ()
+        if obs.state.is_active and obs.state is not SlurmJobState.RUNNING:
+            return ()  # a pending job has nothing to lose yet: no stat per pending step per poll
         if step.checkpoint_dir.exists():
             return ()
         step.folder_gone_reported = True
@@ -192,3 +252,58 @@ class Monitor:
             f"({obs.state.value.lower()}); its checkpoints are gone and the step cannot write new ones: an interruption now "
             "restarts it from step 0",
         )
+
+
+def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
+    """What must stay the same for the last observation of the step to still hold (None: always look)."""
+    if rec is None:
+        return None
+    return (
+        step.job_id,
+        step.submitted_at,
+        rec.state,
+        rec.restarts,
+        rec.exit_code,
+        rec.preempted,
+        rec.source,
+        rec.partition,
+        rec.node,
+        rec.requeue,
+    )
+
+
+@dataclass
+class Pacer:
+    """Seconds until the next poll: fast, slow, or backing off while Slurm is busy.
+
+    A rate-limited, slow or unreachable slurmctld ("Request rate limit
+    exceeded", timeouts) doubles the wait up to ``max_backoff`` with full
+    jitter (so many heads do not retry in step), is said once per outage
+    (and once when it ends), and never fails a step.
+    """
+
+    fast: float = 2.0
+    slow: float = 5.0
+    max_backoff: float = 60.0
+    rng: Callable[[], float] = random.random
+    failures: int = 0
+
+    def ok(self, fast: bool) -> tuple[float, str | None]:
+        """After an answered poll: (interval, message to log once or None)."""
+        msg = f"rkslurm: Slurm answers again after {self.failures} failed status queries." if self.failures else None
+        self.failures = 0
+        return (self.fast if fast else self.slow), msg
+
+    def failed(self, error: Exception) -> tuple[float, str | None]:
+        """After a poll Slurm did not answer: (interval, message to log once per outage or None)."""
+        self.failures += 1
+        cap = min(self.max_backoff, self.fast * 2 ** min(self.failures, 10))
+        wait = max(self.fast, cap * (0.5 + 0.5 * self.rng()))
+        msg = None
+        if self.failures == 1:
+            busy = isinstance(error, slurmquery.SlurmBusy)
+            msg = (
+                f"rkslurm: Slurm {'is busy or rate-limiting' if busy else 'status query failed'} ({error}); "
+                f"backing off (up to {self.max_backoff:.0f} s, with jitter) and asking again; no step is failed for this."
+            )
+        return wait, msg
