@@ -7,6 +7,12 @@ checkpoint folder (events, stop marker, progress) into a
 :func:`~.policy.decide` choose. The executor only acts on the returned
 :class:`Plan` list (report, resubmit, cancel), so the glue is unit-tested
 against a fake :class:`SlurmApi` without a cluster or a workflow.
+
+At scale (issue 21): one query per poll for every step (the Slurm calls do
+not grow with the number of steps), the step folder read only when the
+step's job changed state (events from the last offset, :mod:`.eventfeed`),
+a :class:`Pacer` that polls fast only while a step runs on a preemptible
+partition and backs off with jitter while Slurm is busy.
 """
 
 from __future__ import annotations
