@@ -144,6 +144,8 @@ def worker(n: int, polls: int, d: Path) -> dict[str, object]:
         t0, c0 = time.process_time(), os.times()
         opens[0], opens[1] = 0, True
         plans = monitor.plan(steps)
+        for plan in plans:  # what the executor's act step does for a waiting step
+            plan.step.history = plan.decision.history
         opens[1] = False
         t1, c1 = time.process_time(), os.times()
         assert len(plans) == n

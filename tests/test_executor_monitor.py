@@ -301,3 +301,25 @@ def test_fast_poll_only_while_a_preemptible_step_runs(tmp_path: Path) -> None:
     assert mon.fast_poll(mon.plan([("k", step)]))
     slurm.records["100"] = rec("RUNNING", partition="normal")
     assert not mon.fast_poll(mon.plan([("k", step)]))
+
+
+def test_unchanged_waiting_job_is_not_decided_again_but_held_ones_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snakemake_executor_plugin_rkslurm import monitor as mon
+
+    calls: list[str] = []
+    real = mon.decide
+    monkeypatch.setattr(mon, "decide", lambda obs, hist, settings=None: calls.append(obs.state.value) or real(obs, hist, settings))
+    slurm, m, step = make(tmp_path, max_held_polls=2)
+    slurm.records["100"] = rec("PENDING")
+    for _ in range(4):
+        (p,) = m.plan([("k", step)])
+        step.history = p.decision.history  # as the executor does
+        assert p.decision.action is Action.WAIT
+    assert calls == ["PENDING"]
+    slurm.records["100"] = rec("REQUEUE_HOLD")  # a held job counts its polls: decided every time
+    actions = []
+    for _ in range(3):
+        (p,) = m.plan([("k", step)])
+        step.history = p.decision.history
+        actions.append(p.decision.action)
+    assert actions == [Action.WAIT, Action.WAIT, Action.FAIL] and calls.count("REQUEUE_HOLD") == 3

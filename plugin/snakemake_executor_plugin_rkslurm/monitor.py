@@ -30,7 +30,18 @@ from rkstep.protocol import EX_TEMPFAIL, StepPaths
 
 from . import ckptdir, slurmquery
 from .eventfeed import EventFeed
-from .policy import Decision, JobObservation, PolicySettings, SlurmJobState, StepHistory, classify, decide, parse_exit_code, parse_state
+from .policy import (
+    Action,
+    Decision,
+    JobObservation,
+    PolicySettings,
+    SlurmJobState,
+    StepHistory,
+    classify,
+    decide,
+    parse_exit_code,
+    parse_state,
+)
 from .slurmquery import JobRecord
 
 __all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
@@ -60,6 +71,7 @@ class SlurmCli:
         self.clock = clock
         self._listing: list[slurmquery.QueueRow] | None = None
         self._listing_at = 0.0
+        self._by_word: dict[str, list[tuple[str, str]]] = {}
         self._listing_lock = threading.Lock()
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
@@ -68,13 +80,22 @@ class SlurmCli:
     def my_jobs(self) -> list[slurmquery.QueueRow]:
         """This user's live jobs (job id, name, uid, state, comment): cached ``squeue --me``."""
         with self._listing_lock:
-            if self._listing is None or self.clock() - self._listing_at > self.listing_max_age:
-                self._listing = slurmquery.my_jobs()  # raises: "cannot ask" is never "no job"
-                self._listing_at = self.clock()
-            return list(self._listing)
+            return list(self._refresh_listing())
+
+    def _refresh_listing(self) -> list[slurmquery.QueueRow]:
+        if self._listing is None or self.clock() - self._listing_at > self.listing_max_age:
+            rows = slurmquery.my_jobs()  # raises: "cannot ask" is never "no job"
+            by_word: dict[str, list[tuple[str, str]]] = {}
+            for r in rows:
+                for word in set((r.comment or "").split()):
+                    by_word.setdefault(word, []).append((r.job_id, r.state))
+            self._listing, self._by_word, self._listing_at = rows, by_word, self.clock()
+        return self._listing
 
     def tagged_jobs(self, tag: str) -> list[tuple[str, str]]:
-        return slurmquery.tagged_jobs(tag, rows=self.my_jobs())
+        with self._listing_lock:
+            self._refresh_listing()
+            return list(self._by_word.get(tag, ()))
 
     def cancel(self, job_id: str) -> None:
         slurmquery.cancel(job_id)
@@ -104,6 +125,8 @@ class Step:
     #: what Slurm said about the current job at the last full observation, and that observation
     seen: tuple[Any, ...] | None = field(default=None, repr=False)
     last_observation: JobObservation | None = field(default=None, repr=False)
+    last_decision: Decision | None = field(default=None, repr=False)
+    decided_from: StepHistory | None = field(default=None, repr=False)
 
     @property
     def job_id(self) -> str | None:
@@ -168,13 +191,25 @@ class Monitor:
         for key, step in steps:
             rec = records.get(step.job_id or "")
             sig = _signature(step, rec)
+            last = step.last_decision
             if sig is not None and sig == step.seen and step.last_observation is not None:
                 obs = step.last_observation
+                # same observation, same history, a job that waits in the queue or runs: decide
+                # would say the same WAIT again (it counts nothing for active states)
+                same = (
+                    last is not None
+                    and last.action is Action.WAIT
+                    and obs.state.is_active
+                    and (step.history is last.history or step.history is step.decided_from)
+                )
             else:
                 obs = self.observe(step, rec)
                 step.seen, step.last_observation = sig, obs
+                same = False
+            decision = last if same and last is not None else decide(obs, step.history, self.policy)
+            step.last_decision, step.decided_from = decision, step.history
             warnings = self._folder_warning(step, obs)
-            plans.append(Plan(key, step, obs, decide(obs, step.history, self.policy), warnings))
+            plans.append(Plan(key, step, obs, decision, warnings))
         return plans
 
     def fast_poll(self, plans: Sequence[Plan]) -> bool:

@@ -255,7 +255,8 @@ def squeue_jobs(ids: list[str], timeout: float) -> dict[str, JobRecord]:
         if "Invalid job id" in str(e):  # a single id slurmctld has purged: sacct's turn
             return {}
         raise
-    return {k: v for k, v in parse_squeue(out).items() if k in set(ids)}
+    wanted = set(ids)
+    return {k: v for k, v in parse_squeue(out).items() if k in wanted}
 
 
 def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0) -> dict[str, JobRecord]:
