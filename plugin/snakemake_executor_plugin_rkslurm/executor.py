@@ -80,7 +80,7 @@ class Executor(_stock.Executor):
         )
         self.pacer = Pacer(fast=float(s.poll_interval), slow=float(s.slow_poll_interval))
         self.next_seconds_between_status_checks = float(s.poll_interval)
-        #: resubmissions in flight, by Snakemake job id: (future of (job id, log), step)
+        #: resubmissions in flight, by Snakemake job id: the future of (Slurm job id, log path)
         self._resubmits: dict[int, Future[tuple[str, str]]] = {}
         self._submit_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rkslurm-resubmit")
         self._partition_limits = slurmquery.partition_limits()
