@@ -222,3 +222,105 @@ def test_preemptible_partitions(tmp_path: Path) -> None:
     _, mon, _ = make(tmp_path)
     assert mon.preemptible("scavenger") and mon.preemptible("requeue")
     assert not mon.preemptible("normal") and not mon.preemptible(None)
+
+
+# ---------------------------------------------------------------- issue 21: at cluster scale
+
+
+def test_finished_step_failed_by_the_limit_signal_is_continued(tmp_path: Path) -> None:
+    """The time-limit race: the step ended rc 0, then the signal cancelled its job step (FAILED 1:0)."""
+    slurm, mon, step = make(tmp_path)
+    w = writer(step)
+    w.start(0)
+    w.checkpoint(8)
+    w.end(0, 10)
+    progress(step, 8)
+    slurm.records["100"] = rec("FAILED", exit_code="1:0", run_seconds=52, time_limit_seconds=60)
+    p = one(mon, step)
+    assert p.observation.state is SlurmJobState.TIMEOUT
+    assert p.decision.action is Action.RESUBMIT and p.decision.event == "timeout"
+
+
+def test_step_error_inside_the_window_still_fails(tmp_path: Path) -> None:
+    slurm, mon, step = make(tmp_path)
+    w = writer(step)
+    w.start(0)
+    w.end(1, 4)
+    progress(step, 4)
+    slurm.records["100"] = rec("FAILED", exit_code="1:0", run_seconds=52, time_limit_seconds=60)
+    assert one(mon, step).decision.action is Action.FAIL
+
+
+def _count_opens() -> list[int]:
+    import sys
+
+    box = [0, 0]  # [counting?, opens]
+
+    def hook(event: str, args: tuple) -> None:
+        if box[0] and event == "open":
+            box[1] += 1
+
+    sys.addaudithook(hook)
+    return box
+
+
+_OPENS = _count_opens()
+
+
+def test_unchanged_jobs_read_no_files_and_changed_ones_read_only_the_new_events(tmp_path: Path) -> None:
+    slurm, mon, step = make(tmp_path)
+    w = writer(step)
+    w.start(0)
+    for i in range(1, 200):
+        w.checkpoint(i)
+    slurm.records["100"] = rec("RUNNING")
+    one(mon, step)  # first sight: reads the folder
+    assert step.folder is not None
+    offset = step.folder._offset  # noqa: SLF001 - where the incremental read stopped
+    assert offset == step.folder.paths.events.stat().st_size
+    _OPENS[0], _OPENS[1] = 1, 0
+    try:
+        for _ in range(5):
+            assert one(mon, step).decision.action is Action.WAIT
+        assert _OPENS[1] == 0  # same state: no events, progress or marker read
+        w.stop(199, "SIGTERM")
+        w.end(75, 199)
+        progress(step, 199)
+        slurm.records["100"] = rec("FAILED", exit_code="75:0", run_seconds=55, time_limit_seconds=60)
+        p = one(mon, step)
+    finally:
+        _OPENS[0] = 0
+    assert p.decision.action is Action.RESUBMIT and p.observation.stopped_step == 199
+    assert step.folder._offset == step.folder.paths.events.stat().st_size > offset  # noqa: SLF001 - read on from there
+
+
+def test_fast_poll_only_while_a_preemptible_step_runs(tmp_path: Path) -> None:
+    slurm, mon, step = make(tmp_path)
+    slurm.records["100"] = rec("PENDING")
+    assert not mon.fast_poll(mon.plan([("k", step)]))
+    slurm.records["100"] = rec("RUNNING")
+    assert mon.fast_poll(mon.plan([("k", step)]))
+    slurm.records["100"] = rec("RUNNING", partition="normal")
+    assert not mon.fast_poll(mon.plan([("k", step)]))
+
+
+def test_unchanged_waiting_job_is_not_decided_again_but_held_ones_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snakemake_executor_plugin_rkslurm import monitor as mon
+
+    calls: list[str] = []
+    real = mon.decide
+    monkeypatch.setattr(mon, "decide", lambda obs, hist, settings=None: calls.append(obs.state.value) or real(obs, hist, settings))
+    slurm, m, step = make(tmp_path, max_held_polls=2)
+    slurm.records["100"] = rec("PENDING")
+    for _ in range(4):
+        (p,) = m.plan([("k", step)])
+        step.history = p.decision.history  # as the executor does
+        assert p.decision.action is Action.WAIT
+    assert calls == ["PENDING"]
+    slurm.records["100"] = rec("REQUEUE_HOLD")  # a held job counts its polls: decided every time
+    actions = []
+    for _ in range(3):
+        (p,) = m.plan([("k", step)])
+        step.history = p.decision.history
+        actions.append(p.decision.action)
+    assert actions == [Action.WAIT, Action.WAIT, Action.FAIL] and calls.count("REQUEUE_HOLD") == 3

@@ -238,7 +238,16 @@ CLASSIFY_TABLE: list[tuple[SlurmJobState, dict[str, object], SlurmJobState]] = [
     (S.FAILED, {"preempted": None, "stopped": True, "run_seconds": 40, "time_limit_seconds": 60, "signal_lead": 10}, S.TIMEOUT),
     # ... but not long before it, not without a stop, not without a limit
     (S.FAILED, {"preempted": False, "stopped": True, "run_seconds": 100, "time_limit_seconds": 3600, "signal_lead": 60}, S.FAILED),
-    (S.FAILED, {"preempted": False, "stopped": False, "run_seconds": 59, "time_limit_seconds": 60, "signal_lead": 10}, S.FAILED),
+    (S.FAILED, {"preempted": False, "step_error": True, "run_seconds": 59, "time_limit_seconds": 60, "signal_lead": 10}, S.FAILED),
+    (S.FAILED, {"preempted": False, "step_error": True, "run_seconds": 5, "time_limit_seconds": 3600, "signal_lead": 10}, S.FAILED),
+    # the time-limit race (issue 21): the step had finished (or left no word) when the signal
+    # cancelled its job step; Slurm says FAILED 1:0 inside the window: a timeout to continue
+    (S.FAILED, {"preempted": False, "finished": True, "run_seconds": 50, "time_limit_seconds": 60, "signal_lead": 10}, S.TIMEOUT),
+    (S.FAILED, {"preempted": False, "run_seconds": 3590, "time_limit_seconds": 3600, "signal_lead": 60}, S.TIMEOUT),
+    (S.CANCELLED, {"preempted": False, "finished": True, "run_seconds": 58, "time_limit_seconds": 60, "signal_lead": 10}, S.TIMEOUT),
+    # ... but not before the window, and a finished step's plain scancel long before the limit stays CANCELLED
+    (S.FAILED, {"preempted": False, "finished": True, "run_seconds": 100, "time_limit_seconds": 3600, "signal_lead": 60}, S.FAILED),
+    (S.CANCELLED, {"preempted": False, "finished": True, "run_seconds": 100, "time_limit_seconds": 3600, "signal_lead": 60}, S.CANCELLED),
     (S.FAILED, {"preempted": False, "stopped": True, "run_seconds": 59}, S.FAILED),
     # every other state is what Slurm says, PreemptTime or not
     (S.PREEMPTED, {"preempted": True}, S.PREEMPTED),
@@ -253,6 +262,16 @@ CLASSIFY_TABLE: list[tuple[SlurmJobState, dict[str, object], SlurmJobState]] = [
 @pytest.mark.parametrize(("state", "kw", "expected"), CLASSIFY_TABLE, ids=[f"{r[0].value}-{i}" for i, r in enumerate(CLASSIFY_TABLE)])
 def test_classify_table(state: SlurmJobState, kw: dict[str, object], expected: SlurmJobState) -> None:
     assert classify(state, **kw) is expected  # type: ignore[arg-type]
+
+
+def test_lead_is_capped_at_a_third_of_the_limit() -> None:
+    from snakemake_executor_plugin_rkslurm.policy import effective_lead, in_limit_window
+
+    assert effective_lead(60, 60) == 20 and effective_lead(10, 60) == 10 and effective_lead(60, None) == 60
+    # 1-minute limit, lead 60 capped to 20: the window opens at 60 - 20 - 60 s slack (at once);
+    # 1-hour limit, lead 60: it opens at 3600 - 60 - 60 s
+    assert in_limit_window(3479, 3600, 60) is False and in_limit_window(3480, 3600, 60) is True
+    assert in_limit_window(0, 60, 60) is True and in_limit_window(None, 60, 60) is False
 
 
 def test_user_cancel_fails_at_once_whatever_the_preemption_budget() -> None:

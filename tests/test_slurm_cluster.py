@@ -63,7 +63,7 @@ def test_no_accounting_cluster_up_idempotent_and_down(slurm_env: dict[str, str])
             ["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=env, capture_output=True, text=True, check=True, timeout=20
         ).stdout.strip()
         sacct = subprocess.run(["sacct", "-j", j], env=env, capture_output=True, text=True, timeout=20)
-        assert sacct.returncode != 0  # accounting disabled: the executor must use scontrol
+        assert sacct.returncode != 0  # accounting disabled: the executor must use slurmctld (squeue)
         old = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = env["SLURM_CONF"]
         try:
@@ -72,7 +72,7 @@ def test_no_accounting_cluster_up_idempotent_and_down(slurm_env: dict[str, str])
                 60,
                 "the job to complete",
             )
-            assert slurmquery.query([j])[j].source == "scontrol"
+            assert slurmquery.query([j])[j].source == "squeue"
         finally:
             if old is None:
                 del os.environ["SLURM_CONF"]

@@ -16,7 +16,12 @@ log handling stay the stock plugin's. Explicit seams only:
   is :class:`rkstep.StepFolder`'s: a folder with files rkstep did not create is
   refused before submission, and nothing in it is touched.
 - ``check_active_jobs`` is query → decide (:class:`.monitor.Monitor`, unit
-  tested against a fake Slurm) → act (here).
+  tested against a fake Slurm) → act (here): one Slurm query per poll for
+  every step. A resubmission (sbatch, retried for up to
+  ``--rkslurm-submit-retry-minutes`` while slurmctld is away) runs on a
+  worker thread, never inside the status loop, so every other step keeps
+  being polled and decided meanwhile; the loop picks up its outcome at the
+  next poll.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncGenerator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +46,18 @@ from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
 from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 
 from . import adoption, interruptions, slurmquery, submitter
-from .monitor import Monitor, Plan, SlurmApi, SlurmCli, Step
-from .policy import Action, PolicySettings
+from .monitor import Monitor, Pacer, Plan, SlurmApi, SlurmCli, Step
+from .policy import Action, PolicySettings, effective_lead
+
+
+def _runtime_seconds(job: JobExecutorInterface) -> int | None:
+    """The job's ``runtime`` resource (minutes, as the stock plugin passes it to ``--time``) in seconds."""
+    try:
+        value = job.resources.get("runtime")
+        return int(float(value) * 60) if value not in (None, "") and float(value) > 0 else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
 
 #: ``scheme://user:secret@host``: the userinfo of a storage URL (until ``logsafe.redact`` masks it itself)
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
@@ -79,9 +95,13 @@ class Executor(_stock.Executor):
             slurmquery.partition_preempt_modes(),
             signal_lead=int(s.signal_lead_time),
         )
-        self._query_failures = 0
-        self._last_query_warning = 0.0
+        self.pacer = Pacer(fast=float(s.poll_interval), slow=float(s.slow_poll_interval))
         self.next_seconds_between_status_checks = float(s.poll_interval)
+        #: resubmissions in flight, by Snakemake job id: the future of (Slurm job id, log path)
+        self._resubmits: dict[int, Future[tuple[str, str]]] = {}
+        self._submit_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rkslurm-resubmit")
+        self._partition_limits = slurmquery.partition_limits()
+        self._lead_warned: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------ submission
 
@@ -173,7 +193,7 @@ class Executor(_stock.Executor):
     def _extras(self, step: Step) -> submitter.SubmitExtras:
         s = self.workflow.executor_settings
         options = []
-        lead = int(s.signal_lead_time)
+        lead = self._signal_lead(step)
         if lead > 0:
             options.append(f"--signal=TERM@{lead}")
         if not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
@@ -183,8 +203,24 @@ class Executor(_stock.Executor):
             env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=comment or None, exclude=step.history.excluded_nodes
         )
 
+    def _signal_lead(self, step: Step) -> int:
+        """``--rkslurm-signal-lead-time``, capped at a third of the step's time limit (warned once per limit)."""
+        lead = int(self.workflow.executor_settings.signal_lead_time)
+        limit = step.time_limit or self._partition_limits.get(step.partition or "")
+        used = effective_lead(lead, limit)
+        if used < lead and limit and (step.rule, limit) not in self._lead_warned:
+            self._lead_warned.add((step.rule, limit))
+            self.logger.warning(
+                f"rkslurm: rule {step.rule}: --rkslurm-signal-lead-time {lead} s is not well below its time limit of {limit} s "
+                f"(partition {step.partition or 'default'}); using {used} s, a third of the limit, so the job does not spend "
+                "most of its time waiting for the signal."
+            )
+        return used
+
     def _submit(self, job: JobExecutorInterface, step: Step) -> tuple[str, str]:
         """sbatch the step (blocking, retried while slurmctld is away); returns (job id, log path)."""
+        if step.time_limit is None:
+            step.time_limit = _runtime_seconds(job)
         call, stdin, pattern = submitter.build_submission(self, job, self._extras(step))
         self.logger.debug(f"rkslurm sbatch call: {redact(call)}")
         out = submitter.sbatch_with_retry(
@@ -195,6 +231,13 @@ class Executor(_stock.Executor):
         )
         job_id = submitter.parse_job_id(out)
         return job_id, str(pattern).replace("%j", job_id)
+
+    def _live_jobs(self) -> list[adoption.LiveJob]:
+        """This uid's live jobs from the shared ``squeue --me`` listing (one call per start-up burst, not per step)."""
+        my_jobs = getattr(self.slurm, "my_jobs", None)
+        if my_jobs is None:  # a SlurmApi without the shared listing
+            return adoption.list_my_jobs()
+        return [adoption.LiveJob(r.job_id, r.comment or "", r.user_id, r.state) for r in my_jobs()]
 
     def _adoptable(self, job: JobExecutorInterface, step: Step) -> tuple[str, str] | None:
         """The live Slurm job an earlier head process submitted for this step, if it may be adopted.
@@ -207,7 +250,7 @@ class Executor(_stock.Executor):
         deadline, delay = time.monotonic() + window, 1.0
         while True:
             try:
-                rows = adoption.list_my_jobs()
+                rows = self._live_jobs()
                 plan = adoption.plan_adoption(rows, step.tag, step.fingerprint_tag, os.getuid(), adoption.job_uid)
                 break
             except (slurmquery.QueryError, OSError) as e:
@@ -292,26 +335,42 @@ class Executor(_stock.Executor):
             return step
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
+        """One poll: finish resubmissions that completed, one Slurm query for every other step, act.
+
+        Never waits for sbatch: a step whose resubmission is still in flight
+        (a worker retries it while slurmctld is away) stays active and is
+        left out of the query until the worker is done.
+        """
         s = self.workflow.executor_settings
         if not active_jobs:
             self.next_seconds_between_status_checks = float(s.poll_interval)
             return
-        # query + decide
+        to_plan: list[SubmittedJobInfo] = []
+        for j in active_jobs:
+            fut = self._resubmits.get(j.job.jobid)
+            if fut is None:
+                to_plan.append(j)
+            elif not fut.done():
+                yield j  # still submitting: polled again once it has a job id
+            elif self._resubmitted(j, self._resubmits.pop(j.job.jobid)):
+                yield j
+        if not to_plan:
+            self.next_seconds_between_status_checks = float(s.poll_interval)
+            return
         try:
             async with self.status_rate_limiter:
-                plans, broken = await asyncio.to_thread(self._plan_each, [(j, self._step_of(j)) for j in active_jobs])
-        except slurmquery.QueryError as e:
-            self._on_query_failure(e)
-            for j in active_jobs:
+                plans, broken = await asyncio.to_thread(self._plan_each, [(j, self._step_of(j)) for j in to_plan])
+        except (slurmquery.QueryError, OSError) as e:
+            wait, msg = self.pacer.failed(e)
+            if msg:
+                self.logger.warning(msg)
+            self.next_seconds_between_status_checks = wait
+            for j in to_plan:
                 yield j
             return
-        if self._query_failures:
-            self.logger.info(f"rkslurm: Slurm status queries work again after {self._query_failures} failures.")
-        self._query_failures = 0
         for j, step, err in broken:
             await self._fail_unexpected(j, step, "cannot read its state", err)
-        # act
-        any_preemptible = False
+        still: list[Plan] = []
         for plan in plans:
             try:
                 active = await self._act(plan)
@@ -320,8 +379,11 @@ class Executor(_stock.Executor):
                 continue
             if active:
                 yield plan.key
-                any_preemptible = any_preemptible or self.monitor.preemptible(plan.observation.partition or plan.step.partition)
-        self.next_seconds_between_status_checks = float(s.poll_interval if any_preemptible else s.slow_poll_interval)
+                still.append(plan)
+        wait, msg = self.pacer.ok(self.monitor.fast_poll(still) or bool(self._resubmits))
+        if msg:
+            self.logger.info(msg)
+        self.next_seconds_between_status_checks = wait
 
     def _plan_each(self, pairs: list[tuple[SubmittedJobInfo, Step]]) -> tuple[list[Plan], list[tuple[SubmittedJobInfo, Step, Exception]]]:
         """``monitor.plan`` for all steps; when it raises anything but QueryError (a hostile file in one
@@ -355,17 +417,22 @@ class Executor(_stock.Executor):
         )
         self.report_job_error(j, msg=msg)
 
-    def _on_query_failure(self, e: Exception) -> None:
-        s = self.workflow.executor_settings
-        self._query_failures += 1
-        backoff = min(float(s.poll_interval) * 2 ** min(self._query_failures, 6), 60.0)
-        now = time.time()
-        if now - self._last_query_warning > 30:
-            self._last_query_warning = now
-            self.logger.warning(
-                f"rkslurm: Slurm status query failed ({self._query_failures}x, retrying in {backoff:.0f} s; jobs are not failed for this): {e}"
-            )
-        self.next_seconds_between_status_checks = backoff
+    def _resubmitted(self, j: SubmittedJobInfo, fut: Future[tuple[str, str]]) -> bool:
+        """Take up a finished resubmission; True when the step goes on with its new Slurm job."""
+        step = self._step_of(j)
+        try:
+            job_id, log = fut.result()
+        except Exception as e:  # noqa: BLE001 - any failure fails this step only
+            self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {e}. {step.history.describe()}\n")
+            return False
+        step.submitted(job_id, log, time.time())
+        self._record(step, "submitted")
+        self.logger.info(
+            f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
+        )
+        j.external_jobid = job_id
+        j.aux = {"slurm_logfile": Path(log)}
+        return True
 
     async def _act(self, plan: Plan) -> bool:
         """Carry out one decision; True while the job stays active."""
@@ -395,18 +462,8 @@ class Executor(_stock.Executor):
         # RESUBMIT
         self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
         self._record(step, d.event or "resubmit")
-        try:
-            job_id, log = await asyncio.to_thread(self._submit, j.job, step)
-        except Exception as e:  # noqa: BLE001 - any failure fails this step only
-            self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: resubmission failed: {e}. {step.history.describe()}\n")
-            return False
-        step.submitted(job_id, log, time.time())
-        self._record(step, "submitted")
-        self.logger.info(
-            f"Job {j.job.jobid} has been submitted with SLURM jobid {job_id} (log: {log}); a resubmission of rule {step.rule}."
-        )
-        j.external_jobid = job_id
-        j.aux = {"slurm_logfile": Path(log)}
+        # off the status loop: the other steps keep being polled while sbatch waits for slurmctld
+        self._resubmits[j.job.jobid] = self._submit_pool.submit(self._submit, j.job, step)
         return True
 
     def _on_success(self, step: Step) -> None:
@@ -437,7 +494,19 @@ class Executor(_stock.Executor):
             yield ""
 
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
+        # a resubmission still in flight would leave a job behind: wait for it, then cancel what it made
+        for j in active_jobs:
+            fut = self._resubmits.pop(j.job.jobid, None)
+            if fut is not None and not fut.cancel():
+                try:
+                    j.external_jobid = fut.result()[0]
+                except Exception:  # noqa: BLE001 - nothing was submitted
+                    pass
         super().cancel_jobs(active_jobs)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._submit_pool.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["Executor", "Step"]

@@ -7,25 +7,45 @@ checkpoint folder (events, stop marker, progress) into a
 :func:`~.policy.decide` choose. The executor only acts on the returned
 :class:`Plan` list (report, resubmit, cancel), so the glue is unit-tested
 against a fake :class:`SlurmApi` without a cluster or a workflow.
+
+At scale (issue 21): one query per poll for every step (the Slurm calls do
+not grow with the number of steps), the step folder read only when the
+step's job changed state (events from the last offset, ``StepFolder.observe``),
+a :class:`Pacer` that polls fast only while a step runs on a preemptible
+partition and backs off with jitter while Slurm is busy.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rkstep.events import Attempt
 from rkstep.folder import StepFolder
 from rkstep.protocol import EX_TEMPFAIL, StepPaths
 
 from . import slurmquery
-from .policy import Decision, JobObservation, PolicySettings, SlurmJobState, StepHistory, classify, decide, parse_exit_code, parse_state
+from .policy import (
+    Action,
+    Decision,
+    JobObservation,
+    PolicySettings,
+    SlurmJobState,
+    StepHistory,
+    classify,
+    decide,
+    parse_exit_code,
+    parse_state,
+)
 from .slurmquery import JobRecord
 
-__all__ = ["Monitor", "Plan", "SlurmApi", "SlurmCli", "Step"]
+__all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
 
 
 class SlurmApi(Protocol):
@@ -39,13 +59,44 @@ class SlurmApi(Protocol):
 
 
 class SlurmCli:
-    """:class:`SlurmApi` on the real command-line tools (scontrol, sacct, squeue, scancel)."""
+    """:class:`SlurmApi` on the real command-line tools (squeue, sacct, scancel).
+
+    Per poll: one ``squeue -j`` for all ids, at most one ``sacct``. The
+    adoption listing (``squeue --me``) is one call shared by every step that
+    asks within ``listing_max_age`` seconds (the whole start-up burst of
+    submissions), never one per submission.
+    """
+
+    def __init__(self, listing_max_age: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.listing_max_age = listing_max_age
+        self.clock = clock
+        self._listing: list[slurmquery.QueueRow] | None = None
+        self._listing_at = 0.0
+        self._by_word: dict[str, list[tuple[str, str]]] = {}
+        self._listing_lock = threading.Lock()
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         return slurmquery.query(job_ids)
 
+    def my_jobs(self) -> list[slurmquery.QueueRow]:
+        """This user's live jobs (job id, name, uid, state, comment): cached ``squeue --me``."""
+        with self._listing_lock:
+            return list(self._refresh_listing())
+
+    def _refresh_listing(self) -> list[slurmquery.QueueRow]:
+        if self._listing is None or self.clock() - self._listing_at > self.listing_max_age:
+            rows = slurmquery.my_jobs()  # raises: "cannot ask" is never "no job"
+            by_word: dict[str, list[tuple[str, str]]] = {}
+            for r in rows:
+                for word in set((r.comment or "").split()):
+                    by_word.setdefault(word, []).append((r.job_id, r.state))
+            self._listing, self._by_word, self._listing_at = rows, by_word, self.clock()
+        return self._listing
+
     def tagged_jobs(self, tag: str) -> list[tuple[str, str]]:
-        return slurmquery.tagged_jobs(tag)
+        with self._listing_lock:
+            self._refresh_listing()
+            return list(self._by_word.get(tag, ()))
 
     def cancel(self, job_id: str) -> None:
         slurmquery.cancel(job_id)
@@ -72,6 +123,13 @@ class Step:
     folder_gone_reported: bool = False
     #: the folder's owner (rkstep); made from ``checkpoint_dir`` when not given
     folder: StepFolder | None = None
+    #: the job's time limit in seconds when the rule sets ``runtime`` (else the partition's applies)
+    time_limit: int | None = None
+    #: what Slurm said about the current job at the last full observation, and that observation
+    seen: tuple[Any, ...] | None = field(default=None, repr=False)
+    last_observation: JobObservation | None = field(default=None, repr=False)
+    last_decision: Decision | None = field(default=None, repr=False)
+    decided_from: StepHistory | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.folder is None and self.checkpoint_dir is not None:
@@ -127,15 +185,51 @@ class Monitor:
         return self.preempt_modes.get(partition or "", "OFF") not in ("OFF", "")
 
     def plan(self, steps: Sequence[tuple[Any, Step]]) -> list[Plan]:
-        """One :class:`Plan` per step. Raises :class:`~.slurmquery.QueryError` when Slurm did not answer."""
-        ids = [s.job_id for _, s in steps if s.job_id]
+        """One :class:`Plan` per step. Raises :class:`~.slurmquery.QueryError` when Slurm did not answer.
+
+        One Slurm query for all steps. A step whose job looks as it did at the
+        last poll keeps that observation: its folder (events, stop marker,
+        progress) is read only when its job changed state, so a poll of
+        thousands of pending steps reads no files.
+        """
+        ids = list(dict.fromkeys(s.job_id for _, s in steps if s.job_id))
         records = self.slurm.query(ids) if ids else {}
         plans = []
         for key, step in steps:
-            obs = self.observe(step, records.get(step.job_id or ""))
+            rec = records.get(step.job_id or "")
+            sig = _signature(step, rec)
+            last = step.last_decision
+            if sig is not None and sig == step.seen and step.last_observation is not None:
+                obs = step.last_observation
+                # same observation, same history, a job that waits in the queue or runs: decide
+                # would say the same WAIT again (it counts nothing for active states)
+                same = (
+                    last is not None
+                    and last.action is Action.WAIT
+                    and obs.state.is_active
+                    and (step.history is last.history or step.history is step.decided_from)
+                )
+            else:
+                obs = self.observe(step, rec)
+                step.seen, step.last_observation = sig, obs
+                same = False
+            decision = last if same and last is not None else decide(obs, step.history, self.policy)
+            step.last_decision, step.decided_from = decision, step.history
             warnings = self._folder_warning(step, obs)
-            plans.append(Plan(key, step, obs, decide(obs, step.history, self.policy), warnings))
+            plans.append(Plan(key, step, obs, decision, warnings))
         return plans
+
+    def fast_poll(self, plans: Sequence[Plan]) -> bool:
+        """Poll fast only while some step RUNS on a preemptible partition (pending ones cannot be preempted)."""
+        return any(
+            p.observation.state is SlurmJobState.RUNNING and self.preemptible(p.observation.partition or p.step.partition) for p in plans
+        )
+
+    def attempt(self, step: Step, job_id: str) -> Attempt | None:
+        """The newest attempt of ``job_id`` from the step's events (read from the last offset)."""
+        if step.folder is None or not job_id:
+            return None
+        return step.folder.observe(job_id).attempt  # reads only what was appended since the last poll
 
     def observe(self, step: Step, rec: JobRecord | None) -> JobObservation:
         job_id = step.job_id or ""
@@ -145,11 +239,10 @@ class Monitor:
         requeue_on_preempt = self.preempt_modes.get(partition or "", "") == "REQUEUE" and (
             rec.requeue if rec and rec.requeue is not None else True
         )
-        attempt = None
-        if step.folder is not None and job_id:
-            attempt = step.folder.observe(job_id).attempt  # reads only what was appended since the last poll
+        attempt = self.attempt(step, job_id)
         stopped = attempt.stopped_step if attempt is not None and attempt.stopped_step is not None else self._fresh_stop_step(step)
         if rec is not None:
+            ended = attempt is not None and attempt.ended
             state = classify(
                 state,
                 preempted=rec.preempted,
@@ -157,6 +250,8 @@ class Monitor:
                 run_seconds=rec.run_seconds,
                 time_limit_seconds=rec.time_limit_seconds,
                 signal_lead=self.signal_lead,
+                finished=ended and attempt.end_rc == 0,  # type: ignore[union-attr]
+                step_error=ended and attempt.end_rc not in (0, EX_TEMPFAIL),  # type: ignore[union-attr]
             )
         return JobObservation(
             job_id=job_id,
@@ -192,6 +287,8 @@ class Monitor:
         (the step's own complaints went to a log inside that folder, or to its job log)."""
         if step.checkpoint_dir is None or step.folder_gone_reported or obs.state is SlurmJobState.COMPLETED:
             return ()
+        if obs.state.is_active and obs.state is not SlurmJobState.RUNNING:
+            return ()  # a pending job has nothing to lose yet: no stat per pending step per poll
         if step.checkpoint_dir.exists():
             return ()
         step.folder_gone_reported = True
@@ -200,3 +297,58 @@ class Monitor:
             f"({obs.state.value.lower()}); its checkpoints are gone and the step cannot write new ones: an interruption now "
             "restarts it from step 0",
         )
+
+
+def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
+    """What must stay the same for the last observation of the step to still hold (None: always look)."""
+    if rec is None:
+        return None
+    return (
+        step.job_id,
+        step.submitted_at,
+        rec.state,
+        rec.restarts,
+        rec.exit_code,
+        rec.preempted,
+        rec.source,
+        rec.partition,
+        rec.node,
+        rec.requeue,
+    )
+
+
+@dataclass
+class Pacer:
+    """Seconds until the next poll: fast, slow, or backing off while Slurm is busy.
+
+    A rate-limited, slow or unreachable slurmctld ("Request rate limit
+    exceeded", timeouts) doubles the wait up to ``max_backoff`` with full
+    jitter (so many heads do not retry in step), is said once per outage
+    (and once when it ends), and never fails a step.
+    """
+
+    fast: float = 2.0
+    slow: float = 5.0
+    max_backoff: float = 60.0
+    rng: Callable[[], float] = random.random
+    failures: int = 0
+
+    def ok(self, fast: bool) -> tuple[float, str | None]:
+        """After an answered poll: (interval, message to log once or None)."""
+        msg = f"rkslurm: Slurm answers again after {self.failures} failed status queries." if self.failures else None
+        self.failures = 0
+        return (self.fast if fast else self.slow), msg
+
+    def failed(self, error: Exception) -> tuple[float, str | None]:
+        """After a poll Slurm did not answer: (interval, message to log once per outage or None)."""
+        self.failures += 1
+        cap = min(self.max_backoff, self.fast * 2 ** min(self.failures, 10))
+        wait = max(self.fast, cap * (0.5 + 0.5 * self.rng()))
+        msg = None
+        if self.failures == 1:
+            busy = isinstance(error, slurmquery.SlurmBusy)
+            msg = (
+                f"rkslurm: Slurm {'is busy or rate-limiting' if busy else 'status query failed'} ({error}); "
+                f"backing off (up to {self.max_backoff:.0f} s, with jitter) and asking again; no step is failed for this."
+            )
+        return wait, msg

@@ -29,6 +29,8 @@ __all__ = [
     "StepHistory",
     "classify",
     "decide",
+    "effective_lead",
+    "in_limit_window",
     "parse_exit_code",
     "parse_state",
 ]
@@ -405,6 +407,26 @@ def _track_requeues(obs: JobObservation, hist: StepHistory) -> tuple[StepHistory
     return hist, new
 
 
+def effective_lead(lead: int, time_limit_seconds: int | None) -> int:
+    """The ``--signal`` lead actually used: at most a third of the time limit.
+
+    A lead as long as the limit (the default 60 s on a 1-minute partition)
+    would make every job spend most of its time waiting to be told to stop.
+    """
+    lead = max(0, int(lead))
+    if time_limit_seconds and time_limit_seconds > 0:
+        return min(lead, time_limit_seconds // 3)
+    return lead
+
+
+def in_limit_window(run_seconds: int | None, time_limit_seconds: int | None, signal_lead: int) -> bool:
+    """The job ran into the window where the time-limit signal may land (lead plus Slurm's slack)."""
+    if not time_limit_seconds or run_seconds is None:
+        return False
+    lead = effective_lead(signal_lead, time_limit_seconds)
+    return run_seconds >= time_limit_seconds - lead - LIMIT_SIGNAL_SLACK
+
+
 def classify(
     state: SlurmJobState,
     *,
@@ -413,15 +435,26 @@ def classify(
     run_seconds: int | None = None,
     time_limit_seconds: int | None = None,
     signal_lead: int = 0,
+    finished: bool = False,
+    step_error: bool = False,
 ) -> SlurmJobState:
     """What really ended the job, from what Slurm reports plus what the step said.
 
     - A preemption victim that exits within its GraceTime ends FAILED or
       CANCELLED with its own exit code; slurmctld's PreemptTime (``preempted``)
       says it was a preemption: PREEMPTED.
-    - A step that stopped on our ``--signal=TERM@lead`` before its time limit
-      ends FAILED (exit 75): when it stopped (``stopped``) and ran to within the lead
-      (plus Slurm's 60 s slack) of its limit, it is the TIMEOUT it is.
+    - The time-limit race: a job that ends FAILED or CANCELLED after it ran
+      into the window of our ``--signal=TERM@lead`` (lead plus Slurm's 60 s
+      slack) is the TIMEOUT it is -- whether the step stopped on the signal
+      (``stopped``), had already finished its work when the signal cancelled
+      the job step (``finished``: its attempt ended rc 0, yet Slurm says
+      FAILED 1:0 and the inner Snakemake removed the outputs), or left no word.
+      Only a step that itself reported an error (``step_error``: it ended
+      with another code) stays FAILED. A CANCELLED job is continued only when
+      the step had finished: a step that stopped on SIGTERM and ended
+      CANCELLED without a PreemptTime was stopped by somebody's ``scancel``,
+      near the limit or not.
+      :func:`decide` still continues a TIMEOUT only after checkpoint progress.
     - Everything else is what Slurm says. In particular CANCELLED without a
       PreemptTime stays CANCELLED: somebody ran ``scancel``.
     """
@@ -429,14 +462,11 @@ def classify(
         return state
     if preempted:
         return SlurmJobState.PREEMPTED
-    if (
-        state is SlurmJobState.FAILED
-        and stopped
-        and time_limit_seconds
-        and run_seconds is not None
-        and run_seconds >= time_limit_seconds - signal_lead - LIMIT_SIGNAL_SLACK
-    ):
-        return SlurmJobState.TIMEOUT
+    if in_limit_window(run_seconds, time_limit_seconds, signal_lead):
+        if state is SlurmJobState.FAILED and (stopped or finished or not step_error):
+            return SlurmJobState.TIMEOUT
+        if state is SlurmJobState.CANCELLED and finished and not stopped:
+            return SlurmJobState.TIMEOUT
     return state
 
 

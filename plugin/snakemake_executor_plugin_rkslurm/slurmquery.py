@@ -1,17 +1,17 @@
 """Ask Slurm about our jobs without trusting any single tool.
 
-``scontrol show job`` is authoritative while slurmctld still knows a job (it
-alone shows Restarts, and never a transient PREEMPTED under PreemptMode=
-REQUEUE); ``sacct`` covers jobs slurmctld has purged and the time slurmctld is
-restarting; with accounting disabled only scontrol/squeue exist. A failing
-tool is reported as an error, never as a job state, so a slurmctld restart
-cannot fail a job.
+slurmctld's view (one ``squeue -j`` call for all of this head's ids per
+poll, see the table above :data:`SQUEUE_FIELDS`) is authoritative while it
+still knows a job (Restarts, PreemptTime, and never a transient PREEMPTED
+under PreemptMode=REQUEUE); ``sacct`` covers jobs slurmctld has purged and
+the time slurmctld is restarting; with accounting disabled only squeue/scontrol
+exist. A failing tool is reported as an error, never as a job state, so a
+slurmctld restart cannot fail a job; a rate-limited or slow slurmctld is
+:class:`SlurmBusy` (the caller backs off).
 """
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
 import subprocess
 from collections.abc import Iterable
@@ -141,63 +141,201 @@ def _run(cmd: list[str], timeout: float) -> str:
     return p.stdout
 
 
-def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0) -> dict[str, JobRecord]:
-    """Current record of each id that any tool knows about.
+# Which tool gives which field (checked on Slurm 22.05.8, the local cluster; the
+# same fields exist in 23.02, 23.11 and 24.05 by their man pages):
+#
+# | field            | squeue -O (22.05+)        | squeue --json         | scontrol show job      | sacct -j           |
+# |------------------|---------------------------|-----------------------|------------------------|--------------------|
+# | state            | State                     | job_state             | JobState               | State              |
+# | restarts         | RestartCnt                | restart_cnt           | Restarts               | -- (no field)      |
+# | PreemptTime      | PreemptTime (+StartTime)  | preempt_time          | PreemptTime            | -- (no field)      |
+# | node             | BatchHost / NodeList      | batch_host            | BatchHost              | NodeList           |
+# | exit code        | exit_code (raw wait status| exit_code             | ExitCode (code:signal) | ExitCode           |
+# |                  |  e.g. 768 = exit 3)       |                       |                        |                    |
+# | run time / limit | TimeUsed / TimeLimit      | (start/end times)     | RunTime / TimeLimit    | Elapsed/Timelimit  |
+# | many ids at once | yes (-j a,b,c -t all)     | yes, but ~40x output  | no: one id, or ALL jobs| yes                |
+#
+# So one ``squeue -h -t all -j ID,ID,... -O ...`` call answers every field for every
+# job slurmctld still holds (running, pending, and finished ones for MinJobAge,
+# 300 s by default), with our ids only. ``scontrol show job`` is one id per call
+# (the old N-calls-per-poll cost); ``--json`` needs the data_parser plugin and
+# prints ~4 KiB per job. sacct lacks Restarts and PreemptTime, so it is only the
+# fallback for ids slurmctld no longer knows (one call for all of them).
+SQUEUE_FIELDS = (
+    "JobID",
+    "State",
+    "RestartCnt",
+    "PreemptTime",
+    "StartTime",
+    "BatchHost",
+    "exit_code",
+    "TimeUsed",
+    "TimeLimit",
+    "Partition",
+    "Requeue",
+    "Comment",  # last: it may hold the separator
+)
+_SEP = "|"
+SQUEUE_FORMAT = ",".join(f"{f}:{_SEP}" if f != SQUEUE_FIELDS[-1] else f"{f}:" for f in SQUEUE_FIELDS)
+SACCT_FIELDS = "JobIDRaw,State,ExitCode,NodeList,Partition,Elapsed,Timelimit"
 
-    Raises QueryError only when no tool answered at all. Ids missing from
-    the result are unknown to every tool that answered.
-    """
-    ids = [str(i) for i in job_ids]
-    if not ids:
-        return {}
-    errors: list[str] = []
-    found: dict[str, JobRecord] = {}
-    try:
-        # one call per id: ask only about our jobs, not every job on the cluster
-        for i in ids:
-            found.update({k: v for k, v in parse_scontrol(_scontrol_job(i, timeout)).items() if k == i})
-    except (QueryError, OSError, subprocess.SubprocessError) as e:
-        errors.append(str(e))
-    missing = [i for i in ids if i not in found]
-    if missing and use_sacct:
-        try:
-            out = _run(
-                ["sacct", "-X", "-n", "-P", "-j", ",".join(missing), "-o", "JobIDRaw,State,ExitCode,NodeList,Partition,Elapsed,Timelimit"],
-                timeout,
-            )
-            recs = parse_sacct(out)
-            found.update({i: recs[i] for i in missing if i in recs})
-        except (QueryError, OSError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-    if len(errors) == (2 if (missing and use_sacct) else 1) and not found:
-        raise QueryError("; ".join(errors))
-    return found
+#: stderr of a Slurm client that says "slurmctld is busy or away", not "bad request"
+BUSY_ERROR = re.compile(
+    r"rate limit|Request rate limit exceeded|Socket timed out|timed out|Unable to contact slurm controller|"
+    r"Slurm temporarily unable|temporarily unavailable|Connection refused|Zero Bytes were transmitted|"
+    r"Resource temporarily unavailable|Transport endpoint",
+    re.I,
+)
 
 
-def _scontrol_job(job_id: str, timeout: float) -> str:
-    """``scontrol show job -o ID``; "" for an id slurmctld no longer knows (purged: sacct's turn)."""
-    p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=timeout)
+class SlurmBusy(QueryError):
+    """slurmctld rate-limited us, timed out or is away: back off and ask again later."""
+
+
+def _raw_exit(text: str | None) -> str | None:
+    """squeue's ``exit_code`` is the raw wait status (768 = exit 3, 9 = signal 9) → ``code:signal``."""
+    t = _null(text)
+    if t is None or not t.isdigit():
+        return t
+    raw = int(t)
+    return f"{(raw >> 8) & 0xFF}:{raw & 0x7F}"
+
+
+def parse_squeue(text: str) -> dict[str, JobRecord]:
+    """Rows of ``squeue -h -O SQUEUE_FORMAT`` → records (source ``squeue``)."""
+    jobs: dict[str, JobRecord] = {}
+    n = len(SQUEUE_FIELDS)
+    for line in text.splitlines():
+        f = line.rstrip("\n").split(_SEP, n - 1)
+        if len(f) < n - 1 or not f[0].strip():
+            continue
+        f = [x.strip() for x in f] + [""] * (n - len(f))
+        kv = dict(zip(SQUEUE_FIELDS, f, strict=True))
+        restarts = kv["RestartCnt"]
+        pt = _null(kv["PreemptTime"])
+        jobs[kv["JobID"]] = JobRecord(
+            job_id=kv["JobID"],
+            state=kv["State"] or "UNKNOWN",
+            exit_code=_raw_exit(kv["exit_code"]),
+            restarts=int(restarts) if restarts.isdigit() else None,
+            node=None if kv["BatchHost"].lower() == "n/a" else _null(kv["BatchHost"]),
+            partition=_null(kv["Partition"]),
+            requeue=kv["Requeue"] == "1" if kv["Requeue"] in ("0", "1") else None,
+            run_seconds=parse_duration(kv["TimeUsed"]),
+            time_limit_seconds=parse_duration(kv["TimeLimit"]),
+            preempted=_preempted_this_run({"PreemptTime": "" if pt in (None, "N/A") else pt, "StartTime": kv["StartTime"]}),
+            source="squeue",
+            comment=_null(kv["Comment"]),
+        )
+    return jobs
+
+
+def _check(cmd: list[str], p: subprocess.CompletedProcess[str]) -> str:
     if p.returncode != 0:
-        if "Invalid job id" in p.stderr:
-            return ""
-        raise QueryError(f"scontrol show job {job_id} exited {p.returncode}: {p.stderr.strip()[:300]}")
+        err = p.stderr.strip()[:300]
+        cls = SlurmBusy if BUSY_ERROR.search(err) else QueryError
+        raise cls(f"{' '.join(cmd[:2])} exited {p.returncode}: {err}")
     return p.stdout
 
 
-def tagged_jobs(tag: str, timeout: float = 20.0) -> list[tuple[str, str]]:
-    """(job id, state) of this user's queued or running jobs whose ``--comment`` has the word ``tag``.
+def _run_checked(cmd: list[str], timeout: float) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise SlurmBusy(f"{' '.join(cmd[:2])} timed out after {e.timeout} s") from None
+    return _check(cmd, p)
+
+
+def squeue_jobs(ids: list[str], timeout: float) -> dict[str, JobRecord]:
+    """One ``squeue -j`` call for all ``ids``; {} when slurmctld knows none of them."""
+    cmd = ["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O", SQUEUE_FORMAT]
+    try:
+        out = _run_checked(cmd, timeout)
+    except QueryError as e:
+        if "Invalid job id" in str(e):  # a single id slurmctld has purged: sacct's turn
+            return {}
+        raise
+    wanted = set(ids)
+    return {k: v for k, v in parse_squeue(out).items() if k in wanted}
+
+
+def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0) -> dict[str, JobRecord]:
+    """Current record of each id that any tool knows about: at most two Slurm calls.
+
+    One ``squeue`` call for all ids, then one ``sacct`` call for the ids
+    slurmctld no longer knows. Raises :class:`SlurmBusy` when slurmctld is
+    rate-limiting or unreachable and sacct did not cover every id, and
+    QueryError only when no tool answered at all. Ids missing from the
+    result are unknown to every tool that answered.
+    """
+    ids = list(dict.fromkeys(str(i) for i in job_ids))
+    if not ids:
+        return {}
+    errors: list[QueryError] = []
+    found: dict[str, JobRecord] = {}
+    try:
+        found.update(squeue_jobs(ids, timeout))
+    except QueryError as e:
+        errors.append(e)
+    except OSError as e:
+        errors.append(QueryError(str(e)))
+    missing = [i for i in ids if i not in found]
+    if missing and use_sacct:
+        try:
+            recs = parse_sacct(_run_checked(["sacct", "-X", "-n", "-P", "-j", ",".join(missing), "-o", SACCT_FIELDS], timeout))
+            found.update({i: recs[i] for i in missing if i in recs})
+        except QueryError as e:
+            errors.append(e)
+        except OSError as e:
+            errors.append(QueryError(str(e)))
+    if errors and not found:
+        busy = any(isinstance(e, SlurmBusy) for e in errors)
+        raise (SlurmBusy if busy else QueryError)("; ".join(str(e) for e in errors))
+    return found
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One live job of this user, as the adoption check needs it."""
+
+    job_id: str
+    name: str
+    user_id: int | None
+    state: str
+    comment: str | None
+
+
+LISTING_FORMAT = "JobID:|,Name:|,UserID:|,State:|,Comment:"
+
+
+def parse_listing(text: str) -> list[QueueRow]:
+    rows = []
+    for line in text.splitlines():
+        f = line.split("|", 4)
+        if len(f) < 4 or not f[0].strip():
+            continue
+        f = [x.strip() for x in f] + [""] * (5 - len(f))
+        uid = f[2]
+        rows.append(QueueRow(f[0], f[1], int(uid) if uid.isdigit() else None, f[3], _null(f[4])))
+    return rows
+
+
+def my_jobs(timeout: float = 20.0) -> list[QueueRow]:
+    """This user's queued and running jobs: one ``squeue --me`` call.
 
     Raises QueryError when squeue fails: the caller must not take "cannot
     ask" for "no such job" (that would submit a duplicate).
     """
-    user = os.environ.get("USER") or getpass.getuser()
-    out = _run(["squeue", "-h", "-u", user, "-o", "%i|%k|%T"], timeout)
-    found = []
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 3 and tag in parts[1].split():
-            found.append((parts[0], parts[2]))
-    return found
+    return parse_listing(_run_checked(["squeue", "--me", "-h", "-O", LISTING_FORMAT], timeout))
+
+
+def tagged_jobs(tag: str, timeout: float = 20.0, rows: list[QueueRow] | None = None) -> list[tuple[str, str]]:
+    """(job id, state) of this user's queued or running jobs whose ``--comment`` has the word ``tag``.
+
+    ``rows``: a listing from :func:`my_jobs` to filter (no Slurm call); None asks squeue now.
+    """
+    rows = my_jobs(timeout) if rows is None else rows
+    return [(r.job_id, r.state) for r in rows if r.comment and tag in r.comment.split()]
 
 
 def partition_preempt_modes(timeout: float = 20.0) -> dict[str, str]:
@@ -212,6 +350,25 @@ def partition_preempt_modes(timeout: float = 20.0) -> dict[str, str]:
         if "PartitionName" in kv:
             modes[kv["PartitionName"]] = kv.get("PreemptMode", "OFF").upper()
     return modes
+
+
+def partition_limits(timeout: float = 20.0) -> dict[str, int]:
+    """Time limit in seconds per partition (DefaultTime, else MaxTime); unlimited ones left out."""
+    try:
+        out = _run(["scontrol", "show", "partition", "-o"], timeout)
+    except (QueryError, OSError, subprocess.SubprocessError):
+        return {}
+    limits: dict[str, int] = {}
+    for line in out.splitlines():
+        kv = _kv_line(line.strip())
+        if "PartitionName" not in kv:
+            continue
+        for key in ("DefaultTime", "MaxTime"):
+            sec = parse_duration(kv.get(key))
+            if sec:
+                limits[kv["PartitionName"]] = sec
+                break
+    return limits
 
 
 def default_partition(timeout: float = 20.0) -> str | None:
