@@ -272,7 +272,7 @@ def test_checking_the_backend_option_does_not_import_numpy() -> None:
 _WITHOUT_EXTRAS = """
 import importlib.abc, sys
 EXTRAS = {"pyopencl", "cupy", "s3fs", "botocore", "aiobotocore", "snakemake", "snakemake_interface_executor_plugins",
-          "snakemake_executor_plugin_slurm", "matplotlib", "isal"}
+          "snakemake_executor_plugin_slurm", "matplotlib"}  # isal, siphash24 and pyyaml are core dependencies
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in EXTRAS:
