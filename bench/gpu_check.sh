@@ -31,6 +31,7 @@ echo "== bit identity: CUDA vs NumPy"
 import os, sys, time
 import numpy as np
 from rkckpt import container
+from rkkernel.control import Command
 from rkkernel.runtime import PersistentKernel
 from rkkernel.wavesim import WaveParams, current_field, make_spec
 
@@ -40,7 +41,7 @@ STEPS = 300
 def run(backend, persistent="0", batch=37):
     os.environ["RKKERNEL_CUDA_PERSISTENT"] = persistent
     k = PersistentKernel(make_spec(params), backend)
-    k.request_snapshot(100, tag=1)
+    k.send(Command.SNAPSHOT, 100, a=1)
     done = 0
     while done < STEPS:
         n = min(batch, STEPS - done)

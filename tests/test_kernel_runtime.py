@@ -23,6 +23,13 @@ def wave(kernel_backend: str = "numpy", params: WaveParams = P) -> PersistentKer
     return PersistentKernel(make_spec(params), kernel_backend)
 
 
+def inject(k: PersistentKernel, step: int, region: str, index: int, value: float) -> None:
+    """Queue a command adding ``value`` to cell ``index`` (flat) of float32 ``region`` at ``step``'s boundary."""
+    slot = [r.name for r in k.spec.regions].index(region)
+    bits = int(np.array([value], dtype="<f4").view("<u4")[0])
+    k.send(Command.INJECT, step, arg=slot, a=index, b=bits)
+
+
 def fields(k: PersistentKernel) -> bytes:
     return current_field({n: k.region(n) for n in ("pressure_a", "pressure_b")}, k.step).tobytes()
 
@@ -55,8 +62,8 @@ def test_snapshot_command_pauses_at_its_step(kernel_backend: str) -> None:
     k = wave(kernel_backend)
     seen = []
     k.on_event = lambda ev, kern: seen.append((ev.kind, ev.step, ev.a, kern.step, fields(kern)))
-    k.request_snapshot(5, tag=77)
-    k.request_snapshot(9, tag=78)
+    k.send(Command.SNAPSHOT, 5, a=77)
+    k.send(Command.SNAPSHOT, 9, a=78)
     events = k.run(12)
     assert [(e.kind, e.step, e.a) for e in events] == [(Reply.SNAPSHOT_READY, 5, 77), (Reply.SNAPSHOT_READY, 9, 78)]
     assert [(s[0], s[1], s[2], s[3]) for s in seen] == [(Reply.SNAPSHOT_READY, 5, 77, 5), (Reply.SNAPSHOT_READY, 9, 78, 9)]
@@ -71,7 +78,7 @@ def test_snapshot_command_pauses_at_its_step(kernel_backend: str) -> None:
 
 def test_terminate_command(kernel_backend: str) -> None:
     k = wave(kernel_backend)
-    k.terminate(7)
+    k.send(Command.TERMINATE, 7)
     events = k.run(20)
     assert [e.kind for e in events] == [Reply.TERMINATED]
     assert k.step == 7 and k.terminated
@@ -85,8 +92,8 @@ def test_inject_is_identical_on_backends(opencl_backend: str) -> None:
     for be in ("numpy", opencl_backend):
         k = wave(be)
         idx = 5 + 6 * 20 + 7 * 20 * 18
-        k.inject(3, "pressure_a", idx, 0.25)  # step 3: pressure_b is current, pressure_a previous
-        k.inject(4, "pressure_a", idx, -0.5)
+        inject(k, 3, "pressure_a", idx, 0.25)  # step 3: pressure_b is current, pressure_a previous
+        inject(k, 4, "pressure_a", idx, -0.5)
         k.run(30)
         out.append(fields(k))
     plain = wave("numpy")
@@ -97,10 +104,10 @@ def test_inject_is_identical_on_backends(opencl_backend: str) -> None:
 
 def test_control_and_queues_round_trip_through_checkpoint(kernel_backend: str) -> None:
     k = wave(kernel_backend)
-    k.request_snapshot(4, tag=1)
+    k.send(Command.SNAPSHOT, 4, a=1)
     k.run(10)
-    k.request_snapshot(13, tag=2)  # pending across the checkpoint
-    k.request_snapshot(15, tag=3)
+    k.send(Command.SNAPSHOT, 13, a=2)  # pending across the checkpoint
+    k.send(Command.SNAPSHOT, 15, a=3)
     ckpt = k.create_checkpoint()
     data = container.encode(ckpt)
     back = container.read(data, "mem").checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rkkernel.control import Command
 from rkkernel.ftz import FTZ_LIMIT
 from rkkernel.runtime import PersistentKernel
 from rkkernel.wavesim import WaveParams, current_field, make_spec
@@ -171,7 +172,7 @@ def test_fused_launches_end_at_every_command_step(opencl_backend: str) -> None:
     k.on_event = lambda ev, kern: seen.append((ev.step, kern.step, fields(kern)))
     stops = [1, SWEEP_LEVELS + 2, 2 * SWEEP_LEVELS + 3]
     for s in stops:
-        k.request_snapshot(s)
+        k.send(Command.SNAPSHOT, s)
     k.run(3 * SWEEP_LEVELS + 1)
     assert [(a, b) for a, b, _ in seen] == [(s, s) for s in stops]
     for s, _, got in seen:

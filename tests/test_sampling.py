@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rkkernel.backends.opencl_backend import OpenCLBackend
+from rkkernel.control import Command
 from rkkernel.reduce import combine_planes, plane_sumsq, sumsq
 from rkkernel.runtime import PersistentKernel
 from rkkernel.traveltime import make_spec as tt_spec
@@ -102,7 +103,7 @@ def test_samples_with_a_command_pending_take_the_stepwise_path(kernel_backend: s
     k = PersistentKernel(make_spec(PARAMS), kernel_backend)
     seen = []
     k.on_event = lambda ev, kern: seen.append(kern.step)
-    k.request_snapshot(6)
+    k.send(Command.SNAPSHOT, 6)
     _, sums = k.run_sampled(12, [(4, "pressure_a"), (9, "pressure_b")])
     assert seen == [6] and k.step == 12
     assert [s.tobytes() for s in sums] == expect

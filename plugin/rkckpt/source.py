@@ -20,7 +20,8 @@ import numpy as np
 from .errors import CheckpointError
 
 Buffer = bytes | bytearray | memoryview
-_PIECE = 32 << 20
+#: most bytes one ``preadv`` is asked for: a huge read goes in several syscalls (see ``FileSource.read_into``)
+_MAX_PREAD = 32 << 20
 
 
 @runtime_checkable
@@ -126,7 +127,7 @@ class FileSource:
         done = 0
         while done < out.nbytes:
             try:
-                got = os.preadv(self.fd, [out[done : min(out.nbytes, done + _PIECE)]], offset + done)
+                got = os.preadv(self.fd, [out[done : min(out.nbytes, done + _MAX_PREAD)]], offset + done)
             except OSError as exc:
                 raise CheckpointError(self.name, f"cannot read: {exc.strerror}") from None
             if not got:

@@ -12,7 +12,3 @@ def ftz(x: np.ndarray) -> np.ndarray:
     """Zero (as +0.0) every element with |x| < FLT_MIN, in place; returns ``x``."""
     np.copyto(x, np.float32(0.0), where=np.abs(x) < FTZ_LIMIT)
     return x
-
-
-def ftz_scalar(x: np.float32) -> np.float32:
-    return np.float32(0.0) if abs(x) < FTZ_LIMIT else np.float32(x)

@@ -219,7 +219,6 @@ class Option:
     default: Any = None
     help: str = ""
     nargs: int = 1
-    required: bool = False
     envvar: str | None = None
     hidden: bool = False
 

@@ -39,7 +39,6 @@ log = logging.getLogger("rkkernel")
 FINGERPRINT_KEY = "rkkernel.params_fingerprint"
 BACKEND_KEY = "rkkernel.backend"
 HALOS_KEY = "rkkernel.halos"
-DTYPES_KEY = "rkkernel.dtypes"
 
 
 class RestoreMismatch(CheckpointError):
@@ -132,18 +131,6 @@ class PersistentKernel:
         phys = max(int(time.time() * 1e6), int(cb["hlc_physical"]))
         self.backend.write_control("hlc_physical", phys)
         self.backend.write_control("input_tail", self._h2k_tail)
-
-    def request_snapshot(self, step: int, tag: int = 0) -> None:
-        self.send(Command.SNAPSHOT, step, a=tag)
-
-    def terminate(self, step: int) -> None:
-        self.send(Command.TERMINATE, step)
-
-    def inject(self, step: int, region: str, index: int, value: float) -> None:
-        """Add ``value`` to cell ``index`` (flat) of float32 region ``region`` at ``step``'s boundary."""
-        slot = [r.name for r in self.spec.regions].index(region)
-        bits = int(np.array([value], dtype="<f4").view("<u4")[0])
-        self.send(Command.INJECT, step, arg=slot, a=index, b=bits)
 
     def _drain_k2h(self) -> list[KernelEvent]:
         cb = self.control()[0]

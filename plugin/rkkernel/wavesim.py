@@ -188,67 +188,12 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
         raise ValueError("pass the velocity model together with its digest (see load_velocity)")
     shape = (nz, ny, nx)
     wavelet = ricker(params)
-    sx, sy, sz = params.source
-    if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
-        raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
-    src_index = sx + sy * nx + sz * nx * ny
-    regions = [
-        RegionSpec("pressure_a", "<f4", shape, "field"),
-        RegionSpec("pressure_b", "<f4", shape, "field"),
-        RegionSpec("velocity", "<f4", (nz, nx), "static"),
-        RegionSpec("wavelet", "<f4", wavelet.shape, "static"),
-        RegionSpec("x_interior_mask", "<u4", (nx,), "static"),
-    ]
-    args = (
-        CONTROL,
-        Swap("pressure_a", "pressure_b"),  # cur
-        Swap("pressure_b", "pressure_a"),  # prev -> next
-        "velocity",
-        "wavelet",
-        r2(params),
-        np.int32(nx),
-        np.int32(nx * ny),
-        np.int32(src_index),
-        np.int32(len(wavelet)),
-    )
+    src_index = _source_index(params)
+    args = _step_args(params, src_index, len(wavelet))
     launch = Launch("fdtd_step", (nx - 2, ny - 2, nz - 2), args, local_size)
     opencl_launches = _opencl_launches(params, args, local_size)
-    # SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see fdtd_sweep).
-    slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
-    sweep_args = (*args, np.int32(nz), "x_interior_mask", SYNC, np.int32(SWEEP_LEVELS))
-    # Any depth 1..SWEEP_LEVELS (the last argument): checkpoints, samples and batch ends
-    # that are not a multiple of SWEEP_LEVELS away end a sweep early, still fused.
-    # fdtd_sweep_sampled: the same sweep that also sums p² of sampled levels (the energy series)
-    sampled_args = (*sweep_args, SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
-    fused = FusedSteps(
-        SWEEP_LEVELS,
-        (Launch("fdtd_sweep", (slabs,), sweep_args, (1,)),),
-        sync_words=slabs,
-        depth_arg=len(sweep_args) - 1,
-        min_steps=SWEEP_MIN_LEVELS,
-        sampled=(Launch("fdtd_sweep_sampled", (slabs,), sampled_args, (1,)),),
-        level_outputs=(Swap("pressure_b", "pressure_a"), Swap("pressure_a", "pressure_b")),  # prev_next, cur
-    )
-    persistent = Launch(
-        "fdtd_persistent",
-        (0,),
-        (
-            CONTROL,
-            H2K,
-            K2H,
-            "pressure_a",
-            "pressure_b",
-            "velocity",
-            "wavelet",
-            r2(params),
-            np.int32(nx),
-            np.int32(ny),
-            np.int32(nz),
-            np.int32(src_index),
-            np.int32(len(wavelet)),
-            STEPS,
-        ),
-    )
+    fused = _opencl_fused(params, args)
+    persistent = _cuda_persistent(params, src_index, len(wavelet))
 
     def initial() -> dict[str, np.ndarray]:
         return {
@@ -265,7 +210,7 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
     return KernelSpec(
         kernel_type=KERNEL_TYPE,
         grid=(nx, ny, nz),
-        regions=regions,
+        regions=_regions(params, wavelet.shape),
         launches=[launch],
         sources={"opencl": "fdtd3d.cl", "cuda": "fdtd3d.cu"},
         numpy_step=step,
@@ -274,6 +219,88 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
         persistent={"cuda": persistent},
         backend_launches={"opencl": opencl_launches},
         fused={"opencl": fused},
+    )
+
+
+def _source_index(params: WaveParams) -> int:
+    """Flat index of the source cell, which must be interior."""
+    nx, ny, nz = params.nx, params.ny, params.nz
+    sx, sy, sz = params.source
+    if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
+        raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
+    return sx + sy * nx + sz * nx * ny
+
+
+def _regions(params: WaveParams, wavelet_shape: tuple[int, ...]) -> list[RegionSpec]:
+    nx, ny, nz = params.nx, params.ny, params.nz
+    shape = (nz, ny, nx)
+    return [
+        RegionSpec("pressure_a", "<f4", shape, "field"),
+        RegionSpec("pressure_b", "<f4", shape, "field"),
+        RegionSpec("velocity", "<f4", (nz, nx), "static"),
+        RegionSpec("wavelet", "<f4", wavelet_shape, "static"),
+        RegionSpec("x_interior_mask", "<u4", (nx,), "static"),
+    ]
+
+
+def _step_args(params: WaveParams, src_index: int, n_wavelet: int) -> tuple:
+    """Arguments of one ``fdtd_step`` (the fused and split launches append to them)."""
+    nx, ny = params.nx, params.ny
+    return (
+        CONTROL,
+        Swap("pressure_a", "pressure_b"),  # cur
+        Swap("pressure_b", "pressure_a"),  # prev -> next
+        "velocity",
+        "wavelet",
+        r2(params),
+        np.int32(nx),
+        np.int32(nx * ny),
+        np.int32(src_index),
+        np.int32(n_wavelet),
+    )
+
+
+def _opencl_fused(params: WaveParams, args: tuple) -> FusedSteps:
+    """SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see fdtd_sweep)."""
+    nz = params.nz
+    slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
+    sweep_args = (*args, np.int32(nz), "x_interior_mask", SYNC, np.int32(SWEEP_LEVELS))
+    # Any depth 1..SWEEP_LEVELS (the last argument): checkpoints, samples and batch ends
+    # that are not a multiple of SWEEP_LEVELS away end a sweep early, still fused.
+    # fdtd_sweep_sampled: the same sweep that also sums p² of sampled levels (the energy series)
+    sampled_args = (*sweep_args, SUMS, SUM_SCRATCH, SAMPLE_LEVELS, SAMPLE_ROW)
+    return FusedSteps(
+        SWEEP_LEVELS,
+        (Launch("fdtd_sweep", (slabs,), sweep_args, (1,)),),
+        sync_words=slabs,
+        depth_arg=len(sweep_args) - 1,
+        min_steps=SWEEP_MIN_LEVELS,
+        sampled=(Launch("fdtd_sweep_sampled", (slabs,), sampled_args, (1,)),),
+        level_outputs=(Swap("pressure_b", "pressure_a"), Swap("pressure_a", "pressure_b")),  # prev_next, cur
+    )
+
+
+def _cuda_persistent(params: WaveParams, src_index: int, n_wavelet: int) -> Launch:
+    """The CUDA back end's persistent launch (``fdtd_persistent``)."""
+    return Launch(
+        "fdtd_persistent",
+        (0,),
+        (
+            CONTROL,
+            H2K,
+            K2H,
+            "pressure_a",
+            "pressure_b",
+            "velocity",
+            "wavelet",
+            r2(params),
+            np.int32(params.nx),
+            np.int32(params.ny),
+            np.int32(params.nz),
+            np.int32(src_index),
+            np.int32(n_wavelet),
+            STEPS,
+        ),
     )
 
 

@@ -116,10 +116,6 @@ class FileStorage(StorageBase):
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)  # releases the flock
 
-    @property
-    def locked(self) -> bool:
-        return self._lock_fd is not None
-
     # ---------------------------------------------------------------- primitives
     def path(self, name: str) -> Path:
         return self.root / validate_name(name)
