@@ -213,7 +213,7 @@ def test_ls_reports_a_delta_with_a_wrong_state_digest(tmp_path):
     states = [sample_checkpoint(step=s) for s in (1, 2, 3)]
     for s, ck in zip((2, 3), states[1:], strict=True):
         ck.add_region("pressure", np.full((256, 16), s, np.float32))
-    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=8), "sample-0") as m:
+    with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=8, delta_try_fraction=1.0), "sample-0") as m:
         for s, ck in zip((1, 2, 3), states, strict=True):
             m.submit(SnapshotResponse(SnapshotRequest(s), ck))
     name = "sample-0-000000000002-delta.rk.h5"
