@@ -55,14 +55,16 @@ inline float fdtd_amplitude(const ulong step, __global const float *restrict wav
     return live ? w : 0.0f;
 }
 
-inline void fdtd_rows(__global const rk_control *restrict ctl,
-                      __global const float *restrict cur,
-                      __global float *restrict prev_next,
-                      __global const float *restrict vel,
-                      __global const float *restrict wavelet,
-                      const float r2, const int nx, const int nxy,
-                      const int src_index, const int wavelet_len, const int z0,
-                      __global const uint *restrict x_interior,
+/* The parameters every fdtd kernel starts with (cur_const: const, or nothing
+ * for the sweeps, whose levels write both fields), and the same as arguments. */
+#define FDTD_FIELDS(cur_const)                                                                        \
+    __global const rk_control *restrict ctl, __global cur_const float *restrict cur,                  \
+        __global float *restrict prev_next, __global const float *restrict vel,                       \
+        __global const float *restrict wavelet, const float r2, const int nx, const int nxy,          \
+        const int src_index, const int wavelet_len
+#define FDTD_FIELD_ARGS ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len
+
+inline void fdtd_rows(FDTD_FIELDS(const), const int z0, __global const uint *restrict x_interior,
                       const int with_source)
 {
     const size_t x = get_global_id(0);         /* 0 .. nx-1: the whole row, walls included */
@@ -82,31 +84,17 @@ inline void fdtd_rows(__global const rk_control *restrict ctl,
 }
 
 /* Planes z0 .. z0 + global_size(2) - 1, including the source's plane. */
-__kernel void fdtd_step(__global const rk_control *restrict ctl,
-                        __global const float *restrict cur,
-                        __global float *restrict prev_next,
-                        __global const float *restrict vel,
-                        __global const float *restrict wavelet,
-                        const float r2, const int nx, const int nxy,
-                        const int src_index, const int wavelet_len, const int z0,
-                        __global const uint *restrict x_interior)
+__kernel void fdtd_step(FDTD_FIELDS(const), const int z0, __global const uint *restrict x_interior)
 {
     RK_BEGIN(ctl);
-    fdtd_rows(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, z0, x_interior, 1);
+    fdtd_rows(FDTD_FIELD_ARGS, z0, x_interior, 1);
 }
 
 /* Planes z0 .. z0 + global_size(2) - 1, none of which holds the source. */
-__kernel void fdtd_bulk(__global const rk_control *restrict ctl,
-                        __global const float *restrict cur,
-                        __global float *restrict prev_next,
-                        __global const float *restrict vel,
-                        __global const float *restrict wavelet,
-                        const float r2, const int nx, const int nxy,
-                        const int src_index, const int wavelet_len, const int z0,
-                        __global const uint *restrict x_interior)
+__kernel void fdtd_bulk(FDTD_FIELDS(const), const int z0, __global const uint *restrict x_interior)
 {
     RK_BEGIN(ctl);
-    fdtd_rows(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, z0, x_interior, 0);
+    fdtd_rows(FDTD_FIELD_ARGS, z0, x_interior, 0);
 }
 
 /* ------------------------------------------------------------------------
@@ -133,7 +121,8 @@ __kernel void fdtd_bulk(__global const rk_control *restrict ctl,
  * boundary in sync[]). No work item ever waits for another, so this is
  * correct with any number of threads on any device; it is fast on CPUs
  * only, where one work item per core is the whole device
- * (FusedSteps.device_types).
+ * (FusedSteps.device_types). The schedule itself is RK_SLAB_SWEEP in
+ * rk_runtime_cl.h, shared with tt_sweep in traveltime.cl.
  *
  * A work item works its planes as explicit loops, which LLVM vectorises.
  * pocl's work-group vectoriser (whole rows, as fdtd_rows) cannot express a
@@ -208,109 +197,61 @@ inline void fdtd_plane_sumsq(__global const float *restrict f, __global double *
 
 #endif
 
-/* The sweep; with sample_levels != 0 (bit j: sample the field level j makes, step t+j+1)
+/* The parameters of both sweep kernels, and the same as arguments. */
+#define FDTD_SWEEP_FIELDS                                                                            \
+    FDTD_FIELDS(/* writable */), const int nz, __global const uint *restrict x_interior,             \
+        __global volatile uint *sync, const int levels
+#define FDTD_SWEEP_ARGS FDTD_FIELD_ARGS, nz, x_interior, sync, levels
+
+/* The sweep (RK_SLAB_SWEEP); with sample_levels != 0 (bit j: sample the field level j makes, step t+j+1)
  * also the plane sums of those levels, row sample_row + (rank of j among the set bits)
  * of sums (nz doubles a row), each plane summed right after it is written. */
-inline void fdtd_sweep_body(__global const rk_control *restrict ctl,
-                            __global float *restrict cur,
-                            __global float *restrict prev_next,
-                            __global const float *restrict vel,
-                            __global const float *restrict wavelet,
-                            const float r2, const int nx, const int nxy,
-                            const int src_index, const int wavelet_len, const int nz,
-                            __global const uint *restrict x_interior,
-                            __global volatile uint *sync, const int levels,
+inline void fdtd_sweep_body(FDTD_SWEEP_FIELDS,
                             __global RK_SUMS_T *restrict sums, __global RK_SUMS_T *restrict cols,
                             const int sample_levels, const int sample_row)
 {
-    const int i = (int)get_global_id(0);
-    const int slabs = (int)get_global_size(0);
     const ulong t = ctl->current_step;
-    const int planes = nz - 2;
-    const int lo = 1 + i * planes / slabs;
-    const int hi = (i + 1) * planes / slabs;                /* inclusive */
-    /* level j (step t+j) covers [lo + j, hi - j] of this slab; at a wall, no shrink */
-    const int shrink_lo = (i == 0) ? 0 : 1;
-    const int shrink_hi = (i == slabs - 1) ? 0 : 1;
 #define LEVEL_OUT(j) (((j) & 1) ? cur : prev_next)
 #if RK_SWEEP_SAMPLES
-#define SAMPLE(j, z) if ((sample_levels >> (j)) & 1) \
-        fdtd_plane_sumsq(LEVEL_OUT(j), cols + i * nx, \
+#define SAMPLE(s, j, z) if ((sample_levels >> (j)) & 1) \
+        fdtd_plane_sumsq(LEVEL_OUT(j), cols + (s) * nx, \
                          sums + (sample_row + popcount(sample_levels & ((1 << (j)) - 1))) * nz, nx, nxy, (z))
 #else
-#define SAMPLE(j, z) (void)0
+#define SAMPLE(s, j, z) (void)0
 #endif
-#define LEVEL(j, z) fdtd_plane(((j) & 1) ? prev_next : cur, LEVEL_OUT(j), vel, wavelet, r2, nx, nxy, \
-                               src_index, wavelet_len, x_interior, (z), t + (ulong)(j)); \
-                    SAMPLE(j, z)
-    for (int z = lo; z <= hi + levels - 1; ++z) {
-        for (int j = 0; j < levels; ++j) {
-            const int p = z - j;
-            if (p >= lo + j * shrink_lo && p <= hi - j * shrink_hi) {
-                LEVEL(j, p);
-            }
-        }
+#define LEVEL(s, j, z) fdtd_plane(((j) & 1) ? prev_next : cur, LEVEL_OUT(j), vel, wavelet, r2, nx, nxy, \
+                                  src_index, wavelet_len, x_interior, (z), t + (ulong)(j)); \
+                       SAMPLE(s, j, z)
+/* the wall planes (never written) of a sampled level */
+#define SAMPLE_WALLS(s, slabs) for (int j = 0; j < levels; ++j) { \
+        if ((s) == 0) { \
+            SAMPLE(s, j, 0); \
+        } \
+        if ((s) == (slabs) - 1) { \
+            SAMPLE(s, j, nz - 1); \
+        } \
     }
-    for (int j = 0; j < levels; ++j) {  /* the wall planes (never written) of a sampled level */
-        if (i == 0) {
-            SAMPLE(j, 0);
-        }
-        if (i == slabs - 1) {
-            SAMPLE(j, nz - 1);
-        }
-    }
-    mem_fence(CLK_GLOBAL_MEM_FENCE);
-    /* Boundary b (between slab b and b+1): levels 1.. on the planes neither slab could do;
-     * the second slab to finish does it. */
-    for (int side = 0; side < 2; ++side) {
-        const int b = side == 0 ? i - 1 : i;
-        if (b < 0 || b >= slabs - 1 || atomic_inc(&sync[b]) != 1u)
-            continue;
-        mem_fence(CLK_GLOBAL_MEM_FENCE);
-        const int top = side == 0 ? lo - 1 : hi;                /* last plane of slab b */
-        for (int j = 1; j < levels; ++j)
-            for (int p = top - j + 1; p <= top + j; ++p) {
-                LEVEL(j, p);
-            }
-    }
+    RK_SLAB_SWEEP(nz, levels, sync, LEVEL, SAMPLE_WALLS);
+#undef SAMPLE_WALLS
 #undef LEVEL
 #undef SAMPLE
 #undef LEVEL_OUT
 }
 
 /* Global size: the number of slabs (>= 1, each at least 2*levels planes), local size 1. */
-__kernel void fdtd_sweep(__global const rk_control *restrict ctl,
-                         __global float *restrict cur,
-                         __global float *restrict prev_next,
-                         __global const float *restrict vel,
-                         __global const float *restrict wavelet,
-                         const float r2, const int nx, const int nxy,
-                         const int src_index, const int wavelet_len, const int nz,
-                         __global const uint *restrict x_interior,
-                         __global volatile uint *sync, const int levels)
+__kernel void fdtd_sweep(FDTD_SWEEP_FIELDS)
 {
     RK_BEGIN(ctl);
-    fdtd_sweep_body(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, nz, x_interior,
-                    sync, levels, 0, 0, 0, 0);
+    fdtd_sweep_body(FDTD_SWEEP_ARGS, 0, 0, 0, 0);
 }
 
 #if RK_SWEEP_SAMPLES
 /* fdtd_sweep that also records the energy (Σp², see fdtd_sweep_body) of the levels in
  * sample_levels: a sample inside a batch costs no extra pass over memory. */
-__kernel void fdtd_sweep_sampled(__global const rk_control *restrict ctl,
-                                 __global float *restrict cur,
-                                 __global float *restrict prev_next,
-                                 __global const float *restrict vel,
-                                 __global const float *restrict wavelet,
-                                 const float r2, const int nx, const int nxy,
-                                 const int src_index, const int wavelet_len, const int nz,
-                                 __global const uint *restrict x_interior,
-                                 __global volatile uint *sync, const int levels,
-                                 __global double *restrict sums, __global double *restrict cols,
+__kernel void fdtd_sweep_sampled(FDTD_SWEEP_FIELDS, __global double *restrict sums, __global double *restrict cols,
                                  const int sample_levels, const int sample_row)
 {
     RK_BEGIN(ctl);
-    fdtd_sweep_body(ctl, cur, prev_next, vel, wavelet, r2, nx, nxy, src_index, wavelet_len, nz, x_interior,
-                    sync, levels, sums, cols, sample_levels, sample_row);
+    fdtd_sweep_body(FDTD_SWEEP_ARGS, sums, cols, sample_levels, sample_row);
 }
 #endif

@@ -33,11 +33,7 @@ extern "C" __global__ void fdtd_step(const rk_control *ctl, const float *__restr
                                      const float r2, const int nx, const int nxy, const int src_index, const int wavelet_len)
 {
     RK_BEGIN(ctl);
-    const int x = (int)(blockIdx.x * blockDim.x + threadIdx.x) + 1;
-    if (x >= nx - 1) return;
-    const int y = (int)blockIdx.y + 1;
-    const int z = (int)blockIdx.z + 1;
-    const int i = x + y * nx + z * nxy;
+    RK_INTERIOR_CELL(x, y, z, i, nx, nxy);
     float out = fdtd_cell(cur, prev_next, vel, i, x + z * nx, nx, nxy, r2);
     const rk_u64 step = ((const volatile rk_control *)ctl)->current_step;
     const float w = wavelet[(int)(step < (rk_u64)(wavelet_len - 1) ? step : (rk_u64)(wavelet_len - 1))];

@@ -71,7 +71,8 @@ __kernel void tt_step(__global const rk_control *restrict ctl,
  * alternate between the two buffers, and the plane a level overwrites
  * holds level j-2's values, which no level still needs (the same argument
  * as fdtd_sweep). One work item per slab and the same slab/boundary
- * scheme, so no work item ever waits for another.
+ * scheme (RK_SLAB_SWEEP in rk_runtime_cl.h), so no work item ever waits
+ * for another.
  *
  * A work item works its rows as explicit loops over 16-cell vectors
  * (int16, one AVX-512 register; pocl's auto-vectoriser picked 8-wide ones,
@@ -126,6 +127,34 @@ typedef float tt_float16u __attribute__((ext_vector_type(16), aligned(4)));
         (out) = TT_IMIN(t_, as_int16(as_float16(m3_) + (h3) * (sl)));                                              \
     } while (0)
 
+/* The OR of the 16 lanes of *v (by pointer: an int16 argument changes the
+ * ABI without AVX-512, and pocl warns). */
+__attribute__((always_inline)) inline int tt_or_reduce16(const int16 *v)
+{
+    const int8 c8 = v->lo | v->hi;
+    const int4 c4 = c8.lo | c8.hi;
+    const int2 c2 = c4.lo | c4.hi;
+    return c2.x | c2.y;
+}
+
+/* Cells x0 .. x1-1 of one row, one cell at a time (the scalar remainder of
+ * the vector loops); nonzero if some cell got earlier. */
+__attribute__((always_inline)) inline int tt_cells(__global const int *restrict c, __global int *restrict o,
+                                                   __global const float *restrict srow, const float h1,
+                                                   const float h2, const float h3, const int nx, const int nxy,
+                                                   const int x0, const int x1)
+{
+    int changed = 0;
+    for (int x = x0; x < x1; ++x) {
+        const int old = c[x];
+        int t = tt_cell(c + x, srow[x], h1, h2, h3, nx, nxy);
+        t = (x == 0 || x == nx - 1) ? 0x7f800000 : t;
+        o[x] = t;
+        changed |= t ^ old;
+    }
+    return changed;
+}
+
 /* Cells x0 .. x1-1 of one row (c: the row in the input, o: in the output),
  * one step; nonzero if some cell got earlier. */
 inline int tt_row(__global const int *restrict c, __global int *restrict o,
@@ -145,19 +174,21 @@ inline int tt_row(__global const int *restrict c, __global int *restrict o,
         *(__global tt_int16u *)(o + x) = t;
         changed16 |= t ^ TT_LOAD16(r00 + x);
     }
-    int changed = 0;
-    for (; x < x1; ++x) {
-        const int old = c[x];
-        int t = tt_cell(c + x, srow[x], h1, h2, h3, nx, nxy);
-        t = (x == 0 || x == nx - 1) ? 0x7f800000 : t;
-        o[x] = t;
-        changed |= t ^ old;
-    }
-    const int8 c8 = changed16.lo | changed16.hi;
-    const int4 c4 = c8.lo | c8.hi;
-    const int2 c2 = c4.lo | c4.hi;
-    return changed | c2.x | c2.y;
+    return tt_cells(c, o, srow, h1, h2, h3, nx, nxy, x, x1) | tt_or_reduce16(&changed16);
 }
+
+/* One row's 16 cells from their old times a and their minima m1, m2, m3 at
+ * distance 1, sqrt 2 and sqrt 3 (tt_cell's sums), walls back to +inf, stored
+ * at out; changed16 collects t ^ a. For tt_row2 (sl, wall, h1..h3 in scope). */
+#define TT_RELAX16(a, m1, m2, m3, out)                                     \
+    do {                                                                   \
+        int16 t_ = TT_IMIN((a), as_int16(as_float16(m1) + h1 * sl));      \
+        t_ = TT_IMIN(t_, as_int16(as_float16(m2) + h2 * sl));              \
+        t_ = TT_IMIN(t_, as_int16(as_float16(m3) + h3 * sl));              \
+        t_ = wall ? (int16)(0x7f800000) : t_;                              \
+        *(__global tt_int16u *)(out) = t_;                                 \
+        changed16 |= t_ ^ (a);                                             \
+    } while (0)
 
 /* Two whole rows y and y+1 at once (c: row y in the input, o: in the
  * output): they share 12 of their 18 neighbour rows, so each row's loads
@@ -192,45 +223,19 @@ inline int tt_row2(__global const int *restrict c, __global int *restrict o,
         const int16 za0 = TT_IMIN(a_m0, a_p0), zap = TT_IMIN(a_mp, a_pp);
         const int16 zb0 = TT_IMIN(b_m0, b_p0), zbp = TT_IMIN(b_mp, b_pp);
         /* row y: centre (0, 0) */
-        {
-            const int16 m1 = TT_IMIN(TT_IMIN(b_00, za0), TT_IMIN(a_0m, a_0p));
-            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_0m, b_0p), zb0), TT_IMIN(TT_IMIN(a_mm, a_pm), zap));
-            const int16 m3 = TT_IMIN(TT_IMIN(b_mm, b_pm), zbp);
-            int16 t = TT_IMIN(a_00, as_int16(as_float16(m1) + h1 * sl));
-            t = TT_IMIN(t, as_int16(as_float16(m2) + h2 * sl));
-            t = TT_IMIN(t, as_int16(as_float16(m3) + h3 * sl));
-            t = wall ? (int16)(0x7f800000) : t;
-            *(__global tt_int16u *)(o + x) = t;
-            changed16 |= t ^ a_00;
-        }
+        TT_RELAX16(a_00, TT_IMIN(TT_IMIN(b_00, za0), TT_IMIN(a_0m, a_0p)),
+                   TT_IMIN(TT_IMIN(TT_IMIN(b_0m, b_0p), zb0), TT_IMIN(TT_IMIN(a_mm, a_pm), zap)),
+                   TT_IMIN(TT_IMIN(b_mm, b_pm), zbp), o + x);
         /* row y+1: centre (0, p) */
-        {
-            const int16 m1 = TT_IMIN(TT_IMIN(b_0p, zap), TT_IMIN(a_00, a_0q));
-            const int16 m2 = TT_IMIN(TT_IMIN(TT_IMIN(b_00, b_0q), zbp), TT_IMIN(TT_IMIN(a_mq, a_pq), za0));
-            const int16 m3 = TT_IMIN(TT_IMIN(b_mq, b_pq), zb0);
-            int16 t = TT_IMIN(a_0p, as_int16(as_float16(m1) + h1 * sl));
-            t = TT_IMIN(t, as_int16(as_float16(m2) + h2 * sl));
-            t = TT_IMIN(t, as_int16(as_float16(m3) + h3 * sl));
-            t = wall ? (int16)(0x7f800000) : t;
-            *(__global tt_int16u *)(o + nx + x) = t;
-            changed16 |= t ^ a_0p;
-        }
+        TT_RELAX16(a_0p, TT_IMIN(TT_IMIN(b_0p, zap), TT_IMIN(a_00, a_0q)),
+                   TT_IMIN(TT_IMIN(TT_IMIN(b_00, b_0q), zbp), TT_IMIN(TT_IMIN(a_mq, a_pq), za0)),
+                   TT_IMIN(TT_IMIN(b_mq, b_pq), zb0), o + nx + x);
     }
-    int changed = 0;
-    for (; x < nx; ++x) {
-        for (int k = 0; k < 2; ++k) {
-            const int old = c[k * nx + x];
-            int t = tt_cell(c + k * nx + x, srow[x], h1, h2, h3, nx, nxy);
-            t = (x == 0 || x == nx - 1) ? 0x7f800000 : t;
-            o[k * nx + x] = t;
-            changed |= t ^ old;
-        }
-    }
-    const int8 c8 = changed16.lo | changed16.hi;
-    const int4 c4 = c8.lo | c8.hi;
-    const int2 c2 = c4.lo | c4.hi;
-    return changed | c2.x | c2.y;
+    /* the remainder, row y then row y+1 (they read the input only, so in any order) */
+    const int changed = tt_cells(c, o, srow, h1, h2, h3, nx, nxy, x, nx);
+    return changed | tt_cells(c + nx, o + nx, srow, h1, h2, h3, nx, nxy, x, nx) | tt_or_reduce16(&changed16);
 }
+#undef TT_RELAX16
 
 /* Interior rows of plane z, one step (in -> out); nonzero if some cell got earlier. */
 inline int tt_plane(__global const int *restrict in, __global int *restrict out,
@@ -268,35 +273,11 @@ __kernel void tt_sweep(__global const rk_control *restrict ctl,
                        __global volatile uint *sync, const int levels)
 {
     RK_BEGIN(ctl);
-    const int i = (int)get_global_id(0);
-    const int slabs = (int)get_global_size(0);
     const ulong t = ctl->current_step;
-    const int planes = nz - 2;
-    const int lo = 1 + i * planes / slabs;
-    const int hi = (i + 1) * planes / slabs;                /* inclusive */
-    const int shrink_lo = (i == 0) ? 0 : 1;
-    const int shrink_hi = (i == slabs - 1) ? 0 : 1;
     int latest = -1;                                        /* highest level that changed a cell */
-#define LEVEL(j, z) if (tt_plane(((j) & 1) ? nxt : cur, ((j) & 1) ? cur : nxt, slow, h1, h2, h3, nx, nxy, ny, nz, (z)) \
-                        && (j) > latest) latest = (j)
-    for (int z = lo; z <= hi + levels - 1; ++z) {
-        for (int j = 0; j < levels; ++j) {
-            const int p = z - j;
-            if (p >= lo + j * shrink_lo && p <= hi - j * shrink_hi)
-                LEVEL(j, p);
-        }
-    }
-    mem_fence(CLK_GLOBAL_MEM_FENCE);
-    for (int side = 0; side < 2; ++side) {
-        const int b = side == 0 ? i - 1 : i;
-        if (b < 0 || b >= slabs - 1 || atomic_inc(&sync[b]) != 1u)
-            continue;
-        mem_fence(CLK_GLOBAL_MEM_FENCE);
-        const int top = side == 0 ? lo - 1 : hi;            /* last plane of slab b */
-        for (int j = 1; j < levels; ++j)
-            for (int p = top - j + 1; p <= top + j; ++p)
-                LEVEL(j, p);
-    }
+#define LEVEL(s, j, z) if (tt_plane(((j) & 1) ? nxt : cur, ((j) & 1) ? cur : nxt, slow, h1, h2, h3, nx, nxy, ny, nz, (z)) \
+                           && (j) > latest) latest = (j)
+    RK_SLAB_SWEEP(nz, levels, sync, LEVEL, RK_SLAB_NOTHING);
 #undef LEVEL
     if (latest >= 0)
         atomic_max(last, (uint)(t + (ulong)latest + 1ul));

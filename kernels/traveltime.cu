@@ -8,11 +8,7 @@ extern "C" __global__ void tt_step(const rk_control *ctl, const float *__restric
                                    const float h1, const float h2, const float h3, const int nx, const int nxy)
 {
     RK_BEGIN(ctl);
-    const int x = (int)(blockIdx.x * blockDim.x + threadIdx.x) + 1;
-    if (x >= nx - 1) return;
-    const int y = (int)blockIdx.y + 1;
-    const int z = (int)blockIdx.z + 1;
-    const int i = x + y * nx + z * nxy;
+    RK_INTERIOR_CELL(x, y, z, i, nx, nxy);
     const float *c = cur + i;
     const float m1 = fminf(fminf(c[-1], c[1]), fminf(fminf(c[-nx], c[nx]), fminf(c[-nxy], c[nxy])));
     float m2 = fminf(fminf(fminf(c[-nx - 1], c[-nx + 1]), fminf(c[nx - 1], c[nx + 1])),

@@ -38,7 +38,9 @@ def cuda_program(spec: KernelSpec, persistent: bool = False) -> tuple[str, tuple
     that also holds the spec's persistent kernel. The target architecture and
     the CUDA include paths are left to the compiler driver (cupy adds them).
     """
-    source = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + spec.source_text("cuda")
+    # the CUDA prelude, then the runtime shared with OpenCL, then the spec's kernels
+    runtime = (KERNELS_DIR / "rk_runtime_cuda.h").read_text() + "\n" + (KERNELS_DIR / "rk_runtime_cl.h").read_text()
+    source = runtime + "\n" + spec.source_text("cuda")
     source += "\n" + (KERNELS_DIR / "rk_reduce.cu").read_text()  # the series' Σx² (see rkkernel.reduce)
     options = NVRTC_OPTIONS + tuple(spec.build_options.get("cuda", []))
     if persistent:
