@@ -5,8 +5,8 @@ The control block is the 128-byte ``ControlBlock`` of the reference runtime
 to both. This project uses part of the reference's 32 reserved bytes for the
 step counter and the queue capacities; the rest stays zero.
 
-The same layout is declared in C in ``kernels/rk_runtime_cl.h`` and
-``kernels/rk_runtime_cuda.h``; ``test_kernel_runtime`` checks the offsets.
+The same layout is declared in C once, in ``kernels/rk_runtime_cl.h`` (which CUDA
+builds too, after ``kernels/rk_runtime_cuda.h``); ``test_kernel_runtime`` checks the offsets.
 """
 
 from __future__ import annotations
