@@ -29,7 +29,7 @@ from typing import Any
 
 from .env import JobEnvironment
 from .protocol import EX_FAILURE, EX_TEMPFAIL
-from .safeio import append_line, finite_number, parse_json, read_tail
+from .safeio import FolderError, append_line, ensure_private_folder, finite_number, parse_json, read_tail
 
 __all__ = [
     "Attempt",
@@ -137,8 +137,6 @@ def writer_for(checkpoint_dir: str | os.PathLike[str], warn: Callable[[str], Non
     text = os.fspath(checkpoint_dir)
     if "://" in text:
         return NullWriter(Path(os.devnull))
-    from .folder import FolderError, ensure_private_folder
-
     try:
         ensure_private_folder(Path(text))
     except FolderError as exc:

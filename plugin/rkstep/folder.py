@@ -30,7 +30,7 @@ from urllib.parse import quote
 from .events import EVENTS_MAX_BYTES, Attempt, AttemptLog, parse_events
 from .fingerprint import HashCache, step_fingerprint
 from .protocol import FINGERPRINT_FILE, HASHCACHE_FILE, OWNER_FILE, StepPaths
-from .safeio import atomic_write, load_json_object, read_tail
+from .safeio import FolderError, atomic_write, ensure_private_folder, load_json_object, read_tail
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -55,29 +55,8 @@ def _stderr(text: str) -> None:
     print(f"rkstep: {text}", file=sys.stderr, flush=True)
 
 
-class FolderError(RuntimeError):
-    """The folder cannot be used safely (a link, not ours, writable by others)."""
-
-
 class FolderRefused(FolderError):
     """The folder holds files rkstep did not create, or belongs to another step: nothing in it was touched."""
-
-
-def ensure_private_folder(path: Path, create: bool = True) -> None:
-    """Create ``path`` 0700 (when ``create``) and check it is a real folder of ours that others cannot write."""
-    if create:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise FolderError(f"checkpoint folder {path} is a symbolic link; refusing to write through it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise FolderError(f"checkpoint folder {path} is not a folder")
-    if st.st_uid != os.geteuid():
-        raise FolderError(f"checkpoint folder {path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
-    if st.st_mode & 0o022:
-        raise FolderError(
-            f"checkpoint folder {path} is writable by group or others (mode {stat.filemode(st.st_mode)}); fix: chmod go-w {path}"
-        )
 
 
 def wildcards_key(wildcards: Mapping[str, Any] | None) -> str:

@@ -17,9 +17,21 @@ import math
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["HostileFileError", "Tail", "append_line", "atomic_write", "load_json_object", "parse_json", "read_capped", "read_tail"]
+__all__ = [
+    "FolderError",
+    "HostileFileError",
+    "Tail",
+    "append_line",
+    "atomic_write",
+    "ensure_private_folder",
+    "load_json_object",
+    "parse_json",
+    "read_capped",
+    "read_tail",
+]
 
 #: small JSON markers (stop marker, progress, fingerprint, owner): anything bigger is not ours
 MARKER_MAX_BYTES = 64 << 10
@@ -176,3 +188,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class FolderError(RuntimeError):
+    """The folder cannot be used safely (a link, not ours, writable by others)."""
+
+
+def ensure_private_folder(path: Path, create: bool = True) -> None:
+    """Create ``path`` 0700 (when ``create``) and check it is a real folder of ours that others cannot write."""
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise FolderError(f"checkpoint folder {path} is a symbolic link; refusing to write through it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise FolderError(f"checkpoint folder {path} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise FolderError(f"checkpoint folder {path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise FolderError(
+            f"checkpoint folder {path} is writable by group or others (mode {stat.filemode(st.st_mode)}); fix: chmod go-w {path}"
+        )

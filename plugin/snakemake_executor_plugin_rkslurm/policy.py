@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 __all__ = [
@@ -470,8 +471,177 @@ def classify(
     return state
 
 
+def _capped(hist: StepHistory, obs: JobObservation, count: int, cap: int, what: str, flag: str, event: str | None) -> Decision | None:
+    """The failure once ``count`` passed ``cap`` (``--rkslurm-<flag>``); None while under it."""
+    if count > cap:
+        return _fail(hist, obs, f"{what}: cap reached ({count} > --rkslurm-{flag}={cap})", event)
+    return None
+
+
+def _on_unknown(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    hist = replace(hist, unknown_polls=hist.unknown_polls + 1)
+    if hist.unknown_polls > settings.max_unknown_polls:
+        return _fail(hist, obs, f"Slurm state {obs.raw_state!r} stayed unknown for {hist.unknown_polls} polls")
+    return _wait(
+        hist,
+        f"unknown Slurm state {obs.raw_state!r} for job {obs.job_id} (poll {hist.unknown_polls}/{settings.max_unknown_polls}); waiting",
+    )
+
+
+def _on_held(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    state = obs.state
+    hist = replace(hist, held_polls=hist.held_polls + 1)
+    if hist.held_polls > settings.max_held_polls:
+        return _fail(
+            hist, obs, f"job held by Slurm ({state.value}) for {hist.held_polls} polls; release it with `scontrol release {obs.job_id}`"
+        )
+    return _wait(
+        hist,
+        f"job {obs.job_id} is held by Slurm ({state.value}); waiting for `scontrol release` ({hist.held_polls}/{settings.max_held_polls})",
+    )
+
+
+def _on_active(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    why = f"job {obs.job_id} {obs.state.value.lower()}"
+    if requeued or (hist.job_requeues and obs.state is SlurmJobState.PENDING):
+        why += f" after Slurm requeued it ({hist.job_requeues}x, same job id; no duplicate submitted)"
+    return _wait(hist, why)
+
+
+def _on_completed(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    if obs.exit_code not in (None, 0):
+        return _fail(hist, obs, f"Slurm says COMPLETED but {_exit_text(obs)}")
+    return Decision(Action.SUCCEED, f"job {obs.job_id} completed", hist, excluded_nodes=hist.excluded_nodes)
+
+
+def _on_preempted(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    if not obs.requeue_on_preempt:
+        return _count_preemption(hist, obs, settings, "job preempted (PreemptMode=CANCEL)", "preemption")
+    hist = replace(hist, preempted_polls=hist.preempted_polls + 1)
+    if hist.preempted_polls <= settings.max_preempted_polls:
+        return _wait(hist, f"job {obs.job_id} preempted on a REQUEUE partition; waiting for Slurm to requeue the same job id")
+    # Slurm did not requeue it after all (e.g. --no-requeue): carry on as CANCEL,
+    # without counting the preemption a second time.
+    if hist.preemptions > settings.max_preemptions:
+        return _fail(hist, obs, f"preemption cap reached ({hist.preemptions} > {settings.max_preemptions})", "preemption")
+    return _resubmit(hist, obs, f"preempted and not requeued by Slurm within {settings.max_preempted_polls} polls", "preemption")
+
+
+def _on_node_failure(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    hist = replace(hist, node_failures=hist.node_failures + 1)
+    what = "node failure" if obs.state is SlurmJobState.NODE_FAIL else "node boot failure"
+    capped = _capped(hist, obs, hist.node_failures, settings.max_node_failures, what, "max-node-failures", "node_failure")
+    if capped:
+        return capped
+    exclude = obs.node if settings.exclude_failed_nodes and obs.node else None
+    why = f"{what} ({hist.node_failures}/{settings.max_node_failures})"
+    if exclude:
+        why += f", excluding node {exclude}"
+    return _resubmit(hist, obs, why, "node_failure", exclude=exclude)
+
+
+def _on_timeout(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    if not _progress(obs, hist):
+        return _fail(
+            hist,
+            obs,
+            f"time limit reached without checkpoint progress ({_ckpt_text(obs, hist)}); raise the time limit or checkpoint more often",
+            "timeout",
+        )
+    hist = replace(hist, timeouts=hist.timeouts + 1)
+    capped = _capped(hist, obs, hist.timeouts, settings.max_timeouts, "time limit", "max-timeouts", "timeout")
+    if capped:
+        return capped
+    return _resubmit(
+        hist,
+        obs,
+        f"time limit reached after progress ({_ckpt_text(obs, hist)}); continuing ({hist.timeouts}/{settings.max_timeouts})",
+        "timeout",
+    )
+
+
+def _on_kill(obs: JobObservation, hist: StepHistory, settings: PolicySettings, what: str) -> Decision:
+    if not _progress(obs, hist):
+        return _fail(
+            hist, obs, f"step {what} ({obs.state.value}, {_exit_text(obs)}) before a newer checkpoint ({_ckpt_text(obs, hist)})", "kill"
+        )
+    hist = replace(hist, kills=hist.kills + 1)
+    capped = _capped(hist, obs, hist.kills, settings.max_kills, f"step {what}", "max-kills", "kill")
+    if capped:
+        return capped
+    return _resubmit(
+        hist, obs, f"step {what} after checkpoint progress ({_ckpt_text(obs, hist)}; kill {hist.kills}/{settings.max_kills})", "kill"
+    )
+
+
+def _on_ended_badly(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    """CANCELLED, FAILED, OUT_OF_MEMORY: scancel, a stop on our signal, a kill, or a plain failure."""
+    state = obs.state
+    if state is SlurmJobState.CANCELLED and obs.preempted is False:
+        # PreemptTime unset: a person (or a script) ran scancel. They want the step to end.
+        saved = f"; its checkpoint (step {obs.checkpoint_step}) is kept for a rerun" if obs.checkpoint_step is not None else ""
+        return _fail(hist, obs, f"job cancelled by scancel, not preempted ({_exit_text(obs)}){saved}", "cancelled")
+    if state in (SlurmJobState.CANCELLED, SlurmJobState.FAILED) and obs.stopped_on_signal:
+        stopped = f" at step {obs.stopped_step}" if obs.stopped_step is not None else ""
+        return _count_preemption(
+            hist,
+            obs,
+            settings,
+            f"step stopped on a signal{stopped} and saved its checkpoint ({state.value}, {_exit_text(obs)}); treating as interrupted",
+            "interrupted",
+        )
+    if obs.killed:
+        return _on_kill(
+            obs,
+            hist,
+            settings,
+            "killed by the OOM killer" if state is SlurmJobState.OUT_OF_MEMORY else "killed by a signal it could not catch",
+        )
+    if state is SlurmJobState.CANCELLED:
+        return _fail(hist, obs, f"job cancelled ({obs.raw_state or state.value}, {_exit_text(obs)})")
+    if state is SlurmJobState.OUT_OF_MEMORY:
+        return _fail(hist, obs, "job ran out of memory; raise mem_mb")
+    return _on_other(obs, hist, settings, requeued)
+
+
+def _on_other(obs: JobObservation, hist: StepHistory, settings: PolicySettings, requeued: int) -> Decision:
+    why = _FINAL_WORDS.get(obs.state)
+    return _fail(hist, obs, why or f"job failed ({obs.state.value}, {_exit_text(obs)})")
+
+
+_FINAL_WORDS = {
+    SlurmJobState.DEADLINE: "job missed its --deadline",
+    SlurmJobState.REVOKED: "job revoked (federation: a sibling cluster runs it)",
+}
+
+_Handler = Callable[[JobObservation, StepHistory, PolicySettings, int], Decision]
+
+#: one handler per Slurm state that ends (or holds) a job; active states share ``_on_active``
+_HANDLERS: dict[SlurmJobState, _Handler] = {
+    SlurmJobState.UNKNOWN: _on_unknown,
+    SlurmJobState.COMPLETED: _on_completed,
+    SlurmJobState.PREEMPTED: _on_preempted,
+    SlurmJobState.NODE_FAIL: _on_node_failure,
+    SlurmJobState.BOOT_FAIL: _on_node_failure,
+    SlurmJobState.TIMEOUT: _on_timeout,
+    SlurmJobState.CANCELLED: _on_ended_badly,
+    SlurmJobState.FAILED: _on_ended_badly,
+    SlurmJobState.OUT_OF_MEMORY: _on_ended_badly,
+}
+
+
+def _handler(state: SlurmJobState) -> _Handler:
+    if state in _HANDLERS:
+        return _HANDLERS[state]
+    if state.is_held:
+        return _on_held
+    if state.is_active:
+        return _on_active
+    return _on_other
+
+
 def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings | None = None) -> Decision:
-    """Map one observation of the step's current Slurm job to the next action."""
+    """Map one observation of the step's current Slurm job to the next action (one handler per state)."""
     settings = settings or PolicySettings()
     state = obs.state
     hist = history
@@ -495,120 +665,4 @@ def decide(obs: JobObservation, history: StepHistory, settings: PolicySettings |
             f"job requeued by Slurm: preemption cap reached ({hist.preemptions} > --rkslurm-max-preemptions={settings.max_preemptions}); cancel it",
             "requeue",
         )
-
-    if state is SlurmJobState.UNKNOWN:
-        hist = replace(hist, unknown_polls=hist.unknown_polls + 1)
-        if hist.unknown_polls > settings.max_unknown_polls:
-            return _fail(hist, obs, f"Slurm state {obs.raw_state!r} stayed unknown for {hist.unknown_polls} polls")
-        return _wait(
-            hist,
-            f"unknown Slurm state {obs.raw_state!r} for job {obs.job_id} (poll {hist.unknown_polls}/{settings.max_unknown_polls}); waiting",
-        )
-
-    if state.is_held:
-        hist = replace(hist, held_polls=hist.held_polls + 1)
-        if hist.held_polls > settings.max_held_polls:
-            return _fail(
-                hist, obs, f"job held by Slurm ({state.value}) for {hist.held_polls} polls; release it with `scontrol release {obs.job_id}`"
-            )
-        return _wait(
-            hist,
-            f"job {obs.job_id} is held by Slurm ({state.value}); waiting for `scontrol release` ({hist.held_polls}/{settings.max_held_polls})",
-        )
-
-    if state.is_active:
-        why = f"job {obs.job_id} {state.value.lower()}"
-        if requeued or (hist.job_requeues and state is SlurmJobState.PENDING):
-            why += f" after Slurm requeued it ({hist.job_requeues}x, same job id; no duplicate submitted)"
-        return _wait(hist, why)
-
-    if state is SlurmJobState.COMPLETED:
-        if obs.exit_code not in (None, 0):
-            return _fail(hist, obs, f"Slurm says COMPLETED but {_exit_text(obs)}")
-        return Decision(Action.SUCCEED, f"job {obs.job_id} completed", hist, excluded_nodes=hist.excluded_nodes)
-
-    if state is SlurmJobState.PREEMPTED:
-        if obs.requeue_on_preempt:
-            hist = replace(hist, preempted_polls=hist.preempted_polls + 1)
-            if hist.preempted_polls <= settings.max_preempted_polls:
-                return _wait(hist, f"job {obs.job_id} preempted on a REQUEUE partition; waiting for Slurm to requeue the same job id")
-            # Slurm did not requeue it after all (e.g. --no-requeue): carry on as CANCEL,
-            # without counting the preemption a second time.
-            if hist.preemptions > settings.max_preemptions:
-                return _fail(hist, obs, f"preemption cap reached ({hist.preemptions} > {settings.max_preemptions})", "preemption")
-            return _resubmit(hist, obs, f"preempted and not requeued by Slurm within {settings.max_preempted_polls} polls", "preemption")
-        return _count_preemption(hist, obs, settings, "job preempted (PreemptMode=CANCEL)", "preemption")
-
-    if state in (SlurmJobState.NODE_FAIL, SlurmJobState.BOOT_FAIL):
-        hist = replace(hist, node_failures=hist.node_failures + 1)
-        what = "node failure" if state is SlurmJobState.NODE_FAIL else "node boot failure"
-        if hist.node_failures > settings.max_node_failures:
-            return _fail(
-                hist,
-                obs,
-                f"{what}: cap reached ({hist.node_failures} > --rkslurm-max-node-failures={settings.max_node_failures})",
-                "node_failure",
-            )
-        exclude = obs.node if settings.exclude_failed_nodes and obs.node else None
-        why = f"{what} ({hist.node_failures}/{settings.max_node_failures})"
-        if exclude:
-            why += f", excluding node {exclude}"
-        return _resubmit(hist, obs, why, "node_failure", exclude=exclude)
-
-    if state is SlurmJobState.TIMEOUT:
-        if not _progress(obs, hist):
-            return _fail(
-                hist,
-                obs,
-                f"time limit reached without checkpoint progress ({_ckpt_text(obs, hist)}); raise the time limit or checkpoint more often",
-                "timeout",
-            )
-        hist = replace(hist, timeouts=hist.timeouts + 1)
-        if hist.timeouts > settings.max_timeouts:
-            return _fail(
-                hist, obs, f"time limit: cap reached ({hist.timeouts} > --rkslurm-max-timeouts={settings.max_timeouts})", "timeout"
-            )
-        return _resubmit(
-            hist,
-            obs,
-            f"time limit reached after progress ({_ckpt_text(obs, hist)}); continuing ({hist.timeouts}/{settings.max_timeouts})",
-            "timeout",
-        )
-
-    if state is SlurmJobState.CANCELLED and obs.preempted is False:
-        # PreemptTime unset: a person (or a script) ran scancel. They want the step to end.
-        saved = f"; its checkpoint (step {obs.checkpoint_step}) is kept for a rerun" if obs.checkpoint_step is not None else ""
-        return _fail(hist, obs, f"job cancelled by scancel, not preempted ({_exit_text(obs)}){saved}", "cancelled")
-
-    if state in (SlurmJobState.CANCELLED, SlurmJobState.FAILED) and obs.stopped_on_signal:
-        stopped = f" at step {obs.stopped_step}" if obs.stopped_step is not None else ""
-        return _count_preemption(
-            hist,
-            obs,
-            settings,
-            f"step stopped on a signal{stopped} and saved its checkpoint ({state.value}, {_exit_text(obs)}); treating as interrupted",
-            "interrupted",
-        )
-
-    if obs.killed and state in (SlurmJobState.FAILED, SlurmJobState.CANCELLED, SlurmJobState.OUT_OF_MEMORY):
-        what = "killed by the OOM killer" if state is SlurmJobState.OUT_OF_MEMORY else "killed by a signal it could not catch"
-        if not _progress(obs, hist):
-            return _fail(
-                hist, obs, f"step {what} ({state.value}, {_exit_text(obs)}) before a newer checkpoint ({_ckpt_text(obs, hist)})", "kill"
-            )
-        hist = replace(hist, kills=hist.kills + 1)
-        if hist.kills > settings.max_kills:
-            return _fail(hist, obs, f"step {what}: cap reached ({hist.kills} > --rkslurm-max-kills={settings.max_kills})", "kill")
-        return _resubmit(
-            hist, obs, f"step {what} after checkpoint progress ({_ckpt_text(obs, hist)}; kill {hist.kills}/{settings.max_kills})", "kill"
-        )
-
-    if state is SlurmJobState.CANCELLED:
-        return _fail(hist, obs, f"job cancelled ({obs.raw_state or state.value}, {_exit_text(obs)})")
-    if state is SlurmJobState.OUT_OF_MEMORY:
-        return _fail(hist, obs, "job ran out of memory; raise mem_mb")
-    if state is SlurmJobState.DEADLINE:
-        return _fail(hist, obs, "job missed its --deadline")
-    if state is SlurmJobState.REVOKED:
-        return _fail(hist, obs, "job revoked (federation: a sibling cluster runs it)")
-    return _fail(hist, obs, f"job failed ({state.value}, {_exit_text(obs)})")
+    return _handler(state)(obs, hist, settings, requeued)
