@@ -122,6 +122,12 @@ def _cpu_local_size(global_size: tuple[int, ...], wg_max: int, target: int = 512
     return (gs[0], rows, *(1 for _ in gs[2:]))[: len(gs)]
 
 
+def _enqueue_pairs(cl, q, launches, step: int) -> None:
+    """Enqueue one step's (or one sweep's) launches: the even or odd kernel of each ping-pong pair."""
+    for global_size, local_size, pair in launches:
+        cl.enqueue_nd_range_kernel(q, pair[step % 2], global_size, local_size)
+
+
 @dataclass
 class _Fused:
     """A FusedSteps bound to this device: its kernels per step parity and its SYNC buffer."""
@@ -274,17 +280,19 @@ class OpenCLBackend(Backend):
             depth = f.depth(min([end, *(t for t in stops if s < t < end)]) - s) if f is not None else 0
             if depth:
                 cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
-                for global_size, local_size, pair in f.by_depth[depth]:
-                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                _enqueue_pairs(cl, q, f.by_depth[depth], s)
                 taken = depth
             else:
-                for global_size, local_size, pair in self.launches:
-                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                _enqueue_pairs(cl, q, self.launches, s)
                 taken = 1
-            for _ in range(taken):
-                cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+            self._enqueue_counter(q, taken)
             s += taken
         q.flush()
+
+    def _enqueue_counter(self, q, steps: int) -> None:
+        """``steps`` launches of the one-work-item step counter (``rk_advance``) after the step kernels."""
+        for _ in range(steps):
+            self.cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
 
     # -------------------------------------------------------- series reductions
     def _reducer(self):
@@ -374,15 +382,12 @@ class OpenCLBackend(Backend):
                         cl.enqueue_nd_range_kernel(q, k, global_size, local_size)
                     del pending[: len(inside)]
                 else:
-                    for global_size, local_size, pair in f.by_depth[depth]:
-                        cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                    _enqueue_pairs(cl, q, f.by_depth[depth], s)
                 taken = depth
             else:
-                for global_size, local_size, pair in self.launches:
-                    cl.enqueue_nd_range_kernel(q, pair[s % 2], global_size, local_size)
+                _enqueue_pairs(cl, q, self.launches, s)
                 taken = 1
-            for _ in range(taken):
-                cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+            self._enqueue_counter(q, taken)
             s += taken
             while pending and pending[0][0] == s:  # after single steps or a sweep that did not sample it
                 self.enqueue_sumsq(pending[0][1], pending[0][2])
