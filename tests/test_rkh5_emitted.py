@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from ckpt_helpers import stream_span
 from rkckpt import container
-from rkckpt.chain import checkpoint_name, describe, gc, latest_restorable, newest_named_step, read_region
+from rkckpt.chain import checkpoint_name, describe, latest_restorable, newest_named_step, read_region
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
+from rkckpt.retention import gc
 from rkckpt.storage import FileStorage
 
 KID = "emit"

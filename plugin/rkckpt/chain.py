@@ -311,7 +311,7 @@ class ChainIndex:
         return chain, None
 
 
-def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
+def verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
     """Materialise ``chain`` and check every link and the final state digest."""
     state: Checkpoint | None = None
     digest: str | None = None
@@ -381,7 +381,7 @@ def _newest_restorable(
         chain, problem = index.chain_of(e)
         if problem is None:
             try:
-                state = _verify_chain(storage, chain, cache)
+                state = verify_chain(storage, chain, cache)
             except (CheckpointError, StorageError) as exc:
                 if exc.source is not None and exc.source != e.name:
                     problem = f"chain broken at {exc.source}: {exc.problem}"
@@ -459,20 +459,6 @@ def _check_state(storage: Storage, e: Entry, base: Checkpoint | None, states: di
         state = None  # orphaned or after a broken link: reported from the structure
     if state is not None and readers[e.name]:
         states[e.name] = state
-
-
-def plan_gc(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:
-    """Names that can go while keeping the newest ``keep`` verified chains (``rkckpt.retention.plan``)."""
-    from .retention import plan
-
-    return plan(index, keep, kernel_id)
-
-
-def gc(storage: Storage, keep: int, kernel_id: str | None = None, *, index: ChainIndex | None = None) -> list[str]:
-    """Delete what newer verified chains supersede, deltas before their root (``rkckpt.retention.gc``)."""
-    from .retention import gc as _gc
-
-    return _gc(storage, keep, kernel_id, index=index)
 
 
 # ---------------------------------------------------------------- region reads
