@@ -134,7 +134,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     def boom():
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(h5write, "_index_dtype", boom)  # fails after the stream is written ...
+    monkeypatch.setattr(h5write, "index_dtype", boom)  # fails after the stream is written ...
     monkeypatch.setattr(h5write._Template, "render", lambda self, facts, length: boom())  # ... from a template too
     with pytest.raises(RuntimeError, match="disk on fire"):
         hdf5.write_h5(path, sample_checkpoint(step=2), codec.COMPAT)

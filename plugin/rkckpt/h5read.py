@@ -27,7 +27,7 @@ from .h5schema import (
     WRAPPER,
     WRAPPER_VERSION,
     IndexEntry,
-    _scratch_folder,
+    scratch_folder,
 )
 from .layout import CHUNK_HEADER_SIZE, HEADER_SIZE, MAX_CHECKPOINT_SIZE, unpack_chunk
 from .model import ChunkType, RegionInfo
@@ -158,7 +158,7 @@ class _Opened:
         tail = self.raw.size - loc.offset - loc.length
         if loc.offset > MAX_STRUCTURE or tail > MAX_STRUCTURE:
             raise CheckpointError(self.source, f"HDF5 structure outside /rkckpt is over {MAX_STRUCTURE} bytes: not read")
-        self._scratch = tempfile.TemporaryDirectory(prefix="rkckpt-h5s-", dir=_scratch_folder())
+        self._scratch = tempfile.TemporaryDirectory(prefix="rkckpt-h5s-", dir=scratch_folder())
         local = os.path.join(self._scratch.name, "structure.h5")
         with open(local, "wb") as fh:
             fh.write(self.raw.read(0, loc.offset))

@@ -21,7 +21,7 @@ MAX_REGIONS = 1 << 20
 PAGE = 4096
 
 
-def _index_dtype() -> np.dtype:
+def index_dtype() -> np.dtype:
     import h5py
 
     return np.dtype(
@@ -38,7 +38,7 @@ def _index_dtype() -> np.dtype:
     )
 
 
-def _regions_dtype() -> np.dtype:
+def regions_dtype() -> np.dtype:
     import h5py
 
     return np.dtype(
@@ -63,6 +63,7 @@ class IndexEntry:
     crc32: int
 
 
-def _scratch_folder() -> str | None:
+def scratch_folder() -> str | None:
+    """Where the writer lays out structures and the reader copies one: tmpfs when there is one (else the default)."""
     shm = "/dev/shm"  # tmpfs: the scratch file never reaches a disk
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None

@@ -27,9 +27,9 @@ from .h5schema import (
     STREAM,
     WRAPPER,
     WRAPPER_VERSION,
-    _index_dtype,
-    _regions_dtype,
-    _scratch_folder,
+    index_dtype,
+    regions_dtype,
+    scratch_folder,
 )
 from .layout import VERSION
 from .model import Checkpoint, ChunkType, digest_from_crcs
@@ -216,7 +216,7 @@ def _layout(length: int, fill: Callable[[Any], None]) -> tuple[int, bytes, bytes
     """
     import h5py
 
-    with tempfile.TemporaryDirectory(prefix="rkckpt-h5-", dir=_scratch_folder()) as folder:
+    with tempfile.TemporaryDirectory(prefix="rkckpt-h5-", dir=scratch_folder()) as folder:
         scratch = os.path.join(folder, "layout.h5")
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_alignment(STREAM_ALIGN_ABOVE, PAGE)  # the stream starts on a page: whole-page writes and reads
@@ -280,12 +280,12 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
             attrs["chain_base"] = facts.chain_base
             attrs["created_at"] = np.uint64(facts.created_at)
             attrs["compat"] = bool(options.compat)
-            index = np.zeros(len(enc.chunks), dtype=_index_dtype())
+            index = np.zeros(len(enc.chunks), dtype=index_dtype())
             for i, (p, name, row) in enumerate(zip(enc.chunks, row_names, facts.rows, strict=True)):
                 cid, at, stored, unc, flags, crc = row
                 index[i] = (p.chunk_type, cid, name, at, stored, unc, flags, crc)
             h.create_dataset(INDEX, data=index, track_times=False)
-            table = np.zeros(len(regions), dtype=_regions_dtype())
+            table = np.zeros(len(regions), dtype=regions_dtype())
             for i, r in enumerate(regions):
                 table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
             h.create_dataset(REGIONS, data=table, track_times=False)
