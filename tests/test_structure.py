@@ -7,6 +7,11 @@ from pathlib import Path
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugin"
 
+#: cycles known and owned elsewhere, each as its sorted modules; remove an entry with its fix (a stale entry fails)
+KNOWN_CYCLES: set[tuple[str, ...]] = {
+    ("rkstep.events", "rkstep.folder"),  # events.py imports folder inside a function (issue 22, rkstep part)
+}
+
 
 def _modules(root: Path) -> dict[str, Path]:
     mods = {}
@@ -75,5 +80,8 @@ def test_walker_sees_cycles(tmp_path: Path) -> None:
 
 
 def test_no_import_cycle_inside_plugin() -> None:
-    cycles = import_cycles()
-    assert not cycles, "import cycles inside plugin/:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    found = {tuple(sorted(set(c))): c for c in import_cycles()}
+    new = [c for key, c in found.items() if key not in KNOWN_CYCLES]
+    assert not new, "import cycles inside plugin/:\n" + "\n".join(" -> ".join(c) for c in new)
+    stale = KNOWN_CYCLES - found.keys()
+    assert not stale, f"known cycles that are gone: remove them from KNOWN_CYCLES: {sorted(stale)}"
