@@ -36,7 +36,8 @@ INDEX_VERSION = 1
 #: the file forms a chain may hold, mixed freely in one folder (format name -> suffix of its file names)
 SUFFIXES = {name: form.suffix for name, form in forms.FORMS.items()}
 DEFAULT_FORMAT = forms.H5.name
-NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
+_EXTS = "|".join(sorted(re.escape(form.suffix[1:]) for form in forms.FORMS.values()))  # rk\.h5|rkcp
+NAME_RE = re.compile(rf"^(?P<kernel_id>.+)-(?P<step>\d{{12}})-(?P<kind>full|delta)\.(?P<ext>{_EXTS})$")
 MAX_INDEX_BYTES = 16 << 20
 
 
