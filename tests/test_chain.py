@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import stream_span
-from rkckpt.chain import INDEX_NAME, ChainIndex, checkpoint_name, describe, gc, latest_restorable, plan_gc, read_region
+from rkckpt.chain import INDEX_NAME, ChainIndex, checkpoint_name, describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
+from rkckpt.retention import gc
+from rkckpt.retention import plan as plan_gc
 from rkckpt.storage import FileStorage
 
 KID = "wave"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rkckpt import CheckpointError, codec, container
+from rkckpt import CheckpointError, codec, container, stream
 from rkckpt.delta import make_delta
 from rkckpt.model import Checkpoint, Metadata
 
@@ -98,7 +98,7 @@ def test_h5_paths_dispatch_to_wrapper(tmp_path):
 
 
 def test_read_pieces_cover_every_byte_once():
-    from rkckpt.container import _EDGE, _PIECE, _cuts
+    from rkckpt.stream import _EDGE, _PIECE, _cuts
 
     for n in (0, 1, _EDGE, _PIECE, _PIECE + 1, 2 * _EDGE + _PIECE, 2 * _EDGE + _PIECE + 1, 3 * _PIECE + 12345):
         cuts = _cuts(n)
@@ -123,8 +123,8 @@ def test_prefault_keeps_what_the_buffer_holds():
 @pytest.mark.parametrize("suffix", [".rkcp", ".rk.h5"])
 def test_big_chunks_read_in_pieces_round_trip_and_corruption_is_caught(tmp_path, monkeypatch, suffix):
     """Chunks over the piece size are read piecewise, the helper thread faulting in pieces ahead."""
-    monkeypatch.setattr(container, "_PIECE", 64 << 10)
-    monkeypatch.setattr(container, "_EDGE", 8 << 10)
+    monkeypatch.setattr(stream, "_PIECE", 64 << 10)
+    monkeypatch.setattr(stream, "_EDGE", 8 << 10)
     ck = _ck()
     path = tmp_path / f"x{suffix}"
     container.write(path, ck, codec.COMPAT)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_helpers import parse_path, sample_checkpoint, small_options, zstd_supported
-from rkckpt import CheckpointError, codec, container, hdf5
+from rkckpt import CheckpointError, codec, container, h5write, hdf5
 from rkckpt.delta import apply_delta, make_delta
 from rkckpt.flags import CHUNK_ZSTD
 from rkckpt.model import Chunk, ChunkType
@@ -134,8 +134,8 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     def boom():
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(hdf5, "_index_dtype", boom)  # fails after the stream is written ...
-    monkeypatch.setattr(hdf5._Template, "render", lambda self, facts, length: boom())  # ... from a template too
+    monkeypatch.setattr(h5write, "index_dtype", boom)  # fails after the stream is written ...
+    monkeypatch.setattr(h5write._Template, "render", lambda self, facts, length: boom())  # ... from a template too
     with pytest.raises(RuntimeError, match="disk on fire"):
         hdf5.write_h5(path, sample_checkpoint(step=2), codec.COMPAT)
     assert path.read_bytes() == before
@@ -312,9 +312,9 @@ def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path,
     hdf5.write_h5(fresh, ck, codec.COMPAT)
     if layout.startswith("dense"):
         with monkeypatch.context() as m:
-            m.setattr(hdf5, "MAX_COMPACT_ATTRS", 8)  # 12 attributes: dense storage, as the writer did before
-            m.setattr(hdf5, "_OFFSETS", {})
-            m.setattr(hdf5, "_TEMPLATES", {})
+            m.setattr(h5write, "MAX_COMPACT_ATTRS", 8)  # 12 attributes: dense storage, as the writer did before
+            m.setattr(h5write, "_OFFSETS", {})
+            m.setattr(h5write, "_TEMPLATES", {})
             hdf5.write_h5(other, ck, codec.COMPAT)
     else:
         _other_layout(fresh, other)
@@ -333,7 +333,7 @@ def test_other_layout_reads_through_the_probe_locally_and_from_storage(tmp_path,
 def test_template_writes_the_bytes_a_fresh_layout_writes(tmp_path, monkeypatch):
     """Checkpoints of one shape are written by patching one layout (no h5py per checkpoint); the bytes
     equal those of a fresh HDF5 layout of each, fulls and deltas, of different lengths and values."""
-    monkeypatch.setattr(hdf5, "_TEMPLATES", {})
+    monkeypatch.setattr(h5write, "_TEMPLATES", {})
     rng = np.random.default_rng(5)
     cks = []
     prev = None
@@ -350,12 +350,12 @@ def test_template_writes_the_bytes_a_fresh_layout_writes(tmp_path, monkeypatch):
             patched, fresh = tmp_path / f"p{i}.rk.h5", tmp_path / f"f{i}.rk.h5"
             hdf5.write_h5(patched, ck, options, chain_base=base)
             with monkeypatch.context() as m:
-                m.setattr(hdf5, "_make_template", lambda *a: None)
-                m.setattr(hdf5, "_TEMPLATES", {})
+                m.setattr(h5write, "_make_template", lambda *a: None)
+                m.setattr(h5write, "_TEMPLATES", {})
                 hdf5.write_h5(fresh, ck, options, chain_base=base)
             assert patched.read_bytes() == fresh.read_bytes(), (i, options)
             raw = patched.read_bytes()
             heads = [raw[at + 5] for at in range(len(raw)) if raw.startswith(b"OHDR\x02", at)]
             assert heads and not any(flags & 0x20 for flags in heads)  # no object records a time: no clock in the bytes
             hdf5.check_h5(patched)
-    assert any(t is not None for t in hdf5._TEMPLATES.values())
+    assert any(t is not None for t in h5write._TEMPLATES.values())

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from ckpt_helpers import stream_span
 from rkckpt import container
-from rkckpt.chain import checkpoint_name, describe, gc, latest_restorable, newest_named_step, read_region
+from rkckpt.chain import checkpoint_name, describe, latest_restorable, newest_named_step, read_region
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
+from rkckpt.retention import gc
 from rkckpt.storage import FileStorage
 
 KID = "emit"
@@ -151,13 +152,13 @@ def test_region_read_from_a_sharded_rkcp(tmp_path, monkeypatch):
 
 def test_rk_h5_writer_recovers_from_a_wrong_cached_offset(tmp_path, monkeypatch):
     """The stream offset is remembered per structure shape; a wrong entry costs a rewrite, never a bad file."""
-    from rkckpt import codec, hdf5
+    from rkckpt import codec, h5write, hdf5
 
     ck = state(1)
     first = tmp_path / "a.rk.h5"
     container.write(first, ck, codec.WriteOptions())
-    assert hdf5._OFFSETS  # remembered  # noqa: SLF001
-    monkeypatch.setattr(hdf5, "_OFFSETS", {k: v + 4096 for k, v in hdf5._OFFSETS.items()})  # noqa: SLF001
+    assert h5write._OFFSETS  # remembered  # noqa: SLF001
+    monkeypatch.setattr(h5write, "_OFFSETS", {k: v + 4096 for k, v in h5write._OFFSETS.items()})  # noqa: SLF001
     second = tmp_path / "b.rk.h5"
     container.write(second, ck, codec.WriteOptions())
     assert second.read_bytes() == first.read_bytes()

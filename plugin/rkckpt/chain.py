@@ -21,22 +21,23 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from . import codec, container, delta, hdf5, safejson
+from . import codec, delta, forms, safejson, stream
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
 from .flags import HDR_SHARD
 from .model import Checkpoint, Chunk, ChunkType, Metadata
-from .source import FileSource, Source, StorageSource
+from .source import Source
 from .storage.base import Storage, StorageError
 
 log = logging.getLogger("rkckpt.chain")
 
 INDEX_NAME = "rkckpt-index.json"
 INDEX_VERSION = 1
-#: the file forms a chain may hold, mixed freely in one folder
-SUFFIXES = {"rk.h5": ".rk.h5", "rkcp": ".rkcp"}
-DEFAULT_FORMAT = "rk.h5"
-NAME_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-(?P<kind>full|delta)\.(?P<ext>rkcp|rk\.h5)$")
+#: the file forms a chain may hold, mixed freely in one folder (format name -> suffix of its file names)
+SUFFIXES = {name: form.suffix for name, form in forms.FORMS.items()}
+DEFAULT_FORMAT = forms.H5.name
+_EXTS = "|".join(sorted(re.escape(form.suffix[1:]) for form in forms.FORMS.values()))  # rk\.h5|rkcp
+NAME_RE = re.compile(rf"^(?P<kernel_id>.+)-(?P<step>\d{{12}})-(?P<kind>full|delta)\.(?P<ext>{_EXTS})$")
 MAX_INDEX_BYTES = 16 << 20
 
 
@@ -44,9 +45,7 @@ def checkpoint_name(kernel_id: str, step: int, kind: str, fmt: str = DEFAULT_FOR
     """``<kernel_id>-<step:012d>-<full|delta>.<rk.h5|rkcp>``."""
     if kind not in ("full", "delta"):
         raise ValueError(f"kind must be 'full' or 'delta', not {kind!r}")
-    if fmt not in SUFFIXES:
-        raise ValueError(f"checkpoint format must be one of {sorted(SUFFIXES)}, not {fmt!r}")
-    return f"{kernel_id}-{step:012d}-{kind}{SUFFIXES[fmt]}"
+    return f"{kernel_id}-{step:012d}-{kind}{forms.by_format(fmt).suffix}"
 
 
 def newest_named_step(names: Iterable[str]) -> int | None:
@@ -68,9 +67,7 @@ def open_source(storage: Storage, name: str) -> Source:
     (an ``.rk.h5`` object's HDF5 structure too), never downloaded whole.
     """
     local = _local_path(storage, name)
-    if name.endswith(SUFFIXES["rk.h5"]):
-        return hdf5.open_stream(local or name, None if local else storage)
-    return FileSource(local) if local is not None else StorageSource(storage, name)
+    return forms.for_chain_name(name).open_stream(local or name, None if local else storage)
 
 
 @dataclass
@@ -129,7 +126,7 @@ def _read_entry(storage: Storage, name: str, size: int | None = None) -> Entry:
         e.size = storage.size(name) if size is None else size
         source = open_source(storage, name)
         try:
-            scan = container.scan(source, chunks=False)
+            scan = stream.scan(source, chunks=False)
         finally:
             source.close()
         meta = scan.metadata
@@ -164,7 +161,7 @@ def load_checkpoint(storage: Storage, name: str) -> Checkpoint:
     try:
         source = open_source(storage, name)
         try:
-            return container.read_source(source, allow_shards=not name.endswith(SUFFIXES["rk.h5"])).checkpoint
+            return stream.read_source(source, allow_shards=forms.for_chain_name(name).shards).checkpoint
         finally:
             source.close()
     except CheckpointError as exc:
@@ -311,7 +308,7 @@ class ChainIndex:
         return chain, None
 
 
-def _verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
+def verify_chain(storage: Storage, chain: list[Entry], cache: dict[str, Checkpoint]) -> Checkpoint:
     """Materialise ``chain`` and check every link and the final state digest."""
     state: Checkpoint | None = None
     digest: str | None = None
@@ -381,7 +378,7 @@ def _newest_restorable(
         chain, problem = index.chain_of(e)
         if problem is None:
             try:
-                state = _verify_chain(storage, chain, cache)
+                state = verify_chain(storage, chain, cache)
             except (CheckpointError, StorageError) as exc:
                 if exc.source is not None and exc.source != e.name:
                     problem = f"chain broken at {exc.source}: {exc.problem}"
@@ -461,20 +458,6 @@ def _check_state(storage: Storage, e: Entry, base: Checkpoint | None, states: di
         states[e.name] = state
 
 
-def plan_gc(index: ChainIndex, keep: int, kernel_id: str | None = None) -> list[str]:
-    """Names that can go while keeping the newest ``keep`` verified chains (``rkckpt.retention.plan``)."""
-    from .retention import plan
-
-    return plan(index, keep, kernel_id)
-
-
-def gc(storage: Storage, keep: int, kernel_id: str | None = None, *, index: ChainIndex | None = None) -> list[str]:
-    """Delete what newer verified chains supersede, deltas before their root (``rkckpt.retention.gc``)."""
-    from .retention import gc as _gc
-
-    return _gc(storage, keep, kernel_id, index=index)
-
-
 # ---------------------------------------------------------------- region reads
 def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
     """One named region of a *full* checkpoint, read with range requests only.
@@ -486,15 +469,16 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
     """
     source = open_source(storage, name)
     try:
-        scan = container.scan(source)
+        scan = stream.scan(source)
         meta = scan.metadata
         if meta.parent_digest is not None:
             raise CheckpointError(name, "read_region needs a full checkpoint; materialise deltas with latest_restorable")
         if scan.header.flags & HDR_SHARD:  # a region may be split over shards: read them all
-            return container.read_source(source).checkpoint.region(region)
-        if name.endswith(SUFFIXES["rk.h5"]):
+            return stream.read_source(source).checkpoint.region(region)
+        form = forms.for_chain_name(name)
+        if form.read_region is not None:
             local = _local_path(storage, name)
-            return hdf5.read_region(local or name, region, None if local else storage)
+            return form.read_region(local or name, region, None if local else storage)
         info = Checkpoint(meta).regions().get(region)
         if info is None:
             raise CheckpointError(name, f"no region named {region!r}")

@@ -44,6 +44,11 @@ _MSG_ATTRIBUTE, _MSG_CONTINUATION, _MSG_ATTR_INFO = 0x0C, 0x10, 0x15
 _MSG_LINK = 0x06
 
 
+def has_signature(source: Source) -> bool:
+    """True when ``source`` starts with the HDF5 signature (no user block): the one sniff of the form."""
+    return source.size >= len(SIGNATURE) and bytes(source.read(0, len(SIGNATURE))) == SIGNATURE
+
+
 class NotFixedLayout(Exception):
     """The file is not laid out the way rkckpt's writer lays out ``.rk.h5`` (a reason, not a verdict)."""
 

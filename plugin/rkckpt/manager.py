@@ -38,9 +38,9 @@ from typing import Literal
 
 import numpy as np
 
-from . import container, hdf5, retention
 from . import delta as rkdelta
-from .chain import DEFAULT_FORMAT, SUFFIXES, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
+from . import forms, retention
+from .chain import DEFAULT_FORMAT, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
 from .codec import WriteOptions
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
@@ -190,9 +190,8 @@ def _create(storage: Storage, name: str, data: object) -> int:
 
 def _writer(ckpt: Checkpoint, options: WriteOptions, fmt: str, chain_base: str | None):  # noqa: ANN202
     """Streaming writer for ``Storage.save`` in the chain's file form."""
-    if fmt == "rk.h5":
-        return lambda f: hdf5.write_to(f, ckpt, options, chain_base=chain_base)
-    return lambda f: container.write_to(f, ckpt, options)
+    form = forms.by_format(fmt)
+    return lambda f: form.write_to(f, ckpt, options, chain_base)
 
 
 class CheckpointManager:
@@ -210,8 +209,8 @@ class CheckpointManager:
             or self.policy.delta_block < 1
         ):
             raise ValueError(f"invalid checkpoint policy {self.policy}")
-        if self.policy.checkpoint_format not in SUFFIXES:
-            raise ValueError(f"checkpoint_format must be one of {sorted(SUFFIXES)}, not {self.policy.checkpoint_format!r}")
+        if self.policy.checkpoint_format not in forms.FORMS:
+            raise ValueError(f"checkpoint_format must be one of {sorted(forms.FORMS)}, not {self.policy.checkpoint_format!r}")
         if not kernel_id or "/" in kernel_id:
             raise ValueError(f"invalid kernel id {kernel_id!r}")
         self.storage: Storage = open_storage(storage_or_url)

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .chain import ChainIndex, Entry, _verify_chain
+from .chain import ChainIndex, Entry, verify_chain
 from .errors import CheckpointError
 from .storage.base import Storage, StorageError
 
@@ -69,7 +69,7 @@ def _verified(index: ChainIndex, root: Entry) -> bool:
     if index.verified.get(root.name) == root.size:
         return True
     try:
-        ck = _verify_chain(index.storage, [root], {})
+        ck = verify_chain(index.storage, [root], {})
         if root.state_digest is not None and ck.content_digest() != root.state_digest:
             raise CheckpointError(root.name, f"content digest differs from the recorded {root.state_digest}")
     except (CheckpointError, StorageError) as exc:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import codec, container, hdf5
+from .. import codec, container, forms, h5read
 from ..container import ParsedFile
 from ..display import printable
 from ..errors import CheckpointError
@@ -64,17 +64,13 @@ def errors_exit(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def is_h5_name(path: str | os.PathLike[str]) -> bool:
-    return os.fspath(path).lower().endswith(container.H5_SUFFIXES)
-
-
 def parse(path: str, *, deep: bool = False) -> tuple[ParsedFile, dict[int, str]]:
     """Parse ``path`` (.rkcp or .rk.h5, by content); also return the HDF5 index's region names."""
     with about(path):
-        if hdf5.is_hdf5(path):
-            hdf5.probe(path)  # a damaged HDF5 structure can crash libhdf5: try it in a child first
-            parsed = hdf5.check_h5(path) if deep else container.read(path)
-            names = {e.chunk_id: e.name for e in hdf5.read_index(path) if e.name}
+        if forms.sniff_path(path) is forms.H5:
+            h5read.probe(path)  # a damaged HDF5 structure can crash libhdf5: try it in a child first
+            parsed = h5read.check_h5(path) if deep else container.read(path)
+            names = {e.chunk_id: e.name for e in h5read.read_index(path) if e.name}
             return parsed, names
         return container.read(path), {}
 
@@ -93,7 +89,7 @@ def options(compat: bool, compress: str = "auto") -> codec.WriteOptions:
 
 
 def check_out(path: str) -> None:
-    if not (is_h5_name(path) or path.endswith(".rkcp")):
+    if not (forms.for_path(path) is forms.H5 or path.endswith(forms.RKCP.suffix)):
         raise click.BadParameter(f"{path}: output must end in .rkcp or .rk.h5", param_hint="OUT")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from .. import hdf5
+from .. import forms, h5read
 from ..atomic import atomic_open
 from ..errors import CheckpointError
 from ..flags import CHUNK_BLOCK_DELTA
@@ -26,12 +26,12 @@ def export_cmd(path: str, region: str | None, chunk_id: int | None, chunk_type: 
     if (region is None) == (chunk_id is None):
         raise click.UsageError("give exactly one of --region NAME or --chunk-id ID")
     with about(path):
-        if hdf5.is_hdf5(path):
-            hdf5.probe(path)
+        if forms.sniff_path(path) is forms.H5:
+            h5read.probe(path)
             if region is not None:
-                arr = hdf5.read_region(path, region)
+                arr = h5read.read_region(path, region)
             else:
-                arr = np.frombuffer(hdf5.read_chunk(path, chunk_id, chunk_type), dtype=np.uint8)  # type: ignore[arg-type]
+                arr = np.frombuffer(h5read.read_chunk(path, chunk_id, chunk_type), dtype=np.uint8)  # type: ignore[arg-type]
         else:
             arr = _export_from(path, load(path), region, chunk_id, chunk_type)
     with about(out), atomic_open(out) as fh:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..chain import ChainIndex, gc, plan_gc
+from ..chain import ChainIndex
 from ..display import printable
 from ..errors import CheckpointError
+from ..retention import gc
+from ..retention import plan as plan_gc
 from . import main
 from .common import clean_errors, open_location, where
 
