@@ -8,9 +8,7 @@ from pathlib import Path
 PLUGIN = Path(__file__).resolve().parents[1] / "plugin"
 
 #: cycles known and owned elsewhere, each as its sorted modules; remove an entry with its fix (a stale entry fails)
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("rkstep.events", "rkstep.folder"),  # events.py imports folder inside a function (issue 22, rkstep part)
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def _modules(root: Path) -> dict[str, Path]:

@@ -109,8 +109,3 @@ def parse_shard_key(meta: Metadata, source: str | None, chunk_count: int) -> tup
     if not 0 <= index < count or any(not 0 <= k < chunk_count or o < 0 or t < 0 for k, (o, t) in parts.items()):
         raise CheckpointError(source, f"metadata key {SHARD_KEY!r} is out of range")
     return index, count, parts
-
-
-#: Old name, kept only for ``container.write``'s call (``shard.plan``) while another branch
-#: refactors container.py; the lead switches that call to ``plan_streams`` and drops this.
-plan = plan_streams

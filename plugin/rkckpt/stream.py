@@ -614,7 +614,7 @@ def streams(ckpt: Checkpoint, options: WriteOptions) -> Iterator[Encoding]:
         return
     if options.compat:
         raise CheckpointError(None, f"state of {sum(c.size for c in ckpt.chunks)} bytes is over 1 GiB; compat mode cannot shard it")
-    plans = shard.plan(ckpt, meta_len, options.block_size)
+    plans = shard.plan_streams(ckpt, meta_len, options.block_size)
     for i, sp in enumerate(plans):
         items = []
         for p in sp.pieces:
