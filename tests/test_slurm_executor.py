@@ -35,7 +35,9 @@ def _progress_after(w: SlurmWorkflow, starts: int, min_steps: int) -> bool:
 
 def _preempt_when_running(w: SlurmWorkflow, run_no: int, p: subprocess.Popen) -> None:
     wait_until(lambda: _progress_after(w, run_no, 4) or p.poll() is not None, 120, f"run {run_no} of the step to make progress")
-    assert p.poll() is None, "snakemake ended before the step could be preempted"
+    if p.poll() is not None:
+        out = p.stdout.read() if p.stdout else ""
+        raise AssertionError(f"snakemake ended (rc {p.returncode}) before the step could be preempted:\n{out[-6000:]}")
     submit_urgent(3)
     wait_until(lambda: len(w.events("stop")) >= run_no or p.poll() is not None, 60, f"preemption {run_no} to stop the step")
 
