@@ -105,13 +105,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, work: Path) -> None:
-    p, v = wave_fields(args.mib)
-    nbytes = p.nbytes + v.nbytes
-    gb = nbytes / 1e9
+def _wave_state(mib: int) -> tuple[np.ndarray, np.ndarray, Checkpoint]:
+    """The two wave fields of about ``mib`` MiB and the checkpoint holding them (both benchmarks' state)."""
+    p, v = wave_fields(mib)
     ck = Checkpoint(Metadata("bench", "wave_3d", 1), created_at=1)
     ck.add_region("pressure", p)
     ck.add_region("velocity", v)
+    return p, v, ck
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    p, v, ck = _wave_state(args.mib)
+    nbytes = p.nbytes + v.nbytes
+    gb = nbytes / 1e9
     print(f"state: 2 float32 fields {p.shape}, {nbytes / 2**20:.0f} MiB; cpus={os.cpu_count()}; dir={work}")
     rows: list[tuple[str, float, float]] = []
 
@@ -305,12 +311,9 @@ def h5_rounds(args: argparse.Namespace, work: Path) -> None:
     """Issue 19 item 5: .rk.h5 save/load against raw, interleaved rounds, medians (see the module docstring)."""
     import random
 
-    p, v = wave_fields(args.mib)
+    p, v, ck = _wave_state(args.mib)
     nbytes = p.nbytes + v.nbytes
     gb = nbytes / 1e9
-    ck = Checkpoint(Metadata("bench", "wave_3d", 1), created_at=1)
-    ck.add_region("pressure", p)
-    ck.add_region("velocity", v)
     raw, h5p, rkcp = work / "raw.bin", work / "s.rk.h5", work / "s.rkcp"
     store = FileStorage(work / "store")
     name = checkpoint_name("bench", 1, "full", "rk.h5")
