@@ -48,11 +48,14 @@ fi
 exec {real} "$@"
 """
 
-# just before the first resubmission (sbatch call N+1): stop slurmctld, bring it back 12 s later
+# just before the first resubmission (any sbatch call after the first N): stop slurmctld, bring
+# it back 12 s later. Resubmissions run on a thread pool, so two wrappers can log their lines
+# before either counts them (both see N+2): the count only arms the trigger, and the one
+# wrapper whose mkdir succeeds (atomic) fires it.
 OUTAGE = r"""
 if [ -z "$SLURM_JOB_ID" ]; then
   n=$(grep -c ' sbatch ' "{log}")
-  if [ "$n" -eq {first} ]; then
+  if [ "$n" -ge {first} ] && mkdir "{log}.armed" 2>/dev/null; then
     pid=$(cat {pidfile})
     kill -TERM "$pid"
     while [ -d "/proc/$pid" ]; do sleep 0.2; done
