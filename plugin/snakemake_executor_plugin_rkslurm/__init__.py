@@ -49,6 +49,14 @@ class ExecutorSettings(_StockSettings):
             "required": False,
         },
     )
+    min_nodes: int = field(
+        default=0,
+        metadata={
+            "help": "A multi-node step (resources nodes/tasks) whose partition has too few nodes left after a node failure may be resubmitted on as few as this many nodes, its tasks scaled down in proportion (2 nodes x 4 tasks -> 1 x 2); the step restores its checkpoint on the new rank count. 0: never fewer nodes than requested (the step fails, saying so). A rule's resource rkslurm_min_nodes overrides it. Such steps are submitted with --no-requeue, so that a node failure comes back to rkslurm instead of Slurm requeueing the full size.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     max_kills: int = field(
         default=3,
         metadata={

@@ -43,6 +43,7 @@ from .policy import (
     parse_exit_code,
     parse_state,
 )
+from .ranks import Geometry, expand_hostlist
 from .slurmquery import JobRecord
 
 __all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
@@ -130,6 +131,10 @@ class Step:
     last_observation: JobObservation | None = field(default=None, repr=False)
     last_decision: Decision | None = field(default=None, repr=False)
     decided_from: StepHistory | None = field(default=None, repr=False)
+    #: nodes x tasks of the current submission (multi-rank steps: smaller after a node failure allows it)
+    geometry: Geometry = field(default_factory=Geometry)
+    #: the fewest nodes a multi-rank step may be resubmitted on (None: never fewer than requested)
+    min_nodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.folder is None and self.checkpoint_dir is not None:
@@ -259,7 +264,7 @@ class Monitor:
             exit_code=code,
             signal=sig,
             restarts=rec.restarts if rec else None,
-            node=rec.node if rec else None,
+            node=_failed_node(rec),
             partition=partition,
             requeue_on_preempt=requeue_on_preempt,
             checkpoint_step=step.progress(),
@@ -299,6 +304,18 @@ class Monitor:
         )
 
 
+def _failed_node(rec: JobRecord | None) -> str | None:
+    """The node(s) to blame: those of the job's nodes Slurm reports dead after a node failure
+    (comma-joined), None when it has several and none is dead now; else the batch host."""
+    if rec is None:
+        return None
+    if rec.failed_nodes:
+        return ",".join(rec.failed_nodes)
+    if rec.failed_nodes is not None and len(expand_hostlist(rec.nodes)) > 1:
+        return None
+    return rec.node
+
+
 def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
     """What must stay the same for the last observation of the step to still hold (None: always look)."""
     if rec is None:
@@ -314,6 +331,7 @@ def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
         rec.partition,
         rec.node,
         rec.requeue,
+        rec.failed_nodes,
     )
 
 
