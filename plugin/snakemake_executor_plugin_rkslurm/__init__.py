@@ -57,6 +57,14 @@ class ExecutorSettings(_StockSettings):
             "required": False,
         },
     )
+    node_failure_wait: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a multi-node step's job that ended FAILED/CANCELLED without a word from the step is held before it counts as a kill or an error: its MPI launcher may have given up on a dead node before slurmctld marked it down (SlurmdTimeout); once Slurm names the node, the step is resubmitted without it.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     max_kills: int = field(
         default=3,
         metadata={

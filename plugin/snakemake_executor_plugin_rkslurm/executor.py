@@ -94,6 +94,7 @@ class Executor(_stock.Executor):
             ),
             slurmquery.partition_preempt_modes(),
             signal_lead=int(s.signal_lead_time),
+            node_failure_wait=float(getattr(s, "node_failure_wait", 60.0)),
         )
         self.pacer = Pacer(fast=float(s.poll_interval), slow=float(s.slow_poll_interval))
         self.next_seconds_between_status_checks = float(s.poll_interval)

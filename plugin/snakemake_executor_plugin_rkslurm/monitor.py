@@ -76,8 +76,8 @@ class SlurmCli:
         self._by_word: dict[str, list[tuple[str, str]]] = {}
         self._listing_lock = threading.Lock()
 
-    def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
-        return slurmquery.query(job_ids)
+    def query(self, job_ids: Sequence[str], watch: Sequence[str] = ()) -> dict[str, JobRecord]:
+        return slurmquery.query(job_ids, watch=watch)
 
     def my_jobs(self) -> list[slurmquery.QueueRow]:
         """This user's live jobs (job id, name, uid, state, comment): cached ``squeue --me``."""
@@ -135,6 +135,8 @@ class Step:
     geometry: Geometry = field(default_factory=Geometry)
     #: the fewest nodes a multi-rank step may be resubmitted on (None: never fewer than requested)
     min_nodes: int | None = None
+    #: when the current job of a multi-rank step was first seen ended badly (the node-failure wait starts)
+    ended_seen: float | None = None
 
     def __post_init__(self) -> None:
         if self.folder is None and self.checkpoint_dir is not None:
@@ -154,6 +156,7 @@ class Step:
     def submitted(self, job_id: str, log: str | None, now: float) -> None:
         self.history = self.history.with_submission(str(job_id), log, self.progress())
         self.submitted_at = now
+        self.ended_seen = None
         self.log = log
 
 
@@ -179,12 +182,15 @@ class Monitor:
         preempt_modes: Mapping[str, str],
         signal_lead: int = 0,
         clock: Callable[[], float] = time.time,
+        node_failure_wait: float = 60.0,
     ) -> None:
         self.slurm = slurm
         self.policy = policy
         self.preempt_modes = dict(preempt_modes)
         self.signal_lead = int(signal_lead)
         self.clock = clock
+        #: seconds a multi-rank job that ended badly is held before it counts as a kill or error
+        self.node_failure_wait = float(node_failure_wait)
 
     def preemptible(self, partition: str | None) -> bool:
         return self.preempt_modes.get(partition or "", "OFF") not in ("OFF", "")
@@ -198,7 +204,8 @@ class Monitor:
         thousands of pending steps reads no files.
         """
         ids = list(dict.fromkeys(s.job_id for _, s in steps if s.job_id))
-        records = self.slurm.query(ids) if ids else {}
+        multi = [s.job_id for _, s in steps if s.job_id and s.geometry.multi_rank]
+        records = (self.slurm.query(ids, watch=multi) if multi else self.slurm.query(ids)) if ids else {}  # type: ignore[call-arg]
         plans = []
         for key, step in steps:
             rec = records.get(step.job_id or "")
@@ -219,10 +226,30 @@ class Monitor:
                 step.seen, step.last_observation = sig, obs
                 same = False
             decision = last if same and last is not None else decide(obs, step.history, self.policy)
+            decision = self._hold_for_node_failure(step, obs, decision)
             step.last_decision, step.decided_from = decision, step.history
             warnings = self._folder_warning(step, obs)
             plans.append(Plan(key, step, obs, decision, warnings))
         return plans
+
+    def _hold_for_node_failure(self, step: Step, obs: JobObservation, decision: Decision) -> Decision:
+        """A multi-rank job that ended FAILED/CANCELLED with no word from the step may have lost a node
+        that slurmctld has not marked down yet (MPI gave up first): wait for that, a bounded time."""
+        if not step.geometry.multi_rank or decision.action is Action.WAIT or obs.state not in _MAYBE_NODE:
+            return decision
+        if obs.stopped_on_signal or obs.preempted or (obs.state is SlurmJobState.CANCELLED and obs.preempted is False):
+            return decision
+        now = self.clock()
+        if step.ended_seen is None:
+            step.ended_seen = now
+        left = self.node_failure_wait - (now - step.ended_seen)
+        if left <= 0:
+            return decision
+        why = (
+            f"multi-rank job {obs.job_id} ended {obs.state.value} without a word from the step; waiting up to "
+            f"{left:.0f} s more for Slurm to say whether one of its nodes failed"
+        )
+        return Decision(Action.WAIT, why, step.history, excluded_nodes=step.history.excluded_nodes)
 
     def fast_poll(self, plans: Sequence[Plan]) -> bool:
         """Poll fast only while some step RUNS on a preemptible partition (pending ones cannot be preempted)."""
@@ -258,6 +285,8 @@ class Monitor:
                 finished=ended and attempt.end_rc == 0,  # type: ignore[union-attr]
                 step_error=ended and attempt.end_rc not in (0, EX_TEMPFAIL),  # type: ignore[union-attr]
             )
+        if rec is not None and rec.failed_nodes and state in _MAYBE_NODE and not rec.preempted:
+            state = SlurmJobState.NODE_FAIL  # its MPI launcher gave up before slurmctld marked the node down
         return JobObservation(
             job_id=job_id,
             state=state,
@@ -302,6 +331,10 @@ class Monitor:
             f"({obs.state.value.lower()}); its checkpoints are gone and the step cannot write new ones: an interruption now "
             "restarts it from step 0",
         )
+
+
+#: how a multi-rank job ends when a node dies before slurmctld notices
+_MAYBE_NODE = frozenset({SlurmJobState.FAILED, SlurmJobState.CANCELLED, SlurmJobState.OUT_OF_MEMORY})
 
 
 def _failed_node(rec: JobRecord | None) -> str | None:

@@ -266,7 +266,7 @@ def squeue_jobs(ids: list[str], timeout: float) -> dict[str, JobRecord]:
     return {k: v for k, v in parse_squeue(out).items() if k in wanted}
 
 
-def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0) -> dict[str, JobRecord]:
+def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0, watch: Iterable[str] = ()) -> dict[str, JobRecord]:
     """Current record of each id that any tool knows about: at most two Slurm calls.
 
     One ``squeue`` call for all ids, then one ``sacct`` call for the ids
@@ -298,15 +298,17 @@ def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0)
     if errors and not found:
         busy = any(isinstance(e, SlurmBusy) for e in errors)
         raise (SlurmBusy if busy else QueryError)("; ".join(str(e) for e in errors))
-    return mark_failed_nodes(found, timeout)
+    return mark_failed_nodes(found, timeout, watch)
 
 
 _NODE_FAILURES = ("NODE_FAIL", "BOOT_FAIL", "NF", "BF")
 #: sinfo's node states that mean "this node is gone" (``down*``: also not responding)
-DEAD_NODE_STATES = "down,drain,draining,fail,failing,no_respond,future"
+DEAD_NODE_STATES = "down,drain,draining,fail,no_respond,future"
+#: how a job ends when one of its nodes dies before slurmctld notices (the MPI launcher saw a rank vanish)
+_ENDED_BADLY = ("FAILED", "CANCELLED", "OUT_OF_MEMORY", "F", "CA", "OOM")
 
 
-def mark_failed_nodes(found: dict[str, JobRecord], timeout: float = 20.0) -> dict[str, JobRecord]:
+def mark_failed_nodes(found: dict[str, JobRecord], timeout: float = 20.0, watch: Iterable[str] = ()) -> dict[str, JobRecord]:
     """Name the failed node(s) of each job that ended NODE_FAIL/BOOT_FAIL.
 
     A multi-node job's record names only its batch host; which of its nodes
@@ -315,8 +317,17 @@ def mark_failed_nodes(found: dict[str, JobRecord], timeout: float = 20.0) -> dic
     (sacct's records carry theirs), one ``sinfo`` for the dead nodes; never
     a call per job. A failed answer leaves the records as they were (the
     policy then excludes the batch host, as for a single-node job).
+
+    ``watch``: ids of multi-node jobs whose FAILED/CANCELLED end may be a node
+    failure that slurmctld has not noticed yet (the surviving ranks' launcher
+    gave up first); they are asked about too.
     """
-    hit = [i for i, r in found.items() if r.state.split()[0].rstrip("+").upper() in _NODE_FAILURES]
+    watched = set(watch)
+
+    def state(r: JobRecord) -> str:
+        return (r.state.split() or [""])[0].rstrip("+").upper()
+
+    hit = [i for i, r in found.items() if state(r) in _NODE_FAILURES or (i in watched and state(r) in _ENDED_BADLY)]
     if not hit:
         return found
     try:
