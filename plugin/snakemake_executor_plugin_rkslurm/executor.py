@@ -223,8 +223,10 @@ class Executor(_stock.Executor):
     def _resize(self, step: Step) -> str | None:
         """Before resubmitting a multi-rank step: shrink it when its partition has too few nodes left
         (``--rkslurm-min-nodes``); the reason it cannot run at all, else None."""
+        if not step.geometry.multi_rank:
+            return None
         nodes = self._partition_nodes.get(step.partition or "")
-        if not step.geometry.multi_rank or not nodes:
+        if not nodes:
             return None
         new = ranks.shrink(step.geometry, ranks.usable(nodes, step.history.excluded_nodes), step.min_nodes)
         if isinstance(new, str):
