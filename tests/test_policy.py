@@ -741,3 +741,64 @@ def test_multi_node_job_blames_the_node_slurm_reports_down_not_its_batch_host(tm
     assert mon.plan([("k", step)])[0].decision.action is Action.WAIT
     now[0] += 31
     assert mon.plan([("k", step)])[0].decision.action is Action.FAIL
+
+
+@pytest.mark.parametrize("floor", [None, 1])
+def test_node_failure_of_a_two_node_step_on_a_two_node_partition_shrinks_or_fails_saying_why(tmp_path, floor: int | None) -> None:
+    """The executor's side: with the failed node excluded only one node is left; --rkslurm-min-nodes 1
+    resubmits on 1 x 2, without it the step fails naming the setting (no sbatch at all)."""
+    from types import SimpleNamespace
+
+    from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+
+    from snakemake_executor_plugin_rkslurm.monitor import Step
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+    from test_executor_monitor import FakeSlurm
+    from test_executor_nonblocking import _bare_executor, _poll
+
+    submitted: list[Geometry] = []
+    ex = _bare_executor(tmp_path, FakeSlurm(), lambda job, step: (submitted.append(step.geometry), ("200", "200.log"))[1])
+    ex._partition_nodes = {"main": ["n1", "n2"]}
+    step = Step(rule="wave", checkpoint_dir=None, partition="main", geometry=Geometry(2, 4), min_nodes=floor)
+    step.submitted("100", None, 0.0)
+    ex._steps[1] = step
+    ex.slurm.records["100"] = JobRecord(
+        job_id="100", state="NODE_FAIL", partition="main", node="n1", nodes="n[1-2]", failed_nodes=("n2",), preempted=False
+    )
+    active = _poll(ex, [SubmittedJobInfo(job=SimpleNamespace(jobid=1, name="wave"), external_jobid="100")])
+    if floor is None:
+        assert active == [] and submitted == []
+        (msg,) = [m for _, m in ex.failed]
+        assert "needs 2 node(s) x 4 task(s)" in msg and "--rkslurm-min-nodes" in msg and "excluded after failures: n2" in msg, msg
+    else:
+        ex._resubmits[1].result(timeout=10)
+        assert submitted == [Geometry(1, 2)] and step.history.excluded_nodes == ("n2",) and ex.failed == []
+
+
+def test_failed_nodes_are_asked_once_for_all_node_failed_jobs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One squeue (their node lists) and one sinfo (the dead nodes) for every job that ended on a
+    node failure or is watched, never a call per job; nothing at all when no job needs it."""
+    import os
+
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord, mark_failed_nodes
+
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, out in (("squeue", "7|n[1-2]\n8|n[3-4]\n"), ("sinfo", "n2\nn9\n")):
+        (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nprintf "{out}"\n')
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    found = {
+        "7": JobRecord(job_id="7", state="NODE_FAIL", node="n1"),
+        "8": JobRecord(job_id="8", state="FAILED", node="n3"),  # watched: MPI gave up, no node down
+        "9": JobRecord(job_id="9", state="FAILED", node="n5"),  # not multi-node: not asked about
+        "6": JobRecord(job_id="6", state="RUNNING", node="n6"),
+    }
+    assert mark_failed_nodes({"6": found["6"]}) == {"6": found["6"]} and not calls.exists()
+    out = mark_failed_nodes(found, watch=["8"])
+    assert out["7"].failed_nodes == ("n2",) and out["7"].nodes == "n[1-2]"
+    assert out["8"].failed_nodes == () and out["9"].failed_nodes is None and out["6"] == found["6"]
+    lines = calls.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["squeue", "sinfo"] and "-j 7,8" in lines[0], lines

@@ -17,6 +17,7 @@ partition and backs off with jitter while Slurm is busy.
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import threading
@@ -50,7 +51,12 @@ __all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
 
 
 class SlurmApi(Protocol):
-    """What the executor asks Slurm. Every call names our jobs (ids or our tag)."""
+    """What the executor asks Slurm. Every call names our jobs (ids or our tag).
+
+    ``query`` may take ``watch`` (ids of multi-node jobs whose failure may be a
+    node's, see :func:`.slurmquery.mark_failed_nodes`); one that does not is
+    asked without it.
+    """
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]: ...
 
@@ -205,7 +211,10 @@ class Monitor:
         """
         ids = list(dict.fromkeys(s.job_id for _, s in steps if s.job_id))
         multi = [s.job_id for _, s in steps if s.job_id and s.geometry.multi_rank]
-        records = (self.slurm.query(ids, watch=multi) if multi else self.slurm.query(ids)) if ids else {}  # type: ignore[call-arg]
+        if multi and _takes_watch(self.slurm):
+            records = self.slurm.query(ids, watch=multi)  # type: ignore[call-arg]
+        else:
+            records = self.slurm.query(ids) if ids else {}
         plans = []
         for key, step in steps:
             rec = records.get(step.job_id or "")
@@ -331,6 +340,14 @@ class Monitor:
             f"({obs.state.value.lower()}); its checkpoints are gone and the step cannot write new ones: an interruption now "
             "restarts it from step 0",
         )
+
+
+def _takes_watch(slurm: object) -> bool:
+    """Whether ``slurm.query`` accepts ``watch=`` (older query layers and test fakes do not)."""
+    try:
+        return "watch" in inspect.signature(slurm.query).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
 
 
 #: how a multi-rank job ends when a node dies before slurmctld notices
