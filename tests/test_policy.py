@@ -632,3 +632,173 @@ def test_any_sequence_of_polls_is_handled_and_counts_only_grow(seq: list[JobObse
     # waiting on UNKNOWN or held states alone cannot go on for ever
     assert h.unknown_polls <= limits.max_unknown_polls and h.held_polls <= limits.max_held_polls
     assert h.preempted_polls <= limits.max_preempted_polls and h.preemptions <= limits.max_preemptions
+
+
+# ---------------------------------------------------------------- multi-rank steps (issue 23): shape, shrink, failed node
+
+
+def test_hostlists_expand_as_slurm_prints_them() -> None:
+    from snakemake_executor_plugin_rkslurm.ranks import expand_hostlist
+
+    assert expand_hostlist("n[1-2]") == ["n1", "n2"]
+    assert expand_hostlist("gpu[01-03,7],login") == ["gpu01", "gpu02", "gpu03", "gpu7", "login"]
+    assert expand_hostlist("rack[1-2]-n[1-2]") == ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]
+    assert expand_hostlist("(null)") == expand_hostlist("None assigned") == expand_hostlist(None) == []
+    with pytest.raises(ValueError, match="range"):
+        expand_hostlist("n[a-b]")
+    with pytest.raises(ValueError, match="implausibly large"):
+        expand_hostlist("n[1-999999999]")
+
+
+def test_geometry_comes_from_the_stock_resources_and_is_checked() -> None:
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry, min_nodes, requested
+
+    assert requested({"nodes": 2, "tasks": 4}) == Geometry(2, 4) and Geometry(2, 4).multi_rank
+    assert not requested({}).multi_rank and not requested({"tasks": 1}).multi_rank
+    assert requested({"tasks": 3}).multi_rank
+    for bad in ({"tasks": 0}, {"nodes": "two"}, {"nodes": True}, {"tasks": 2.5}):
+        with pytest.raises(ValueError, match="whole number"):
+            requested(bad)
+    assert min_nodes({}, 0) is None and min_nodes({}, 1) == 1 and min_nodes({"rkslurm_min_nodes": 2}, 1) == 2
+
+
+@pytest.mark.parametrize(
+    ("nodes", "tasks", "available", "floor", "expected"),
+    [
+        (2, 4, 2, None, (2, 4)),  # enough nodes: unchanged
+        (2, 4, 1, 1, (1, 2)),  # half the nodes, half the ranks
+        (4, 8, 3, 1, (3, 6)),
+        (2, 3, 1, 1, (1, 1)),  # uneven: rounded down, at least one per node
+        (2, None, 1, 1, (1, None)),  # tasks left to Slurm stay so
+    ],
+)
+def test_a_multi_rank_step_shrinks_in_proportion(nodes: int, tasks: int | None, available: int, floor: int | None, expected: tuple) -> None:
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry, shrink
+
+    assert shrink(Geometry(nodes, tasks), available, floor) == Geometry(*expected)
+
+
+def test_a_step_that_may_not_shrink_says_how_to_allow_it() -> None:
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry, shrink, usable
+
+    why = shrink(Geometry(2, 4), usable(["n1", "n2"], ["n2"]), None)
+    assert isinstance(why, str) and "needs 2 node(s) x 4 task(s)" in why and "--rkslurm-min-nodes" in why
+    why = shrink(Geometry(4, 8), usable(["n1", "n2", "n3", "n4"], ["n2,n3", "n4"]), 2)
+    assert isinstance(why, str) and "at least 2 node(s)" in why and "only 1 usable" in why
+
+
+def test_the_sbatch_call_gets_the_smaller_shape_and_the_exec_line_runs_in_the_batch_shell() -> None:
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry, apply, batch_exec
+
+    stock = "sbatch --parsable --mem 200 --nodes=2 --ntasks=4 --cpus-per-task=1 -D /w"
+    assert apply(stock, Geometry(1, 2)) == "sbatch --parsable --mem 200 --nodes=1 --ntasks=2 --cpus-per-task=1 -D /w"
+    assert apply("sbatch --ntasks-per-node=2 -N 2", Geometry(1, None)) == "sbatch --ntasks-per-node=2 --nodes=1"
+    line = "python -m snakemake --snakefile S --cores all --executor slurm-jobstep --jobs 1 --mode remote"
+    assert batch_exec(line, "--executor slurm-jobstep --jobs 1") == "python -m snakemake --snakefile S --cores all --mode remote"
+    with pytest.raises(ValueError, match="in-job executor"):
+        batch_exec("python -m snakemake --mode remote", "--executor slurm-jobstep --jobs 1")
+
+
+def test_multi_node_job_blames_the_node_slurm_reports_down_not_its_batch_host(tmp_path) -> None:
+    """NODE_FAIL of a 2-node job: the node to exclude is the one that is down (here the second), and a
+    job that ended FAILED because MPI gave up first is held until Slurm names the node."""
+    from snakemake_executor_plugin_rkslurm.monitor import Monitor, Step
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    now = [1000.0]
+
+    class Fake:
+        def __init__(self) -> None:
+            self.rec: JobRecord | None = None
+            self.watched: list[list[str]] = []
+
+        def query(self, ids, watch=()):  # noqa: ANN001, ANN201
+            self.watched.append(list(watch))
+            return {self.rec.job_id: self.rec} if self.rec else {}
+
+    slurm = Fake()
+    mon = Monitor(slurm, PolicySettings(), {"main": "OFF"}, clock=lambda: now[0], node_failure_wait=30)  # type: ignore[arg-type]
+    step = Step(rule="sim", checkpoint_dir=tmp_path, export=str(tmp_path), partition="main", geometry=Geometry(2, 4), min_nodes=1)
+    step.submitted("7", None, 0.0)
+    base = {"job_id": "7", "partition": "main", "node": "n1", "nodes": "n[1-2]", "exit_code": "1:0", "preempted": False}
+    slurm.rec = JobRecord(state="NODE_FAIL", failed_nodes=("n2",), **base)  # type: ignore[arg-type]
+    (plan,) = mon.plan([("k", step)])
+    assert slurm.watched == [["7"]]
+    assert plan.decision.action is Action.RESUBMIT and plan.decision.exclude_node == "n2", plan.decision.reason
+    # the launcher gave up first: FAILED, no node down yet -> held; then Slurm marks n2 down -> node failure
+    step.history, step.seen, step.last_observation = StepHistory().with_submission("7"), None, None
+    slurm.rec = JobRecord(state="FAILED", failed_nodes=(), **base)  # type: ignore[arg-type]
+    (plan,) = mon.plan([("k", step)])
+    assert plan.decision.action is Action.WAIT and "whether one of its nodes failed" in plan.decision.reason
+    now[0] += 10
+    slurm.rec = JobRecord(state="FAILED", failed_nodes=("n2",), **base)  # type: ignore[arg-type]
+    (plan,) = mon.plan([("k", step)])
+    assert plan.observation.state is S.NODE_FAIL and plan.decision.exclude_node == "n2", plan.decision.reason
+    # nobody says a node died: after the wait it is what it looked like (a plain failure here)
+    step.history, step.seen, step.last_observation, step.ended_seen = StepHistory().with_submission("7"), None, None, None
+    slurm.rec = JobRecord(state="FAILED", failed_nodes=(), **base)  # type: ignore[arg-type]
+    assert mon.plan([("k", step)])[0].decision.action is Action.WAIT
+    now[0] += 31
+    assert mon.plan([("k", step)])[0].decision.action is Action.FAIL
+
+
+@pytest.mark.parametrize("floor", [None, 1])
+def test_node_failure_of_a_two_node_step_on_a_two_node_partition_shrinks_or_fails_saying_why(tmp_path, floor: int | None) -> None:
+    """The executor's side: with the failed node excluded only one node is left; --rkslurm-min-nodes 1
+    resubmits on 1 x 2, without it the step fails naming the setting (no sbatch at all)."""
+    from types import SimpleNamespace
+
+    from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+
+    from snakemake_executor_plugin_rkslurm.monitor import Step
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+    from test_executor_monitor import FakeSlurm
+    from test_executor_nonblocking import _bare_executor, _poll
+
+    submitted: list[Geometry] = []
+    ex = _bare_executor(tmp_path, FakeSlurm(), lambda job, step: (submitted.append(step.geometry), ("200", "200.log"))[1])
+    ex._partition_nodes = {"main": ["n1", "n2"]}
+    step = Step(rule="wave", checkpoint_dir=None, partition="main", geometry=Geometry(2, 4), min_nodes=floor)
+    step.submitted("100", None, 0.0)
+    ex._steps[1] = step
+    ex.slurm.records["100"] = JobRecord(
+        job_id="100", state="NODE_FAIL", partition="main", node="n1", nodes="n[1-2]", failed_nodes=("n2",), preempted=False
+    )
+    active = _poll(ex, [SubmittedJobInfo(job=SimpleNamespace(jobid=1, name="wave"), external_jobid="100")])
+    if floor is None:
+        assert active == [] and submitted == []
+        (msg,) = [m for _, m in ex.failed]
+        assert "needs 2 node(s) x 4 task(s)" in msg and "--rkslurm-min-nodes" in msg and "excluded after failures: n2" in msg, msg
+    else:
+        ex._resubmits[1].result(timeout=10)
+        assert submitted == [Geometry(1, 2)] and step.history.excluded_nodes == ("n2",) and ex.failed == []
+
+
+def test_failed_nodes_are_asked_once_for_all_node_failed_jobs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One squeue (their node lists) and one sinfo (the dead nodes) for every job that ended on a
+    node failure or is watched, never a call per job; nothing at all when no job needs it."""
+    import os
+
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord, mark_failed_nodes
+
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, out in (("squeue", "7|n[1-2]\n8|n[3-4]\n"), ("sinfo", "n2\nn9\n")):
+        (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nprintf "{out}"\n')
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    found = {
+        "7": JobRecord(job_id="7", state="NODE_FAIL", node="n1"),
+        "8": JobRecord(job_id="8", state="FAILED", node="n3"),  # watched: MPI gave up, no node down
+        "9": JobRecord(job_id="9", state="FAILED", node="n5"),  # not multi-node: not asked about
+        "6": JobRecord(job_id="6", state="RUNNING", node="n6"),
+    }
+    assert mark_failed_nodes({"6": found["6"]}) == {"6": found["6"]} and not calls.exists()
+    out = mark_failed_nodes(found, watch=["8"])
+    assert out["7"].failed_nodes == ("n2",) and out["7"].nodes == "n[1-2]"
+    assert out["8"].failed_nodes == () and out["9"].failed_nodes is None and out["6"] == found["6"]
+    lines = calls.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["squeue", "sinfo"] and "-j 7,8" in lines[0], lines

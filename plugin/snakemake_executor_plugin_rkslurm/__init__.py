@@ -49,6 +49,22 @@ class ExecutorSettings(_StockSettings):
             "required": False,
         },
     )
+    min_nodes: int = field(
+        default=0,
+        metadata={
+            "help": "A multi-node step (resources nodes/tasks) whose partition has too few nodes left after a node failure may be resubmitted on as few as this many nodes, its tasks scaled down in proportion (2 nodes x 4 tasks -> 1 x 2); the step restores its checkpoint on the new rank count. 0: never fewer nodes than requested (the step fails, saying so). A rule's resource rkslurm_min_nodes overrides it. Such steps are submitted with --no-requeue, so that a node failure comes back to rkslurm instead of Slurm requeueing the full size.",
+            "env_var": False,
+            "required": False,
+        },
+    )
+    node_failure_wait: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a multi-node step's job that ended FAILED/CANCELLED without a word from the step is held before it counts as a kill or an error: its MPI launcher may have given up on a dead node before slurmctld marked it down (SlurmdTimeout); once Slurm names the node, the step is resubmitted without it.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     max_kills: int = field(
         default=3,
         metadata={

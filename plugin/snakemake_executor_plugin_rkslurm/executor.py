@@ -45,7 +45,7 @@ from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, step_fingerprint
 from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
 from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 
-from . import adoption, interruptions, slurmquery, submitter
+from . import adoption, interruptions, ranks, slurmquery, submitter
 from .monitor import Monitor, Pacer, Plan, SlurmApi, SlurmCli, Step
 from .policy import Action, PolicySettings, effective_lead
 
@@ -94,6 +94,7 @@ class Executor(_stock.Executor):
             ),
             slurmquery.partition_preempt_modes(),
             signal_lead=int(s.signal_lead_time),
+            node_failure_wait=float(getattr(s, "node_failure_wait", 60.0)),
         )
         self.pacer = Pacer(fast=float(s.poll_interval), slow=float(s.slow_poll_interval))
         self.next_seconds_between_status_checks = float(s.poll_interval)
@@ -101,6 +102,7 @@ class Executor(_stock.Executor):
         self._resubmits: dict[int, Future[tuple[str, str]]] = {}
         self._submit_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rkslurm-resubmit")
         self._partition_limits = slurmquery.partition_limits()
+        self._partition_nodes = slurmquery.partition_nodes()
         self._lead_warned: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------ submission
@@ -196,12 +198,47 @@ class Executor(_stock.Executor):
         lead = self._signal_lead(step)
         if lead > 0:
             options.append(f"--signal=TERM@{lead}")
-        if not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
+        elastic = step.geometry.multi_rank and step.min_nodes is not None
+        if elastic and not s.requeue:
+            # a node failure must come back to us (to shrink the step), not be requeued at full size by Slurm
+            options.append("--no-requeue")
+        elif not s.requeue and not getattr(s, "no_requeue", False):  # --slurm-no-requeue: stock >= 2.8
             options.append("--requeue")  # let Slurm requeue (same job id) where the partition says REQUEUE
         comment = " ".join(w for w in (step.tag, step.fingerprint_tag) if w)
         return submitter.SubmitExtras(
-            env={ENV_CHECKPOINT_DIR: step.export}, options=options, comment=comment or None, exclude=step.history.excluded_nodes
+            env={ENV_CHECKPOINT_DIR: step.export},
+            options=options,
+            comment=comment or None,
+            exclude=step.history.excluded_nodes,
+            geometry=step.geometry if step.geometry.multi_rank else None,
+            in_batch_shell=step.geometry.multi_rank,
         )
+
+    def _shape(self, job: JobExecutorInterface, step: Step) -> None:
+        """A multi-rank step's nodes x tasks (the stock resources) and how small it may get (ValueError: bad resources)."""
+        step.geometry = ranks.requested(job.resources)
+        if step.geometry.multi_rank:
+            step.min_nodes = ranks.min_nodes(job.resources, int(getattr(self.workflow.executor_settings, "min_nodes", 0) or 0))
+
+    def _resize(self, step: Step) -> str | None:
+        """Before resubmitting a multi-rank step: shrink it when its partition has too few nodes left
+        (``--rkslurm-min-nodes``); the reason it cannot run at all, else None."""
+        if not step.geometry.multi_rank:
+            return None
+        nodes = self._partition_nodes.get(step.partition or "")
+        if not nodes:
+            return None
+        new = ranks.shrink(step.geometry, ranks.usable(nodes, step.history.excluded_nodes), step.min_nodes)
+        if isinstance(new, str):
+            excluded = ", ".join(step.history.excluded_nodes) or "none"
+            return f"cannot resubmit: it {new} (partition {step.partition}, excluded after failures: {excluded}). {step.history.describe()}"
+        if new != step.geometry:
+            self.logger.warning(
+                f"rkslurm: rule {step.rule}: resubmitting on {new.describe()} instead of {step.geometry.describe()} "
+                f"(min nodes {step.min_nodes}); the step restores its checkpoint on {new.tasks or 1} rank(s)"
+            )
+            step.geometry = new
+        return None
 
     def _signal_lead(self, step: Step) -> int:
         """``--rkslurm-signal-lead-time``, capped at a third of the step's time limit (warned once per limit)."""
@@ -298,6 +335,7 @@ class Executor(_stock.Executor):
             return super().run_job(job)
         try:
             step, digest = self._new_step(job)
+            self._shape(job, step)
             adopted = self._adoptable(job, step)  # before anything in the folder is touched
             if adopted is None:
                 self._prepare(step, digest)
@@ -461,6 +499,11 @@ class Executor(_stock.Executor):
             return False
         # RESUBMIT
         self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
+        why_not = self._resize(step)
+        if why_not is not None:
+            self._record(step, "failed")
+            self.report_job_error(j, msg=f"rkslurm: rule {step.rule}: {why_not}\n", aux_logs=[p for p in step.history.log_paths if p])
+            return False
         self._record(step, d.event or "resubmit")
         # off the status loop: the other steps keep being polled while sbatch waits for slurmctld
         self._resubmits[j.job.jobid] = self._submit_pool.submit(self._submit, j.job, step)

@@ -17,6 +17,7 @@ partition and backs off with jitter while Slurm is busy.
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import threading
@@ -43,13 +44,19 @@ from .policy import (
     parse_exit_code,
     parse_state,
 )
+from .ranks import Geometry, expand_hostlist
 from .slurmquery import JobRecord
 
 __all__ = ["Monitor", "Pacer", "Plan", "SlurmApi", "SlurmCli", "Step"]
 
 
 class SlurmApi(Protocol):
-    """What the executor asks Slurm. Every call names our jobs (ids or our tag)."""
+    """What the executor asks Slurm. Every call names our jobs (ids or our tag).
+
+    ``query`` may take ``watch`` (ids of multi-node jobs whose failure may be a
+    node's, see :func:`.slurmquery.mark_failed_nodes`); one that does not is
+    asked without it.
+    """
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]: ...
 
@@ -75,8 +82,8 @@ class SlurmCli:
         self._by_word: dict[str, list[tuple[str, str]]] = {}
         self._listing_lock = threading.Lock()
 
-    def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
-        return slurmquery.query(job_ids)
+    def query(self, job_ids: Sequence[str], watch: Sequence[str] = ()) -> dict[str, JobRecord]:
+        return slurmquery.query(job_ids, watch=watch)
 
     def my_jobs(self) -> list[slurmquery.QueueRow]:
         """This user's live jobs (job id, name, uid, state, comment): cached ``squeue --me``."""
@@ -130,6 +137,12 @@ class Step:
     last_observation: JobObservation | None = field(default=None, repr=False)
     last_decision: Decision | None = field(default=None, repr=False)
     decided_from: StepHistory | None = field(default=None, repr=False)
+    #: nodes x tasks of the current submission (multi-rank steps: smaller after a node failure allows it)
+    geometry: Geometry = field(default_factory=Geometry)
+    #: the fewest nodes a multi-rank step may be resubmitted on (None: never fewer than requested)
+    min_nodes: int | None = None
+    #: when the current job of a multi-rank step was first seen ended badly (the node-failure wait starts)
+    ended_seen: float | None = None
 
     def __post_init__(self) -> None:
         if self.folder is None and self.checkpoint_dir is not None:
@@ -149,6 +162,7 @@ class Step:
     def submitted(self, job_id: str, log: str | None, now: float) -> None:
         self.history = self.history.with_submission(str(job_id), log, self.progress())
         self.submitted_at = now
+        self.ended_seen = None
         self.log = log
 
 
@@ -174,12 +188,15 @@ class Monitor:
         preempt_modes: Mapping[str, str],
         signal_lead: int = 0,
         clock: Callable[[], float] = time.time,
+        node_failure_wait: float = 60.0,
     ) -> None:
         self.slurm = slurm
         self.policy = policy
         self.preempt_modes = dict(preempt_modes)
         self.signal_lead = int(signal_lead)
         self.clock = clock
+        #: seconds a multi-rank job that ended badly is held before it counts as a kill or error
+        self.node_failure_wait = float(node_failure_wait)
 
     def preemptible(self, partition: str | None) -> bool:
         return self.preempt_modes.get(partition or "", "OFF") not in ("OFF", "")
@@ -193,7 +210,11 @@ class Monitor:
         thousands of pending steps reads no files.
         """
         ids = list(dict.fromkeys(s.job_id for _, s in steps if s.job_id))
-        records = self.slurm.query(ids) if ids else {}
+        multi = [s.job_id for _, s in steps if s.job_id and s.geometry.multi_rank]
+        if multi and _takes_watch(self.slurm):
+            records = self.slurm.query(ids, watch=multi)  # type: ignore[call-arg]
+        else:
+            records = self.slurm.query(ids) if ids else {}
         plans = []
         for key, step in steps:
             rec = records.get(step.job_id or "")
@@ -214,10 +235,30 @@ class Monitor:
                 step.seen, step.last_observation = sig, obs
                 same = False
             decision = last if same and last is not None else decide(obs, step.history, self.policy)
+            decision = self._hold_for_node_failure(step, obs, decision)
             step.last_decision, step.decided_from = decision, step.history
             warnings = self._folder_warning(step, obs)
             plans.append(Plan(key, step, obs, decision, warnings))
         return plans
+
+    def _hold_for_node_failure(self, step: Step, obs: JobObservation, decision: Decision) -> Decision:
+        """A multi-rank job that ended FAILED/CANCELLED with no word from the step may have lost a node
+        that slurmctld has not marked down yet (MPI gave up first): wait for that, a bounded time."""
+        if not step.geometry.multi_rank or decision.action is Action.WAIT or obs.state not in _MAYBE_NODE:
+            return decision
+        if obs.stopped_on_signal or obs.preempted or (obs.state is SlurmJobState.CANCELLED and obs.preempted is False):
+            return decision
+        now = self.clock()
+        if step.ended_seen is None:
+            step.ended_seen = now
+        left = self.node_failure_wait - (now - step.ended_seen)
+        if left <= 0:
+            return decision
+        why = (
+            f"multi-rank job {obs.job_id} ended {obs.state.value} without a word from the step; waiting up to "
+            f"{left:.0f} s more for Slurm to say whether one of its nodes failed"
+        )
+        return Decision(Action.WAIT, why, step.history, excluded_nodes=step.history.excluded_nodes)
 
     def fast_poll(self, plans: Sequence[Plan]) -> bool:
         """Poll fast only while some step RUNS on a preemptible partition (pending ones cannot be preempted)."""
@@ -253,13 +294,15 @@ class Monitor:
                 finished=ended and attempt.end_rc == 0,  # type: ignore[union-attr]
                 step_error=ended and attempt.end_rc not in (0, EX_TEMPFAIL),  # type: ignore[union-attr]
             )
+        if rec is not None and rec.failed_nodes and state in _MAYBE_NODE and not rec.preempted:
+            state = SlurmJobState.NODE_FAIL  # its MPI launcher gave up before slurmctld marked the node down
         return JobObservation(
             job_id=job_id,
             state=state,
             exit_code=code,
             signal=sig,
             restarts=rec.restarts if rec else None,
-            node=rec.node if rec else None,
+            node=_failed_node(rec),
             partition=partition,
             requeue_on_preempt=requeue_on_preempt,
             checkpoint_step=step.progress(),
@@ -299,6 +342,30 @@ class Monitor:
         )
 
 
+def _takes_watch(slurm: object) -> bool:
+    """Whether ``slurm.query`` accepts ``watch=`` (older query layers and test fakes do not)."""
+    try:
+        return "watch" in inspect.signature(slurm.query).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
+
+
+#: how a multi-rank job ends when a node dies before slurmctld notices
+_MAYBE_NODE = frozenset({SlurmJobState.FAILED, SlurmJobState.CANCELLED, SlurmJobState.OUT_OF_MEMORY})
+
+
+def _failed_node(rec: JobRecord | None) -> str | None:
+    """The node(s) to blame: those of the job's nodes Slurm reports dead after a node failure
+    (comma-joined), None when it has several and none is dead now; else the batch host."""
+    if rec is None:
+        return None
+    if rec.failed_nodes:
+        return ",".join(rec.failed_nodes)
+    if rec.failed_nodes is not None and len(expand_hostlist(rec.nodes)) > 1:
+        return None
+    return rec.node
+
+
 def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
     """What must stay the same for the last observation of the step to still hold (None: always look)."""
     if rec is None:
@@ -314,6 +381,7 @@ def _signature(step: Step, rec: JobRecord | None) -> tuple[Any, ...] | None:
         rec.partition,
         rec.node,
         rec.requeue,
+        rec.failed_nodes,
     )
 
 

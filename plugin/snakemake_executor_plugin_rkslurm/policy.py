@@ -537,6 +537,8 @@ def _on_node_failure(obs: JobObservation, hist: StepHistory, settings: PolicySet
     why = f"{what} ({hist.node_failures}/{settings.max_node_failures})"
     if exclude:
         why += f", excluding node {exclude}"
+    elif settings.exclude_failed_nodes:
+        why += ", excluding no node (none of the job's nodes is down now)"
     return _resubmit(hist, obs, why, "node_failure", exclude=exclude)
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .ranks import expand_hostlist
 
 
 class QueryError(RuntimeError):
@@ -37,6 +39,10 @@ class JobRecord:
     preempted: bool | None = False
     source: str = "scontrol"
     comment: str | None = None
+    #: the job's whole node list (Slurm's compact form, ``n[1-2]``); filled for node failures and by sacct
+    nodes: str | None = None
+    #: of ``nodes``, those Slurm reports down, drained or failed now (asked only for a node failure)
+    failed_nodes: tuple[str, ...] | None = None
 
 
 def parse_duration(text: str | None) -> int | None:
@@ -125,6 +131,7 @@ def parse_sacct(text: str) -> dict[str, JobRecord]:
             state=f[1],
             exit_code=f[2] or None,
             node=_null(f[3]) if f[3] != "None assigned" else None,
+            nodes=_null(f[3]) if f[3] != "None assigned" else None,
             partition=_null(f[4]),
             run_seconds=parse_duration(f[5]),
             time_limit_seconds=parse_duration(f[6]),
@@ -259,7 +266,7 @@ def squeue_jobs(ids: list[str], timeout: float) -> dict[str, JobRecord]:
     return {k: v for k, v in parse_squeue(out).items() if k in wanted}
 
 
-def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0) -> dict[str, JobRecord]:
+def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0, watch: Iterable[str] = ()) -> dict[str, JobRecord]:
     """Current record of each id that any tool knows about: at most two Slurm calls.
 
     One ``squeue`` call for all ids, then one ``sacct`` call for the ids
@@ -291,7 +298,55 @@ def query(job_ids: Iterable[str], use_sacct: bool = True, timeout: float = 20.0)
     if errors and not found:
         busy = any(isinstance(e, SlurmBusy) for e in errors)
         raise (SlurmBusy if busy else QueryError)("; ".join(str(e) for e in errors))
-    return found
+    return mark_failed_nodes(found, timeout, watch)
+
+
+_NODE_FAILURES = ("NODE_FAIL", "BOOT_FAIL", "NF", "BF")
+#: sinfo's node states that mean "this node is gone" (``down*``: also not responding)
+DEAD_NODE_STATES = "down,drain,draining,fail,no_respond,future"
+#: how a job ends when one of its nodes dies before slurmctld notices (the MPI launcher saw a rank vanish)
+_ENDED_BADLY = ("FAILED", "CANCELLED", "OUT_OF_MEMORY", "F", "CA", "OOM")
+
+
+def mark_failed_nodes(found: dict[str, JobRecord], timeout: float = 20.0, watch: Iterable[str] = ()) -> dict[str, JobRecord]:
+    """Name the failed node(s) of each job that ended NODE_FAIL/BOOT_FAIL.
+
+    A multi-node job's record names only its batch host; which of its nodes
+    died is Slurm's node state. Asked only when some job just ended on a node
+    failure, for all of them together: one ``squeue`` for their node lists
+    (sacct's records carry theirs), one ``sinfo`` for the dead nodes; never
+    a call per job. A failed answer leaves the records as they were (the
+    policy then excludes the batch host, as for a single-node job).
+
+    ``watch``: ids of multi-node jobs whose FAILED/CANCELLED end may be a node
+    failure that slurmctld has not noticed yet (the surviving ranks' launcher
+    gave up first); they are asked about too.
+    """
+    watched = set(watch)
+
+    def state(r: JobRecord) -> str:
+        return (r.state.split() or [""])[0].rstrip("+").upper()
+
+    hit = [i for i, r in found.items() if state(r) in _NODE_FAILURES or (i in watched and state(r) in _ENDED_BADLY)]
+    if not hit:
+        return found
+    try:
+        lists = {i: found[i].nodes for i in hit if found[i].nodes}
+        need = [i for i in hit if i not in lists]
+        if need:
+            out = _run_checked(["squeue", "-h", "-t", "all", "-j", ",".join(need), "-O", "JobID:|,NodeList:"], timeout)
+            for line in out.splitlines():
+                jid, _, nl = line.partition("|")
+                if jid.strip() in need and _null(nl.strip()):
+                    lists[jid.strip()] = nl.strip()
+        dead = set(_run_checked(["sinfo", "-h", "-N", "-t", DEAD_NODE_STATES, "-o", "%N"], timeout).split())
+    except (QueryError, OSError):
+        return found
+    out_recs = dict(found)
+    for i, nl in lists.items():
+        names = expand_hostlist(nl)
+        out_recs[i] = replace(found[i], nodes=nl, failed_nodes=tuple(n for n in names if n in dead))
+    return out_recs
 
 
 @dataclass(frozen=True)
@@ -369,6 +424,23 @@ def partition_limits(timeout: float = 20.0) -> dict[str, int]:
                 limits[kv["PartitionName"]] = sec
                 break
     return limits
+
+
+def partition_nodes(timeout: float = 20.0) -> dict[str, list[str]]:
+    """The node names of each partition (``Nodes=n[1-2]`` expanded); {} on failure."""
+    try:
+        out = _run(["scontrol", "show", "partition", "-o"], timeout)
+    except (QueryError, OSError, subprocess.SubprocessError):
+        return {}
+    nodes: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        kv = _kv_line(line.strip())
+        if "PartitionName" in kv:
+            try:
+                nodes[kv["PartitionName"]] = expand_hostlist(kv.get("Nodes"))
+            except ValueError:
+                continue
+    return nodes
 
 
 def default_partition(timeout: float = 20.0) -> str | None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import interruptions
+from . import interruptions, ranks
+from .ranks import Geometry
 
 #: sbatch errors that say "slurmctld is not answering right now", not "this request is wrong"
 TRANSIENT_SBATCH_ERROR = re.compile(
@@ -50,6 +51,10 @@ class SubmitExtras:
     comment: str | None = None
     #: nodes to keep away from (failed under this step before)
     exclude: Sequence[str] = ()
+    #: nodes x tasks to ask for instead of the rule's (a multi-rank step resubmitted smaller); None: the rule's
+    geometry: Geometry | None = None
+    #: run the step-level Snakemake in the batch shell, not in slurm-jobstep's ``srun -n1`` (multi-rank steps)
+    in_batch_shell: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def build_submission(executor: Any, job: Any, extras: SubmitExtras) -> tuple[str
     stock_comment = f"rule_{job.name}" + (f"_wildcards_{wildcard_str}" if wildcard_str else "")
     if extras.comment:
         # keep the stock comment (tools match on rule_<name>) and add our tag as its own word
-        extras = SubmitExtras(env=extras.env, options=extras.options, comment=f"{stock_comment} {extras.comment}", exclude=extras.exclude)
+        extras = dataclasses.replace(extras, comment=f"{stock_comment} {extras.comment}")
     params = {
         "run_uuid": executor.run_uuid,
         "slurm_logfile": logfile,
@@ -159,9 +164,13 @@ def build_submission(executor: Any, job: Any, extras: SubmitExtras) -> tuple[str
     # the stock setting --slurm-exclude-failed-nodes fills the stock's set; ours come from the step's history
     failed = set(getattr(executor, "_failed_nodes", ()) or ()) | set(extras.exclude)
     call = get_submit_command(job, params, settings=s, failed_nodes=failed)
+    if extras.geometry is not None:
+        call = ranks.apply(call, extras.geometry)
     call += set_gres_string(job)
     call = add_extras(call, extras)
     exec_job = executor.format_job_exec(job)
+    if extras.in_batch_shell:
+        exec_job = ranks.batch_exec(exec_job, executor.additional_general_args())
     if getattr(s, "pass_command_as_script", False):
         return call + " /dev/stdin", "\n".join(["#!/bin/sh", exec_job]), logfile
     escaped = exec_job.replace('"', '\\"')

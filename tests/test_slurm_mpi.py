@@ -1,0 +1,278 @@
+"""Multi-rank steps under the rkslurm executor on the real multi-node cluster (issue 23, the executor's part).
+
+A rule with ``resources: nodes=2, tasks=4`` launches its ranks itself (``srun
+--mpi=pmi2 …`` or ``mpiexec -n $SLURM_NTASKS …``). The step here is a small
+mpi4py program (``MPI_STEP_SCRIPT``), not rkrun, so the executor's behaviour is
+tested on its own: each rank advances its share of a set of hash chains, rank 0
+writes all ranks' state as one atomic checkpoint every step, a signal is
+agreed on by an ``allreduce`` so every rank stops at the same step and exits
+75, and a restart scatters the checkpoint over whatever rank count it has.
+The result therefore does not depend on the rank count, and every test
+compares it byte for byte with a one-process run.
+
+Node failures are real (:func:`fixtures_slurm.fail_node`) and every such test
+restores the node in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_slurm import SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
+
+pytestmark = pytest.mark.slurm
+
+MPI_STEP_SCRIPT = r'''
+"""Deterministic multi-rank checkpointing test step (stands in for a multi-rank rkrun).
+
+Each of CELLS hash chains advances once per step; the cells are split over the
+ranks in contiguous blocks, so any rank count computes the same chains. Rank 0
+gathers every rank's cells and writes them atomically as one checkpoint each
+``--checkpoint-every`` steps; a restart scatters them again over however many
+ranks it now has. SIGTERM/SIGUSR1 only set a flag; at each step boundary the
+ranks allreduce it, so all stop at the same step, write a final checkpoint and
+exit 75 (a rank that missed the signal stops too).
+"""
+import argparse, hashlib, json, os, signal, socket, sys, tempfile, time
+from mpi4py import MPI
+
+def atomic_write(path, text):
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(d, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--steps", type=int, required=True)
+ap.add_argument("--cells", type=int, default=12)
+ap.add_argument("--delay", type=float, default=0.1)
+ap.add_argument("--checkpoint-every", type=int, default=1)
+ap.add_argument("--checkpoint-dir", default=os.environ.get("RKSLURM_CHECKPOINT_DIR"))
+ap.add_argument("--seed", default="rkslurm")
+ap.add_argument("--trace")
+ap.add_argument("--out", required=True)
+a = ap.parse_args()
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+if not a.checkpoint_dir:
+    sys.exit("no checkpoint dir (RKSLURM_CHECKPOINT_DIR unset)")
+if size > a.cells:
+    sys.exit(f"{size} ranks for {a.cells} cells: too many ranks")
+lo, hi = rank * a.cells // size, (rank + 1) * a.cells // size
+prog = os.path.join(a.checkpoint_dir, "rkslurm.progress.json")
+state = None
+if rank == 0:
+    os.makedirs(a.checkpoint_dir, exist_ok=True)
+    if os.path.exists(prog):
+        state = json.load(open(prog))
+    else:
+        state = {"step": 0, "cells": [hashlib.sha256(f"{a.seed}:{i}".encode()).hexdigest() for i in range(a.cells)]}
+state = comm.bcast(state, root=0)
+step, mine = state["step"], state["cells"][lo:hi]
+stop = []
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(signal.Signals(s).name))
+signal.signal(signal.SIGUSR1, lambda s, f: stop.append(signal.Signals(s).name))
+ev = None
+if rank == 0:
+    try:  # the step protocol's attempt events, as rkrun writes them
+        from rkstep.events import EventWriter
+        ev = EventWriter.for_folder(a.checkpoint_dir)
+    except ImportError:
+        ev = None
+hosts = comm.gather(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), root=0)
+
+def trace(event, s, **kw):
+    if rank == 0:
+        if event != "ckpt":
+            print(f"mpi-step: {event} at step {s} on {size} ranks", file=sys.stderr, flush=True)
+        if a.trace:
+            rec = {"event": event, "step": s, "ranks": size, "job": os.environ.get("SLURM_JOB_ID"), "t": time.time(), **kw}
+            with open(a.trace, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+def checkpoint():
+    cells = comm.gather(mine, root=0)
+    if rank == 0:
+        atomic_write(prog, json.dumps({"step": step, "cells": [c for part in cells for c in part]}))
+        if ev:
+            ev.checkpoint(step)
+
+trace("start", step, hosts=hosts)
+if ev:
+    ev.start(step)
+while step < a.steps:
+    got = comm.gather(len(stop), root=0)
+    if comm.allreduce(1 if stop else 0, op=MPI.SUM):
+        checkpoint()
+        if rank == 0:
+            atomic_write(os.path.join(a.checkpoint_dir, "rkrun.stopped.json"), json.dumps({"step": step, "signal": "SIGTERM"}))
+        trace("stop", step, signalled=[1 if g else 0 for g in got] if rank == 0 else None)
+        if ev:
+            ev.stop(step, "SIGTERM"); ev.end(75, step)
+        sys.exit(75)
+    time.sleep(a.delay)
+    mine = [hashlib.sha256(f"{h}:{step}".encode()).hexdigest() for h in mine]
+    step += 1
+    if step % a.checkpoint_every == 0:
+        checkpoint()
+        trace("ckpt", step)
+cells = comm.gather(mine, root=0)
+if rank == 0:
+    h = hashlib.sha256(":".join(c for part in cells for c in part).encode()).hexdigest()
+    atomic_write(a.out, json.dumps({"steps": step, "h": h}) + "\n")
+    trace("done", step)
+    if ev:
+        ev.end(0, step)
+'''
+
+SNAKEFILE = """
+rule all:
+    input: "result.json"
+
+rule sim:
+    output: "result.json"
+    resources: slurm_partition="{partition}", mem_mb=200, nodes=2, tasks=4{extra}
+    shell: "{launcher} {py} mpi_step.py --steps {steps} --delay {delay} --trace trace.jsonl --out {{output}}"
+"""
+
+
+@pytest.fixture
+def nodes(slurm_env: dict[str, str]) -> list[str]:
+    pytest.importorskip("mpi4py")
+    names = slurm_nodes()
+    if len(names) < 2:
+        pytest.skip(f"needs a multi-node cluster (`slurm/up --nodes 2`); this one has {names}")
+    return names
+
+
+def _write(w: SlurmWorkflow, launcher: str, partition: str, steps: int, delay: float = 0.25, extra: str = "") -> bytes:
+    """The workflow, and the bytes a one-process run of the same step writes (the reference)."""
+    (w.root / "mpi_step.py").write_text(MPI_STEP_SCRIPT)
+    (w.root / "Snakefile").write_text(
+        SNAKEFILE.format(partition=partition, extra=extra, launcher=launcher, py=shlex.quote(sys.executable), steps=steps, delay=delay)
+    )
+    ref = w.root / "ref"
+    cmd = [sys.executable, "mpi_step.py", "--steps", str(steps), "--delay", "0", "--checkpoint-dir", str(ref / "ck")]
+    subprocess.run([*cmd, "--out", str(ref / "out.json")], cwd=w.root, check=True, timeout=120, capture_output=True)
+    return (ref / "out.json").read_bytes()
+
+
+def _submitted_ids(out: str) -> list[str]:
+    return re.findall(r"submitted with SLURM jobid (\d+)", out)
+
+
+def _job_field(job_id: str, key: str) -> str | None:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=20).stdout
+    m = re.search(rf"\b{key}=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def _finish(p: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
+    return out
+
+
+def test_two_node_four_rank_step_preempted_resubmitted_and_restored_bit_identical(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
+    """srun --mpi=pmi2 on scavenger (CANCEL, GraceTime): every rank gets SIGTERM, all stop at one step,
+    the step is resubmitted as a new job of the same shape and restores from its checkpoint."""
+    w = slurm_workflow
+    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40)
+    p = w.start()
+    try:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
+        assert p.poll() is None, "snakemake ended before the preemption"
+        submit_urgent(3)
+        out = _finish(p, 240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            _cancel_jobs_in(w.root)
+    assert p.returncode == 0, out[-5000:]
+    assert (w.root / "result.json").read_bytes() == ref
+    starts, stops = w.events("start"), w.events("stop")
+    # each run: one MPI job of 4 ranks over both nodes, 2 per node (not 4 singletons, not one task per node)
+    assert [s["ranks"] for s in starts] == [4, 4], starts
+    assert all(sorted(s["hosts"]) == sorted(nodes * 2) for s in starts), starts
+    # every rank got the signal; all stopped at one step; the new job started there
+    assert len(stops) == 1 and stops[0]["signalled"] == [1, 1, 1, 1], stops
+    assert starts[1]["step"] == stops[0]["step"] > 0 and starts[1]["job"] != starts[0]["job"]
+    assert "preemption 1/10" in out, out[-5000:]
+    ids = _submitted_ids(out)
+    assert len(set(ids)) == 2, out[-5000:]
+    assert (_job_field(ids[1], "NumNodes"), _job_field(ids[1], "NumTasks")) == ("2", "4")
+    print(f"2x4 step preempted at step {stops[0]['step']} (job {ids[0]}), restored by job {ids[1]}; bit-identical")
+
+
+def _fail_second_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str]) -> tuple[str, int, str]:
+    """Once the step checkpointed, fail a node of its job that is NOT the batch host (the node
+    rkslurm must find by asking Slurm which one is down); returns (failed node, newest checkpoint
+    step before, Snakemake's output). The node is restored whatever happens."""
+    dead: list[str] = []
+    try:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
+        assert p.poll() is None, "snakemake ended before the node could fail"
+        start = w.events("start")[0]
+        batch = _job_field(start["job"], "BatchHost")
+        other = next(n for n in sorted(set(start["hosts"])) if n != batch)
+        assert batch in nodes and other in nodes, (batch, start)
+        fail_node(other)
+        dead.append(other)
+        killed_at = max(e["step"] for e in w.events("ckpt"))
+        out = _finish(p, 300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            _cancel_jobs_in(w.root)
+        for n in dead:
+            restore_node(n)
+    return other, killed_at, out
+
+
+def _cancel_jobs_in(root: Path) -> None:
+    """Cancel the live Slurm jobs of a test workflow that was killed (found by their working directory)."""
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
+    ids = [f[0] for f in (line.split(None, 1) for line in out.splitlines()) if len(f) == 2 and Path(f[1].strip()) == root]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=20)
+
+
+def test_node_failure_under_a_two_node_step_resubmits_on_one_node_with_fewer_ranks(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
+    """mpiexec launcher; a node of the 2-node job dies; with --rkslurm-min-nodes 1 the step is
+    resubmitted without it on 1 node x 2 tasks and restores its 4-rank checkpoint on 2 ranks."""
+    w = slurm_workflow
+    ref = _write(w, "mpiexec -n $SLURM_NTASKS", "main", steps=60)
+    p = w.start("--rkslurm-min-nodes", "1")
+    t0 = time.monotonic()
+    failed, killed_at, out = _fail_second_node(w, p, nodes)
+    assert p.returncode == 0, out[-5000:]
+    assert (w.root / "result.json").read_bytes() == ref
+    starts = w.events("start")
+    assert [s["ranks"] for s in starts] == [4, 2], starts
+    assert sorted(starts[0]["hosts"]) == sorted(nodes * 2)
+    assert set(starts[1]["hosts"]) == {n for n in nodes if n != failed}, starts[1]
+    # SIGKILL: at most the step in flight is lost (+1: killed between a checkpoint and its trace line)
+    assert killed_at <= starts[1]["step"] <= killed_at + 1, (starts, killed_at)
+    assert f"node failure (1/3), excluding node {failed}" in out, out[-5000:]
+    assert "resubmitting on 1 node(s) x 2 task(s) instead of 2 node(s) x 4 task(s)" in out, out[-5000:]
+    ids = _submitted_ids(out)
+    assert len(set(ids)) == 2, out[-5000:]
+    assert _job_field(ids[1], "ExcNodeList") == failed
+    assert (_job_field(ids[1], "NumNodes"), _job_field(ids[1], "NumTasks")) == ("1", "2")
+    print(
+        f"node {failed} failed under a 2x4 step at checkpoint {killed_at}; resumed on 1x2 at {starts[1]['step']}, "
+        f"bit-identical; {time.monotonic() - t0:.0f} s in all"
+    )
