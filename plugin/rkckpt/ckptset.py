@@ -325,8 +325,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
         check = _parse_doc(json.loads(s.to_json()), name)
     except ValueError as exc:
         raise SetError(name, f"refusing to commit: {exc}") from None
-    index = ChainIndex(storage)
-    index.refresh()
+    index = _index_of(storage, check.parts)
     for p in check.parts:
         e = index.entries.get(p.name)
         if e is None or not e.ok:
@@ -347,6 +346,33 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
 
 
 # ---------------------------------------------------------------- verification
+class _KernelView:
+    """``storage`` with only the checkpoint files of some kernels listed.
+
+    A ``ChainIndex`` over it reads the headers of those files alone: a rank
+    restoring planes ``[z0, z1)`` touches only the parts that own them, not
+    every part's files (on an object store, each header is a request).
+    """
+
+    def __init__(self, storage: Storage, kernel_ids: Iterable[str]) -> None:
+        self._storage = storage
+        self._kernels = frozenset(kernel_ids)
+
+    def list(self) -> list[str]:
+        return [n for n in self._storage.list() if (m := NAME_RE.match(n)) and m["kernel_id"] in self._kernels]
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._storage, attr)
+
+
+def _index_of(storage: Storage, parts: Iterable[Part]) -> ChainIndex:
+    """A chain index of just the chains of ``parts`` (never saved: it is partial)."""
+    kids = {m["kernel_id"] for p in parts if (m := NAME_RE.match(p.name))}
+    index = ChainIndex(_KernelView(storage, kids))  # type: ignore[arg-type]
+    index.refresh()
+    return index
+
+
 def _part_entry(index: ChainIndex, p: Part) -> Entry:
     e = index.entries.get(p.name)
     if e is None:
@@ -488,9 +514,8 @@ def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint
     """The materialised, verified state of part ``rank`` of ``s`` (its whole chain applied)."""
     if not 0 <= rank < len(s.parts):
         raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
-    index = ChainIndex(storage)
-    index.refresh()
-    return _materialise(storage, index, s.parts[rank])
+    p = s.parts[rank]
+    return _materialise(storage, _index_of(storage, [p]), p)
 
 
 def _part_region(storage: Storage, index: ChainIndex, s: CheckpointSet, p: Part, region: str) -> np.ndarray:
@@ -519,10 +544,10 @@ def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: in
         raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
     if not 0 <= z0 < z1 <= s.nz:
         raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
-    index = ChainIndex(storage)
-    index.refresh()
+    parts = overlapping(s, z0, z1)
+    index = _index_of(storage, parts)
     pieces: list[np.ndarray] = []
-    for p in overlapping(s, z0, z1):
+    for p in parts:
         arr = _part_region(storage, index, s, p, region)
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
         if arr.ndim == 0 or b > arr.shape[0]:
@@ -537,9 +562,7 @@ def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarr
     """A region every rank holds whole (not decomposed), from part 0."""
     if region in s.decomposed:
         raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    index = ChainIndex(storage)
-    index.refresh()
-    return np.array(_part_region(storage, index, s, s.parts[0], region))
+    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s, s.parts[0], region))
 
 
 # ---------------------------------------------------------------- retention
@@ -603,7 +626,7 @@ def written_part(storage: Storage, kernel_id: str, rank: int, ranks: int, step: 
     with it after the part is durable.
     """
     kid = part_kernel_id(kernel_id, rank, ranks)
-    index = ChainIndex(storage)
+    index = ChainIndex(_KernelView(storage, [kid]))  # type: ignore[arg-type]
     index.refresh()
     es = [e for e in index.sorted(kid) if e.step == step and e.ok and e.state_digest is not None]
     if not es:
