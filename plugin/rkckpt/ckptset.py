@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,7 @@ __all__ = [
     "parse_manifest",
     "part_checkpoint",
     "part_kernel_id",
+    "plain_view",
     "read_planes",
     "read_replicated",
     "scan_sets",
@@ -347,22 +348,37 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
 
 # ---------------------------------------------------------------- verification
 class _KernelView:
-    """``storage`` with only the checkpoint files of some kernels listed.
+    """``storage`` with only the checkpoint files of some kernels listed (``kernels``, or those ``keep`` accepts).
 
     A ``ChainIndex`` over it reads the headers of those files alone: a rank
     restoring planes ``[z0, z1)`` touches only the parts that own them, not
     every part's files (on an object store, each header is a request).
     """
 
-    def __init__(self, storage: Storage, kernel_ids: Iterable[str]) -> None:
+    def __init__(self, storage: Storage, kernels: Iterable[str] = (), keep: Callable[[str], bool] | None = None) -> None:
         self._storage = storage
-        self._kernels = frozenset(kernel_ids)
+        self._kernels = frozenset(kernels)
+        self._keep = keep
 
     def list(self) -> list[str]:
-        return [n for n in self._storage.list() if (m := NAME_RE.match(n)) and m["kernel_id"] in self._kernels]
+        out = []
+        for n in self._storage.list():
+            m = NAME_RE.match(n)
+            if m is not None and (m["kernel_id"] in self._kernels or (self._keep is not None and self._keep(m["kernel_id"]))):
+                out.append(n)
+        return out
 
     def __getattr__(self, attr: str) -> object:
         return getattr(self._storage, attr)
+
+
+def plain_view(storage: Storage) -> Storage:
+    """``storage`` as plain-chain tools see it: every checkpoint file except the parts of sets.
+
+    ``rkckpt ls/latest/gc`` hand it to the chain functions, so a part chain is
+    never listed, restored or collected as if it were a checkpoint on its own.
+    """
+    return _KernelView(storage, keep=lambda kid: not is_part_kernel(kid))  # type: ignore[return-value]
 
 
 def _index_of(storage: Storage, parts: Iterable[Part]) -> ChainIndex:
