@@ -164,3 +164,15 @@ def test_gc_sets_deletes_nothing_without_more_valid_sets_than_kept(tmp_path: Pat
     before = set(storage.list())
     assert ckptset.gc_sets(storage, KID, 2) == []
     assert set(storage.list()) == before
+
+
+def test_committing_again_is_idempotent_and_a_stale_manifest_is_replaced(tmp_path: Path, caplog) -> None:
+    storage = FileStorage(tmp_path / "again")
+    w = SetWriter(storage, 2)
+    s = w.write(10)
+    assert ckptset.commit_set(storage, s) == s.name  # the same set again: nothing changes
+    storage.path(str(s.name)).write_text('{"format": "rkckpt-set", "version": 1, "run_id": "old"}')
+    with caplog.at_level("WARNING", logger="rkckpt.ckptset"):
+        assert ckptset.commit_set(storage, s) == s.name
+    assert "replacing the manifest" in caplog.text
+    assert ckptset.latest_set(storage, KID) == s

@@ -454,11 +454,18 @@ def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None =
 
 # ---------------------------------------------------------------- restore
 def scan_sets(
-    storage: Storage, kernel_id: str | None = None, *, run_id: str | None = None, full: bool = True, stop_at_valid: bool = False
+    storage: Storage,
+    kernel_id: str | None = None,
+    *,
+    run_id: str | None = None,
+    full: bool = True,
+    stop_at_valid: bool = False,
+    index: ChainIndex | None = None,
 ) -> list[SetStatus]:
     """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable."""
-    index = ChainIndex(storage)
-    index.refresh()
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
     out = []
     for name in manifest_names(storage, kernel_id):
         m = SET_RE.match(name)
@@ -595,7 +602,7 @@ def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex)
     """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls)."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    statuses = scan_sets(storage, kernel_id, full=False)
+    statuses = scan_sets(storage, kernel_id, full=False, index=index)
     valid = [st for st in statuses if st.ok and st.set is not None]
     if len(valid) <= keep:
         return []
@@ -625,7 +632,7 @@ def gc_sets(storage: Storage, kernel_id: str, keep: int) -> list[str]:
     its chain. Returns the deleted names.
     """
     index = ChainIndex(storage)
-    index.refresh(trust_cache=False)
+    index.refresh()  # files are never replaced: a cached header whose file has the same size is that file's
     names = plan_gc_sets(storage, kernel_id, keep, index)
     for n in names:
         storage.delete(n)
