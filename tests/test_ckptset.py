@@ -176,3 +176,37 @@ def test_committing_again_is_idempotent_and_a_stale_manifest_is_replaced(tmp_pat
         assert ckptset.commit_set(storage, s) == s.name
     assert "replacing the manifest" in caplog.text
     assert ckptset.latest_set(storage, KID) == s
+
+
+class RangeLog(MemoryStorage):
+    """Memory storage that logs every read: (name, offset or 'load', length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, object, int]] = []
+
+    def load(self, name: str) -> bytes:
+        data = super().load(name)
+        self.reads.append((name, "load", len(data)))
+        return data
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        self.reads.append((name, offset, length))
+        return self._objects[name][offset : offset + length]
+
+    def size(self, name: str) -> int:  # MemoryStorage answers it with a load: not a read of the object
+        return len(self._objects[name])
+
+
+def test_a_full_part_is_read_plane_by_plane() -> None:
+    """A part that is one full checkpoint with raw chunks: the planes asked for are one range read, not the region."""
+    storage = RangeLog()
+    s = SetWriter(storage, 2).write(10)
+    storage.reads.clear()
+    got = ckptset.read_planes(storage, s, "q", 3, 5)
+    assert np.array_equal(got, global_state(10)["q"][3:5])
+    part = [r for r in storage.reads if r[0] == s.parts[0].name]
+    plane = 6 * 5 * 8
+    assert not [r for r in part if r[1] == "load"], "never the whole file"
+    assert (s.parts[0].name, 2 * plane) in [(n, ln) for n, _, ln in part], "the two planes in one read"
+    assert sum(r[2] for r in part) < storage.size(s.parts[0].name), "less than the file (its HDF5 structure comes in 4 KiB reads)"

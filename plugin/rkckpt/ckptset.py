@@ -40,10 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import safejson
-from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, read_region, verify_chain
+from . import safejson, stream
+from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, read_region, verify_chain
 from .errors import CheckpointError
-from .model import Checkpoint
+from .flags import HDR_SHARD
+from .model import Checkpoint, ChunkType
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.twolevel import TwoLevelStorage
@@ -541,19 +542,57 @@ def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint
     return _materialise(storage, _index_of(storage, [p]), p)
 
 
-def _part_region(storage: Storage, index: ChainIndex, s: CheckpointSet, p: Part, region: str) -> np.ndarray:
-    """One region of part ``p``: range reads of just that region when the part is one full checkpoint."""
-    e = _part_entry(index, p)
-    if e.kind == "full" and e.ok and e.state_digest == p.digest:
-        try:
-            return read_region(storage, p.name, region)
-        except (CheckpointError, StorageError) as exc:
-            raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
-    ck = _materialise(storage, index, p)
+def _raw_planes(storage: Storage, name: str, region: str, a: int, b: int) -> np.ndarray | None:
+    """Local planes ``[a, b)`` of ``region`` of the full checkpoint ``name`` with one range read of just those bytes.
+
+    Possible when the region's chunk is stored raw (one chunk per region, the
+    planes contiguous in it); None when it is compressed or sharded (the
+    caller reads the whole region). Like ``read_region`` this trusts the
+    payload bytes: the set was verified when it was chosen (``latest_set``).
+    """
+    source = open_source(storage, name)
     try:
-        return ck.region(region)
-    except (KeyError, CheckpointError) as exc:
-        raise SetError(p.name, f"part {p.rank}: {exc}") from None
+        sc = stream.scan(source)
+        info = Checkpoint(sc.metadata).regions().get(region)
+        if sc.metadata.parent_digest is not None or sc.header.flags & HDR_SHARD or info is None or not info.shape:
+            return None
+        ch = next((h for h in sc.chunk_headers if h.chunk_type == ChunkType.DEVICE_MEMORY and h.chunk_id == info.chunk_id), None)
+        dt = np.dtype(info.dtype)
+        plane = int(np.prod(info.shape[1:], dtype=np.int64)) * dt.itemsize
+        if ch is None or ch.flags or ch.compressed_size != plane * info.shape[0] or not 0 <= a < b <= info.shape[0]:
+            return None
+        data = source.read(ch.data_offset + a * plane, (b - a) * plane)
+        return np.frombuffer(data, dtype=dt).reshape((b - a, *info.shape[1:]))
+    finally:
+        source.close()
+
+
+def _part_region(storage: Storage, index: ChainIndex, p: Part, region: str, planes: tuple[int, int] | None = None) -> np.ndarray:
+    """Region ``region`` of part ``p``, or just its local ``planes`` ``[a, b)``.
+
+    A part that is one full checkpoint is read with range requests: only the
+    planes when its chunk is raw, else only the region; a delta chain is
+    materialised (and verified against the manifest digest).
+    """
+    e = _part_entry(index, p)
+    try:
+        if e.kind == "full" and e.ok and e.state_digest == p.digest:
+            arr = None if planes is None else _raw_planes(storage, p.name, region, *planes)
+            if arr is not None:
+                return arr
+            arr = read_region(storage, p.name, region)
+        else:
+            arr = _materialise(storage, index, p).region(region)
+    except KeyError as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.args[0]}") from None
+    except (CheckpointError, StorageError) as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    if planes is None:
+        return arr
+    a, b = planes
+    if arr.ndim == 0 or b > arr.shape[0]:
+        raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+    return arr[a:b]
 
 
 def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
@@ -571,13 +610,11 @@ def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: in
     index = _index_of(storage, parts)
     pieces: list[np.ndarray] = []
     for p in parts:
-        arr = _part_region(storage, index, s, p, region)
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
-        if arr.ndim == 0 or b > arr.shape[0]:
-            raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+        arr = _part_region(storage, index, p, region, (a, b))
         if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
             raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
-        pieces.append(arr[a:b])
+        pieces.append(arr)
     return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
 
 
@@ -585,7 +622,7 @@ def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarr
     """A region every rank holds whole (not decomposed), from part 0."""
     if region in s.decomposed:
         raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s, s.parts[0], region))
+    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s.parts[0], region))
 
 
 # ---------------------------------------------------------------- retention
