@@ -63,7 +63,7 @@ def _docs(storage: Storage, quick: bool, kernel_id: str | None) -> list[dict[str
     chains = storage if kernel_id is not None and is_part_kernel(kernel_id) else plain_view(storage)
     docs = [_file_doc(storage, r) for r in describe(chains, verify=not quick, kernel_id=kernel_id)]
     docs += [set_doc(storage, st) for st in scan_sets(storage, kernel_id, full=not quick)]
-    docs.sort(key=lambda d: (str(d["kernel_id"]), d["step"], d["kind"] == "set", str(d["name"])))  # type: ignore[operator]
+    docs.sort(key=lambda d: d["step"])  # type: ignore[arg-type,return-value]  # stable: the chains' own order, a set after the files of its step
     return docs
 
 
