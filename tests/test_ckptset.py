@@ -210,3 +210,21 @@ def test_a_full_part_is_read_plane_by_plane() -> None:
     assert not [r for r in part if r[1] == "load"], "never the whole file"
     assert (s.parts[0].name, 2 * plane) in [(n, ln) for n, _, ln in part], "the two planes in one read"
     assert sum(r[2] for r in part) < storage.size(s.parts[0].name), "less than the file (its HDF5 structure comes in 4 KiB reads)"
+
+
+def test_an_elastic_restart_writes_sets_of_another_rank_count(tmp_path: Path) -> None:
+    """4 ranks wrote sets at 10 and 11; the run went on with 2 ranks from 11: gc removes the 4-rank files once superseded."""
+    storage = FileStorage(tmp_path / "elastic")
+    four = SetWriter(storage, 4)
+    four.write(10)
+    four.write(11)
+    two = SetWriter(storage, 2)
+    two.write(12)
+    s = ckptset.latest_set(storage, KID)
+    assert (s.step, s.ranks) == (12, 2)
+    assert ckptset.gc_sets(storage, KID, 2) == [ckptset.set_name(KID, 10, 4)], "set 11's parts are deltas on 10's"
+    ckptset.verify_set(storage, ckptset.read_manifest(storage, ckptset.set_name(KID, 11, 4)))
+    two.write(13)
+    ckptset.gc_sets(storage, KID, 2)
+    assert not [n for n in storage.list() if "of4" in n or "set4" in n]
+    assert_reads_back(storage, ckptset.latest_set(storage, KID), 13, 3)
