@@ -64,6 +64,17 @@ def write_plain(storage: Storage, steps: list[int], kernel_id: str = KID) -> Non
         mgr.final(SnapshotResponse(SnapshotRequest(step, "final"), ck))
 
 
+def assert_reads_back(storage, s: ckptset.CheckpointSet, step: int, m: int) -> None:
+    """On ``m`` ranks, every rank's planes (and the replicated region) equal the global state of ``step``."""
+    g = global_state(step)
+    for z0, z1 in split(NZ, m):
+        for r in DECOMPOSED:
+            got = ckptset.read_planes(storage, s, r, z0, z1)
+            assert got.dtype == g[r].dtype
+            assert np.array_equal(got, g[r][z0:z1])
+    assert np.array_equal(ckptset.read_replicated(storage, s, "t"), g["t"])
+
+
 @dataclass
 class SetWriter:
     """``ranks`` managers on one storage writing a set per ``write`` call, committed unless told not to."""

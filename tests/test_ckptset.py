@@ -10,7 +10,7 @@ import pytest
 
 from rkckpt import ckptset
 from rkckpt.storage import FileStorage, FsspecStorage, MemoryStorage, TwoLevelStorage, open_storage
-from set_helpers import DECOMPOSED, KID, NZ, SetWriter, global_state, local_state, split, write_plain
+from set_helpers import DECOMPOSED, KID, NZ, SetWriter, assert_reads_back, global_state, local_state, split, write_plain
 
 
 def _store(kind: str, tmp_path: Path):  # noqa: ANN202
@@ -21,17 +21,6 @@ def _store(kind: str, tmp_path: Path):  # noqa: ANN202
     if kind == "fsspec":
         return FsspecStorage(f"memory://sets-{os.getpid()}-{tmp_path.name}")
     return TwoLevelStorage(FileStorage(tmp_path / "local"), FileStorage(tmp_path / "shared"))
-
-
-def assert_reads_back(storage, s: ckptset.CheckpointSet, step: int, m: int) -> None:
-    """On ``m`` ranks, every rank's planes (and the replicated region) equal the global state of ``step``."""
-    g = global_state(step)
-    for z0, z1 in split(NZ, m):
-        for r in DECOMPOSED:
-            got = ckptset.read_planes(storage, s, r, z0, z1)
-            assert got.dtype == g[r].dtype
-            assert np.array_equal(got, g[r][z0:z1])
-    assert np.array_equal(ckptset.read_replicated(storage, s, "t"), g["t"])
 
 
 @pytest.mark.parametrize("kind", ["file", "memory", "fsspec", "twolevel"])
