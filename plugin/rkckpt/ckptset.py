@@ -272,21 +272,25 @@ def _read_regular(path: os.PathLike[str] | str, name: str) -> bytes:
         os.close(fd)
 
 
-def read_manifest(storage: Storage, name: str) -> CheckpointSet:
-    """Read and check the manifest ``name`` (``SetError`` when it is absent, hostile or lies about its layout)."""
+def manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The bytes under a manifest name, at most ``MAX_MANIFEST_BYTES``; never a link's target, never a FIFO's wait."""
     if isinstance(storage, TwoLevelStorage):
         inner = storage.local if os.path.lexists(storage.local.path(name)) else storage.shared
-        return read_manifest(inner, name)
+        return manifest_bytes(inner, name)
     if isinstance(storage, FileStorage):
-        return parse_manifest(name, _read_regular(storage.path(name), name))
+        return _read_regular(storage.path(name), name)
     try:
         size = storage.size(name)
         if size > MAX_MANIFEST_BYTES:
             raise SetError(name, f"manifest rejected: {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-        data = storage.load(name)
+        return storage.load(name)
     except StorageError as exc:
         raise SetError(name, f"manifest unreadable: {exc.problem}") from None
-    return parse_manifest(name, data)
+
+
+def read_manifest(storage: Storage, name: str) -> CheckpointSet:
+    """Read and check the manifest ``name`` (``SetError`` when it is absent, hostile or lies about its layout)."""
+    return parse_manifest(name, manifest_bytes(storage, name))
 
 
 def manifest_names(storage: Storage, kernel_id: str | None = None) -> list[str]:
@@ -340,7 +344,11 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     except StorageError as exc:
         if not storage.exists(name):
             raise
-        if storage.load(name) != data:
+        try:
+            same = manifest_bytes(storage, name) == data
+        except SetError:
+            same = False
+        if not same:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
     storage.flush()
