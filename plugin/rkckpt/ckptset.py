@@ -11,19 +11,20 @@ last, with ``Storage.create`` (put-no-replace, atomic, durable), after every
 rank reported its part durable: a crash of any rank at any moment leaves
 either the previous committed set or the new one, never half a set.
 
-Readers trust nothing they read: a manifest is bounded in size (1 MiB) and
-nesting before it is parsed, every number is checked against the file name
-and the other parts (ranges cover ``[0, nz)`` in rank order, no gaps, no
-overlaps, no huge values), and a part counts only when its whole chain
-verifies and its materialised digest is the one the manifest recorded. A set
-that fails any check is skipped with a message naming the part and the
-reason, and the next older one is used; nothing here raises for a bad set.
+Readers trust nothing they read: the manifest is checked as hostile input
+(``rkckpt.setmanifest``: names, data model, bounded parsing), and a part
+counts only when its whole chain verifies and its materialised digest is the
+one the manifest recorded. A set that fails any check is skipped with a
+message naming the part and the reason, and the next older one is used;
+nothing here raises for a bad set.
 
 A folder written by a single process (a plain chain of ``<kernel>``) is seen
 as a 1-part set, so one restore path serves both, and a state written by N
 ranks can be restored on M: ``read_planes`` assembles any global plane range
-from only the parts that overlap it (whole parts of one full checkpoint are
-read region by region with range requests, never the other regions).
+from only the parts that overlap it. A part that is one full checkpoint is
+read with range requests: just the planes asked for when its region's chunk
+is stored raw (one chunk per region, planes contiguous), else just that
+region; a part that is a delta chain is materialised.
 """
 
 from __future__ import annotations
