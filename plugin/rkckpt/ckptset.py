@@ -438,16 +438,60 @@ def _chains_needed(index: ChainIndex, names: Iterable[str]) -> set[str]:
     return keep
 
 
-def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex) -> list[str]:
-    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls)."""
+#: (storage url, manifest) -> sizes of every file of the set's part chains when it last read back intact.
+#: Files are never replaced (``Storage.create``), so the same names and sizes are the same bytes: a
+#: kept set is read in full once, not after every commit.
+_VERIFIED: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
+
+
+def _chain_files(index: ChainIndex, s: CheckpointSet) -> tuple[tuple[str, int], ...]:
+    files = _chains_needed(index, [p.name for p in s.parts])
+    return tuple(sorted((n, index.entries[n].size) for n in files))
+
+
+def _reads_back(storage: Storage, index: ChainIndex, st: SetStatus) -> bool:
+    """True when every part of ``st`` reads back in full and matches the manifest (remembered per file sizes)."""
+    assert st.set is not None
+    key, files = (storage.url, st.name), _chain_files(index, st.set)
+    if _VERIFIED.get(key) == files:
+        return True
+    try:
+        verify_set(storage, st.set, index=index, full=True)
+    except SetError as exc:
+        log.warning("not counting checkpoint set %s as kept: %s", st.name, exc)
+        return False
+    _VERIFIED[key] = files
+    return True
+
+
+def _kept_sets(storage: Storage, index: ChainIndex, statuses: list[SetStatus], keep: int, verify: bool) -> list[SetStatus]:
+    """The newest ``keep`` sets that can be restored (read in full with ``verify``), newest first."""
+    kept: list[SetStatus] = []
+    for st in statuses:
+        if len(kept) == keep:
+            break
+        if st.ok and st.set is not None and (not verify or _reads_back(storage, index, st)):
+            kept.append(st)
+    return kept
+
+
+def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex, *, verify: bool = True) -> list[str]:
+    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls).
+
+    Nothing goes unless ``keep`` newer sets can be restored: with ``verify``
+    their parts are read in full (a part with a flipped bit has perfect
+    headers; counting its set as kept would delete the last good one).
+    """
     if keep < 1:
         raise ValueError("keep must be at least 1")
     statuses = scan_sets(storage, kernel_id, full=False, index=index)
-    valid = [st for st in statuses if st.ok and st.set is not None]
-    if len(valid) <= keep:
+    if sum(1 for st in statuses if st.ok) <= keep:
+        return []  # nothing could go: skip reading the sets
+    kept = _kept_sets(storage, index, statuses, keep, verify)
+    if len(kept) < keep:
         return []
-    cutoff = valid[keep - 1].step
-    kept_parts = [p.name for st in valid[:keep] for p in st.set.parts]  # type: ignore[union-attr]
+    cutoff = kept[-1].step
+    kept_parts = [p.name for st in kept for p in st.set.parts]  # type: ignore[union-attr]
     doomed_sets = [st.name for st in statuses if st.step < cutoff]
     mine = [e for e in index.sorted() if e.kernel_id == kernel_id or _part_of(e.kernel_id, kernel_id)]
     needed = _chains_needed(index, kept_parts) | _chains_needed(index, [e.name for e in mine if e.step >= cutoff])
@@ -461,22 +505,24 @@ def _part_of(part_kernel: str, kernel_id: str) -> bool:
     return m is not None and m["kernel_id"] == kernel_id
 
 
-def gc_sets(storage: Storage, kernel_id: str, keep: int) -> list[str]:
-    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest valid ones, and the files only they need.
+def gc_sets(storage: Storage, kernel_id: str, keep: int, *, verify: bool = True) -> list[str]:
+    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest restorable ones, and the files only they need.
 
     Manifests go first (a set stops existing before any of its parts is
     touched), then part files and plain-chain files older than the oldest kept
     set, newest step first so a chain loses its deltas before its root. Never
     deleted: any file a kept set's chains need, and anything at or after the
     oldest kept set's step (a newer part may belong to a set in flight) or
-    its chain. Returns the deleted names.
+    its chain. The kept sets are read back in full first (once per set:
+    ``_VERIFIED``); ``verify=False`` trusts their headers. Returns the deleted names.
     """
     index = ChainIndex(storage)
     index.refresh()  # files are never replaced: a cached header whose file has the same size is that file's
-    names = plan_gc_sets(storage, kernel_id, keep, index)
+    names = plan_gc_sets(storage, kernel_id, keep, index, verify=verify)
     for n in names:
         storage.delete(n)
         index.remove(n)
+        _VERIFIED.pop((storage.url, n), None)
     if names:
         index.save()
     return names
