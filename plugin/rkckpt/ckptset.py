@@ -1,0 +1,544 @@
+"""Coordinated checkpoint sets: the parts N ranks wrote at one step, and the commit record written last.
+
+A multi-rank step checkpoints as N ordinary chains, one per rank, under the
+kernel id ``<kernel>.r<rank>of<N>``: each rank writes its own *local*
+regions (owned planes plus halo/boundary planes) as a full or a delta of its
+own chain, in parallel with the others. None of those files is a checkpoint
+of the step on its own; the state exists only once rank 0 has written the
+*manifest* ``<kernel>-<step:012d>-set<N>.rkset.json`` naming every part with
+its content digest and the global planes it owns. The manifest is written
+last, with ``Storage.create`` (put-no-replace, atomic, durable), after every
+rank reported its part durable: a crash of any rank at any moment leaves
+either the previous committed set or the new one, never half a set.
+
+Readers trust nothing they read: the manifest is checked as hostile input
+(``rkckpt.setmanifest``: names, data model, bounded parsing), and a part
+counts only when its whole chain verifies and its materialised digest is the
+one the manifest recorded. A set that fails any check is skipped with a
+message naming the part and the reason, and the next older one is used;
+nothing here raises for a bad set.
+
+A folder written by a single process (a plain chain of ``<kernel>``) is seen
+as a 1-part set, so one restore path serves both, and a state written by N
+ranks can be restored on M: ``read_planes`` assembles any global plane range
+from only the parts that overlap it. A part that is one full checkpoint is
+read with range requests: just the planes asked for when its region's chunk
+is stored raw (one chunk per region, planes contiguous), else just that
+region; a part that is a delta chain is materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import stream
+from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, read_region, verify_chain
+from .errors import CheckpointError
+from .flags import HDR_SHARD
+from .model import Checkpoint, ChunkType
+from .setmanifest import (
+    MAX_MANIFEST_BYTES,
+    PART_RE,
+    SET_RE,
+    SET_SUFFIX,
+    CheckpointSet,
+    Part,
+    SetError,
+    check_layout,
+    is_part_kernel,
+    manifest_bytes,
+    manifest_names,
+    parse_doc,
+    parse_manifest,
+    part_kernel_id,
+    read_manifest,
+    set_name,
+)
+from .storage.base import Storage, StorageError
+
+log = logging.getLogger("rkckpt.ckptset")
+
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "SET_RE",
+    "SET_SUFFIX",
+    "CheckpointSet",
+    "Part",
+    "SetError",
+    "SetStatus",
+    "check_layout",
+    "commit_set",
+    "gc_sets",
+    "is_part_kernel",
+    "latest_set",
+    "manifest_bytes",
+    "manifest_names",
+    "parse_manifest",
+    "part_checkpoint",
+    "part_kernel_id",
+    "plain_view",
+    "read_planes",
+    "read_replicated",
+    "read_manifest",
+    "scan_sets",
+    "set_name",
+    "written_part",
+]
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """One manifest (or plain chain) as a listing sees it: the set, or why it cannot be restored."""
+
+    name: str
+    kernel_id: str
+    step: int
+    ranks: int
+    set: CheckpointSet | None
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+# ---------------------------------------------------------------- commit
+def commit_set(storage: Storage, s: CheckpointSet) -> str:
+    """Write the manifest of ``s`` after checking it; return its name.
+
+    Checked first: the layout (``len(parts) == ranks``, planes ``[0, nz)``
+    contiguous in rank order) and that every part file exists with the
+    recorded digest. Then the manifest is written with ``Storage.create``
+    (atomic, durable, never replacing a committed set) and the storage is
+    flushed, so when this returns the set exists for every reader. A manifest
+    already there for this name with other content (a set of an earlier,
+    interrupted run at the same step, whose parts were written over since) is
+    replaced atomically, with a warning.
+    """
+    name = set_name(s.kernel_id, s.step, s.ranks)
+    try:
+        s = CheckpointSet(s.kernel_id, s.step, s.run_id, s.ranks, s.nz, tuple(s.decomposed), tuple(s.parts), name)
+        check = parse_doc(json.loads(s.to_json()), name)
+    except ValueError as exc:
+        raise SetError(name, f"refusing to commit: {exc}") from None
+    index = _index_of(storage, check.parts)
+    for p in check.parts:
+        e = index.entries.get(p.name)
+        if e is None or not e.ok:
+            raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} is {'missing' if e is None else e.error}")
+        if e.state_digest != p.digest:
+            raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} has digest {e.state_digest}, not {p.digest}")
+    data = s.to_json()
+    try:
+        storage.create(name, data)
+    except StorageError as exc:
+        if not storage.exists(name):
+            raise
+        try:
+            same = manifest_bytes(storage, name) == data
+        except SetError:
+            same = False
+        if not same:
+            log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
+            storage.save(name, data)
+    storage.flush()
+    return name
+
+
+# ---------------------------------------------------------------- verification
+class _KernelView:
+    """``storage`` with only the checkpoint files of some kernels listed (``kernels``, or those ``keep`` accepts).
+
+    A ``ChainIndex`` over it reads the headers of those files alone: a rank
+    restoring planes ``[z0, z1)`` touches only the parts that own them, not
+    every part's files (on an object store, each header is a request).
+    """
+
+    def __init__(self, storage: Storage, kernels: Iterable[str] = (), keep: Callable[[str], bool] | None = None) -> None:
+        self._storage = storage
+        self._kernels = frozenset(kernels)
+        self._keep = keep
+
+    def list(self) -> list[str]:
+        out = []
+        for n in self._storage.list():
+            m = NAME_RE.match(n)
+            if m is not None and (m["kernel_id"] in self._kernels or (self._keep is not None and self._keep(m["kernel_id"]))):
+                out.append(n)
+        return out
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._storage, attr)
+
+
+def plain_view(storage: Storage) -> Storage:
+    """``storage`` as plain-chain tools see it: every checkpoint file except the parts of sets.
+
+    ``rkckpt ls/latest/gc`` hand it to the chain functions, so a part chain is
+    never listed, restored or collected as if it were a checkpoint on its own.
+    """
+    return _KernelView(storage, keep=lambda kid: not is_part_kernel(kid))  # type: ignore[return-value]
+
+
+def _index_of(storage: Storage, parts: Iterable[Part]) -> ChainIndex:
+    """A chain index of just the chains of ``parts`` (never saved: it is partial)."""
+    kids = {m["kernel_id"] for p in parts if (m := NAME_RE.match(p.name))}
+    index = ChainIndex(_KernelView(storage, kids))  # type: ignore[arg-type]
+    index.refresh()
+    return index
+
+
+def _part_entry(index: ChainIndex, p: Part) -> Entry:
+    e = index.entries.get(p.name)
+    if e is None:
+        raise SetError(p.name, f"part {p.rank} is missing")
+    return e
+
+
+def _materialise(storage: Storage, index: ChainIndex, p: Part) -> Checkpoint:
+    """Part ``p``'s state: its whole chain read, applied and checked against the manifest digest."""
+    chain, problem = index.chain_of(_part_entry(index, p))
+    if problem is not None:
+        raise SetError(p.name, f"part {p.rank} cannot be restored: {problem}")
+    try:
+        state = verify_chain(storage, chain, {})
+    except (CheckpointError, StorageError) as exc:
+        raise SetError(p.name, f"part {p.rank} is corrupt: {exc}") from None
+    got = state.content_digest()
+    if got != p.digest:
+        raise SetError(p.name, f"part {p.rank} holds state {got}, the manifest says {p.digest}")
+    return state
+
+
+def _check_regions(s: CheckpointSet, p: Part, state: Checkpoint) -> None:
+    """The part's decomposed regions hold the planes the manifest says it owns."""
+    try:
+        regions = state.regions()
+    except CheckpointError as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    for r in s.decomposed:
+        info = regions.get(r)
+        if info is None:
+            raise SetError(p.name, f"part {p.rank} has no region {r!r}, which the manifest says is decomposed")
+        have = info.shape[0] if info.shape else 0
+        if p.offset + (p.z1 - p.z0) > have:
+            raise SetError(
+                p.name,
+                f"part {p.rank}: the manifest puts planes [{p.z0}, {p.z1}) at local plane {p.offset} of {r!r}, "
+                f"which has only {have} planes",
+            )
+
+
+def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None = None, full: bool = True) -> None:
+    """``SetError`` naming the first part that is missing, broken or not what the manifest says.
+
+    ``full``: every part's chain is read and applied (checksums, digests,
+    region shapes); otherwise only the chain structure and recorded digests
+    from the headers are checked (cheap, for listings).
+    """
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
+    for p in s.parts:
+        if full:
+            _check_regions(s, p, _materialise(storage, index, p))
+            continue
+        e = _part_entry(index, p)
+        chain, problem = index.chain_of(e)
+        if problem is not None:
+            raise SetError(p.name, f"part {p.rank} cannot be restored: {problem}")
+        if e.state_digest != p.digest:
+            raise SetError(p.name, f"part {p.rank} records state {e.state_digest}, the manifest says {p.digest}")
+
+
+# ---------------------------------------------------------------- restore
+def scan_sets(
+    storage: Storage,
+    kernel_id: str | None = None,
+    *,
+    run_id: str | None = None,
+    full: bool = True,
+    stop_at_valid: bool = False,
+    index: ChainIndex | None = None,
+) -> list[SetStatus]:
+    """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable."""
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
+    out = []
+    for name in manifest_names(storage, kernel_id):
+        m = SET_RE.match(name)
+        assert m is not None
+        s: CheckpointSet | None = None
+        try:
+            s = read_manifest(storage, name)
+            if run_id is not None and s.run_id != run_id:
+                raise SetError(name, f"written by run {s.run_id!r}, not this run {run_id!r}: sets of other runs are not mixed in")
+            verify_set(storage, s, index=index, full=full)
+            problem = None
+        except SetError as exc:
+            problem = str(exc) if exc.source != name else exc.problem
+        out.append(SetStatus(name, m["kernel_id"], int(m["step"]), int(m["ranks"]), s, problem))
+        if problem is None and stop_at_valid:
+            break
+    return out
+
+
+def default_decomposed(ck: Checkpoint) -> tuple[str, ...]:
+    """Regions of a plain checkpoint taken as split along axis 0: those of 2+ dimensions with the first one's plane count."""
+    regions = sorted((n, i) for n, i in ck.regions().items() if len(i.shape) >= 2)
+    if not regions:
+        return ()
+    nz = regions[0][1].shape[0]
+    return tuple(n for n, i in regions if i.shape[0] == nz)
+
+
+def plain_as_set(kernel_id: str, step: int, chain: Sequence[str], ck: Checkpoint, decomposed: Sequence[str] | None) -> CheckpointSet:
+    """A plain single-process chain's restore point as a 1-part set (planes ``[0, nz)`` of its own regions)."""
+    dec = tuple(decomposed) if decomposed is not None else default_decomposed(ck)
+    regions = ck.regions()
+    nz = regions[dec[0]].shape[0] if dec and dec[0] in regions and regions[dec[0]].shape else 0
+    return CheckpointSet(kernel_id, step, "", 1, nz, dec, (Part(0, chain[-1], ck.content_digest(), 0, nz, 0),), None)
+
+
+def latest_set(
+    storage: Storage,
+    kernel_id: str,
+    *,
+    run_id: str | None = None,
+    decomposed: Sequence[str] | None = None,
+    full: bool = True,
+) -> CheckpointSet | None:
+    """The newest restorable state of ``kernel_id``: a committed, verified set or the plain chain, whichever is newer.
+
+    Sets that cannot be used (a part missing or corrupt, a manifest that lies,
+    another run's set when ``run_id`` is given, hostile files) are logged with
+    the reason and passed over. ``decomposed`` names the split regions of a
+    plain chain (default: ``default_decomposed``). ``full=False`` checks parts
+    from their headers only (each rank then reads just the planes it needs).
+    """
+    plain = latest_restorable(storage, kernel_id, warn=False)
+    plain_step = -1 if plain is None else plain.step
+    found: CheckpointSet | None = None
+    for st in scan_sets(storage, kernel_id, run_id=run_id, full=full, stop_at_valid=True):
+        if st.step <= plain_step:
+            break
+        if st.ok:
+            found = st.set
+            break
+        log.warning("skipping checkpoint set %s: %s", st.name, st.problem)
+    if found is None and plain is not None:
+        found = plain_as_set(kernel_id, plain.step, plain.chain, plain.checkpoint, decomposed)
+    return found
+
+
+def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint:
+    """The materialised, verified state of part ``rank`` of ``s`` (its whole chain applied)."""
+    if not 0 <= rank < len(s.parts):
+        raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
+    p = s.parts[rank]
+    return _materialise(storage, _index_of(storage, [p]), p)
+
+
+def _raw_planes(storage: Storage, name: str, region: str, a: int, b: int) -> np.ndarray | None:
+    """Local planes ``[a, b)`` of ``region`` of the full checkpoint ``name`` with one range read of just those bytes.
+
+    Possible when the region's chunk is stored raw (one chunk per region, the
+    planes contiguous in it); None when it is compressed or sharded (the
+    caller reads the whole region). Like ``read_region`` this trusts the
+    payload bytes: the set was verified when it was chosen (``latest_set``).
+    """
+    source = open_source(storage, name)
+    try:
+        sc = stream.scan(source)
+        info = Checkpoint(sc.metadata).regions().get(region)
+        if sc.metadata.parent_digest is not None or sc.header.flags & HDR_SHARD or info is None or not info.shape:
+            return None
+        ch = next((h for h in sc.chunk_headers if h.chunk_type == ChunkType.DEVICE_MEMORY and h.chunk_id == info.chunk_id), None)
+        dt = np.dtype(info.dtype)
+        plane = int(np.prod(info.shape[1:], dtype=np.int64)) * dt.itemsize
+        if ch is None or ch.flags or ch.compressed_size != plane * info.shape[0] or not 0 <= a < b <= info.shape[0]:
+            return None
+        data = source.read(ch.data_offset + a * plane, (b - a) * plane)
+        return np.frombuffer(data, dtype=dt).reshape((b - a, *info.shape[1:]))
+    finally:
+        source.close()
+
+
+def _part_region(storage: Storage, index: ChainIndex, p: Part, region: str, planes: tuple[int, int] | None = None) -> np.ndarray:
+    """Region ``region`` of part ``p``, or just its local ``planes`` ``[a, b)``.
+
+    A part that is one full checkpoint is read with range requests: only the
+    planes when its chunk is raw, else only the region; a delta chain is
+    materialised (and verified against the manifest digest).
+    """
+    e = _part_entry(index, p)
+    try:
+        if e.kind == "full" and e.ok and e.state_digest == p.digest:
+            arr = None if planes is None else _raw_planes(storage, p.name, region, *planes)
+            if arr is not None:
+                return arr
+            arr = read_region(storage, p.name, region)
+        else:
+            arr = _materialise(storage, index, p).region(region)
+    except KeyError as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.args[0]}") from None
+    except (CheckpointError, StorageError) as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    if planes is None:
+        return arr
+    a, b = planes
+    if arr.ndim == 0 or b > arr.shape[0]:
+        raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+    return arr[a:b]
+
+
+def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
+    """The parts that own at least one of the global planes ``[z0, z1)``."""
+    return [p for p in s.parts if p.z0 < z1 and p.z1 > z0]
+
+
+def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: int) -> np.ndarray:
+    """Global planes ``[z0, z1)`` of the decomposed ``region``, assembled from only the parts that own them."""
+    if region not in s.decomposed:
+        raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
+    if not 0 <= z0 < z1 <= s.nz:
+        raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
+    parts = overlapping(s, z0, z1)
+    index = _index_of(storage, parts)
+    pieces: list[np.ndarray] = []
+    for p in parts:
+        a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
+        arr = _part_region(storage, index, p, region, (a, b))
+        if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
+            raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
+        pieces.append(arr)
+    return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
+
+
+def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
+    """A region every rank holds whole (not decomposed), from part 0."""
+    if region in s.decomposed:
+        raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
+    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s.parts[0], region))
+
+
+# ---------------------------------------------------------------- retention
+def _chains_needed(index: ChainIndex, names: Iterable[str]) -> set[str]:
+    keep: set[str] = set()
+    for n in names:
+        e = index.entries.get(n)
+        if e is not None:
+            keep.update(c.name for c in index.chain_of(e)[0])
+    return keep
+
+
+#: (storage url, manifest) -> sizes of every file of the set's part chains when it last read back intact.
+#: Files are never replaced (``Storage.create``), so the same names and sizes are the same bytes: a
+#: kept set is read in full once, not after every commit.
+_VERIFIED: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
+
+
+def _chain_files(index: ChainIndex, s: CheckpointSet) -> tuple[tuple[str, int], ...]:
+    files = _chains_needed(index, [p.name for p in s.parts])
+    return tuple(sorted((n, index.entries[n].size) for n in files))
+
+
+def _reads_back(storage: Storage, index: ChainIndex, st: SetStatus) -> bool:
+    """True when every part of ``st`` reads back in full and matches the manifest (remembered per file sizes)."""
+    assert st.set is not None
+    key, files = (storage.url, st.name), _chain_files(index, st.set)
+    if _VERIFIED.get(key) == files:
+        return True
+    try:
+        verify_set(storage, st.set, index=index, full=True)
+    except SetError as exc:
+        log.warning("not counting checkpoint set %s as kept: %s", st.name, exc)
+        return False
+    _VERIFIED[key] = files
+    return True
+
+
+def _kept_sets(storage: Storage, index: ChainIndex, statuses: list[SetStatus], keep: int, verify: bool) -> list[SetStatus]:
+    """The newest ``keep`` sets that can be restored (read in full with ``verify``), newest first."""
+    kept: list[SetStatus] = []
+    for st in statuses:
+        if len(kept) == keep:
+            break
+        if st.ok and st.set is not None and (not verify or _reads_back(storage, index, st)):
+            kept.append(st)
+    return kept
+
+
+def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex, *, verify: bool = True) -> list[str]:
+    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls).
+
+    Nothing goes unless ``keep`` newer sets can be restored: with ``verify``
+    their parts are read in full (a part with a flipped bit has perfect
+    headers; counting its set as kept would delete the last good one).
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    statuses = scan_sets(storage, kernel_id, full=False, index=index)
+    if sum(1 for st in statuses if st.ok) <= keep:
+        return []  # nothing could go: skip reading the sets
+    kept = _kept_sets(storage, index, statuses, keep, verify)
+    if len(kept) < keep:
+        return []
+    cutoff = kept[-1].step
+    kept_parts = [p.name for st in kept for p in st.set.parts]  # type: ignore[union-attr]
+    doomed_sets = [st.name for st in statuses if st.step < cutoff]
+    mine = [e for e in index.sorted() if e.kernel_id == kernel_id or _part_of(e.kernel_id, kernel_id)]
+    needed = _chains_needed(index, kept_parts) | _chains_needed(index, [e.name for e in mine if e.step >= cutoff])
+    doomed = [e for e in mine if e.step < cutoff and e.name not in needed]
+    doomed.sort(key=lambda e: (e.step, e.kind == "delta", e.name), reverse=True)
+    return doomed_sets + [e.name for e in doomed]
+
+
+def _part_of(part_kernel: str, kernel_id: str) -> bool:
+    m = PART_RE.match(part_kernel)
+    return m is not None and m["kernel_id"] == kernel_id
+
+
+def gc_sets(storage: Storage, kernel_id: str, keep: int, *, verify: bool = True) -> list[str]:
+    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest restorable ones, and the files only they need.
+
+    Manifests go first (a set stops existing before any of its parts is
+    touched), then part files and plain-chain files older than the oldest kept
+    set, newest step first so a chain loses its deltas before its root. Never
+    deleted: any file a kept set's chains need, and anything at or after the
+    oldest kept set's step (a newer part may belong to a set in flight) or
+    its chain. The kept sets are read back in full first (once per set:
+    ``_VERIFIED``); ``verify=False`` trusts their headers. Returns the deleted names.
+    """
+    index = ChainIndex(storage)
+    index.refresh()  # files are never replaced: a cached header whose file has the same size is that file's
+    names = plan_gc_sets(storage, kernel_id, keep, index, verify=verify)
+    for n in names:
+        storage.delete(n)
+        index.remove(n)
+        _VERIFIED.pop((storage.url, n), None)
+    if names:
+        index.save()
+    return names
+
+
+def written_part(storage: Storage, kernel_id: str, rank: int, ranks: int, step: int, z0: int, z1: int, offset: int) -> Part:
+    """The ``Part`` for what rank ``rank``'s manager wrote at ``step`` (name and digest from the file's header).
+
+    Rank 0 (or each rank, to report to rank 0) builds the manifest's parts
+    with it after the part is durable.
+    """
+    kid = part_kernel_id(kernel_id, rank, ranks)
+    index = ChainIndex(_KernelView(storage, [kid]))  # type: ignore[arg-type]
+    index.refresh()
+    es = [e for e in index.sorted(kid) if e.step == step and e.ok and e.state_digest is not None]
+    if not es:
+        raise SetError(kid, f"no readable checkpoint of part {rank} of {ranks} at step {step}")
+    e = es[-1]
+    return Part(rank, e.name, str(e.state_digest), z0, z1, offset)
