@@ -67,6 +67,22 @@ def test_missing_folder_is_an_error_for_ls_and_gc(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_every_command_fails_in_one_style(tmp_path):
+    """Folder commands and file commands end the same way: one ``rkckpt: error: FILE: problem`` line, status 1."""
+    missing = tmp_path / "nope"
+    for args in (
+        ["ls", missing],
+        ["latest", missing, "--json"],
+        ["gc", missing, "--keep", 1],
+        ["inspect", missing],
+        ["convert", missing, tmp_path / "o.rkcp"],
+    ):
+        r = run(*args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1, (args, r.output)
+        assert lines[0].startswith(f"rkckpt: error: {missing}: "), (args, r.output)
+
+
 def test_step_in_the_name_must_match_the_metadata(tmp_path, caplog):
     d = tmp_path / "ck"
     write(d, [1, 2, 3, 4, 5])

@@ -6,11 +6,10 @@ import click
 
 from ..chain import ChainIndex
 from ..display import printable
-from ..errors import CheckpointError
 from ..retention import gc
 from ..retention import plan as plan_gc
 from . import main
-from .common import clean_errors, open_location, where
+from .common import errors_exit, open_location, where
 
 
 @main.command("gc")
@@ -18,7 +17,7 @@ from .common import clean_errors, open_location, where
 @click.option("--keep", type=click.IntRange(min=1), required=True, help="Complete chains to keep (newest first).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> None:
     """Delete checkpoints outside the newest KEEP complete chains (never a kept delta's parent)."""
     storage = open_location(location)
@@ -31,8 +30,6 @@ def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> No
             doomed = gc(storage, keep, kernel_id)
             if doomed:
                 ChainIndex(storage).refresh()
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
     finally:
         storage.close()
     for n in doomed:

@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..chain import ChainIndex, latest_restorable
 from ..display import printable
-from ..errors import CheckpointError
 from . import main
-from .common import clean_errors, open_location, where
-
-EXIT_NOTHING = 3
+from .common import EXIT_NOTHING, errors_exit, open_location, where
 
 
 @main.command("latest")
 @click.argument("location")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (default: path and step).")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     """The newest restorable checkpoint in DIR|URL; exit 3 when there is none."""
     storage = open_location(location, must_exist=False)
-    try:
-        index = ChainIndex(storage)
-        rp = latest_restorable(storage, kernel_id, index=index, warn=False)  # skipped files are reported below
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    index = ChainIndex(storage)
+    rp = latest_restorable(storage, kernel_id, index=index, warn=False)  # skipped files are reported below
     skipped = []
     if rp is None:
         # everything was skipped; recompute reasons for the report
@@ -49,4 +42,4 @@ def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     if rp is None:
         if not as_json:
             click.echo(f"nothing restorable in {printable(storage.url)}", err=True)
-        sys.exit(EXIT_NOTHING)
+        raise click.exceptions.Exit(EXIT_NOTHING)

@@ -8,9 +8,8 @@ import click
 
 from ..chain import describe
 from ..display import printable
-from ..errors import CheckpointError
 from . import main
-from .common import clean_errors, open_location, where
+from .common import errors_exit, open_location, where
 
 
 @main.command("ls")
@@ -18,14 +17,11 @@ from .common import clean_errors, open_location, where
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quick", is_flag=True, help="Check headers only, not every byte.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> None:
     """List the checkpoints in DIR|URL as chains (step, kind, size, digest, parent, valid?)."""
     storage = open_location(location)
-    try:
-        rows = describe(storage, verify=not quick, kernel_id=kernel_id)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    rows = describe(storage, verify=not quick, kernel_id=kernel_id)
     if as_json:
         out = [
             {

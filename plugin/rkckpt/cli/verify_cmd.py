@@ -8,12 +8,13 @@ from ..container import check
 from ..display import printable
 from ..errors import CheckpointError
 from . import main
-from .common import about, one_line, parse
+from .common import EXIT_ERROR, about, errors_exit, one_line, parse
 
 
 @main.command("verify")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files.")
+@errors_exit
 def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
     """Check files fully; exit 1 with one line per bad file on stderr."""
     bad = 0
@@ -27,7 +28,7 @@ def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
         if not quiet:
             click.echo(f"OK  {path}")
     if bad:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _verify_one(path: str) -> None:
