@@ -72,7 +72,6 @@ def test_every_command_fails_in_one_style(tmp_path):
     missing = tmp_path / "nope"
     for args in (
         ["ls", missing],
-        ["latest", missing, "--json"],
         ["gc", missing, "--keep", 1],
         ["inspect", missing],
         ["convert", missing, tmp_path / "o.rkcp"],
