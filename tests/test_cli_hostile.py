@@ -6,25 +6,23 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from asuser import NOBODY, cli_as_nobody, enterable_tmp
+from helpers import flat_state
 from rkckpt import container
 from rkckpt.chain import checkpoint_name, describe, latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, open_storage
 
 KID = "hx"
 
 
 def state(step: int, kid: str = KID) -> Checkpoint:
-    c = Checkpoint(Metadata(kid, "test", step))
-    c.add_region("a", np.full(512, step, dtype=np.float32))
-    return c
+    return flat_state(kid, step, 512)
 
 
 def name(step: int, kind: str, kid: str = KID) -> str:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from asuser import NOBODY, enterable_tmp, run_as_nobody
+from helpers import flat_state
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, StorageError, UnsafeFolderError
 
 KID = "safe"
@@ -23,9 +23,7 @@ VICTIM = b"precious data\n" * 236  # 3,304 bytes
 
 
 def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("a", np.full(256, step, dtype=np.float32))
-    return c
+    return flat_state(KID, step, 256)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from chain_helpers import ckpt_name, flip_payload_byte, small_state, write_steps
+from chain_helpers import ckpt_name, flip_payload_byte, write_steps
+from helpers import chain_state
 from rkckpt.chain import latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
@@ -17,7 +18,7 @@ KID = "ret"
 
 
 def state(step: int):
-    return small_state(KID, step)
+    return chain_state(KID, step)
 
 
 def name(step: int, kind: str) -> str:

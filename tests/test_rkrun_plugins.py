@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import REPO, rkrun_env, wait_for
+from fixtures_kernel import rkrun_env
+from helpers import REPO, wait_until
 from rkstep.protocol import EVENTS_FILE
 
 DATA = REPO / "tests" / "data"
@@ -47,7 +48,7 @@ def test_outside_kernel_runs_stops_and_resumes(rkrun, tmp_path: Path) -> None:
     ck, out = tmp_path / "b", tmp_path / "b.h5"
     args = ("--kernel", "rk_ext_kernel:PLUGIN", *EXT, "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "20", env=env)
-    wait_for(lambda: any(n.name.startswith("diffusion-") for n in ck.glob("*")) or p.proc.poll() is not None, 60, "a checkpoint")
+    wait_until(lambda: any(n.name.startswith("diffusion-") for n in ck.glob("*")) or p.proc.poll() is not None, 60, "a checkpoint")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait(60) == 75, p.log()
     marker = json.loads((ck / "rkrun.stopped.json").read_text())

@@ -10,9 +10,10 @@ import pytest
 
 from ckpt_helpers import stream_span
 from fixtures_s3 import start_weed, stop_weed
+from helpers import chain_state
 from rkckpt.chain import describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, FsspecStorage, ListingError, StorageError, TwoLevelStorage, open_storage
 
 pytestmark = pytest.mark.s3
@@ -22,10 +23,7 @@ FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout"
 
 
 def state(step: int, n: int = 65536) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(n, dtype=np.float32))  # constant: deltas stay small
-    c.add_region("small", np.full(1024, step, dtype=np.float64))
-    return c
+    return chain_state(KID, step, big=n, small=1024, small_dtype=np.float64)
 
 
 def check(ck: Checkpoint, step: int, n: int = 65536) -> None:
