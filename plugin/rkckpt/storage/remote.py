@@ -149,7 +149,15 @@ class FsspecStorage(StorageBase):
         try:
             return self.fs.cat_file(path, start=offset, end=offset + length)
         except Exception as exc:  # noqa: BLE001
+            if self._at_or_past_end(path, offset):
+                return b""  # S3 answers "range not satisfiable"; every other store returns what is there: nothing
             raise self._error(self._where(name), "reading", exc) from None
+
+    def _at_or_past_end(self, path: str, offset: int) -> bool:
+        try:
+            return offset >= int(self.fs.size(path))
+        except Exception:  # noqa: BLE001 - missing or unreachable: the read's own error is the one to report
+            return False
 
     def size(self, name: str) -> int:
         path = self._path(name)
