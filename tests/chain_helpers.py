@@ -18,12 +18,3 @@ def write_steps(d: str | os.PathLike[str], kid: str, steps, *, full_every: int =
     with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=full_every, keep_chains=1000), kid) as m:
         for s in steps:
             m.submit(SnapshotResponse(SnapshotRequest(s), chain_state(kid, s)))
-
-
-def flip_payload_byte(path: str | os.PathLike[str], offset: int = -10) -> None:
-    """Same size, perfect header, bad checksum."""
-    with open(path, "r+b") as f:
-        f.seek(offset, os.SEEK_END)
-        b = f.read(1)
-        f.seek(offset, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))

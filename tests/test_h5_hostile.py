@@ -17,6 +17,7 @@ import pytest
 
 from ckpt_helpers import sample_checkpoint
 from fixtures_kernel import rkrun_env
+from hostile_inputs import mutate
 from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.chain import latest_restorable
 from rkckpt.storage import FileStorage
@@ -168,25 +169,6 @@ def test_locate_ends_bounded_on_any_damage():
 
 
 # ------------------------------------------------------------------ mutation fuzz
-
-
-def mutate(raw: bytes, rng: random.Random) -> bytes:
-    """Truncate, flip bytes or zero a range, mostly in the HDF5 structure (the first few KiB)."""
-    buf = bytearray(raw)
-    structure = min(len(buf), 8192)
-    kind = rng.choice(("truncate", "flip", "zero", "zero-structure"))
-    if kind == "truncate":
-        del buf[rng.randrange(len(buf)) :]
-    elif kind == "flip":
-        for _ in range(rng.randint(1, 4)):
-            at = rng.randrange(structure if rng.random() < 0.8 else len(buf))
-            buf[at] ^= 1 << rng.randrange(8)
-    else:
-        span = rng.choice((8, 29, 64, 300))
-        top = structure if kind == "zero-structure" else len(buf)
-        at = rng.randrange(max(1, top - span))
-        buf[at : at + span] = bytes(len(buf[at : at + span]))
-    return bytes(buf)
 
 
 def fuzz_worker(seed: int, cases: int, folder: str) -> dict:

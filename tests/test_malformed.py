@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import fix_checksum, fix_total, parse_path, sample_checkpoint, zstd_supported
+from hostile_inputs import frames_payload, rle_frame
 from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, COMPRESSION_ZSTD, HDR_SHARD
 
@@ -135,32 +136,6 @@ def test_missing_file_names_it(tmp_path):
 
 
 # ------------------------------------------------------------------ zstd
-
-
-def rle_frame(total: int, *, declared: int | None = None, block: int = 1 << 17) -> bytes:
-    """A zstd frame of RLE blocks expanding to ``total`` bytes.
-
-    Tiny on disk, huge when decompressed: a reader that trusts it would
-    allocate ``total`` bytes. ``declared`` writes a (lying) content size.
-    """
-    out = bytearray(struct.pack("<I", 0xFD2FB528))
-    if declared is None:
-        out += bytes([0x00, 7 << 3])  # no content size, no checksum; window 2**17
-    else:
-        out += bytes([0x80, 7 << 3]) + struct.pack("<I", declared)  # 4-byte content size
-    left = total
-    while left > 0:
-        n = min(block, left)
-        left -= n
-        out += ((n << 3) | (1 << 1) | (1 if left == 0 else 0)).to_bytes(3, "little") + b"\x00"
-    return bytes(out)
-
-
-def frames_payload(frames: list[bytes], *, block_size: int, raw: tuple[int, ...] = (), count: int | None = None) -> bytes:
-    """The codec's compressed-chunk layout: block size, frame count, frame sizes, frames."""
-    n = len(frames) if count is None else count
-    sizes = [len(f) | (1 << 31 if i in raw else 0) for i, f in enumerate(frames)]
-    return struct.pack("<II", block_size, n) + struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(frames)
 
 
 def zstd_chunk_stream(payload: bytes, uncompressed_size: int, flags: int = CHUNK_ZSTD) -> bytes:
