@@ -7,11 +7,14 @@ copies), ``wait_until``/``wait_for`` (two names for one loop) and the small
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from rkckpt.model import Checkpoint, Metadata
 
@@ -61,3 +64,16 @@ def flat_state(kid: str, step: int, n: int = 512, name: str = "a") -> Checkpoint
     c = Checkpoint(Metadata(kid, "test", step))
     c.add_region(name, np.full(n, step, dtype=np.float32))
     return c
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real, small tmpfs mounted at ``where`` (made here) for a full-disk test; skips where mounting is not allowed."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -22,10 +22,12 @@ import shutil
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from asuser import NOBODY
-from rkckpt import layout
+from rkckpt import CheckpointError, layout
 from rkckpt.delta import PATCH_MAGIC
 from rkckpt.h5schema import WRAPPER
 from rkckpt.model import Metadata
@@ -81,6 +83,31 @@ def mutate(raw: bytes, rng: random.Random, structure: int = 8192) -> bytes:
         at = rng.randrange(max(1, top - span))
         buf[at : at + span] = bytes(len(buf[at : at + span]))
     return bytes(buf)
+
+
+@dataclass
+class Outcome:
+    """One reader on one hostile file: it read (``value``), refused it properly, or did something else (``bug``)."""
+
+    value: Any = None
+    refused: bool = False
+    bug: str | None = None
+
+    @property
+    def read(self) -> bool:
+        return not self.refused and self.bug is None
+
+
+def try_reader(read: Callable[[str], Any], path: str) -> Outcome:
+    """Run ``read(path)`` on the hostile file ``path``: only a CheckpointError naming ``path`` is a proper refusal."""
+    try:
+        return Outcome(value=read(path))
+    except CheckpointError as exc:
+        if exc.source != path:
+            return Outcome(bug=f"error does not name the file: {exc}")
+        return Outcome(refused=True)
+    except BaseException as exc:  # noqa: BLE001 - anything else is a bug
+        return Outcome(bug=f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------ hostile things under a checkpoint's name

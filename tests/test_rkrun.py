@@ -200,41 +200,13 @@ def test_corrupt_newest_checkpoint_falls_back(rkrun, tmp_path: Path, uninterrupt
 
 def test_refuses_checkpoint_of_another_grid(rkrun, tmp_path: Path) -> None:
     ck = tmp_path / "ck"
-    run_ok(
-        rkrun,
-        "wavesim",
-        "--grid",
-        "12",
-        "12",
-        "12",
-        "--steps",
-        "10",
-        "--checkpoint-every",
-        "5",
-        "--backend",
-        "numpy",
-        "--checkpoint-dir",
-        str(ck),
-        "--out",
-        str(tmp_path / "a.h5"),
-    )
-    p = rkrun(
-        "wavesim",
-        "--grid",
-        "12",
-        "12",
-        "14",
-        "--steps",
-        "10",
-        "--checkpoint-every",
-        "5",
-        "--backend",
-        "numpy",
-        "--checkpoint-dir",
-        str(ck),
-        "--out",
-        str(tmp_path / "b.h5"),
-    )
+
+    def args(nz: str, out: str) -> tuple[str, ...]:
+        grid = ("--grid", "12", "12", nz, "--steps", "10", "--checkpoint-every", "5", "--backend", "numpy")
+        return ("wavesim", *grid, "--checkpoint-dir", str(ck), "--out", str(tmp_path / out))
+
+    run_ok(rkrun, *args("12", "a.h5"))
+    p = rkrun(*args("14", "b.h5"))
     assert p.wait(60) == 2
     assert "refusing to restore" in p.log() and "grid" in p.log()
     assert "Traceback" not in p.log()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures_kernel import rkrun_env
-from helpers import REPO, wait_until
+from helpers import REPO, tmpfs, wait_until
 from rkstep.protocol import EVENTS_FILE
 
 DATA = REPO / "tests" / "data"
@@ -157,15 +157,8 @@ def test_grid_that_does_not_fit_is_refused_with_its_size(tmp_path: Path) -> None
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "160k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_checkpoint_disk_still_writes_the_result(rkrun, tmp_path: Path, tiny_fs: Path) -> None:

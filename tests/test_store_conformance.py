@@ -17,7 +17,6 @@ import pytest
 from rkckpt.storage import (
     ExistsError,
     FileStorage,
-    FsspecStorage,
     InvalidNameError,
     MemoryStorage,
     Storage,
@@ -119,21 +118,24 @@ class StoreTests:
         assert store.list() == []
 
 
+def _serve(store: Storage) -> Iterator[Storage]:
+    """Yield ``store`` to one test, then flush (two-level: uploads and queued deletes) and close it."""
+    yield store
+    store.flush()
+    store.close()
+
+
 class TestFileStore(StoreTests):
     @pytest.fixture
     def store(self, tmp_path) -> Iterator[Storage]:
-        s = FileStorage(tmp_path / "ck")
-        yield s
-        s.close()
+        yield from _serve(FileStorage(tmp_path / "ck"))
         assert not (tmp_path / "x").exists()  # no hostile name reached the parent folder
 
 
 class TestMemoryStore(StoreTests):
     @pytest.fixture
     def store(self) -> Iterator[Storage]:
-        s = MemoryStorage()
-        yield s
-        s.close()
+        yield from _serve(MemoryStorage())
 
 
 class TestFsspecMemoryStore(StoreTests):
@@ -141,33 +143,24 @@ class TestFsspecMemoryStore(StoreTests):
 
     @pytest.fixture
     def store(self, request) -> Iterator[Storage]:
-        s = open_storage(f"memory://rk-conformance/{request.node.name.encode().hex()[:40]}")
-        assert isinstance(s, FsspecStorage)
-        yield s
-        s.close()
+        yield from _serve(open_storage(f"memory://rk-conformance/{request.node.name.encode().hex()[:40]}"))
 
 
 @pytest.mark.s3
 class TestS3Store(StoreTests):
     @pytest.fixture
     def store(self, s3_server) -> Iterator[Storage]:
-        s = open_storage(f"s3://{s3_server.bucket()}/conf", **s3_server.options())
-        assert isinstance(s, FsspecStorage)
-        yield s
-        s.close()
+        yield from _serve(open_storage(f"s3://{s3_server.bucket()}/conf", **s3_server.options()))
 
 
 @pytest.mark.s3
 class TestTwoLevelStore(StoreTests):
-    """Node-local folder in front of the real S3 store; every object is flushed up before the test ends."""
+    """Node-local folder in front of the real S3 store; what the node keeps must have reached S3 by the end."""
 
     @pytest.fixture
     def store(self, s3_server, tmp_path) -> Iterator[Storage]:
-        url = f"s3://{s3_server.bucket()}/two"
-        s = TwoLevelStorage(FileStorage(tmp_path / "node"), open_storage(url, **s3_server.options()))
-        yield s
-        s.flush()
-        kept = s.list()
-        s.close()
-        shared = open_storage(url, **s3_server.options())
-        assert [n for n in shared.list() if n in kept] == kept  # what the node kept reached the shared store
+        shared = open_storage(f"s3://{s3_server.bucket()}/two", **s3_server.options())
+        two = TwoLevelStorage(FileStorage(tmp_path / "node"), shared)
+        yield from _serve(two)
+        kept = two.local.list()
+        assert [n for n in shared.list() if n in kept] == kept
