@@ -29,7 +29,6 @@ MEMORY_LIMIT = 2 << 30
 
 def _seeds() -> list[tuple[str, bytes]]:
     """Valid files to mutate: the reference vectors plus our own encodings."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from ckpt_helpers import sample_checkpoint, small_options
     from rkckpt import codec, container
     from rkckpt.delta import make_delta
@@ -309,5 +308,4 @@ def test_memory_limit_is_enforced():
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     print(json.dumps(worker(int(sys.argv[2]), int(sys.argv[3]))))
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--h5worker":
-    sys.path.insert(0, str(Path(__file__).parent))
     print(json.dumps(h5_worker(int(sys.argv[2]), int(sys.argv[3]))))
