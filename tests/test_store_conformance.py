@@ -69,6 +69,9 @@ class StoreTests:
         assert store.read_range("r", 8, 10) == b"89"  # past the end: what is there
         assert store.read_range("r", 10, 5) == b"" and store.read_range("r", 50, 5) == b""
         assert store.read_range("r", 4, 0) == b""
+        for offset, length in ((-1, 5), (2, -1)):  # a caller's bug, never "from the end"
+            with pytest.raises(StorageError, match="bad byte range"):
+                store.read_range("r", offset, length)
 
     def test_size_exists_list_delete(self, store: Storage) -> None:
         store.save("b", b"12345")
