@@ -29,6 +29,7 @@ from typing import Any
 from asuser import NOBODY
 from rkckpt import CheckpointError, layout
 from rkckpt.delta import PATCH_MAGIC
+from rkckpt.flags import CHUNK_ZSTD, COMPRESSION_ZSTD
 from rkckpt.h5schema import WRAPPER
 from rkckpt.model import Metadata
 
@@ -220,6 +221,20 @@ def frames_payload(frames: list[bytes], *, block_size: int, raw: tuple[int, ...]
     n = len(frames) if count is None else count
     sizes = [len(f) | (1 << 31 if i in raw else 0) for i, f in enumerate(frames)]
     return struct.pack("<II", block_size, n) + struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(frames)
+
+
+def zstd_chunk_stream(payload: bytes, uncompressed_size: int, flags: int = CHUNK_ZSTD) -> bytes:
+    """A valid stream (``sample_checkpoint``'s) whose custom chunk, the last one, stores ``payload`` with ``flags``."""
+    from ckpt_helpers import fix_total, sample_checkpoint
+    from rkckpt import codec, container
+
+    raw = bytearray(container.encode(sample_checkpoint(), codec.COMPAT))
+    last = container.read(bytes(raw)).chunk_headers[-1].data_offset - 32
+    ctype, _, _, _, cid = struct.unpack_from("<IIQQQ", raw, last)
+    out = raw[:last] + struct.pack("<IIQQQ", ctype, flags, uncompressed_size, len(payload), cid) + payload
+    struct.pack_into("<I", out, 28, COMPRESSION_ZSTD)
+    struct.pack_into("<I", out, 36, 1)  # HDR_EXTENDED
+    return bytes(fix_total(out))
 
 
 def wrapping_patch(parent_size: int) -> bytes:

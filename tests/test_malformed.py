@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import fix_checksum, fix_total, parse_path, sample_checkpoint, zstd_supported
-from hostile_inputs import frames_payload, rle_frame
+from hostile_inputs import frames_payload, rle_frame, zstd_chunk_stream
 from rkckpt import CheckpointError, codec, container, hdf5
-from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, COMPRESSION_ZSTD, HDR_SHARD
+from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, HDR_SHARD
 
 META_AT = 64  # metadata length field
 FIRST_STRING_AT = 68  # kernel_id length
@@ -136,17 +136,6 @@ def test_missing_file_names_it(tmp_path):
 
 
 # ------------------------------------------------------------------ zstd
-
-
-def zstd_chunk_stream(payload: bytes, uncompressed_size: int, flags: int = CHUNK_ZSTD) -> bytes:
-    """A valid stream whose custom chunk (the last one) stores ``payload`` with ``flags``."""
-    raw = bytearray(container.encode(sample_checkpoint(), codec.COMPAT))
-    last = chunk_offsets(bytes(raw))[-1]
-    ctype, _, _, _, cid = struct.unpack_from("<IIQQQ", raw, last)
-    out = raw[:last] + struct.pack("<IIQQQ", ctype, flags, uncompressed_size, len(payload), cid) + payload
-    struct.pack_into("<I", out, 28, COMPRESSION_ZSTD)
-    struct.pack_into("<I", out, 36, 1)  # HDR_EXTENDED
-    return bytes(fix_total(out))
 
 
 needs_zstd = pytest.mark.skipif(not zstd_supported(), reason="codec does not compress yet")
