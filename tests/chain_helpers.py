@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from helpers import chain_state
 from rkckpt.chain import checkpoint_name
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
-
-
-def small_state(kid: str, step: int, n: int = 2048) -> Checkpoint:
-    """A constant big region (deltas stay small) and a small one that changes every step."""
-    c = Checkpoint(Metadata(kid, "test", step))
-    c.add_region("big", np.arange(n, dtype=np.float32))
-    c.add_region("small", np.full(32, step, dtype=np.int64))
-    return c
 
 
 def ckpt_name(kid: str, step: int, kind: str) -> str:
@@ -27,13 +17,4 @@ def write_steps(d: str | os.PathLike[str], kid: str, steps, *, full_every: int =
     """Checkpoint ``steps`` with retention off: with full_every=2, steps 1..5 give full 1, delta 2 3, full 4, delta 5."""
     with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=full_every, keep_chains=1000), kid) as m:
         for s in steps:
-            m.submit(SnapshotResponse(SnapshotRequest(s), small_state(kid, s)))
-
-
-def flip_payload_byte(path: str | os.PathLike[str], offset: int = -10) -> None:
-    """Same size, perfect header, bad checksum."""
-    with open(path, "r+b") as f:
-        f.seek(offset, os.SEEK_END)
-        b = f.read(1)
-        f.seek(offset, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
+            m.submit(SnapshotResponse(SnapshotRequest(s), chain_state(kid, s)))

@@ -1,4 +1,4 @@
-"""Shared pytest setup. Fixture modules per concern are listed in pytest_plugins."""
+"""Shared pytest setup. Fixture modules per concern are listed in pytest_plugins; plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-#: The reference implementation's files and manifest, carried in the repository (tests/data/README.md).
-VECTORS = REPO / "tests" / "data" / "ringkernel-core-1.1.0"
+from helpers import VECTORS
 
 pytest_plugins: list[str] = []
 for _name in ("fixtures_s3", "fixtures_slurm", "fixtures_kernel"):

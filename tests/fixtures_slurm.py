@@ -10,17 +10,18 @@ checkpoint + ``rkrun.stopped.json`` + exit 75 on SIGTERM/SIGUSR1.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import helpers
 
 BASE = Path(os.environ.get("RKSLURM_SLURM_BASE", "/tmp/rkslurm-cluster"))
 
@@ -167,13 +168,8 @@ def node_state(node: str) -> str:
     return out.split()[0] if out.split() else "unknown"
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+#: Slurm conditions are polled with subprocesses (squeue, sinfo): four times a second is enough.
+wait_until = functools.partial(helpers.wait_until, interval=0.25)
 
 
 @dataclass

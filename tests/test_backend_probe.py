@@ -18,7 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import OPENCL_PARAMS, REPO, opencl_platforms, rkrun_env
+from fixtures_kernel import OPENCL_PARAMS, opencl_platforms, rkrun_env
+from helpers import REPO
 from rkkernel.backends import BackendUnavailable, select_backend, split_name
 from rkkernel.backends.clprobe import Candidate
 from rkkernel.spec import CONTROL, KernelSpec, Launch, RegionSpec

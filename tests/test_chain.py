@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import stream_span
+from helpers import chain_state
 from rkckpt.chain import INDEX_NAME, ChainIndex, checkpoint_name, describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.retention import gc
 from rkckpt.retention import plan as plan_gc
 from rkckpt.storage import FileStorage
@@ -21,10 +22,7 @@ KID = "wave"
 
 def state(step: int) -> Checkpoint:
     """Deterministic state: a big field that changes every 4th step, a small one every step."""
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(16384, dtype=np.float32) * (step // 4 + 1))
-    c.add_region("small", np.full(512, step, dtype=np.float64))
-    return c
+    return chain_state(KID, step, big=16384, small=512, small_dtype=np.float64, big_every=4)
 
 
 def write_steps(path, steps, **policy) -> None:

@@ -19,8 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
-from chain_helpers import ckpt_name, small_state, write_steps
+from chain_helpers import ckpt_name, write_steps
 from fixtures_kernel import rkrun_env
+from helpers import chain_state
 from rkckpt import container, retention
 from rkckpt import delta as rkdelta
 from rkckpt.chain import SUFFIXES, ChainIndex, SelfParentError, describe, latest_restorable
@@ -108,18 +109,18 @@ def test_manager_refuses_a_delta_on_itself_and_an_existing_name(tmp_path: Path) 
         rp = m.latest()
         assert rp is not None and rp.step == 3
         with pytest.raises(SelfParentError, match="parent is never itself"):
-            m.final(SnapshotResponse(SnapshotRequest(3, "signal"), small_state(KID, 3)))
+            m.final(SnapshotResponse(SnapshotRequest(3, "signal"), chain_state(KID, 3)))
         assert m.stats.failed == 1 and m.stats.last_written_step is None
     with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, full_every=0, keep_chains=9), KID) as m:  # no restore: a full
         with pytest.raises(ExistsError):
-            m.final(SnapshotResponse(SnapshotRequest(1), small_state(KID, 1)))
+            m.final(SnapshotResponse(SnapshotRequest(1), chain_state(KID, 1)))
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.rk.h5")} == before
     assert latest_restorable(FileStorage(tmp_path), KID).step == 3
 
 
 def _self_parent_delta(step: int) -> bytes:
     """What the old stop path wrote: a delta of a state against that same state."""
-    st = small_state(KID, step)
+    st = chain_state(KID, step)
     d = st.content_digest()
     ck = rkdelta.make_delta(st, st, "block", parent_digest=d, state_digest=d)
     ck = Checkpoint(ck.metadata.with_custom(**{STATE_DIGEST_KEY: d}), ck.chunks)
@@ -241,7 +242,7 @@ def test_a_damaged_file_the_restore_skipped_is_the_only_one_replaced(tmp_path: P
     with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, keep_chains=9), KID) as m:
         assert m.latest().step == 2
         with caplog.at_level(logging.WARNING, logger="rkckpt.manager"):
-            assert m.final(SnapshotResponse(SnapshotRequest(3), small_state(KID, 3))) == 3
+            assert m.final(SnapshotResponse(SnapshotRequest(3), chain_state(KID, 3))) == 3
         assert m.stats.failed == 0
     assert "the restore could not use this file; the new checkpoint replaces it" in caplog.text
     rp = latest_restorable(FileStorage(tmp_path), KID)

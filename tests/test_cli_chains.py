@@ -10,19 +10,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import chain_state
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import open_storage
 
 KID = "cli"
 
 
 def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(8192, dtype=np.float32))
-    c.add_region("small", np.full(64, step, dtype=np.int32))
-    return c
+    return chain_state(KID, step, big=8192, small=64, small_dtype=np.int32)
 
 
 def name(step: int, kind: str) -> str:

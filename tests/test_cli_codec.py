@@ -243,7 +243,7 @@ def test_verify_checks_the_hdf5_wrapper(sample_files):
 def test_sharded_file_inspects_and_exports(tmp_path, monkeypatch):
     """A sharded .rkcp (states over 1 GiB; here with a small shard limit) lists whole chunks."""
     from rkckpt import shard
-    from rkckpt.describe import describe
+    from rkckpt.describe import describe_file
 
     monkeypatch.setattr(shard, "MAX_STREAM", 6 << 20)
     ck = sample_checkpoint()
@@ -254,7 +254,7 @@ def test_sharded_file_inspects_and_exports(tmp_path, monkeypatch):
     parsed = container.read(path)
     if len(parsed.chunk_headers) == len(parsed.checkpoint.chunks):
         pytest.skip("the shard limit did not split a chunk")
-    info = describe(parsed)
+    info = describe_file(parsed)
     assert [c["uncompressed_size"] for c in info["chunks"]] == [c.size for c in ck.chunks]
     assert info["content_digest"] == ck.content_digest()
     assert inspect_json(path)["chunks"] == info["chunks"]

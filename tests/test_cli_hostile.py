@@ -6,25 +6,24 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from asuser import NOBODY, cli_as_nobody, enterable_tmp
+from asuser import cli_as_nobody, enterable_tmp
+from helpers import flat_state
+from hostile_inputs import KINDS, VICTIM, flip_byte, give_to_nobody, plant
 from rkckpt import container
 from rkckpt.chain import checkpoint_name, describe, latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, open_storage
 
 KID = "hx"
 
 
 def state(step: int, kid: str = KID) -> Checkpoint:
-    c = Checkpoint(Metadata(kid, "test", step))
-    c.add_region("a", np.full(512, step, dtype=np.float32))
-    return c
+    return flat_state(kid, step, 512)
 
 
 def name(step: int, kind: str, kid: str = KID) -> str:
@@ -47,10 +46,7 @@ def test_folder_without_search_permission_is_a_clear_error():
     with enterable_tmp() as base:
         d = os.path.join(base, "ck")
         write(d, [1, 2, 3])
-        shutil.chown(d, NOBODY, NOBODY)
-        for p in os.listdir(d):
-            os.chown(os.path.join(d, p), NOBODY, NOBODY)
-        os.chmod(d, 0o600)  # the owner may read the names but not search the folder
+        give_to_nobody(d, 0o600)  # the owner may read the names but not search the folder
         for args in (["ls", d], ["latest", d], ["gc", d, "--keep", "1"]):
             out = cli_as_nobody(args)
             assert out["exception"] is None, out
@@ -65,6 +61,40 @@ def test_missing_folder_is_an_error_for_ls_and_gc(tmp_path):
     (tmp_path / "file").write_text("x")
     assert "not a folder" in run("ls", tmp_path / "file").output
     assert not (tmp_path / "nope").exists()
+
+
+def test_every_command_fails_in_one_style(tmp_path):
+    """Folder commands and file commands end the same way: one ``rkckpt: error: FILE: problem`` line, status 1."""
+    missing = tmp_path / "nope"
+    for args in (
+        ["ls", missing],
+        ["gc", missing, "--keep", 1],
+        ["inspect", missing],
+        ["convert", missing, tmp_path / "o.rkcp"],
+    ):
+        r = run(*args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1, (args, r.output)
+        assert lines[0].startswith(f"rkckpt: error: {missing}: "), (args, r.output)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_hostile_kind_under_a_checkpoint_name_is_passed_over(tmp_path, kind):
+    """A FIFO, symlink, huge sparse file, folder, damaged or foreign file named as the newest checkpoint:
+    restore and every folder command pass it over (never block, follow or allocate), and verify names it."""
+    d = tmp_path / "ck"
+    write(d, [1, 2, 3])
+    planted = plant(kind, d / name(4, "full"), donor=d / name(1, "full"))
+    assert latest_restorable(FileStorage(d, create=False), KID, warn=False).step == 3
+    for args in (["ls", d, "--json"], ["gc", d, "--keep", 1, "--dry-run"], ["latest", d, "--json"]):
+        r = run(*args)
+        assert r.exit_code == 0 and "Traceback" not in r.output, (args, r.output)
+    assert json.loads(r.output)["step"] == 3
+    if kind in ("fifo", "symlink", "sparse", "truncated", "bit-flipped"):
+        r = run("verify", planted)
+        assert r.exit_code == 1 and f"BAD {planted}: " in r.output, r.output
+    if kind == "symlink":
+        assert (tmp_path / f"victim-of-{planted.name}").read_bytes() == VICTIM
 
 
 def test_step_in_the_name_must_match_the_metadata(tmp_path, caplog):
@@ -119,7 +149,7 @@ def test_errors_name_the_object_not_a_spool_file(s3_server):
         for step in (1, 2):
             m.final(SnapshotResponse(SnapshotRequest(step), state(step)))
     blob = bytearray(s.load(name(2, "full")))
-    blob[-7] ^= 0x40
+    flip_byte(blob, -7, 0x40)
     s.save(name(2, "full"), bytes(blob))
     rp = latest_restorable(s, KID, warn=False)
     assert rp.step == 1 and rp.skipped[0][0] == name(2, "full")

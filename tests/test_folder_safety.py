@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from asuser import NOBODY, enterable_tmp, run_as_nobody
+from asuser import enterable_tmp, run_as_nobody
+from helpers import flat_state
+from hostile_inputs import VICTIM, give_to_nobody, symlink_out
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, StorageError, UnsafeFolderError
 
 KID = "safe"
-VICTIM = b"precious data\n" * 236  # 3,304 bytes
 
 
 def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("a", np.full(256, step, dtype=np.float32))
-    return c
+    return flat_state(KID, step, 256)
 
 
 @pytest.fixture
@@ -40,9 +38,7 @@ def test_symlinked_lock_is_refused_and_target_untouched(tmp_path):
         for s in (1, 2, 3):  # three chains: gc --keep 1 has work to do
             m.final(SnapshotResponse(SnapshotRequest(s), state(s)))
     (d / ".rkckpt.lock").unlink()
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(VICTIM)
-    os.symlink(victim, d / ".rkckpt.lock")
+    victim = symlink_out(d / ".rkckpt.lock")
     with pytest.raises(UnsafeFolderError, match="symbolic link"):
         CheckpointManager(d, CheckpointPolicy(every_steps=1), KID)
     r = CliRunner().invoke(main, ["gc", str(d), "--keep", "1"])
@@ -85,19 +81,14 @@ def test_foreign_and_world_writable_folders_refused_for_a_normal_user(shared_tmp
     theirs = os.path.join(shared_tmp, "theirs")  # prepared by another user (root here), open to all
     os.mkdir(theirs)
     os.chmod(theirs, 0o777)
-    victim = os.path.join(shared_tmp, "victim")
-    with open(victim, "wb") as f:
-        f.write(VICTIM)
-    os.chown(victim, NOBODY, NOBODY)
-    os.symlink(victim, os.path.join(theirs, ".rkckpt.lock"))
+    victim = symlink_out(os.path.join(theirs, ".rkckpt.lock"))
+    give_to_nobody(victim)
     open_dir = os.path.join(shared_tmp, "mine-open")
     os.mkdir(open_dir)
-    os.chown(open_dir, NOBODY, NOBODY)
-    os.chmod(open_dir, 0o777)
+    give_to_nobody(open_dir, 0o777)
     mine = os.path.join(shared_tmp, "mine")
     os.mkdir(mine)
-    os.chown(mine, NOBODY, NOBODY)
-    os.chmod(mine, 0o700)
+    give_to_nobody(mine, 0o700)
 
     out = run_as_nobody(lambda: [_write_one(p) for p in (theirs, open_dir, mine)])
     assert out[0].startswith("UnsafeFolderError") and "owned by uid 0, not by you (uid 65534)" in out[0], out[0]

@@ -10,21 +10,19 @@ import os
 import shutil
 import struct
 import subprocess
-import zlib
 
-import h5py
 import numpy as np
 import pytest
 
 from ckpt_helpers import sample_checkpoint, small_options, zstd_supported
-from rkckpt import CheckpointError, codec, container, hdf5, layout
+from hostile_inputs import frames_payload, h5_external_link, h5_external_storage, h5_virtual, plant, raw_stream, rle_frame, wrapping_patch
+from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.chain import latest_restorable
-from rkckpt.delta import PATCH_MAGIC, STATE_DIGEST_KEY
+from rkckpt.delta import STATE_DIGEST_KEY
 from rkckpt.flags import CHUNK_BLOCK_DELTA, CHUNK_ZSTD, COMPRESSION_LZ4, COMPRESSION_ZSTD
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import PARENT_DIGEST_KEY, Checkpoint, Chunk, ChunkType, Metadata
 from rkckpt.storage import FileStorage
-from test_malformed import frames_payload, rle_frame
 
 RKCKPT = shutil.which("rkckpt")
 SECRET = b"TOP-SECRET-" * 8
@@ -42,18 +40,6 @@ def assert_refused(proc: subprocess.CompletedProcess[str], *words: str) -> None:
         assert w in proc.stderr, proc.stderr
 
 
-def raw_stream(chunks: list[tuple[int, int, int, int, bytes]], *, compression: int = 0, meta: Metadata | None = None) -> bytes:
-    """A stream of (type, id, stored flags, uncompressed size, payload) chunks, checksum right."""
-    body = layout.pack_metadata(meta or Metadata("hostile", "t", 1))
-    body += b"".join(layout.pack_chunk(t, f, u, len(p), i) + p for t, i, f, u, p in chunks)
-    return layout.pack_header(layout.HEADER_SIZE + len(body), len(chunks), compression, zlib.crc32(body), 0, 0) + body
-
-
-def wrapper_attrs(f: h5py.File) -> None:
-    f.attrs["rkckpt.wrapper"] = hdf5.WRAPPER
-    f.attrs["wrapper_version"] = 1
-
-
 # ------------------------------------------------------------------ .rk.h5 pointing elsewhere
 @pytest.fixture
 def other(tmp_path):
@@ -68,25 +54,15 @@ def other(tmp_path):
 
 
 def _external_storage(path, other) -> None:
-    secret, n, _ = other
-    with h5py.File(path, "w") as f:
-        f.create_dataset("rkckpt", shape=(n,), dtype="u1", external=[(str(secret), 0, n)])
-        wrapper_attrs(f)
+    h5_external_storage(path, other[0], other[1])
 
 
 def _external_link(path, other) -> None:
-    with h5py.File(path, "w") as f:
-        f["rkckpt"] = h5py.ExternalLink(str(other[2]), "/rkckpt")
-        wrapper_attrs(f)
+    h5_external_link(path, other[2])
 
 
 def _virtual(path, other) -> None:
-    secret, n, _ = other
-    vl = h5py.VirtualLayout(shape=(n,), dtype="u1")
-    vl[:] = h5py.VirtualSource(str(other[2]), "rkckpt", shape=(n,))
-    with h5py.File(path, "w") as f:
-        f.create_virtual_dataset("rkckpt", vl)
-        wrapper_attrs(f)
+    h5_virtual(path, other[2], other[1])
 
 
 @pytest.mark.parametrize(
@@ -110,12 +86,6 @@ def test_rk_h5_stream_stored_elsewhere_is_refused(tmp_path, other, make, word):
 
 
 # ------------------------------------------------------------------ block-delta run wrapping past int64
-def _wrapping_patch(parent_size: int) -> bytes:
-    start = count = 1 << 62  # start + count == 2**63: wraps to a negative int64
-    header = struct.pack("<4sIQQII", PATCH_MAGIC, 4096, parent_size, parent_size, 1, 0)
-    return header + struct.pack("<QQ", start, count) + bytes(4096)
-
-
 def test_block_delta_run_wrapping_past_int64_is_refused(tmp_path):
     d = tmp_path / "ck"
     base = sample_checkpoint(step=1)
@@ -126,7 +96,7 @@ def test_block_delta_run_wrapping_past_int64_is_refused(tmp_path):
     vel = base.find(ChunkType.DEVICE_MEMORY, base.regions()["velocity"].chunk_id)
     meta = base.metadata.with_custom(**{PARENT_DIGEST_KEY: full_digest, STATE_DIGEST_KEY: "00000000"})
     meta = Metadata(meta.kernel_id, meta.kernel_type, 2, meta.grid_size, meta.tile_size, meta.hlc, meta.custom)
-    evil = Checkpoint(meta, [Chunk(vel.chunk_type, vel.chunk_id, _wrapping_patch(vel.size), CHUNK_BLOCK_DELTA)])
+    evil = Checkpoint(meta, [Chunk(vel.chunk_type, vel.chunk_id, wrapping_patch(vel.size), CHUNK_BLOCK_DELTA)])
     name = "sample-0-000000000002-delta.rk.h5"
     container.write(d / name, evil, codec.WriteOptions())
     rp = latest_restorable(st)  # falls back to step 1, naming the bad delta
@@ -159,10 +129,8 @@ def test_unsharded_stream_declaring_over_1_gib_is_refused(tmp_path):
 # ------------------------------------------------------------------ not a regular file
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_fifo_is_refused_without_blocking(tmp_path):
-    fifo = tmp_path / "ckpt.rkcp"
-    os.mkfifo(fifo)
-    h5fifo = tmp_path / "ckpt.rk.h5"
-    os.mkfifo(h5fifo)
+    fifo = plant("fifo", tmp_path / "ckpt.rkcp")
+    h5fifo = plant("fifo", tmp_path / "ckpt.rk.h5")
     for p in (fifo, h5fifo):
         with pytest.raises(CheckpointError, match="not a regular file"):
             container.read(p)
@@ -190,7 +158,7 @@ def test_verify_refuses_duplicate_chunk_identities(tmp_path):
 
 def test_verify_refuses_block_delta_chunk_in_full_checkpoint(tmp_path):
     ck = sample_checkpoint()
-    ck.chunks.append(Chunk(int(ChunkType.CUSTOM), 7, _wrapping_patch(16), CHUNK_BLOCK_DELTA))
+    ck.chunks.append(Chunk(int(ChunkType.CUSTOM), 7, wrapping_patch(16), CHUNK_BLOCK_DELTA))
     assert not ck.is_delta
     _verify_refuses(tmp_path, container.encode(ck, small_options()), "block-delta patch in a full checkpoint")
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from chain_helpers import ckpt_name, small_state, write_steps
+from chain_helpers import ckpt_name, write_steps
+from helpers import chain_state
 from rkckpt.chain import INDEX_NAME, latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy
@@ -24,7 +25,7 @@ KID = "idx"
 
 
 def state(step: int):
-    return small_state(KID, step)
+    return chain_state(KID, step)
 
 
 def name(step: int, kind: str) -> str:

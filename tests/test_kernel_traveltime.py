@@ -16,7 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import REPO, rkrun_env, wait_for
+from fixtures_kernel import rkrun_env
+from helpers import REPO, wait_until
 from rkckpt.chain import NAME_RE
 from rkkernel.runtime import PersistentKernel
 from rkkernel.traveltime import current_time, make_spec
@@ -187,7 +188,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(
     seen = 0
     for _ in range(3):
         p = rkrun(*args, "--throttle-ms", "30")
-        wait_for(
+        wait_until(
             lambda p=p, s=seen: max((st for st, _ in chain_files(ck)), default=0) > s or p.proc.poll() is not None, 120, "a new checkpoint"
         )
         time.sleep(rng.uniform(0.0, 0.2))
@@ -206,7 +207,7 @@ def test_sigterm_right_after_a_periodic_delta_keeps_the_chain(rkrun, rkrun_refer
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
     args = ("traveltime", *COMMON, "--backend", "numpy", "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "150")
-    wait_for(lambda: max((st for st, _ in chain_files(ck)), default=0) >= 26 or p.proc.poll() is not None, 120, "checkpoint 26")
+    wait_until(lambda: max((st for st, _ in chain_files(ck)), default=0) >= 26 or p.proc.poll() is not None, 120, "checkpoint 26")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait(60) == 75, p.log()
     stopped = json.loads((ck / "rkrun.stopped.json").read_text())["step"]

@@ -182,4 +182,4 @@ def test_endpoint_password_never_logged_by_rkckpt_vv_ls(s3_server):
     assert f"u:***@{host}" in p.stderr, p.stderr[-3000:]  # botocore logged the endpoint: masked, not dropped
     _assert_clean(out, s3_server)
     # whatever botocore logs at DEBUG (tracebacks of its own retries included), rkckpt ends in one error line
-    assert p.returncode != 0 and p.stderr.rstrip().splitlines()[-1].startswith("Error: s3://"), p.stderr[-2000:]
+    assert p.returncode != 0 and p.stderr.rstrip().splitlines()[-1].startswith("rkckpt: error: s3://"), p.stderr[-2000:]

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from ckpt_helpers import fix_checksum, fix_total, parse_path, sample_checkpoint, zstd_supported
+from hostile_inputs import frames_payload, rle_frame, zstd_chunk_stream
 from rkckpt import CheckpointError, codec, container, hdf5
-from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, COMPRESSION_ZSTD, HDR_SHARD
+from rkckpt.flags import CHUNK_PART, CHUNK_SHUFFLE, CHUNK_ZSTD, HDR_SHARD
 
 META_AT = 64  # metadata length field
 FIRST_STRING_AT = 68  # kernel_id length
@@ -135,43 +136,6 @@ def test_missing_file_names_it(tmp_path):
 
 
 # ------------------------------------------------------------------ zstd
-
-
-def rle_frame(total: int, *, declared: int | None = None, block: int = 1 << 17) -> bytes:
-    """A zstd frame of RLE blocks expanding to ``total`` bytes.
-
-    Tiny on disk, huge when decompressed: a reader that trusts it would
-    allocate ``total`` bytes. ``declared`` writes a (lying) content size.
-    """
-    out = bytearray(struct.pack("<I", 0xFD2FB528))
-    if declared is None:
-        out += bytes([0x00, 7 << 3])  # no content size, no checksum; window 2**17
-    else:
-        out += bytes([0x80, 7 << 3]) + struct.pack("<I", declared)  # 4-byte content size
-    left = total
-    while left > 0:
-        n = min(block, left)
-        left -= n
-        out += ((n << 3) | (1 << 1) | (1 if left == 0 else 0)).to_bytes(3, "little") + b"\x00"
-    return bytes(out)
-
-
-def frames_payload(frames: list[bytes], *, block_size: int, raw: tuple[int, ...] = (), count: int | None = None) -> bytes:
-    """The codec's compressed-chunk layout: block size, frame count, frame sizes, frames."""
-    n = len(frames) if count is None else count
-    sizes = [len(f) | (1 << 31 if i in raw else 0) for i, f in enumerate(frames)]
-    return struct.pack("<II", block_size, n) + struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(frames)
-
-
-def zstd_chunk_stream(payload: bytes, uncompressed_size: int, flags: int = CHUNK_ZSTD) -> bytes:
-    """A valid stream whose custom chunk (the last one) stores ``payload`` with ``flags``."""
-    raw = bytearray(container.encode(sample_checkpoint(), codec.COMPAT))
-    last = chunk_offsets(bytes(raw))[-1]
-    ctype, _, _, _, cid = struct.unpack_from("<IIQQQ", raw, last)
-    out = raw[:last] + struct.pack("<IIQQQ", ctype, flags, uncompressed_size, len(payload), cid) + payload
-    struct.pack_into("<I", out, 28, COMPRESSION_ZSTD)
-    struct.pack_into("<I", out, 36, 1)  # HDR_EXTENDED
-    return bytes(fix_total(out))
 
 
 needs_zstd = pytest.mark.skipif(not zstd_supported(), reason="codec does not compress yet")

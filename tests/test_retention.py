@@ -7,7 +7,9 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from chain_helpers import ckpt_name, flip_payload_byte, small_state, write_steps
+from chain_helpers import ckpt_name, write_steps
+from helpers import chain_state
+from hostile_inputs import flip_byte
 from rkckpt.chain import latest_restorable
 from rkckpt.cli import main
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
@@ -17,7 +19,7 @@ KID = "ret"
 
 
 def state(step: int):
-    return small_state(KID, step)
+    return chain_state(KID, step)
 
 
 def name(step: int, kind: str) -> str:
@@ -43,7 +45,7 @@ def run(*args):
 def test_gc_never_deletes_the_only_restorable_chain(tmp_path):
     d = tmp_path / "ck"
     two_chains(d)
-    flip_payload_byte(d / name(4, "full"))
+    flip_byte(d / name(4, "full"))
     r = run("gc", d, "--keep", 1)
     assert r.exit_code == 0 and r.exception is None, r.output
     assert "0 file(s) deleted" in r.output
@@ -58,7 +60,7 @@ def test_gc_never_deletes_the_only_restorable_chain(tmp_path):
 def test_manager_retention_keeps_older_chain_when_newest_full_is_corrupt(tmp_path):
     d = tmp_path / "ck"
     two_chains(d)
-    flip_payload_byte(d / name(4, "full"))
+    flip_byte(d / name(4, "full"))
     with CheckpointManager(d, CheckpointPolicy(every_steps=1, full_every=8, keep_chains=1), KID) as m:
         rp = m.latest()
         assert rp.step == 3
@@ -72,7 +74,7 @@ def test_manager_retention_keeps_older_chain_when_newest_full_is_corrupt(tmp_pat
 def test_manager_retention_counts_only_verified_chains(tmp_path):
     d = tmp_path / "ck"
     two_chains(d)
-    flip_payload_byte(d / name(4, "full"))
+    flip_byte(d / name(4, "full"))
     # a writer that does not restore first (the header of full 4 looks fine)
     with CheckpointManager(d, CheckpointPolicy(every_steps=1, keep_chains=2), KID) as m:
         m.final(SnapshotResponse(SnapshotRequest(6), state(6)))

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import wait_for
+from helpers import wait_until
 
 GRID = ("24", "22", "26")
 STEPS = 240
@@ -69,7 +69,9 @@ def test_sigkill_twice_then_finish_is_bit_identical(rkrun, kernel_backend: str, 
     restored_from = 0
     for attempt in range(2):
         p = rkrun(*args)
-        wait_for(lambda p=p, r=restored_from: any(s > r for s in checkpoint_steps(ck)) or p.proc.poll() is not None, 60, "a new checkpoint")
+        wait_until(
+            lambda p=p, r=restored_from: any(s > r for s in checkpoint_steps(ck)) or p.proc.poll() is not None, 60, "a new checkpoint"
+        )
         time.sleep(rng.uniform(0.0, 0.25))
         p.proc.send_signal(signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL, p.log()
@@ -89,7 +91,7 @@ def test_sigterm_stops_with_checkpoint_and_resumes_identically(rkrun, kernel_bac
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
     args = ("wavesim", *COMMON, "--backend", kernel_backend, "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "15")
-    wait_for(lambda: bool(checkpoint_steps(ck)), 60, "first checkpoint")
+    wait_until(lambda: bool(checkpoint_steps(ck)), 60, "first checkpoint")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait() == 75, p.log()
     marker = json.loads((ck / "rkrun.stopped.json").read_text())
@@ -108,7 +110,7 @@ def test_signal_storm_while_stopping_corrupts_nothing(rkrun, opencl_backend: str
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
     args = ("wavesim", *COMMON, "--backend", opencl_backend, "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "15")
-    wait_for(lambda: bool(checkpoint_steps(ck)), 60, "first checkpoint")
+    wait_until(lambda: bool(checkpoint_steps(ck)), 60, "first checkpoint")
     p.proc.send_signal(signal.SIGUSR1)
     for _ in range(40):  # Slurm's SIGTERM after the USR1 warning, scancel twice, ...
         if p.proc.poll() is not None:
@@ -162,7 +164,7 @@ def test_sigusr1_during_opencl_startup_is_not_lost(rkrun, opencl_backend: str, t
         ck, out = tmp_path / f"ck{attempt}", tmp_path / f"r{attempt}.h5"
         p = rkrun(*args, "--checkpoint-dir", str(ck), "--out", str(out))
         pid = p.proc.pid
-        wait_for(lambda pid=pid, p=p: bool(sig_caught(pid) & usr1) or p.proc.poll() is not None, 60, "rkrun's SIGUSR1 handler")
+        wait_until(lambda pid=pid, p=p: bool(sig_caught(pid) & usr1) or p.proc.poll() is not None, 60, "rkrun's SIGUSR1 handler")
         deadline = time.monotonic() + 60
         while not sig_caught(pid) & usr2 and p.proc.poll() is None and time.monotonic() < deadline:
             pass  # busy-wait: the window is a few milliseconds
@@ -198,41 +200,13 @@ def test_corrupt_newest_checkpoint_falls_back(rkrun, tmp_path: Path, uninterrupt
 
 def test_refuses_checkpoint_of_another_grid(rkrun, tmp_path: Path) -> None:
     ck = tmp_path / "ck"
-    run_ok(
-        rkrun,
-        "wavesim",
-        "--grid",
-        "12",
-        "12",
-        "12",
-        "--steps",
-        "10",
-        "--checkpoint-every",
-        "5",
-        "--backend",
-        "numpy",
-        "--checkpoint-dir",
-        str(ck),
-        "--out",
-        str(tmp_path / "a.h5"),
-    )
-    p = rkrun(
-        "wavesim",
-        "--grid",
-        "12",
-        "12",
-        "14",
-        "--steps",
-        "10",
-        "--checkpoint-every",
-        "5",
-        "--backend",
-        "numpy",
-        "--checkpoint-dir",
-        str(ck),
-        "--out",
-        str(tmp_path / "b.h5"),
-    )
+
+    def args(nz: str, out: str) -> tuple[str, ...]:
+        grid = ("--grid", "12", "12", nz, "--steps", "10", "--checkpoint-every", "5", "--backend", "numpy")
+        return ("wavesim", *grid, "--checkpoint-dir", str(ck), "--out", str(tmp_path / out))
+
+    run_ok(rkrun, *args("12", "a.h5"))
+    p = rkrun(*args("14", "b.h5"))
     assert p.wait(60) == 2
     assert "refusing to restore" in p.log() and "grid" in p.log()
     assert "Traceback" not in p.log()
@@ -293,7 +267,7 @@ def test_sigterm_and_resume_on_s3(rkrun, s3_server, tmp_path: Path, uninterrupte
     args = ("wavesim", *COMMON, "--backend", "numpy", "--checkpoint-dir", url, "--out", str(out))
     store = open_storage(url, **s3_server.options())
     p = rkrun(*args, "--throttle-ms", "15", env=env)
-    wait_for(lambda: any(CKPT_RE.search(n) for n in store.list()) or p.proc.poll() is not None, 60, "first checkpoint on S3")
+    wait_until(lambda: any(CKPT_RE.search(n) for n in store.list()) or p.proc.poll() is not None, 60, "first checkpoint on S3")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait() == 75, p.log()
     assert "rkrun.stopped.json" in store.list()  # list() also refreshes s3fs's listing cache

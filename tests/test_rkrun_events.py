@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from fixtures_kernel import wait_for
+from helpers import wait_until
 from rkstep import StepPaths, attempts, read_events
 from rkstep.protocol import EX_OK, EX_TEMPFAIL
 
@@ -22,7 +22,7 @@ def test_sigterm_sigkill_then_finish_leave_a_readable_story(rkrun, tmp_path: Pat
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
     args = (*ARGS, "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "15")
-    wait_for(lambda: any(a.checkpoints for a in _attempts(ck)) or p.proc.poll() is not None, 60, "a checkpoint event")
+    wait_until(lambda: any(a.checkpoints for a in _attempts(ck)) or p.proc.poll() is not None, 60, "a checkpoint event")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait() == EX_TEMPFAIL, p.log()
     (first,) = _attempts(ck)
@@ -30,7 +30,7 @@ def test_sigterm_sigkill_then_finish_leave_a_readable_story(rkrun, tmp_path: Pat
     assert first.checkpoints and first.stopped_step is not None and first.stopped_step >= max(first.checkpoints)
 
     p = rkrun(*args, "--throttle-ms", "15")
-    wait_for(lambda: len(_attempts(ck)) == 2 and bool(_attempts(ck)[1].checkpoints) or p.proc.poll() is not None, 60, "a checkpoint")
+    wait_until(lambda: len(_attempts(ck)) == 2 and bool(_attempts(ck)[1].checkpoints) or p.proc.poll() is not None, 60, "a checkpoint")
     p.proc.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     second = _attempts(ck)[1]

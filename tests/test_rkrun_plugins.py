@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import REPO, rkrun_env, wait_for
+from fixtures_kernel import rkrun_env
+from helpers import REPO, tmpfs, wait_until
 from rkstep.protocol import EVENTS_FILE
 
 DATA = REPO / "tests" / "data"
@@ -47,7 +48,7 @@ def test_outside_kernel_runs_stops_and_resumes(rkrun, tmp_path: Path) -> None:
     ck, out = tmp_path / "b", tmp_path / "b.h5"
     args = ("--kernel", "rk_ext_kernel:PLUGIN", *EXT, "--checkpoint-dir", str(ck), "--out", str(out))
     p = rkrun(*args, "--throttle-ms", "20", env=env)
-    wait_for(lambda: any(n.name.startswith("diffusion-") for n in ck.glob("*")) or p.proc.poll() is not None, 60, "a checkpoint")
+    wait_until(lambda: any(n.name.startswith("diffusion-") for n in ck.glob("*")) or p.proc.poll() is not None, 60, "a checkpoint")
     p.proc.send_signal(signal.SIGTERM)
     assert p.wait(60) == 75, p.log()
     marker = json.loads((ck / "rkrun.stopped.json").read_text())
@@ -156,15 +157,8 @@ def test_grid_that_does_not_fit_is_refused_with_its_size(tmp_path: Path) -> None
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "160k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_checkpoint_disk_still_writes_the_result(rkrun, tmp_path: Path, tiny_fs: Path) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from fixtures_slurm import wait_until
+from helpers import REPO
 from snakemake_executor_plugin_rkslurm import slurmquery
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _partitions() -> dict[str, dict[str, str]]:

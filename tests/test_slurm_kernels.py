@@ -15,8 +15,9 @@ from pathlib import Path
 import h5py
 import pytest
 
-from fixtures_kernel import REPO, rkrun_env
+from fixtures_kernel import rkrun_env
 from fixtures_slurm import SlurmWorkflow, submit_urgent, wait_until
+from helpers import REPO
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,6 @@
-"""FileStorage / MemoryStorage / open_storage on real files and processes."""
+"""FileStorage / open_storage on real files and processes: what only the file store has (modes, lock, temp files).
+
+The contract every store shares (names, ranges, missing objects) is test_store_conformance."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import pytest
 from rkckpt.storage import (
     FileStorage,
     FsspecStorage,
-    InvalidNameError,
     LockedError,
     MemoryStorage,
     StorageError,
@@ -20,39 +21,15 @@ from rkckpt.storage import (
     open_storage,
 )
 
-BAD_NAMES = ["../x", "a/b", "..", ".", "", "a\\b", "x\x00y", "new\nline", "tab\tname", "a..b", "/abs", "\x7f"]
 
-
-@pytest.mark.parametrize("name", BAD_NAMES)
-def test_path_traversal_and_control_names_rejected(tmp_path, name):
-    for s in (FileStorage(tmp_path / "ck"), MemoryStorage(), FsspecStorage("memory://rk-names")):
-        with pytest.raises(InvalidNameError, match="invalid checkpoint name"):
-            s.save(name, b"x")
-        with pytest.raises(InvalidNameError):
-            s.load(name)
-        s.close()
-    assert not (tmp_path / "x").exists()
-    assert sorted(os.listdir(tmp_path / "ck")) in ([], [".rkckpt.lock"])
-
-
-def test_atomic_save_permissions_and_roundtrip(tmp_path):
+def test_atomic_save_permissions(tmp_path):
+    """Owner-only by default; the save/load/range/list contract itself is in test_store_conformance."""
     s = FileStorage(tmp_path / "ck")
     assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o700
     assert s.save("a.rkcp", b"hello world") == 11
-    assert s.save("b.rkcp", lambda f: f.write(b"x" * 5000)) == 5000
     assert stat.S_IMODE((tmp_path / "ck" / "a.rkcp").stat().st_mode) == 0o600
-    assert s.list() == ["a.rkcp", "b.rkcp"]  # lock file hidden
-    assert s.load("a.rkcp") == b"hello world"
-    assert s.read_range("a.rkcp", 6, 5) == b"world"
-    assert s.size("b.rkcp") == 5000
-    with s.open_read("b.rkcp") as f:
-        assert f.read() == b"x" * 5000
-    s.save("a.rkcp", b"replaced")
-    assert s.load("a.rkcp") == b"replaced"
-    s.delete("a.rkcp")
-    assert not s.exists("a.rkcp") and s.list() == ["b.rkcp"]
-    with pytest.raises(StorageError, match="a.rkcp: reading failed"):
-        s.load("a.rkcp")
+    assert s.list() == ["a.rkcp"]  # lock file hidden
+    assert sorted(os.listdir(tmp_path / "ck")) == [".rkckpt.lock", "a.rkcp"]  # no temp file left
     s.close()
 
 

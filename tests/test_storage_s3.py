@@ -1,4 +1,4 @@
-"""Object storage on a real SeaweedFS S3 server: round trips, chains, secrets, two-level flush."""
+"""Object storage on a real SeaweedFS S3 server: chains, mixed forms, secrets, two-level flush (the store contract: test_store_conformance)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 
 from ckpt_helpers import stream_span
 from fixtures_s3 import start_weed, stop_weed
+from helpers import chain_state
 from rkckpt.chain import describe, latest_restorable, read_region
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, FsspecStorage, ListingError, StorageError, TwoLevelStorage, open_storage
 
 pytestmark = pytest.mark.s3
@@ -22,32 +23,13 @@ FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout"
 
 
 def state(step: int, n: int = 65536) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("big", np.arange(n, dtype=np.float32))  # constant: deltas stay small
-    c.add_region("small", np.full(1024, step, dtype=np.float64))
-    return c
+    return chain_state(KID, step, big=n, small=1024, small_dtype=np.float64)
 
 
 def check(ck: Checkpoint, step: int, n: int = 65536) -> None:
     want = state(step, n)
     for r in ("big", "small"):
         np.testing.assert_array_equal(ck.region(r), want.region(r))
-
-
-def test_roundtrip_ranges_and_listing(s3_server):
-    url = f"s3://{s3_server.bucket()}/run/a"
-    s = open_storage(url, **s3_server.options())
-    assert isinstance(s, FsspecStorage) and s.list() == []
-    assert s.save("one", b"0123456789") == 10
-    assert s.save("two", lambda f: f.write(b"y" * 70000)) == 70000
-    assert s.list() == ["one", "two"]
-    assert s.load("one") == b"0123456789"
-    assert s.read_range("one", 3, 4) == b"3456"
-    assert s.size("two") == 70000 and s.exists("two") and not s.exists("three")
-    s.delete("one")
-    assert s.list() == ["two"]
-    with pytest.raises(StorageError, match="no such checkpoint object"):
-        s.load("one")
 
 
 def test_manager_chain_on_s3_and_fallback(s3_server):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from fixtures_s3 import free_ports
+from helpers import flat_state
 from rkckpt.chain import latest_restorable
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.model import Checkpoint, Metadata
+from rkckpt.model import Checkpoint
 from rkckpt.storage import FileStorage, FsspecStorage, ListingError, StorageError, TwoLevelStorage, open_storage
 
 pytestmark = pytest.mark.s3
@@ -18,9 +19,7 @@ FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout"
 
 
 def state(step: int) -> Checkpoint:
-    c = Checkpoint(Metadata(KID, "test", step))
-    c.add_region("a", np.full(1024, step, dtype=np.float32))
-    return c
+    return flat_state(KID, step, 1024)
 
 
 def test_jobs_sharing_a_local_dir_never_see_each_others_files(s3_server, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from ckpt_helpers import VECTOR_FILES, load_path, parse_path, vector_bytes
 from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.delta import apply_delta
-from rkckpt.describe import describe
+from rkckpt.describe import describe_file
 from rkckpt.model import Checkpoint
 from rkckpt.siphash import region_id
 
@@ -64,7 +64,7 @@ def test_vector_agrees_with_manifest(vectors_dir, manifest, name):
 
 @pytest.mark.parametrize("name", VECTOR_FILES)
 def test_inspect_json_agrees_with_manifest(vectors_dir, manifest, name):
-    info = describe(container.read(vectors_dir / f"{name}.rkcp"))
+    info = describe_file(container.read(vectors_dir / f"{name}.rkcp"))
     want = manifest["files"][name]
     assert {k: info["header"][k] for k in HEADER_KEYS} == want["header"]
     assert info["content_digest"] == want["content_digest"]

@@ -16,7 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 WF = REPO / "workflows" / "wavesim"
 SCRIPTS = WF / "scripts"
 sys.path.insert(0, str(SCRIPTS))

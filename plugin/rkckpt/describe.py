@@ -1,4 +1,6 @@
-"""The stable JSON description of a checkpoint file (``rkckpt inspect --json``).
+"""The stable JSON description of one checkpoint file (``rkckpt inspect --json``): ``describe_file``.
+
+A folder's listing (one row per checkpoint, ``rkckpt ls``) is ``chain.describe``.
 
 Scripts rely on these keys; add keys only with care and never rename one.
 """
@@ -13,7 +15,7 @@ from .flags import CHUNK_PART
 from .model import ChunkType
 
 
-def describe(parsed: ParsedFile, names: dict[int, str] | None = None) -> dict[str, Any]:
+def describe_file(parsed: ParsedFile, names: dict[int, str] | None = None) -> dict[str, Any]:
     """JSON-ready dict: header, metadata, content digest and one entry per chunk.
 
     ``names`` maps DeviceMemory chunk ids to region names known from outside

@@ -235,6 +235,74 @@ def _layout(length: int, fill: Callable[[Any], None]) -> tuple[int, bytes, bytes
     return offset, prefix, suffix
 
 
+class _Plan:
+    """One checkpoint's encoded stream and everything its HDF5 structure is built from."""
+
+    def __init__(self, ckpt: Checkpoint, options: codec.WriteOptions, chain_base: str | None) -> None:
+        self.ckpt, self.options, self.chain_base = ckpt, options, chain_base
+        self.enc = stream.encode_single(ckpt, options)
+        self.parent = ckpt.metadata.parent_digest or ""
+        names = ckpt.region_names()
+        self.regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
+        self.offsets = self.enc.chunk_offsets()
+        self.row_names = [names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else "" for p in self.enc.chunks]
+
+    def base_for(self, digest: str) -> str:
+        if self.chain_base is not None:
+            return self.chain_base
+        return self.ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if self.parent else digest)
+
+    def facts_for(self, crcs: list[int], digest: str) -> _Facts:
+        rows = [
+            (p.chunk_id, at, p.encoded.size, p.uncompressed_size, p.encoded.flags, crc)
+            for p, at, crc in zip(self.enc.chunks, self.offsets, crcs, strict=True)
+        ]
+        meta = self.ckpt.metadata
+        return _Facts(rows, digest, self.parent, self.base_for(digest), meta.current_step, self.ckpt.created_at)
+
+    def fill(self, h: Any, facts: _Facts) -> None:
+        """Write the root attributes, the index and the region table of ``facts`` into the open file ``h``."""
+        meta, attrs = self.ckpt.metadata, h.attrs
+        attrs["rkckpt.wrapper"] = WRAPPER
+        attrs["wrapper_version"] = WRAPPER_VERSION
+        attrs["format_version"] = VERSION
+        attrs["kernel_id"] = meta.kernel_id
+        attrs["kernel_type"] = meta.kernel_type
+        attrs["step"] = np.uint64(facts.step)
+        attrs["kind"] = "delta" if self.parent else "full"
+        attrs["content_digest"] = facts.digest
+        attrs["parent_digest"] = facts.parent
+        attrs["chain_base"] = facts.chain_base
+        attrs["created_at"] = np.uint64(facts.created_at)
+        attrs["compat"] = bool(self.options.compat)
+        index = np.zeros(len(self.enc.chunks), dtype=index_dtype())
+        for i, (p, name, row) in enumerate(zip(self.enc.chunks, self.row_names, facts.rows, strict=True)):
+            cid, at, stored, unc, flags, crc = row
+            index[i] = (p.chunk_type, cid, name, at, stored, unc, flags, crc)
+        h.create_dataset(INDEX, data=index, track_times=False)
+        table = np.zeros(len(self.regions), dtype=regions_dtype())
+        for i, r in enumerate(self.regions):
+            table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
+        h.create_dataset(REGIONS, data=table, track_times=False)
+
+    def layout(self, facts: _Facts) -> tuple[int, bytes, bytes]:
+        return _layout(self.enc.length, lambda h: self.fill(h, facts))
+
+    def shape(self, first: _Facts) -> tuple[object, ...]:
+        """What the layout depends on: every size and string of the structure, none of the numbers, digests or the length."""
+        meta, parent, base = self.ckpt.metadata, self.parent, first.chain_base
+        return (
+            meta.kernel_id,
+            meta.kernel_type,
+            parent if len(parent) != len(_S_PARENT) else len(parent),
+            base if len(base) != len(_S_BASE) else len(base),
+            bool(self.options.compat),
+            tuple((p.chunk_type, name) for p, name in zip(self.enc.chunks, self.row_names, strict=True)),
+            tuple((r.name, r.dtype, tuple(r.shape), r.chunk_id) for r in self.regions),
+            self.enc.length >= STREAM_ALIGN_ABOVE,
+        )
+
+
 def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None = None, *, chain_base: str | None = None) -> int:
     """Stream ``ckpt`` as ``.rk.h5`` into a seekable binary sink (a new file); return the bytes written.
 
@@ -255,112 +323,82 @@ def write_to(f: BinaryIO, ckpt: Checkpoint, options: codec.WriteOptions | None =
         f.seek(start)
     except (AttributeError, OSError, ValueError) as exc:
         raise CheckpointError(None, f".rk.h5 needs a seekable sink: {exc}") from None
-    enc = stream.encode_single(ckpt, options)
-    parent = ckpt.metadata.parent_digest or ""
-    names = ckpt.region_names()
-    regions = sorted(ckpt.regions().values(), key=lambda r: r.name)
-    offsets = enc.chunk_offsets()
-    row_names = [names.get(p.chunk_id, "") if p.chunk_type == ChunkType.DEVICE_MEMORY else "" for p in enc.chunks]
-
-    def base_for(digest: str) -> str:
-        return chain_base if chain_base is not None else ckpt.metadata.custom.get(CHAIN_BASE_KEY, "" if parent else digest)
-
-    def fill_with(facts: _Facts) -> Callable[[Any], None]:
-        def fill(h: Any) -> None:
-            attrs = h.attrs
-            attrs["rkckpt.wrapper"] = WRAPPER
-            attrs["wrapper_version"] = WRAPPER_VERSION
-            attrs["format_version"] = VERSION
-            attrs["kernel_id"] = ckpt.metadata.kernel_id
-            attrs["kernel_type"] = ckpt.metadata.kernel_type
-            attrs["step"] = np.uint64(facts.step)
-            attrs["kind"] = "delta" if parent else "full"
-            attrs["content_digest"] = facts.digest
-            attrs["parent_digest"] = facts.parent
-            attrs["chain_base"] = facts.chain_base
-            attrs["created_at"] = np.uint64(facts.created_at)
-            attrs["compat"] = bool(options.compat)
-            index = np.zeros(len(enc.chunks), dtype=index_dtype())
-            for i, (p, name, row) in enumerate(zip(enc.chunks, row_names, facts.rows, strict=True)):
-                cid, at, stored, unc, flags, crc = row
-                index[i] = (p.chunk_type, cid, name, at, stored, unc, flags, crc)
-            h.create_dataset(INDEX, data=index, track_times=False)
-            table = np.zeros(len(regions), dtype=regions_dtype())
-            for i, r in enumerate(regions):
-                table[i] = (r.name, r.dtype, np.asarray(r.shape, dtype="<i8"), r.chunk_id)
-            h.create_dataset(REGIONS, data=table, track_times=False)
-
-        return fill
-
-    def facts_for(crcs: list[int], digest: str) -> _Facts:
-        rows = [
-            (p.chunk_id, at, p.encoded.size, p.uncompressed_size, p.encoded.flags, crc)
-            for p, at, crc in zip(enc.chunks, offsets, crcs, strict=True)
-        ]
-        return _Facts(rows, digest, parent, base_for(digest), ckpt.metadata.current_step, ckpt.created_at)
-
-    def layout(facts: _Facts) -> tuple[int, bytes, bytes]:
-        return _layout(enc.length, fill_with(facts))
-
+    plan = _Plan(ckpt, options, chain_base)
     placeholder = "0" * 8  # a digest's size: the layout does not change when the real one goes in
-    first = facts_for([0] * len(enc.chunks), placeholder)
-    # what the layout depends on: every size and string of the structure, none of the numbers, digests or the length
-    shape = (
-        ckpt.metadata.kernel_id,
-        ckpt.metadata.kernel_type,
-        parent if len(parent) != len(_S_PARENT) else len(parent),
-        first.chain_base if len(first.chain_base) != len(_S_BASE) else len(first.chain_base),
-        bool(options.compat),
-        tuple((p.chunk_type, name) for p, name in zip(enc.chunks, row_names, strict=True)),
-        tuple((r.name, r.dtype, tuple(r.shape), r.chunk_id) for r in regions),
-        enc.length >= STREAM_ALIGN_ABOVE,
-    )
+    first = plan.facts_for([0] * len(plan.enc.chunks), placeholder)
+    shape = plan.shape(first)
+    offset, prefix, suffix = _place_stream(f, start, plan, shape, first)
+    f.seek(start)
+    stream.write_fully(f, prefix)
+    f.seek(start + offset + plan.enc.length)
+    stream.write_fully(f, suffix)
+    f.truncate()  # a retried layout may have left bytes past the end
+    return offset + plan.enc.length + len(suffix)
+
+
+def _place_stream(f: BinaryIO, start: int, plan: _Plan, shape: tuple[object, ...], first: _Facts) -> tuple[int, bytes, bytes]:
+    """Write the stream where the structure puts it; return (its offset, the structure before it, after it).
+
+    The offset comes from the shape's template or a remembered layout; if the
+    real layout puts the stream elsewhere (not expected: equal sizes give
+    equal layouts), the stream is written again there.
+    """
     fresh = shape not in _TEMPLATES
     if fresh:
         if len(_TEMPLATES) >= 64:
             _TEMPLATES.clear()
-        _TEMPLATES[shape] = _make_template(enc.length, layout, first)
+        _TEMPLATES[shape] = _make_template(plan.enc.length, plan.layout, first)
     template = _TEMPLATES[shape]
     offset = template.offset if template is not None else _OFFSETS.get(shape)
     if offset is None:
-        offset, _, _ = layout(first)
+        offset, _, _ = plan.layout(first)
     for _attempt in range(2):
         f.seek(start + offset)
-        written = stream.emit(f, enc, options, chunk_crcs=True)
-        assert written.payload_crcs is not None
-        _start_writeback(f)  # the disk takes the stream while the HDF5 structure is made below
-        crcs = [
-            pc if p.raw else crc32(memoryview(c.data).cast("B"))
-            for p, pc, c in zip(enc.chunks, written.payload_crcs, ckpt.chunks, strict=True)
-        ]
-        digest = digest_from_crcs((p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, crcs, strict=True))
-        facts = facts_for(crcs, digest)
-        if template is not None:
-            try:
-                prefix, suffix, final = template.render(facts, enc.length), b"", template.offset
-            except ValueError:
-                template = _TEMPLATES[shape] = None
-            if template is not None and fresh:  # the first use is checked against a real layout
-                real = layout(facts)
-                if real != (final, prefix, suffix):
-                    template = _TEMPLATES[shape] = None
-                    final, prefix, suffix = real
-        if template is None:
-            final, prefix, suffix = layout(facts)
+        facts = _emit(f, plan)
+        final, prefix, suffix = _structure(plan, shape, facts, fresh)
         if final == offset:
             if len(_OFFSETS) >= 64:
                 _OFFSETS.clear()
             _OFFSETS[shape] = offset  # the next checkpoint of this kind skips the placeholder layout
-            break
-        offset = final  # not expected (equal sizes give equal layouts); correct either way: write it there
-    else:
-        raise CheckpointError(None, "HDF5 layout of /rkckpt did not settle")
-    f.seek(start)
-    stream.write_fully(f, prefix)
-    f.seek(start + offset + enc.length)
-    stream.write_fully(f, suffix)
-    f.truncate()  # a retried layout may have left bytes past the end
-    return offset + enc.length + len(suffix)
+            return offset, prefix, suffix
+        offset = final  # correct either way: write it there
+    raise CheckpointError(None, "HDF5 layout of /rkckpt did not settle")
+
+
+def _emit(f: BinaryIO, plan: _Plan) -> _Facts:
+    """Write the stream at ``f``'s position; return the facts its CRCs give (index rows, content digest)."""
+    enc = plan.enc
+    written = stream.emit(f, enc, plan.options, chunk_crcs=True)
+    assert written.payload_crcs is not None
+    _start_writeback(f)  # the disk takes the stream while the HDF5 structure is made
+    crcs = [
+        pc if p.raw else crc32(memoryview(c.data).cast("B"))
+        for p, pc, c in zip(enc.chunks, written.payload_crcs, plan.ckpt.chunks, strict=True)
+    ]
+    digest = digest_from_crcs((p.chunk_type, p.chunk_id, crc, p.uncompressed_size) for p, crc in zip(enc.chunks, crcs, strict=True))
+    return plan.facts_for(crcs, digest)
+
+
+def _structure(plan: _Plan, shape: tuple[object, ...], facts: _Facts, fresh: bool) -> tuple[int, bytes, bytes]:
+    """The HDF5 structure for ``facts``: the shape's template patched, or laid out again where there is none.
+
+    A template's first use is checked against a real layout; one that does
+    not render or does not match is dropped for this shape.
+    """
+    template = _TEMPLATES.get(shape)
+    if template is not None:
+        try:
+            rendered = (template.offset, template.render(facts, plan.enc.length), b"")
+        except ValueError:
+            _TEMPLATES[shape] = None
+            return plan.layout(facts)
+        if not fresh:
+            return rendered
+        real = plan.layout(facts)
+        if real != rendered:
+            _TEMPLATES[shape] = None
+        return real
+    return plan.layout(facts)
 
 
 _SYNC_FILE_RANGE_WRITE = 2

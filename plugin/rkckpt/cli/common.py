@@ -1,7 +1,8 @@
 """Plumbing shared by the ``rkckpt`` subcommands: errors as one line, reading, writing, locations.
 
-Every failure ends as one line on stderr naming the file and exit status 1
-(2 for usage errors, from click); no traceback reaches the user unless
+Every failure ends as one line ``rkckpt: error: FILE: problem`` on stderr and
+exit status 1 (2 for usage errors, from click); ``errors_exit`` is the one
+place that turns typed errors into that. No traceback reaches the user unless
 ``RKCKPT_DEBUG=1`` is set.
 """
 
@@ -11,7 +12,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -50,16 +51,32 @@ def one_line(message: str) -> str:
     return " ".join(message.split("\n"))
 
 
+#: Exit statuses of every subcommand (click's own usage errors exit 2).
+EXIT_ERROR = 1
+EXIT_NOTHING = 3  # ``latest``: nothing restorable
+
+
+def fail(message: str) -> NoReturn:
+    """End the command: ``message`` as one line on stderr, exit status 1."""
+    click.echo(f"rkckpt: error: {printable(one_line(message))}", err=True)
+    raise click.exceptions.Exit(EXIT_ERROR)
+
+
 def errors_exit(fn: F) -> F:
-    """A CheckpointError ends the command with one line on stderr and exit status 1."""
+    """The one place a typed error becomes the command's exit: one line on stderr, status 1.
+
+    A CheckpointError (storage errors included) already names its file; an
+    OSError is named by its file or, failing that, the command's LOCATION.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except CheckpointError as exc:
-            click.echo(f"rkckpt: error: {printable(one_line(str(exc)))}", err=True)
-            raise click.exceptions.Exit(1) from None
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"{exc.filename or kwargs.get('location', '')}: {exc.strerror or exc}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -111,31 +128,12 @@ def save(path: str, ckpt: Checkpoint, compat: bool, compress: str = "auto") -> i
 
 def open_location(location: str, *, must_exist: bool = True) -> Storage:
     """A checkpoint folder or storage URL, read-only (no staging, no folder created)."""
-    try:
-        if "://" not in location or location.startswith("file://"):
-            path = location.removeprefix("file://")
-            if must_exist and not os.path.isdir(path):
-                what = "not a folder" if os.path.exists(path) else "no such checkpoint folder"
-                raise click.ClickException(f"{printable(path)}: {what}")
-            return FileStorage(path, create=False)
-        return open_storage(location, local=False)
-    except CheckpointError as exc:
-        raise click.ClickException(printable(exc)) from None
-
-
-def clean_errors(fn: F) -> F:
-    """A storage or permission problem is one line naming the folder, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CheckpointError as exc:
-            raise click.ClickException(printable(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(printable(f"{exc.filename or kwargs.get('location', '')}: {exc.strerror or exc}")) from None
-
-    return wrapper  # type: ignore[return-value]
+    if "://" not in location or location.startswith("file://"):
+        path = location.removeprefix("file://")
+        if must_exist and not os.path.isdir(path):
+            raise CheckpointError(path, "not a folder" if os.path.exists(path) else "no such checkpoint folder")
+        return FileStorage(path, create=False)
+    return open_storage(location, local=False)
 
 
 def where(storage: Storage, name: str) -> str:

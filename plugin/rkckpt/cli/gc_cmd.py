@@ -7,12 +7,11 @@ import click
 from ..chain import ChainIndex
 from ..ckptset import SET_RE, gc_sets, is_part_kernel, manifest_names, plan_gc_sets
 from ..display import printable
-from ..errors import CheckpointError
 from ..retention import gc
 from ..retention import plan as plan_gc
 from ..storage import Storage
 from . import main
-from .common import clean_errors, open_location, where
+from .common import errors_exit, open_location, where
 
 
 def _set_kernels(storage: Storage, kernel_id: str | None) -> list[str]:
@@ -43,7 +42,7 @@ def _collect(storage: Storage, keep: int, dry_run: bool, kernel_id: str | None) 
 @click.option("--keep", type=click.IntRange(min=1), required=True, help="Complete chains (and checkpoint sets) to keep (newest first).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> None:
     """Delete checkpoints outside the newest KEEP complete chains (never a kept delta's parent).
 
@@ -55,8 +54,6 @@ def gc_cmd(location: str, keep: int, dry_run: bool, kernel_id: str | None) -> No
     storage = open_location(location)
     try:
         doomed = _collect(storage, keep, dry_run, kernel_id)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
     finally:
         storage.close()
     for n in doomed:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..describe import describe
+from ..describe import describe_file
 from ..display import printable
 from ..model import type_name
 from . import main
@@ -22,7 +22,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     """Show the header, metadata and chunks of a .rkcp or .rk.h5 file."""
     parsed, names = parse(path)
     with about(path):
-        info = describe(parsed, names)
+        info = describe_file(parsed, names)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..chain import ChainIndex, RestorePoint, latest_restorable
 from ..ckptset import SetStatus, is_part_kernel, plain_view, scan_sets
 from ..display import printable
-from ..errors import CheckpointError
 from ..storage import Storage
 from . import main
-from .common import clean_errors, open_location, where
-
-EXIT_NOTHING = 3
+from .common import EXIT_NOTHING, errors_exit, open_location, where
 
 
 def _chain_doc(storage: Storage, rp: RestorePoint | None, index: ChainIndex, kernel_id: str | None) -> dict[str, object]:
@@ -58,17 +54,14 @@ def _with_sets(storage: Storage, doc: dict[str, object], kernel_id: str | None) 
 @click.argument("location")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (default: path and step).")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     """The newest restorable checkpoint (or checkpoint set) in DIR|URL; exit 3 when there is none."""
     storage = open_location(location, must_exist=False)
     chains = storage if kernel_id is not None and is_part_kernel(kernel_id) else plain_view(storage)
-    try:
-        index = ChainIndex(chains)
-        rp = latest_restorable(chains, kernel_id, index=index, warn=False)  # skipped files are reported below
-        doc = _with_sets(storage, _chain_doc(storage, rp, index, kernel_id), kernel_id)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    index = ChainIndex(chains)
+    rp = latest_restorable(chains, kernel_id, index=index, warn=False)  # skipped files are reported below
+    doc = _with_sets(storage, _chain_doc(storage, rp, index, kernel_id), kernel_id)
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     else:
@@ -80,4 +73,4 @@ def latest_cmd(location: str, as_json: bool, kernel_id: str | None) -> None:
     if doc["step"] is None:
         if not as_json:
             click.echo(f"nothing restorable in {printable(storage.url)}", err=True)
-        sys.exit(EXIT_NOTHING)
+        raise click.exceptions.Exit(EXIT_NOTHING)

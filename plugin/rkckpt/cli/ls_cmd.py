@@ -9,10 +9,9 @@ import click
 from ..chain import Row, describe
 from ..ckptset import SetStatus, is_part_kernel, plain_view, scan_sets
 from ..display import printable
-from ..errors import CheckpointError
 from ..storage import Storage, StorageError
 from . import main
-from .common import clean_errors, open_location, where
+from .common import errors_exit, open_location, where
 
 
 def _file_doc(storage: Storage, r: Row) -> dict[str, object]:
@@ -72,14 +71,11 @@ def _docs(storage: Storage, quick: bool, kernel_id: str | None) -> list[dict[str
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quick", is_flag=True, help="Check headers only, not every byte.")
 @click.option("--kernel", "kernel_id", default=None, help="Only this kernel id.")
-@clean_errors
+@errors_exit
 def ls_cmd(location: str, as_json: bool, quick: bool, kernel_id: str | None) -> None:
     """List the checkpoints in DIR|URL as chains (step, kind, size, digest, parent, valid?); a set of N parts is one row."""
     storage = open_location(location)
-    try:
-        docs = _docs(storage, quick, kernel_id)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+    docs = _docs(storage, quick, kernel_id)
     if as_json:
         click.echo(json.dumps(docs, indent=1))
         return

@@ -14,12 +14,13 @@ from ..display import printable
 from ..errors import CheckpointError
 from ..storage import FileStorage
 from . import main
-from .common import about, one_line, parse
+from .common import EXIT_ERROR, about, errors_exit, one_line, parse
 
 
 @main.command("verify")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files.")
+@errors_exit
 def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
     """Check files fully; exit 1 with one line per bad file on stderr.
 
@@ -36,7 +37,7 @@ def verify_cmd(paths: tuple[str, ...], quiet: bool) -> None:
             elif not quiet:
                 click.echo(f"OK  {printable(label)}")
     if bad:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _checks(path: str) -> Iterator[tuple[str, str | None]]:

@@ -67,6 +67,12 @@ def validate_name(name: str) -> str:
     return name
 
 
+def check_range(name: str, offset: int, length: int) -> None:
+    """A negative offset or length is a bug in the caller, never "from the end" (S3 would read it so)."""
+    if offset < 0 or length < 0:
+        raise StorageError(name, f"bad byte range: offset {offset}, length {length}")
+
+
 def retry(op: Callable[[], T], what: str, *, attempts: int, delay: float) -> T:
     """``op()``, retried with exponential backoff on ``StorageError``; the last failure becomes ``ListingError``."""
     for i in range(max(1, attempts)):
@@ -136,6 +142,7 @@ class StorageBase:
         return self.save(name, data)  # type: ignore[attr-defined]
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
+        check_range(name, offset, length)
         with self.open_read(name) as f:  # type: ignore[attr-defined]
             f.seek(offset)
             return f.read(length)

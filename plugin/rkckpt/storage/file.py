@@ -19,7 +19,7 @@ from typing import BinaryIO
 from .. import testhook
 from ..atomic import fsync_dir
 from ..lock import check_private_folder, open_lock_file
-from .base import ExistsError, LockedError, Payload, StorageBase, StorageError, validate_name, write_payload
+from .base import ExistsError, LockedError, Payload, StorageBase, StorageError, check_range, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
 TMP_PREFIX = ".rkckpt-tmp-"
@@ -193,6 +193,7 @@ class FileStorage(StorageBase):
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         p = self.path(name)
+        check_range(str(p), offset, length)
         try:
             with open(p, "rb") as f:
                 return os.pread(f.fileno(), length, offset)

@@ -6,7 +6,7 @@ import io
 import threading
 from typing import BinaryIO
 
-from .base import Payload, StorageBase, StorageError, validate_name, write_payload
+from .base import Payload, StorageBase, StorageError, check_range, validate_name, write_payload
 
 
 class MemoryStorage(StorageBase):
@@ -36,6 +36,8 @@ class MemoryStorage(StorageBase):
         return io.BytesIO(self.load(name))
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
+        validate_name(name)
+        check_range(name, offset, length)
         return self.load(name)[offset : offset + length]
 
     def size(self, name: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from ..logsafe import register_secret
-from .base import Payload, StorageBase, StorageError, retry, validate_name, write_payload
+from .base import Payload, StorageBase, StorageError, check_range, retry, validate_name, write_payload
 
 #: A listing is retried this often, waiting LIST_DELAY, 2*LIST_DELAY... seconds in between.
 LIST_ATTEMPTS = 5
@@ -144,12 +144,21 @@ class FsspecStorage(StorageBase):
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         path = self._path(name)
-        if length <= 0:
+        check_range(self._where(name), offset, length)
+        if length == 0:
             return b""
         try:
             return self.fs.cat_file(path, start=offset, end=offset + length)
         except Exception as exc:  # noqa: BLE001
+            if self._at_or_past_end(path, offset):
+                return b""  # S3 answers "range not satisfiable"; every other store returns what is there: nothing
             raise self._error(self._where(name), "reading", exc) from None
+
+    def _at_or_past_end(self, path: str, offset: int) -> bool:
+        try:
+            return offset >= int(self.fs.size(path))
+        except Exception:  # noqa: BLE001 - missing or unreachable: the read's own error is the one to report
+            return False
 
     def size(self, name: str) -> int:
         path = self._path(name)
