@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rkckpt import testhook
 from rkckpt.errors import CheckpointError
-from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotResponse
 from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
 
 from .comm import Comm, RankLost, world
@@ -46,7 +46,6 @@ from .runtime import FINGERPRINT_KEY, RestoreMismatch
 
 if TYPE_CHECKING:
     from rkckpt.ckptset import CheckpointSet
-
     from rkckpt.model import Checkpoint
     from rkckpt.storage import Storage
     from rkstep.events import EventWriter
@@ -120,10 +119,23 @@ def layout_of(loop: StepLoop, comm: Comm) -> Layout:
 
 
 def global_identity(loop: StepLoop) -> dict[str, Any]:
-    """What makes two runs the same simulation whatever their rank count."""
+    """What makes two runs the same simulation whatever their rank count (a plain run's fingerprint)."""
     krun, spec = loop.krun, loop.krun.spec
-    fp = getattr(krun, "global_fingerprint", None) or getattr(spec, "global_fingerprint", None) or spec.fingerprint()
+    fp = getattr(krun, "global_fingerprint", None) or getattr(spec, "global_fingerprint", None)
+    if fp is None:
+        fp = spec.fingerprint() if getattr(spec, "halo_exchange", None) is None else _single_fingerprint(loop)
     return {"kernel_type": spec.kernel_type, "grid": [int(g) for g in loop.cfg.grid], "fingerprint": str(fp)}
+
+
+def _single_fingerprint(loop: StepLoop) -> str:
+    """The fingerprint the same options give one process: the spec built as if this were the only rank."""
+    from . import comm as comm_mod
+
+    held, comm_mod._WORLD = comm_mod._WORLD, comm_mod.SingleComm()
+    try:
+        return loop.plugin.build(loop.values).spec.fingerprint()
+    finally:
+        comm_mod._WORLD = held
 
 
 def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
@@ -196,7 +208,6 @@ def own_files_after(storage: Storage, kernel_id: str, step: int) -> list[str]:
 def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
     """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
     from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
-
     from rkckpt.model import Checkpoint, ChunkType
 
     same = s.name is not None and s.ranks == size
@@ -238,12 +249,15 @@ class RankLoop(StepLoop):
         self.committed: int | None = None
         #: step of the periodic parts handed to the managers, not yet committed
         self.pending: int | None = None
-        #: writes handed to this rank's manager so far
+        #: writes handed to this rank's manager so far, and the step of the last periodic one
         self.handed = 0
+        self.last_handed: int | None = None
         #: names the lineage of sets: kept across restores, new for a run from step 0
         self.run_id = ""
         #: (host, pid) of every rank, to name the one that is gone when a collective times out
         self.peers: list[Any] = []
+        #: the whole simulation, in every part's metadata (JSON of ``global_identity``)
+        self.identity = ""
         #: a collective missed its deadline: this rank leaves without MPI's finalize
         self.lost = False
 
@@ -260,6 +274,7 @@ class RankLoop(StepLoop):
         if "auto" in (self.cfg.checkpoint_every, self.cfg.checkpoint_seconds):
             raise ValueError("--checkpoint-every/--checkpoint-seconds auto is not supported on several ranks yet: give a number")
         self.layout = layout_of(self, self.comm)
+        self.identity = json.dumps(global_identity(self), sort_keys=True)
         storage = open_storage(self.cfg.checkpoint_dir)
         if self.comm.rank != 0:
             unlocked(storage)
@@ -279,7 +294,7 @@ class RankLoop(StepLoop):
 
         doc = None
         if self.comm.rank == 0:
-            doc = set_to_doc(latest_set(self.mgr.storage, self.cfg.kernel_id))
+            doc = set_to_doc(latest_set(self.mgr.storage, self.cfg.kernel_id, decomposed=self.layout.decomposed))
         doc = self.comm.bcast_json(doc)
         return None if doc is None else set_from_doc(doc)  # type: ignore[arg-type]
 
@@ -330,6 +345,13 @@ class RankLoop(StepLoop):
                 return
         self.mgr.latest(exclude=own_files_after(storage, kid, -1))
 
+    def _snapshot(self, reason: str) -> SnapshotResponse:
+        """This rank's part: its local state, naming the whole simulation (``IDENTITY_KEY``)."""
+        resp = super()._snapshot(reason)
+        c = resp.checkpoint
+        c.metadata = c.metadata.with_custom(**{IDENTITY_KEY: self.identity})
+        return resp
+
     # ------------------------------------------------------------ batch boundaries
     def _should_stop(self) -> bool:
         """Stop when any rank got a stop signal: the max of the flags, on every rank at the same step."""
@@ -347,15 +369,12 @@ class RankLoop(StepLoop):
 
     def _boundary(self) -> None:
         """Hand-overs and commits: a periodic part handed over here is committed once every rank's is durable."""
-        if (
-            self.submitted is not None
-            and self.submitted[0] != self.pending
-            and (self.committed is None or self.submitted[0] > self.committed)
-        ):
-            if self.pending is not None:  # the newer hand-over waited for the older write: it is settled
+        handed = self.submitted[0] if self.submitted is not None else None
+        if handed is not None and handed != self.last_handed:
+            if self.pending is not None:  # this hand-over waited for the older write: that one is settled
                 self._resolve(self.pending)
+            self.last_handed, self.pending = handed, handed
             self.handed += 1
-            self.pending = self.submitted[0]
         if self.pending is not None:
             self._resolve(self.pending)
 
@@ -363,7 +382,7 @@ class RankLoop(StepLoop):
         """Whether this rank's part of ``step`` is durable, failed or still being written; its entry."""
         for e in reversed(self.mgr.index.sorted(self.part_id)):
             if e.step == step:
-                return _DURABLE, {"rank": self.comm.rank, "name": e.name, "digest": e.digest}
+                return _DURABLE, {"rank": self.comm.rank, "name": e.name, "digest": str(e.state_digest)}
         st = self.mgr.stats
         return (_FAILED if st.completed + st.failed >= self.handed else _IN_FLIGHT), None
 
