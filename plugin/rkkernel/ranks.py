@@ -103,10 +103,15 @@ class Layout:
 
 
 def layout_of(loop: StepLoop, comm: Comm) -> Layout:
-    """The slab of this rank from the kernel run (``KernelRun.slab`` / ``decomposed`` when the kernel declares them)."""
+    """The slab of this rank from the kernel run (``KernelRun.decomp.slab``; none: the whole grid).
+
+    The split regions are the kernel's ``decomposed`` names when it declares
+    them, else every region of 2+ dimensions whose first axis is the local z axis.
+    """
     krun = loop.krun
     nz = int(loop.cfg.grid[2])
-    slab = getattr(krun, "slab", None) or getattr(krun.spec, "slab", None)
+    decomp = getattr(krun, "decomp", None)  # rkkernel.decomp.SlabRun of a decomposed kernel
+    slab = getattr(decomp, "slab", None) or getattr(krun, "slab", None)
     names = getattr(krun, "decomposed", None) or getattr(krun.spec, "decomposed", None)
     if slab is None:
         z0, z1, lo, hi = 0, nz, 0, 0
@@ -349,7 +354,7 @@ class RankLoop(StepLoop):
         """This rank's part: its local state, naming the whole simulation (``IDENTITY_KEY``)."""
         resp = super()._snapshot(reason)
         c = resp.checkpoint
-        c.metadata = c.metadata.with_custom(**{IDENTITY_KEY: self.identity})
+        c.metadata = dataclasses.replace(c.metadata, kernel_id=self.part_id).with_custom(**{IDENTITY_KEY: self.identity})
         return resp
 
     # ------------------------------------------------------------ batch boundaries
