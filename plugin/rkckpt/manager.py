@@ -91,7 +91,8 @@ class CheckpointPolicy:
     #: Below 0.3 a delta saves at least 70% of them; between this and ``max_delta_fraction``
     #: it saves little and, near that limit, may be built only to be thrown away.
     delta_try_fraction: float = 0.3
-    keep_chains: int = 2
+    #: newest verified chains retention keeps; None: no retention (a part of a checkpoint set: ``ckptset.gc_sets`` decides)
+    keep_chains: int | None = 2
     compat: bool = False
     level: int | None = None  # zstd level; None: the codec's default
     #: file form of the chain: "rk.h5" (the stream wrapped in HDF5) or "rkcp" (the bare stream)
@@ -205,7 +206,7 @@ class CheckpointManager:
             self.policy.full_every < 0
             or not 0 < self.policy.max_delta_fraction <= 1
             or not 0 <= self.policy.delta_try_fraction <= 1
-            or self.policy.keep_chains < 1
+            or (self.policy.keep_chains is not None and self.policy.keep_chains < 1)
             or self.policy.delta_block < 1
         ):
             raise ValueError(f"invalid checkpoint policy {self.policy}")
@@ -378,6 +379,9 @@ class CheckpointManager:
         return step
 
     def _retain(self) -> None:
+        if self.policy.keep_chains is None:  # retention off: the owner of the folder (ckptset.gc_sets) deletes
+            self._save_index()
+            return
         try:
             writer = retention.WriterView(tuple(self._chain), self._passed_over)
             doomed = retention.plan(self.index, self.policy.keep_chains, self.kernel_id, writer=writer)

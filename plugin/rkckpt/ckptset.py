@@ -1,0 +1,612 @@
+"""Coordinated checkpoint sets: the parts N ranks wrote at one step, and the commit record written last.
+
+A multi-rank step checkpoints as N ordinary chains, one per rank, under the
+kernel id ``<kernel>.r<rank>of<N>``: each rank writes its own *local*
+regions (owned planes plus halo/boundary planes) as a full or a delta of its
+own chain, in parallel with the others. None of those files is a checkpoint
+of the step on its own; the state exists only once rank 0 has written the
+*manifest* ``<kernel>-<step:012d>-set<N>.rkset.json`` naming every part with
+its content digest and the global planes it owns. The manifest is written
+last, with ``Storage.create`` (put-no-replace, atomic, durable), after every
+rank reported its part durable: a crash of any rank at any moment leaves
+either the previous committed set or the new one, never half a set.
+
+Readers trust nothing they read: a manifest is bounded in size (1 MiB) and
+nesting before it is parsed, every number is checked against the file name
+and the other parts (ranges cover ``[0, nz)`` in rank order, no gaps, no
+overlaps, no huge values), and a part counts only when its whole chain
+verifies and its materialised digest is the one the manifest recorded. A set
+that fails any check is skipped with a message naming the part and the
+reason, and the next older one is used; nothing here raises for a bad set.
+
+A folder written by a single process (a plain chain of ``<kernel>``) is seen
+as a 1-part set, so one restore path serves both, and a state written by N
+ranks can be restored on M: ``read_planes`` assembles any global plane range
+from only the parts that overlap it (whole parts of one full checkpoint are
+read region by region with range requests, never the other regions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import safejson
+from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, read_region, verify_chain
+from .errors import CheckpointError
+from .model import Checkpoint
+from .storage.base import Storage, StorageError
+from .storage.file import FileStorage
+from .storage.twolevel import TwoLevelStorage
+
+log = logging.getLogger("rkckpt.ckptset")
+
+__all__ = [
+    "SET_SUFFIX",
+    "CheckpointSet",
+    "Part",
+    "SetError",
+    "SetStatus",
+    "commit_set",
+    "gc_sets",
+    "latest_set",
+    "parse_manifest",
+    "part_checkpoint",
+    "part_kernel_id",
+    "read_planes",
+    "read_replicated",
+    "scan_sets",
+    "set_name",
+    "written_part",
+]
+
+SET_SUFFIX = ".rkset.json"
+SET_FORMAT = "rkckpt-set"
+SET_VERSION = 1
+SET_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-set(?P<ranks>\d{1,7})\.rkset\.json$")
+PART_RE = re.compile(r"^(?P<kernel_id>.+)\.r(?P<rank>\d{1,7})of(?P<ranks>\d{1,7})$")
+#: A manifest is a few hundred bytes per rank; anything larger is not one of ours.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_RANKS = 1 << 16
+#: Planes along axis 0: far beyond any grid, far below what would make an allocation hurt.
+MAX_PLANES = 1 << 31
+MAX_STEP = 10**12 - 1
+_DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_MAX_TEXT = 200
+
+
+class SetError(CheckpointError):
+    """A checkpoint set that cannot be committed or restored (names the manifest or the part, and why)."""
+
+
+def part_kernel_id(kernel_id: str, rank: int, ranks: int) -> str:
+    """Kernel id of rank ``rank``'s part chain in a set of ``ranks`` parts: ``<kernel_id>.r<rank>of<ranks>``."""
+    if not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank} is not in [0, {ranks})")
+    return f"{kernel_id}.r{rank}of{ranks}"
+
+
+def set_name(kernel_id: str, step: int, ranks: int) -> str:
+    """File name of the manifest of the set of ``kernel_id`` at ``step`` written by ``ranks`` ranks."""
+    return f"{kernel_id}-{step:012d}-set{ranks}{SET_SUFFIX}"
+
+
+def is_part_kernel(kernel_id: str) -> bool:
+    """True for a part chain's kernel id (``<kernel>.r<rank>of<ranks>``): retention of plain chains leaves it alone."""
+    m = PART_RE.match(kernel_id)
+    return m is not None and int(m["rank"]) < int(m["ranks"])
+
+
+@dataclass(frozen=True)
+class Part:
+    rank: int
+    name: str  # the part chain's checkpoint file at the set's step (its tail)
+    digest: str  # materialised content digest of that checkpoint (chain ``Entry.state_digest``)
+    z0: int  # owned global planes [z0, z1)
+    z1: int
+    offset: int  # local plane index of global plane z0 in the part's decomposed regions
+
+
+@dataclass(frozen=True)
+class CheckpointSet:
+    kernel_id: str
+    step: int
+    run_id: str
+    ranks: int
+    nz: int
+    decomposed: tuple[str, ...]  # region names split along axis 0; all other regions are replicated
+    parts: tuple[Part, ...]
+    name: str | None = None  # the manifest; None: a plain single-process chain seen as a 1-part set
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": SET_FORMAT,
+            "version": SET_VERSION,
+            "kernel_id": self.kernel_id,
+            "step": self.step,
+            "run_id": self.run_id,
+            "ranks": self.ranks,
+            "nz": self.nz,
+            "decomposed": list(self.decomposed),
+            "parts": [dataclasses.asdict(p) for p in self.parts],
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """One manifest (or plain chain) as a listing sees it: the set, or why it cannot be restored."""
+
+    name: str
+    kernel_id: str
+    step: int
+    ranks: int
+    set: CheckpointSet | None
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+# ---------------------------------------------------------------- manifest checks
+def _int(doc: dict[str, object], key: str, lo: int, hi: int, where: str) -> int:
+    v = doc.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ValueError(f"{where}{key} is {_show(v)}, not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _text(v: object, what: str) -> str:
+    if not isinstance(v, str) or len(v) > _MAX_TEXT:
+        raise ValueError(f"{what} is {_show(v)}, not a string of at most {_MAX_TEXT} characters")
+    return v
+
+
+def _show(v: object) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _parse_part(doc: object, kernel_id: str, step: int, ranks: int, nz: int) -> Part:
+    if not isinstance(doc, dict):
+        raise ValueError(f"a part is {type(doc).__name__}, not an object")
+    rank = _int(doc, "rank", 0, ranks - 1, "part: ")
+    where = f"part {rank}: "
+    name = _text(doc.get("name"), f"{where}name")
+    m = NAME_RE.match(name)
+    want = part_kernel_id(kernel_id, rank, ranks)
+    if m is None or m["kernel_id"] != want or int(m["step"]) != step:
+        raise ValueError(f"{where}file {_show(name)} is not a checkpoint of {want} at step {step}")
+    digest = doc.get("digest")
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise ValueError(f"{where}digest {_show(digest)} is not a hex digest")
+    z0, z1 = _int(doc, "z0", 0, nz, where), _int(doc, "z1", 0, nz, where)
+    return Part(rank, name, digest, z0, z1, _int(doc, "offset", 0, MAX_PLANES, where))
+
+
+def check_layout(s: CheckpointSet) -> None:
+    """``ValueError`` unless ``len(parts) == ranks`` and the parts own ``[0, nz)`` contiguously in rank order."""
+    if len(s.parts) != s.ranks:
+        raise ValueError(f"{len(s.parts)} parts listed for {s.ranks} ranks")
+    at = 0
+    for i, p in enumerate(s.parts):
+        if p.rank != i:
+            raise ValueError(f"part {i} says rank {p.rank}: parts must be listed in rank order")
+        if p.z0 != at:
+            what = "overlaps the previous part" if p.z0 < at else "leaves a gap after the previous part"
+            raise ValueError(f"part {i} owns planes [{p.z0}, {p.z1}), which {what} (next plane is {at})")
+        if p.z1 <= p.z0:
+            raise ValueError(f"part {i} owns no planes ([{p.z0}, {p.z1}))")
+        at = p.z1
+    if at != s.nz:
+        raise ValueError(f"the parts own planes [0, {at}), not [0, {s.nz})")
+
+
+def _parse_doc(doc: object, name: str) -> CheckpointSet:
+    m = SET_RE.match(name)
+    if m is None:
+        raise ValueError("not a checkpoint set manifest name")
+    if not isinstance(doc, dict) or doc.get("format") != SET_FORMAT or doc.get("version") != SET_VERSION:
+        raise ValueError(f"not a version {SET_VERSION} {SET_FORMAT} manifest")
+    kernel_id = _text(doc.get("kernel_id"), "kernel_id")
+    step, ranks = _int(doc, "step", 0, MAX_STEP, ""), _int(doc, "ranks", 1, MAX_RANKS, "")
+    if (kernel_id, step, ranks) != (m["kernel_id"], int(m["step"]), int(m["ranks"])):
+        raise ValueError(f"it says kernel {_show(kernel_id)} step {step} ranks {ranks}, its name says otherwise")
+    nz = _int(doc, "nz", 1, MAX_PLANES, "")
+    dec, parts = doc.get("decomposed"), doc.get("parts")
+    if not isinstance(dec, list) or not dec or len(dec) > 1024:
+        raise ValueError("decomposed is not a non-empty list of region names")
+    if not isinstance(parts, list) or len(parts) != ranks:
+        raise ValueError(f"{len(parts) if isinstance(parts, list) else 'no'} parts listed for {ranks} ranks")
+    s = CheckpointSet(
+        kernel_id,
+        step,
+        _text(doc.get("run_id"), "run_id"),
+        ranks,
+        nz,
+        tuple(_text(d, "a decomposed region name") for d in dec),
+        tuple(_parse_part(p, kernel_id, step, ranks, nz) for p in parts),
+        name,
+    )
+    check_layout(s)
+    return s
+
+
+def parse_manifest(name: str, data: bytes) -> CheckpointSet:
+    """The set a manifest describes, or ``SetError`` naming the manifest and the first lie found."""
+    try:
+        return _parse_doc(safejson.loads(data, max_bytes=MAX_MANIFEST_BYTES), name)
+    except ValueError as exc:
+        raise SetError(name, f"manifest rejected: {exc}") from None
+
+
+def _read_regular(path: os.PathLike[str] | str, name: str) -> bytes:
+    """A local manifest's bytes: never follows a link, never blocks on a FIFO, never reads past the limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SetError(name, "manifest rejected: a symbolic link, not a regular file") from None
+        raise SetError(name, f"manifest unreadable: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SetError(name, "manifest rejected: not a regular file (a FIFO, device or folder)")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise SetError(name, f"manifest rejected: {st.st_size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(storage: Storage, name: str) -> CheckpointSet:
+    """Read and check the manifest ``name`` (``SetError`` when it is absent, hostile or lies about its layout)."""
+    if isinstance(storage, TwoLevelStorage):
+        inner = storage.local if os.path.lexists(storage.local.path(name)) else storage.shared
+        return read_manifest(inner, name)
+    if isinstance(storage, FileStorage):
+        return parse_manifest(name, _read_regular(storage.path(name), name))
+    try:
+        size = storage.size(name)
+        if size > MAX_MANIFEST_BYTES:
+            raise SetError(name, f"manifest rejected: {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+        data = storage.load(name)
+    except StorageError as exc:
+        raise SetError(name, f"manifest unreadable: {exc.problem}") from None
+    return parse_manifest(name, data)
+
+
+def manifest_names(storage: Storage, kernel_id: str | None = None) -> list[str]:
+    """Manifest names of ``kernel_id`` (all kernels: None), newest step first.
+
+    A local folder is also searched for entries under a manifest name that
+    are not regular files (a FIFO, a folder): the listing leaves those out,
+    but a reader should hear that one is there and why it is not used.
+    """
+    names = set(storage.list())
+    for fs in (storage.local, storage.shared) if isinstance(storage, TwoLevelStorage) else (storage,):
+        if isinstance(fs, FileStorage):
+            try:
+                names.update(e.name for e in os.scandir(fs.root) if e.name.endswith(SET_SUFFIX))
+            except OSError:
+                pass
+    out = [(m, n) for n in names if (m := SET_RE.match(n)) and (kernel_id is None or m["kernel_id"] == kernel_id)]
+    out.sort(key=lambda t: (int(t[0]["step"]), t[1]), reverse=True)
+    return [n for _, n in out]
+
+
+# ---------------------------------------------------------------- commit
+def commit_set(storage: Storage, s: CheckpointSet) -> str:
+    """Write the manifest of ``s`` after checking it; return its name.
+
+    Checked first: the layout (``len(parts) == ranks``, planes ``[0, nz)``
+    contiguous in rank order) and that every part file exists with the
+    recorded digest. Then the manifest is written with ``Storage.create``
+    (atomic, durable, never replacing a committed set) and the storage is
+    flushed, so when this returns the set exists for every reader. A manifest
+    already there for this name with other content (a set of an earlier,
+    interrupted run at the same step, whose parts were written over since) is
+    replaced atomically, with a warning.
+    """
+    name = set_name(s.kernel_id, s.step, s.ranks)
+    try:
+        s = CheckpointSet(s.kernel_id, s.step, s.run_id, s.ranks, s.nz, tuple(s.decomposed), tuple(s.parts), name)
+        check = _parse_doc(json.loads(s.to_json()), name)
+    except ValueError as exc:
+        raise SetError(name, f"refusing to commit: {exc}") from None
+    index = ChainIndex(storage)
+    index.refresh()
+    for p in check.parts:
+        e = index.entries.get(p.name)
+        if e is None or not e.ok:
+            raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} is {'missing' if e is None else e.error}")
+        if e.state_digest != p.digest:
+            raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} has digest {e.state_digest}, not {p.digest}")
+    data = s.to_json()
+    try:
+        storage.create(name, data)
+    except StorageError as exc:
+        if not storage.exists(name):
+            raise
+        if storage.load(name) != data:
+            log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
+            storage.save(name, data)
+    storage.flush()
+    return name
+
+
+# ---------------------------------------------------------------- verification
+def _part_entry(index: ChainIndex, p: Part) -> Entry:
+    e = index.entries.get(p.name)
+    if e is None:
+        raise SetError(p.name, f"part {p.rank} is missing")
+    return e
+
+
+def _materialise(storage: Storage, index: ChainIndex, p: Part) -> Checkpoint:
+    """Part ``p``'s state: its whole chain read, applied and checked against the manifest digest."""
+    chain, problem = index.chain_of(_part_entry(index, p))
+    if problem is not None:
+        raise SetError(p.name, f"part {p.rank} cannot be restored: {problem}")
+    try:
+        state = verify_chain(storage, chain, {})
+    except (CheckpointError, StorageError) as exc:
+        raise SetError(p.name, f"part {p.rank} is corrupt: {exc}") from None
+    got = state.content_digest()
+    if got != p.digest:
+        raise SetError(p.name, f"part {p.rank} holds state {got}, the manifest says {p.digest}")
+    return state
+
+
+def _check_regions(s: CheckpointSet, p: Part, state: Checkpoint) -> None:
+    """The part's decomposed regions hold the planes the manifest says it owns."""
+    try:
+        regions = state.regions()
+    except CheckpointError as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    for r in s.decomposed:
+        info = regions.get(r)
+        if info is None:
+            raise SetError(p.name, f"part {p.rank} has no region {r!r}, which the manifest says is decomposed")
+        have = info.shape[0] if info.shape else 0
+        if p.offset + (p.z1 - p.z0) > have:
+            raise SetError(
+                p.name,
+                f"part {p.rank}: the manifest puts planes [{p.z0}, {p.z1}) at local plane {p.offset} of {r!r}, "
+                f"which has only {have} planes",
+            )
+
+
+def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None = None, full: bool = True) -> None:
+    """``SetError`` naming the first part that is missing, broken or not what the manifest says.
+
+    ``full``: every part's chain is read and applied (checksums, digests,
+    region shapes); otherwise only the chain structure and recorded digests
+    from the headers are checked (cheap, for listings).
+    """
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
+    for p in s.parts:
+        if full:
+            _check_regions(s, p, _materialise(storage, index, p))
+            continue
+        e = _part_entry(index, p)
+        chain, problem = index.chain_of(e)
+        if problem is not None:
+            raise SetError(p.name, f"part {p.rank} cannot be restored: {problem}")
+        if e.state_digest != p.digest:
+            raise SetError(p.name, f"part {p.rank} records state {e.state_digest}, the manifest says {p.digest}")
+
+
+# ---------------------------------------------------------------- restore
+def scan_sets(
+    storage: Storage, kernel_id: str | None = None, *, run_id: str | None = None, full: bool = True, stop_at_valid: bool = False
+) -> list[SetStatus]:
+    """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable."""
+    index = ChainIndex(storage)
+    index.refresh()
+    out = []
+    for name in manifest_names(storage, kernel_id):
+        m = SET_RE.match(name)
+        assert m is not None
+        s: CheckpointSet | None = None
+        try:
+            s = read_manifest(storage, name)
+            if run_id is not None and s.run_id != run_id:
+                raise SetError(name, f"written by run {s.run_id!r}, not this run {run_id!r}: sets of other runs are not mixed in")
+            verify_set(storage, s, index=index, full=full)
+            problem = None
+        except SetError as exc:
+            problem = str(exc) if exc.source != name else exc.problem
+        out.append(SetStatus(name, m["kernel_id"], int(m["step"]), int(m["ranks"]), s, problem))
+        if problem is None and stop_at_valid:
+            break
+    return out
+
+
+def default_decomposed(ck: Checkpoint) -> tuple[str, ...]:
+    """Regions of a plain checkpoint taken as split along axis 0: those of 2+ dimensions with the first one's plane count."""
+    regions = sorted((n, i) for n, i in ck.regions().items() if len(i.shape) >= 2)
+    if not regions:
+        return ()
+    nz = regions[0][1].shape[0]
+    return tuple(n for n, i in regions if i.shape[0] == nz)
+
+
+def plain_as_set(kernel_id: str, step: int, chain: Sequence[str], ck: Checkpoint, decomposed: Sequence[str] | None) -> CheckpointSet:
+    """A plain single-process chain's restore point as a 1-part set (planes ``[0, nz)`` of its own regions)."""
+    dec = tuple(decomposed) if decomposed is not None else default_decomposed(ck)
+    regions = ck.regions()
+    nz = regions[dec[0]].shape[0] if dec and dec[0] in regions and regions[dec[0]].shape else 0
+    return CheckpointSet(kernel_id, step, "", 1, nz, dec, (Part(0, chain[-1], ck.content_digest(), 0, nz, 0),), None)
+
+
+def latest_set(
+    storage: Storage,
+    kernel_id: str,
+    *,
+    run_id: str | None = None,
+    decomposed: Sequence[str] | None = None,
+    full: bool = True,
+) -> CheckpointSet | None:
+    """The newest restorable state of ``kernel_id``: a committed, verified set or the plain chain, whichever is newer.
+
+    Sets that cannot be used (a part missing or corrupt, a manifest that lies,
+    another run's set when ``run_id`` is given, hostile files) are logged with
+    the reason and passed over. ``decomposed`` names the split regions of a
+    plain chain (default: ``default_decomposed``). ``full=False`` checks parts
+    from their headers only (each rank then reads just the planes it needs).
+    """
+    plain = latest_restorable(storage, kernel_id, warn=False)
+    plain_step = -1 if plain is None else plain.step
+    found: CheckpointSet | None = None
+    for st in scan_sets(storage, kernel_id, run_id=run_id, full=full, stop_at_valid=True):
+        if st.step <= plain_step:
+            break
+        if st.ok:
+            found = st.set
+            break
+        log.warning("skipping checkpoint set %s: %s", st.name, st.problem)
+    if found is None and plain is not None:
+        found = plain_as_set(kernel_id, plain.step, plain.chain, plain.checkpoint, decomposed)
+    return found
+
+
+def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint:
+    """The materialised, verified state of part ``rank`` of ``s`` (its whole chain applied)."""
+    if not 0 <= rank < len(s.parts):
+        raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
+    index = ChainIndex(storage)
+    index.refresh()
+    return _materialise(storage, index, s.parts[rank])
+
+
+def _part_region(storage: Storage, index: ChainIndex, s: CheckpointSet, p: Part, region: str) -> np.ndarray:
+    """One region of part ``p``: range reads of just that region when the part is one full checkpoint."""
+    e = _part_entry(index, p)
+    if e.kind == "full" and e.ok and e.state_digest == p.digest:
+        try:
+            return read_region(storage, p.name, region)
+        except (CheckpointError, StorageError) as exc:
+            raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    ck = _materialise(storage, index, p)
+    try:
+        return ck.region(region)
+    except (KeyError, CheckpointError) as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc}") from None
+
+
+def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
+    """The parts that own at least one of the global planes ``[z0, z1)``."""
+    return [p for p in s.parts if p.z0 < z1 and p.z1 > z0]
+
+
+def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: int) -> np.ndarray:
+    """Global planes ``[z0, z1)`` of the decomposed ``region``, assembled from only the parts that own them."""
+    if region not in s.decomposed:
+        raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
+    if not 0 <= z0 < z1 <= s.nz:
+        raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
+    index = ChainIndex(storage)
+    index.refresh()
+    pieces: list[np.ndarray] = []
+    for p in overlapping(s, z0, z1):
+        arr = _part_region(storage, index, s, p, region)
+        a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
+        if arr.ndim == 0 or b > arr.shape[0]:
+            raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+        if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
+            raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
+        pieces.append(arr[a:b])
+    return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
+
+
+def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
+    """A region every rank holds whole (not decomposed), from part 0."""
+    if region in s.decomposed:
+        raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
+    index = ChainIndex(storage)
+    index.refresh()
+    return np.array(_part_region(storage, index, s, s.parts[0], region))
+
+
+# ---------------------------------------------------------------- retention
+def _chains_needed(index: ChainIndex, names: Iterable[str]) -> set[str]:
+    keep: set[str] = set()
+    for n in names:
+        e = index.entries.get(n)
+        if e is not None:
+            keep.update(c.name for c in index.chain_of(e)[0])
+    return keep
+
+
+def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex) -> list[str]:
+    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls)."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    statuses = scan_sets(storage, kernel_id, full=False)
+    valid = [st for st in statuses if st.ok and st.set is not None]
+    if len(valid) <= keep:
+        return []
+    cutoff = valid[keep - 1].step
+    kept_parts = [p.name for st in valid[:keep] for p in st.set.parts]  # type: ignore[union-attr]
+    doomed_sets = [st.name for st in statuses if st.step < cutoff]
+    mine = [e for e in index.sorted() if e.kernel_id == kernel_id or _part_of(e.kernel_id, kernel_id)]
+    needed = _chains_needed(index, kept_parts) | _chains_needed(index, [e.name for e in mine if e.step >= cutoff])
+    doomed = [e for e in mine if e.step < cutoff and e.name not in needed]
+    doomed.sort(key=lambda e: (e.step, e.kind == "delta", e.name), reverse=True)
+    return doomed_sets + [e.name for e in doomed]
+
+
+def _part_of(part_kernel: str, kernel_id: str) -> bool:
+    m = PART_RE.match(part_kernel)
+    return m is not None and m["kernel_id"] == kernel_id
+
+
+def gc_sets(storage: Storage, kernel_id: str, keep: int) -> list[str]:
+    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest valid ones, and the files only they need.
+
+    Manifests go first (a set stops existing before any of its parts is
+    touched), then part files and plain-chain files older than the oldest kept
+    set, newest step first so a chain loses its deltas before its root. Never
+    deleted: any file a kept set's chains need, and anything at or after the
+    oldest kept set's step (a newer part may belong to a set in flight) or
+    its chain. Returns the deleted names.
+    """
+    index = ChainIndex(storage)
+    index.refresh(trust_cache=False)
+    names = plan_gc_sets(storage, kernel_id, keep, index)
+    for n in names:
+        storage.delete(n)
+        index.remove(n)
+    if names:
+        index.save()
+    return names
+
+
+def written_part(storage: Storage, kernel_id: str, rank: int, ranks: int, step: int, z0: int, z1: int, offset: int) -> Part:
+    """The ``Part`` for what rank ``rank``'s manager wrote at ``step`` (name and digest from the file's header).
+
+    Rank 0 (or each rank, to report to rank 0) builds the manifest's parts
+    with it after the part is durable.
+    """
+    kid = part_kernel_id(kernel_id, rank, ranks)
+    index = ChainIndex(storage)
+    index.refresh()
+    es = [e for e in index.sorted(kid) if e.step == step and e.ok and e.state_digest is not None]
+    if not es:
+        raise SetError(kid, f"no readable checkpoint of part {rank} of {ranks} at step {step}")
+    e = es[-1]
+    return Part(rank, e.name, str(e.state_digest), z0, z1, offset)

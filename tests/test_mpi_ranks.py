@@ -1,0 +1,197 @@
+"""Multi-rank steps end to end (``rkkernel.ranks``): real ``mpiexec`` ranks, real files, real kernels.
+
+Every window is forced with the test signal points (``RKSLURM_TEST_SIGNAL``;
+``point@rN`` signals rank N only): ``batch`` (a batch boundary, before the
+ranks agree whether to stop), ``part-written`` (this rank's part of a set is
+durable, not yet reported) and ``before-commit`` (rank 0: every part is
+durable, the commit record not yet written). Each run is compared with one
+uninterrupted single-process ``rkrun`` of the same options, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fixtures_kernel import REPO, _require, rkrun_env
+
+pytest.importorskip("mpi4py")
+MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+
+GRID = ("10", "9", "24")
+STEPS = 40
+COMMON = ("--grid", *GRID, "--steps", str(STEPS), "--checkpoint-every", "10", "--energy-every", "5", "--batch", "5")
+EX_TEMPFAIL = 75
+
+
+def run(
+    ranks: int, *args: str, env: dict[str, str] | None = None, timeout: float = 90, keep_survivors: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``rkrun ARGS`` as ``ranks`` MPI ranks (1: a plain process, no launcher), output captured.
+
+    ``keep_survivors``: the launcher does not kill the other ranks when one dies
+    (``-disable-auto-cleanup``), so they must notice on their own.
+    """
+    cmd = [sys.executable, "-m", "rkkernel.cli", *args]
+    if ranks > 1:
+        cmd = [str(MPIEXEC), *(["-disable-auto-cleanup"] if keep_survivors else []), "-n", str(ranks), *cmd]
+    e = {**rkrun_env(), "RKSLURM_RANK_TIMEOUT": "20", **(env or {})}
+    return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def wave(backend: str, ck: Path, out: Path, *extra: str) -> tuple[str, ...]:
+    return ("wavesim", *COMMON, "--backend", backend, "--checkpoint-dir", str(ck), "--out", str(out), *extra)
+
+
+def result(path: Path) -> dict[str, bytes | int]:
+    with h5py.File(path, "r") as f:
+        out: dict[str, bytes | int] = {k: f[k][()].tobytes() for k in ("pressure", "pressure_prev", "energy", "velocity")}
+        out["step"] = int(f.attrs["step"])
+        e = f["energy"][()]
+        assert list(e[:, 0]) == list(range(0, STEPS + 1, 5))
+        assert np.isfinite(e).all() and e[-1, 1] > 0
+    return out
+
+
+_REFS: dict[str, dict[str, bytes | int]] = {}
+
+
+def reference(backend: str, tmp: Path) -> dict[str, bytes | int]:
+    """One uninterrupted single-process run per back end (OpenCL must equal NumPy too)."""
+    if "numpy" not in _REFS:
+        d = tmp / "ref"
+        p = run(1, *wave("numpy", d / "ck", d / "r.h5"))
+        assert p.returncode == 0, p.stderr
+        _REFS["numpy"] = result(d / "r.h5")
+    return _REFS["numpy"]
+
+
+def manifests(ck: Path) -> list[str]:
+    return sorted(p.name for p in ck.iterdir() if p.name.endswith(".rkset.json"))
+
+
+def latest_step(ck: Path) -> int | None:
+    from rkckpt.ckptset import latest_set
+    from rkckpt.storage import open_storage
+
+    s = latest_set(open_storage(str(ck)), "wavesim")
+    return None if s is None else s.step
+
+
+def backend_of(name: str) -> str:
+    return name if name == "numpy" else _require(name)
+
+
+# ---------------------------------------------------------------- stop together
+def test_signal_on_one_rank_stops_every_rank_with_one_set(tmp_path: Path) -> None:
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r1:SIGTERM:4"})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    assert "rank 0: another rank got a stop signal; stopping with it at step 15" in p.stderr, p.stderr
+    assert p.stderr.count("stopped at step 15") == 2, p.stderr
+    marker = json.loads((ck / "rkrun.stopped.json").read_text())
+    assert marker["step"] == 15 and marker["ranks"] == 2
+    assert manifests(ck)[-1] == "wavesim-000000000015-set2.rkset.json"
+    assert not out.exists()
+    p = run(2, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 15 from wavesim-000000000015-set2.rkset.json (2 rank(s)) on 2 rank(s)" in p.stderr
+    assert result(out) == ref
+
+
+# ---------------------------------------------------------------- elastic restore
+ELASTIC = [(4, 2, "numpy"), (2, 3, "numpy"), (1, 4, "numpy"), (3, 1, "numpy"), (4, 2, "opencl"), (2, 3, "opencl"), (1, 4, "opencl")]
+
+
+@pytest.mark.parametrize(("n", "m", "backend"), ELASTIC, ids=[f"{n}to{m}-{b}" for n, m, b in ELASTIC])
+def test_set_written_by_n_ranks_restores_on_m_bit_identical(tmp_path: Path, n: int, m: int, backend: str) -> None:
+    backend = backend_of(backend)
+    ref = reference(backend, tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    # N ranks stop together at step 15 (a signal at rank 0's 4th batch boundary); one plain process stops
+    # after its checkpoint at step 20 is being written (the plain chain seen as a 1-part set)
+    signal_at = "batch@r0:SIGTERM:4" if n > 1 else "write:SIGTERM:2"
+    p = run(n, *wave(backend, ck, out), env={"RKSLURM_TEST_SIGNAL": signal_at})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    stopped = json.loads((ck / "rkrun.stopped.json").read_text())["step"]
+    assert 0 < stopped < STEPS
+    p = run(m, *wave(backend, ck, out))
+    assert p.returncode == 0, p.stderr
+    assert f"restored step {stopped} from" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+# ---------------------------------------------------------------- kills
+def test_kill_before_commit_leaves_the_previous_set(tmp_path: Path) -> None:
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "before-commit@r0:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "3"})
+    assert p.returncode != 0, p.stderr
+    assert manifests(ck) == ["wavesim-000000000010-set2.rkset.json"]
+    assert (ck / "wavesim.r0of2-000000000020-full.rk.h5").exists() or any(ck.glob("wavesim.r0of2-000000000020-*"))
+    assert latest_step(ck) == 10
+    p = run(3, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+def test_rank_killed_after_its_part_others_leave_naming_it(tmp_path: Path) -> None:
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    env = {"RKSLURM_TEST_SIGNAL": "part-written@r1:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "3"}
+    p = run(3, *wave("numpy", ck, out), env=env, timeout=60, keep_survivors=True)
+    assert p.returncode != 0, p.stderr
+    for r in (0, 2):
+        assert f"rank {r} of 3: lost rank(s) 1 (process gone)" in p.stderr, p.stderr
+    assert latest_step(ck) == 10
+    p = run(2, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert result(out) == ref
+
+
+def test_done_when_two_ranks_killed_after_a_set_resume_on_three(tmp_path: Path) -> None:
+    """The issue's check: ``mpiexec -n 2 rkrun wavesim`` SIGKILLed after a coordinated checkpoint, resumed with -n 3."""
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGKILL:6", "RKSLURM_RANK_TIMEOUT": "3"}, timeout=60)
+    assert p.returncode != 0 and not out.exists(), p.stderr
+    assert manifests(ck) == ["wavesim-000000000010-set2.rkset.json", "wavesim-000000000020-set2.rkset.json"]
+    p = run(3, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 20 from wavesim-000000000020-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+# ---------------------------------------------------------------- bad input
+def test_rank_count_that_does_not_fit_the_grid_exits_2_writing_nothing(tmp_path: Path) -> None:
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    args = ("wavesim", "--grid", "8", "8", "6", "--steps", "10", "--checkpoint-every", "5", "--backend", "numpy")
+    p = run(4, *args, "--checkpoint-dir", str(ck), "--out", str(out))
+    assert p.returncode == 2, p.stderr
+    assert "ranks do not fit a grid of 6 planes" in p.stderr, p.stderr
+    written = [q.name for q in ck.iterdir()] if ck.exists() else []
+    assert not [n for n in written if n.endswith((".rk.h5", ".rkcp", ".rkset.json"))], written
+    assert not out.exists()
+
+
+def test_set_of_another_simulation_is_refused(tmp_path: Path) -> None:
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGTERM:3"})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    before = sorted(q.name for q in ck.iterdir())
+    p = run(2, *wave("numpy", ck, out, "--v-top", "1600"))
+    assert p.returncode == 2, p.stderr
+    assert "refusing to restore" in p.stderr and "another simulation" in p.stderr, p.stderr
+    assert sorted(q.name for q in ck.iterdir()) == before
+    assert not out.exists()
