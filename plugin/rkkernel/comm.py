@@ -18,6 +18,7 @@ No pickle: arrays travel as raw buffers with a JSON header, documents as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -284,11 +285,18 @@ def world(timeout: float | None = None) -> Comm:
 
 
 def _make_world(limit: float) -> Comm:
-    if launched_size() <= 1:
+    size = launched_size()
+    if size <= 1:
         return SingleComm()
     try:
         from mpi4py import MPI
-    except ImportError:
+    except ImportError as exc:
+        logging.getLogger("rkrun").warning(
+            "started by an MPI launcher as one of %d ranks, but mpi4py cannot be imported (%s): running as a single "
+            "process (install rkslurm[mpi])",
+            size,
+            exc,
+        )
         return SingleComm()
     w = MPI.COMM_WORLD
     w.Set_errhandler(MPI.ERRORS_RETURN)
