@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Halo-exchange overhead of a decomposed wave kernel: step rates on 1 and K ranks.
 
-Each row runs ``wavesim``'s kernel (``rkkernel.runtime.PersistentKernel``, the
+Each row runs ``wavesim``'s kernel (or ``--kernel traveltime``) (``rkkernel.runtime.PersistentKernel``, the
 spec of one z slab: ``rkkernel.decomp``) for ``--steps`` steps in batches of
 ``--batch`` (rkrun's default), after a warm-up, between two barriers; the
 K-rank rows are ``mpiexec -n K`` launches. It prints the global step rate,
@@ -18,6 +18,7 @@ the figure to read there.
 
     python3 bench/mpi_halo.py                                  # 96^3, numpy and opencl, ranks 1 and 2
     python3 bench/mpi_halo.py --size 128 --ranks 1 2 4 --backends opencl --rounds 5
+    python3 bench/mpi_halo.py --kernel traveltime --backends opencl   # a one-plane halo, exchanged every step
     python3 bench/mpi_halo.py --backends opencl --split-cores   # pocl ranks share the cores instead of each taking all
 """
 
@@ -34,19 +35,23 @@ import time
 from pathlib import Path
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
-SWEEP = 4  # rkkernel.wavesim.SWEEP_LEVELS: steps between two exchanges
+SWEEP = 4  # rkkernel.wavesim.SWEEP_LEVELS: wavesim's steps between two exchanges (traveltime: 1)
 
 
-def child(size: int, steps: int, batch: int, backend: str, out: str) -> None:
+def child(kernel: str, size: int, steps: int, batch: int, backend: str, out: str) -> None:
     """One rank's measurement (run under mpiexec, or alone for 1 rank)."""
+    from rkkernel import traveltime, wavesim
     from rkkernel.comm import world
     from rkkernel.decomp import slab_run
     from rkkernel.runtime import PersistentKernel
-    from rkkernel.wavesim import SWEEP_LEVELS, WaveParams, make_spec
+    from rkkernel.wavesim import SWEEP_LEVELS, WaveParams
 
     comm = world()
     p = WaveParams(size, size, size)
-    d = slab_run(p.nz, SWEEP_LEVELS, ("pressure_a", "pressure_b"), comm)
+    if kernel == "wavesim":
+        make_spec, d = wavesim.make_spec, slab_run(p.nz, SWEEP_LEVELS, ("pressure_a", "pressure_b"), comm)
+    else:
+        make_spec, d = traveltime.make_spec, slab_run(p.nz, 1, ("time_a", "time_b"), comm)
     spent = [0.0]
     if d is not None:
         exchange = d.exchange
@@ -92,7 +97,7 @@ def _exchange_alone(kernel: object, d: object, comm: object, rounds: int = 20) -
 def measure(ranks: int, args: argparse.Namespace, backend: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        cmd = [sys.executable, __file__, "--child", str(args.size), str(args.steps), str(args.batch), backend, out]
+        cmd = [sys.executable, __file__, "--child", args.kernel, str(args.size), str(args.steps), str(args.batch), backend, out]
         if ranks > 1:
             cmd = ["mpiexec", "-n", str(ranks), *cmd]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")]))
@@ -111,13 +116,14 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["numpy", "opencl"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--split-cores", action="store_true", help="pocl: POCL_CPU_MAX_CU_COUNT = cores / ranks")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--kernel", choices=["wavesim", "traveltime"], default="wavesim")
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        size, steps, batch, backend, out = args.child
-        child(int(size), int(steps), int(batch), backend, out)
+        kernel, size, steps, batch, backend, out = args.child
+        child(kernel, int(size), int(steps), int(batch), backend, out)
         return
-    print(f"wavesim {args.size}^3, {args.steps} steps in batches of {args.batch}, {args.rounds} rounds (medians)")
+    print(f"{args.kernel} {args.size}^3, {args.steps} steps in batches of {args.batch}, {args.rounds} rounds (medians)")
     print(f"{'backend':10} {'ranks':>5} {'steps/s':>10} {'vs 1 rank':>10} {'in exch.':>9} {'1 exch ms':>10} {'vs k steps':>10}")
     for backend in args.backends:
         rows: dict[int, list[dict]] = {r: [] for r in args.ranks}
@@ -129,8 +135,8 @@ def main() -> None:
             rate = statistics.median(args.steps / x["seconds"] for x in rows[r])
             share = statistics.median(x["exchange"] / x["seconds"] for x in rows[r])
             alone = statistics.median(x["alone"] for x in rows[r])
-            # one exchange against the 1-rank time of the SWEEP_LEVELS steps it serves
-            rel = alone / (SWEEP / base)
+            # one exchange against the 1-rank time of the steps it serves
+            rel = alone / ((SWEEP if args.kernel == "wavesim" else 1) / base)
             print(f"{rows[r][0]['backend']:10} {r:>5} {rate:>10.1f} {rate / base:>10.2f} {share:>8.1%} {alone * 1e3:>10.3f} {rel:>9.1%}")
 
 
