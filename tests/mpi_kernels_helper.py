@@ -76,7 +76,7 @@ def _slabs(out: dict, kernel: str) -> None:
     else:
         from rkkernel.traveltime import make_spec  # type: ignore[assignment]
 
-        fields, halo = ("time_a", "time_b"), 1
+        fields, halo = ("time_a", "time_b"), SWEEP_LEVELS
     d = slab_run(p.nz, halo, fields)
     assert d is not None
     whole = PersistentKernel(make_spec(p), "numpy")

@@ -155,7 +155,7 @@ def test_slab_kernels_match_the_whole_grid_every_batch(tmp_path: Path, kernel: s
     r = _helper(3, f"slabs-{kernel}", tmp_path)
     assert r.returncode == 0, r.stderr
     rep = _reports(tmp_path)
-    halo = 4 if kernel == "wavesim" else 1  # wavesim: SWEEP_LEVELS steps between exchanges; traveltime: every step
+    halo = 4  # SWEEP_LEVELS: the CPU sweep's steps between two exchanges
     assert [rep[r]["slab"] for r in range(3)] == [[0, 6, 0, halo], [6, 12, halo, halo], [12, 17, halo, 0]]
     for d in rep.values():
         assert d["bad"] == []
@@ -213,7 +213,7 @@ def test_rkrun_on_k_ranks_is_bit_identical_to_one_process_numpy(tmp_path: Path, 
 def test_rkrun_on_k_ranks_is_bit_identical_to_one_process_opencl(
     tmp_path: Path, kernel: str, ranks: tuple[int, ...], opencl_backend: str
 ) -> None:
-    """The fused CPU sweep (4 steps between exchanges for wavesim, 1 for traveltime) on each OpenCL platform."""
+    """The fused CPU sweep (4 steps between exchanges) on each OpenCL platform."""
     _check_bit_identical(tmp_path, kernel, opencl_backend, ranks)
 
 
