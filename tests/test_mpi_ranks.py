@@ -195,3 +195,33 @@ def test_set_of_another_simulation_is_refused(tmp_path: Path) -> None:
     assert "refusing to restore" in p.stderr and "another simulation" in p.stderr, p.stderr
     assert sorted(q.name for q in ck.iterdir()) == before
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- in one process (no launcher)
+def _loop_values(ck: Path, out: Path, steps: int = STEPS) -> dict:
+    from rkkernel.plugin import find_plugin, finish_values, parse_values
+
+    doc = {"grid": [int(g) for g in GRID], "steps": steps, "checkpoint_dir": str(ck), "checkpoint_every": 10, "out": str(out)}
+    doc.update(backend="numpy", energy_every=5, batch=5)
+    return finish_values(parse_values(find_plugin("wavesim"), doc, "test"), "test")
+
+
+def test_one_rank_set_resumes_as_a_plain_process_bit_identical(tmp_path: Path) -> None:
+    """A set committed by a rank loop of one rank (the commit path without a launcher), resumed by plain rkrun."""
+    from rkkernel.comm import SingleComm
+    from rkkernel.plugin import find_plugin
+    from rkkernel.ranks import RankLoop, SoloLoop
+    from rkkernel.signals import StopFlag
+
+    ref = reference("numpy", tmp_path)
+    plugin, ck, out = find_plugin("wavesim"), tmp_path / "ck", tmp_path / "r.h5"
+    stop = StopFlag()
+    loop = RankLoop(plugin, _loop_values(ck, out), stop, None, SingleComm())
+    stop.signal_name = "SIGTERM"  # as the handler records it: the loop stops at its first boundary, step 0
+    assert loop.run() == EX_TEMPFAIL
+    assert manifests(ck) == ["wavesim-000000000000-set1.rkset.json"] and loop.committed == 0
+    loop = RankLoop(plugin, _loop_values(ck, out, 25), StopFlag(), None, SingleComm())
+    assert loop.run() == 0 and loop.committed == 25
+    assert manifests(ck) == ["wavesim-000000000020-set1.rkset.json", "wavesim-000000000025-set1.rkset.json"]  # gc kept 2
+    assert SoloLoop(plugin, _loop_values(ck, out), StopFlag(), None).run() == 0
+    assert result(out) == ref
