@@ -330,14 +330,12 @@ class StepLoop:
     # ------------------------------------------------------------ advance
     def _sample(self) -> None:
         """Samples due at the current step that no batch took (the start, an early finish)."""
-        from .reduce import combine_planes
-
         for s in self.krun.series:
             rows = self.series[s.name]
             due = s.every and (self.step % s.every == 0 or self.step == self.cfg.steps or self._finished())
             if due and (not rows or rows[-1][0] < self.step):
                 if s.sumsq is not None:
-                    rows.append((self.step, combine_planes(self.kernel.sumsq_now(s.sumsq(self.step)))))
+                    rows.append((self.step, self._total(self.kernel.sumsq_now(s.sumsq(self.step)))))
                 else:
                     rows.append((self.step, *s.sample(self.kernel, self.step)))
 
@@ -359,13 +357,17 @@ class StepLoop:
         if not due:
             self.kernel.run(end - self.step)
             return
-        from .reduce import combine_planes
-
         _, sums = self.kernel.run_sampled(end - self.step, [(t, name) for t, name, _ in due])
         for (t, _, s), planes in zip(due, sums, strict=False):  # fewer sums: terminated early
             rows = self.series[s.name]
             if not rows or rows[-1][0] < t:
-                rows.append((t, combine_planes(planes)))
+                rows.append((t, self._total(planes)))
+
+    def _total(self, planes: np.ndarray) -> float:
+        """Σ of per-plane sums in global plane order (over every rank's owned planes when decomposed)."""
+        from .reduce import combine_planes
+
+        return combine_planes(planes) if self.krun.decomp is None else self.krun.decomp.total(planes)
 
     def _finished(self) -> bool:
         return self.done_at is not None
@@ -544,6 +546,9 @@ class StepLoop:
         }
         if self.checkpoint_failures:
             all_attrs["checkpoints_failed"] = "; ".join(self.checkpoint_failures)
+        if self.krun.decomp is not None and not self.krun.decomp.root:
+            log.info("done: step %d (rank %d; rank 0 writes the result)", final_step, self.krun.decomp.slab.rank)
+            return EX_OK
         write_result(self.cfg.out, all_datasets, all_attrs)
         if self.checkpoint_failures:
             for line in self.checkpoint_failures:
