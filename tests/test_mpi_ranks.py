@@ -3,8 +3,9 @@
 Every window is forced with the test signal points (``RKSLURM_TEST_SIGNAL``;
 ``point@rN`` signals rank N only): ``batch`` (a batch boundary, before the
 ranks agree whether to stop), ``part-written`` (this rank's part of a set is
-durable, not yet reported) and ``before-commit`` (rank 0: every part is
-durable, the commit record not yet written). Each run is compared with one
+durable, not yet reported), ``before-commit`` (rank 0: every part is
+durable, the commit record not yet written) and ``committed`` (rank 0: the
+commit record is durable). Each run is compared with one
 uninterrupted single-process ``rkrun`` of the same options, bit for bit.
 """
 
@@ -34,16 +35,20 @@ EX_TEMPFAIL = 75
 
 
 def run(
-    ranks: int, *args: str, env: dict[str, str] | None = None, timeout: float = 90, keep_survivors: bool = False
+    ranks: int, *args: str, env: dict[str, str] | None = None, timeout: float = 90, rank_logs: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``rkrun ARGS`` as ``ranks`` MPI ranks (1: a plain process, no launcher), output captured.
 
-    ``keep_survivors``: the launcher does not kill the other ranks when one dies
-    (``-disable-auto-cleanup``), so they must notice on their own.
+    ``rank_logs``: the launcher does not kill the other ranks when one dies
+    (``-disable-auto-cleanup``), so they must notice on their own, and each
+    rank's stderr goes to ``rank_logs/rank.N.log`` (the launcher stops
+    forwarding output once a rank died).
     """
     cmd = [sys.executable, "-m", "rkkernel.cli", *args]
+    if rank_logs is not None:
+        cmd = ["sh", "-c", f'exec "$@" 2>"{rank_logs}/rank.$PMI_RANK.log"', "sh", *cmd]
     if ranks > 1:
-        cmd = [str(MPIEXEC), *(["-disable-auto-cleanup"] if keep_survivors else []), "-n", str(ranks), *cmd]
+        cmd = [str(MPIEXEC), *(["-disable-auto-cleanup"] if rank_logs else []), "-n", str(ranks), *cmd]
     e = {**rkrun_env(), "RKSLURM_RANK_TIMEOUT": "20", **(env or {})}
     return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -150,10 +155,11 @@ def test_rank_killed_after_its_part_others_leave_naming_it(tmp_path: Path) -> No
     ref = reference("numpy", tmp_path)
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
     env = {"RKSLURM_TEST_SIGNAL": "part-written@r1:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "3"}
-    p = run(3, *wave("numpy", ck, out), env=env, timeout=60, keep_survivors=True)
+    p = run(3, *wave("numpy", ck, out), env=env, timeout=60, rank_logs=tmp_path)
     assert p.returncode != 0, p.stderr
     for r in (0, 2):
-        assert f"rank {r} of 3: lost rank(s) 1 (process gone)" in p.stderr, p.stderr
+        log = (tmp_path / f"rank.{r}.log").read_text()
+        assert f"rank {r} of 3: lost rank(s) 1 (process gone): rank {r} of 3: allreduce(min) did not complete within 3 s" in log, log
     assert latest_step(ck) == 10
     p = run(2, *wave("numpy", ck, out))
     assert p.returncode == 0, p.stderr
@@ -164,7 +170,7 @@ def test_done_when_two_ranks_killed_after_a_set_resume_on_three(tmp_path: Path) 
     """The issue's check: ``mpiexec -n 2 rkrun wavesim`` SIGKILLed after a coordinated checkpoint, resumed with -n 3."""
     ref = reference("numpy", tmp_path)
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
-    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGKILL:6", "RKSLURM_RANK_TIMEOUT": "3"}, timeout=60)
+    p = run(2, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "committed@r0:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "3"}, timeout=60)
     assert p.returncode != 0 and not out.exists(), p.stderr
     assert manifests(ck) == ["wavesim-000000000010-set2.rkset.json", "wavesim-000000000020-set2.rkset.json"]
     p = run(3, *wave("numpy", ck, out))

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,9 @@ log = logging.getLogger("rkrun")
 IDENTITY_KEY = "rkkernel.set_identity"
 #: Committed sets kept (older ones and the part files only they need are deleted).
 KEEP_SETS = 2
+#: Seconds a rank that lost a peer waits before it leaves, so that the other survivors, whose
+#: deadlines pass a moment later, name only the rank that died (``lost_ranks``).
+LINGER = 1.0
 #: Exit status when a rank is lost: the step failed and nothing new was committed.
 EX_RANK_LOST = 1
 #: Part write states reported at a batch boundary (reduced with "min").
@@ -427,6 +431,7 @@ class RankLoop(StepLoop):
             log.error("cannot commit the checkpoint set at step %d: %s", step, exc)
             return False
         log.debug("committed %s", name)
+        fire("committed", self.comm.rank)
         try:
             gone = gc_sets(self.mgr.storage, self.cfg.kernel_id, KEEP_SETS)
             if gone:
@@ -559,5 +564,6 @@ def run_step(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, co
     rc = run_attempt(ckdir, body) if comm.rank == 0 else body(None)
     if loops and loops[-1].lost:
         logging.shutdown()
+        time.sleep(LINGER)  # peers that time out a moment later must still see this rank running
         os._exit(rc)
     return rc
