@@ -294,6 +294,9 @@ class KernelRun:
     #: keeps one checkpoint chain per rank and writes the result on rank 0 only;
     #: ``result`` returns the global arrays on rank 0.
     decomp: Any = None
+    #: A decomposed run: the fingerprint of the whole simulation (one process's spec),
+    #: which the result and the checkpoint sets carry instead of the slab's own.
+    global_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -541,7 +541,7 @@ class StepLoop:
             "kernel": self.plugin.name,
             "kernel_type": spec.kernel_type,
             "backend": self.kernel.backend_name,
-            "params_fingerprint": spec.fingerprint(),
+            "params_fingerprint": self.krun.global_fingerprint or spec.fingerprint(),
             **attrs,
         }
         if self.checkpoint_failures:

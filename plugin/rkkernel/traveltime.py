@@ -25,11 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .spec import CONTROL, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
 from .wavesim import SWEEP_LEVELS, WaveParams, velocity_model
+
+if TYPE_CHECKING:
+    from .decomp import SlabRun
 
 KERNEL_TYPE = "traveltime_3d"
 F32 = np.float32
@@ -88,8 +92,14 @@ def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, w: Weights) -> N
     nxt[1:-1, 1:-1, 1:-1] = t
 
 
-def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> KernelSpec:
-    """The traveltime kernel's spec for the wave model ``params`` (and a user ``velocity``, as for wavesim)."""
+def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, decomp: SlabRun | None = None) -> KernelSpec:
+    """The traveltime kernel's spec for the wave model ``params`` (and a user ``velocity``, as for wavesim).
+
+    With ``decomp``: one rank's z slab (the same kernel on its local planes).
+    Its halo is one plane, exchanged every step: then every cell a rank
+    computes is exact, so its ``last_change`` counts only real changes and
+    the maximum over the ranks is the single process's (``decomp.max_int``).
+    """
     nx, ny, nz = params.nx, params.ny, params.nz
     if (velocity is None) != (params.model_sha256 is None):
         raise ValueError("pass the velocity model together with its digest (see load_velocity)")
@@ -97,6 +107,9 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
     if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
         raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
     w = Weights.for_dx(params.dx)
+    g0 = 0
+    if decomp is not None:
+        nz, g0 = decomp.slab.local_nz, decomp.slab.g0
     shape = (nz, ny, nx)
     regions = [
         RegionSpec("time_a", "<f4", shape, "field"),
@@ -117,12 +130,13 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
 
     def initial() -> dict[str, np.ndarray]:
         t = np.full(shape, np.inf, dtype=F32)
-        t[sz, sy, sx] = 0.0
+        if 0 <= sz - g0 < nz:
+            t[sz - g0, sy, sx] = 0.0
         v = velocity_model(params) if velocity is None else velocity
         return {
             "time_a": t,
             "time_b": t.copy(),
-            "slowness": slowness(v),
+            "slowness": slowness(v) if decomp is None else decomp.slab.take(slowness(v)),
             "last_change": np.zeros(1, dtype="<u4"),
         }
 
@@ -140,6 +154,8 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
         initial=initial,
         params={**p, "source": list(params.source), "version": VERSION},
         fused={"opencl": fused},
+        halo_steps=decomp.halo if decomp is not None else 0,
+        halo_exchange=decomp.exchange if decomp is not None else None,
     )
 
 

@@ -246,12 +246,18 @@ def make_spec(
 
 
 def _local_geometry(params: WaveParams, decomp: SlabRun | None) -> tuple[int, tuple[int, int, int] | None]:
-    """Planes of this process's grid along z, and the source cell in it (None: another rank's)."""
+    """Planes of this process's grid along z, and the source cell in it (None: not among its computed planes).
+
+    Every rank that computes the source's plane adds the source, its owner and
+    the ranks holding that plane as a halo plane alike: a halo plane must
+    evolve exactly as on its owner for the steps between two exchanges.
+    """
     if decomp is None:
         return params.nz, params.source
     sx, sy, sz = params.source
-    lz = decomp.slab.local(sz)
-    return decomp.slab.local_nz, (None if lz is None else (sx, sy, lz))
+    nz = decomp.slab.local_nz
+    lz = sz - decomp.slab.g0
+    return nz, ((sx, sy, lz) if 0 < lz < nz - 1 else None)
 
 
 def _source_index(params: WaveParams) -> int:

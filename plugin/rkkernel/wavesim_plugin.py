@@ -141,7 +141,13 @@ def build(values: Mapping[str, Any]) -> KernelRun:
     series = [Series("energy", 1, int(values["energy_every"]), _energy, sumsq=_energy_region)]
     if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
         series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
-    return KernelRun(spec, result, series=tuple(series), decomp=decomp)
+    return KernelRun(
+        spec,
+        result,
+        series=tuple(series),
+        decomp=decomp,
+        global_fingerprint=None if decomp is None else make_spec(params, velocity=model).fingerprint(),
+    )
 
 
 PLUGIN = KernelPlugin(
