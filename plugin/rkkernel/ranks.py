@@ -130,21 +130,8 @@ def layout_of(loop: StepLoop, comm: Comm) -> Layout:
 def global_identity(loop: StepLoop) -> dict[str, Any]:
     """What makes two runs the same simulation whatever their rank count (a plain run's fingerprint)."""
     krun, spec = loop.krun, loop.krun.spec
-    fp = getattr(krun, "global_fingerprint", None) or getattr(spec, "global_fingerprint", None)
-    if fp is None:
-        fp = spec.fingerprint() if getattr(spec, "halo_exchange", None) is None else _single_fingerprint(loop)
+    fp = krun.global_fingerprint or spec.fingerprint()
     return {"kernel_type": spec.kernel_type, "grid": [int(g) for g in loop.cfg.grid], "fingerprint": str(fp)}
-
-
-def _single_fingerprint(loop: StepLoop) -> str:
-    """The fingerprint the same options give one process: the spec built as if this were the only rank."""
-    from . import comm as comm_mod
-
-    held, comm_mod._WORLD = comm_mod._WORLD, comm_mod.SingleComm()
-    try:
-        return loop.plugin.build(loop.values).spec.fingerprint()
-    finally:
-        comm_mod._WORLD = held
 
 
 def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
