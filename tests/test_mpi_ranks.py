@@ -146,9 +146,10 @@ def test_kill_before_commit_leaves_the_previous_set(tmp_path: Path) -> None:
     assert manifests(ck) == ["wavesim-000000000010-set2.rkset.json"]
     assert (ck / "wavesim.r0of2-000000000020-full.rk.h5").exists() or any(ck.glob("wavesim.r0of2-000000000020-*"))
     assert latest_step(ck) == 10
-    p = run(3, *wave("numpy", ck, out))
+    p = run(2, *wave("numpy", ck, out))  # the same rank count: its uncommitted parts are written anew
     assert p.returncode == 0, p.stderr
-    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 2 rank(s)" in p.stderr, p.stderr
+    assert "not committed" not in p.stderr and manifests(ck)[-2:] == [f"wavesim-0000000000{s}-set2.rkset.json" for s in (30, 40)]
     assert result(out) == ref
 
 

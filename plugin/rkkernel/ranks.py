@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rkckpt import testhook
+from rkckpt.chain import INDEX_NAME
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotResponse
 from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
@@ -150,14 +151,7 @@ def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
 
 def retention_off(policy: CheckpointPolicy) -> CheckpointPolicy:
     """``policy`` with the manager's own retention off: a part file may be needed by a committed set (``gc_sets`` decides)."""
-    off = dataclasses.replace(policy, keep_chains=None)  # type: ignore[arg-type]
-    try:
-        from rkckpt.storage import MemoryStorage
-
-        CheckpointManager(MemoryStorage(), off, "probe").close()
-    except (TypeError, ValueError):  # a manager without the switch: keep every chain
-        off = dataclasses.replace(policy, keep_chains=2**31)
-    return off
+    return dataclasses.replace(policy, keep_chains=None)
 
 
 def lost_ranks(peers: list[Any], comm: Comm) -> str:
@@ -175,6 +169,31 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def names_in_manifests(storage: Storage, kernel_id: str) -> set[str]:
+    """Every part file a manifest of ``kernel_id`` names (manifests that do not parse name none)."""
+    from rkckpt.ckptset import manifest_names, read_manifest
+
+    out: set[str] = set()
+    for m in manifest_names(storage, kernel_id):
+        try:
+            out.update(p.name for p in read_manifest(storage, m).parts)
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return out
+
+
+class PartManager(CheckpointManager):
+    """The manager of one rank's part chain: it never writes the shared index file.
+
+    N ranks writing ``rkckpt-index.json`` each with its own view would keep
+    overwriting each other's entries; readers rebuild what the index lacks
+    from the files' headers, and rank 0's ``gc_sets`` saves one from the files.
+    """
+
+    def _save_index(self) -> None:
+        return None
 
 
 def set_to_doc(s: CheckpointSet | None) -> dict[str, Any] | None:
@@ -274,7 +293,7 @@ class RankLoop(StepLoop):
         storage = open_storage(self.cfg.checkpoint_dir)
         if self.comm.rank != 0:
             unlocked(storage)
-        return CheckpointManager(storage, retention_off(policy), self.part_id)
+        return PartManager(storage, retention_off(policy), self.part_id)
 
     def _start(self) -> int | None:
         try:
@@ -330,11 +349,23 @@ class RankLoop(StepLoop):
     def _continue_chain(self, s: CheckpointSet | None) -> None:
         """Point this rank's manager at its part of ``s`` (a delta continues it), or at a fresh chain.
 
-        Part files after the set's step were never committed: the manager may
-        replace them (``CheckpointManager.latest``'s ``exclude``).
+        This rank's part files after the set's step that no manifest names were
+        never committed: they are deleted, so the run writes those names anew
+        instead of replacing files whose headers other ranks may have cached
+        (the cache in the index file checks sizes only). Then rank 0 removes that
+        cache: it may still describe the deleted files.
         """
         storage, kid = self.mgr.storage, self.part_id
-        after = own_files_after(storage, kid, -1 if s is None else s.step)
+        step = -1 if s is None else s.step
+        named = names_in_manifests(storage, self.cfg.kernel_id)
+        for name in own_files_after(storage, kid, step):
+            if name not in named:
+                storage.delete(name)
+        self.comm.barrier()
+        if self.comm.rank == 0 and storage.exists(INDEX_NAME):
+            storage.delete(INDEX_NAME)
+        self.comm.barrier()
+        after = own_files_after(storage, kid, step)  # parts of newer sets that did not restore: may be replaced
         if s is not None and s.name is not None and s.ranks == self.comm.size:
             rp = self.mgr.latest(exclude=after)
             if rp is not None and rp.chain and rp.chain[-1] == s.parts[self.comm.rank].name:
