@@ -234,3 +234,21 @@ def test_one_rank_set_resumes_as_a_plain_process_bit_identical(tmp_path: Path) -
     assert manifests(ck) == ["wavesim-000000000020-set1.rkset.json", "wavesim-000000000025-set1.rkset.json"]  # gc kept 2
     assert SoloLoop(plugin, _loop_values(ck, out), StopFlag(), None).run() == 0
     assert result(out) == ref
+
+
+def test_traveltime_restores_on_more_ranks_with_the_same_convergence_step(tmp_path: Path) -> None:
+    """``last_change`` is a per-rank field combined by max: a set restored on another rank count ends at the same step."""
+    args = ("traveltime", "--grid", "12", "10", "24", "--steps", "60", "--checkpoint-every", "10", "--backend", "numpy", "--batch", "5")
+    p = run(1, *args, "--checkpoint-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.h5"))
+    assert p.returncode == 0, p.stderr
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(2, *args, "--checkpoint-dir", str(ck), "--out", str(out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGTERM:3"})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    p = run(3, *args, "--checkpoint-dir", str(ck), "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 10 from traveltime-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    p = run(1, *args, "--checkpoint-dir", str(ck), "--out", str(out))  # a rerun after completion, as one process
+    assert p.returncode == 0, p.stderr
+    with h5py.File(tmp_path / "ref.h5") as a, h5py.File(out) as b:
+        assert 0 < int(a.attrs["step"]) < 60 and int(b.attrs["step"]) == int(a.attrs["step"])
+        assert a["traveltime"][()].tobytes() == b["traveltime"][()].tobytes()

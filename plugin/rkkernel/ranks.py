@@ -47,6 +47,8 @@ from .runner import StepLoop, _write_marker
 from .runtime import FINGERPRINT_KEY, RestoreMismatch
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from rkckpt.ckptset import CheckpointSet
     from rkckpt.model import Checkpoint
     from rkckpt.storage import Storage
@@ -220,6 +222,22 @@ def own_files_after(storage: Storage, kernel_id: str, step: int) -> list[str]:
     return out
 
 
+def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
+    """A field every rank holds whole but computes on its own slab, as the max over the parts.
+
+    Such a field is a per-rank reduction the kernel combines with a max over
+    the ranks (traveltime's ``last_change``, the last step its slab changed,
+    see ``decomp.SlabRun.max_int``); every new rank starts from the global max,
+    so the combined value is the same on any rank count.
+    """
+    import numpy as np
+
+    from rkckpt.ckptset import read_replicated
+
+    values = [read_replicated(storage, dataclasses.replace(s, parts=(p,)), region) for p in s.parts]
+    return np.maximum.reduce(values)
+
+
 def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
     """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
     from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
@@ -244,6 +262,8 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
             continue
         if r.name in layout.decomposed:
             ckpt.add_region(r.name, read_planes(loop.mgr.storage, s, r.name, g0, g1))
+        elif r.role == "field" and len(s.parts) > 1:
+            ckpt.add_region(r.name, rank_field(loop.mgr.storage, s, r.name))
         else:
             ckpt.add_region(r.name, read_replicated(loop.mgr.storage, s, r.name))
     have = base.regions()
