@@ -115,25 +115,25 @@ def test_signal_on_one_rank_stops_every_rank_with_one_set(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------- elastic restore
-# N -> 1 (a set resumed by a plain process): test_rank_killed_after_its_part_others_leave_naming_it
-ELASTIC = [(4, 2, "numpy"), (2, 3, "numpy"), (1, 4, "numpy"), (4, 2, "opencl"), (2, 3, "opencl"), (1, 4, "opencl")]
+@pytest.mark.parametrize("backend", ["numpy", "opencl"])
+def test_sets_restore_on_other_rank_counts_1_4_2_3_bit_identical(tmp_path: Path, backend: str) -> None:
+    """One run stopped three times and resumed on another rank count each time: 1 -> 4 -> 2 -> 3.
 
-
-@pytest.mark.parametrize(("n", "m", "backend"), ELASTIC, ids=[f"{n}to{m}-{b}" for n, m, b in ELASTIC])
-def test_set_written_by_n_ranks_restores_on_m_bit_identical(tmp_path: Path, n: int, m: int, backend: str) -> None:
+    Each stop is forced at a batch boundary of rank 0 (the third after the
+    restore: 10 steps later); N -> 1 is test_rank_killed_after_its_part_others_leave_naming_it.
+    """
     backend = backend_of(backend)
     ref = reference(backend, tmp_path)
     ck, out = tmp_path / "ck", tmp_path / "r.h5"
-    # N ranks stop together at step 15 (a signal at rank 0's 4th batch boundary); one plain process stops
-    # after its checkpoint at step 20 is being written (the plain chain seen as a 1-part set)
-    signal_at = "batch@r0:SIGTERM:4" if n > 1 else "write:SIGTERM:2"
-    p = run(n, *wave(backend, ck, out), env={"RKSLURM_TEST_SIGNAL": signal_at})
+    p = run(1, *wave(backend, ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGTERM:4"})  # the plain chain, stopped at 15
     assert p.returncode == EX_TEMPFAIL, p.stderr
-    stopped = json.loads((ck / "rkrun.stopped.json").read_text())["step"]
-    assert 0 < stopped < STEPS
-    p = run(m, *wave(backend, ck, out))
-    assert p.returncode == 0, p.stderr
-    assert f"restored step {stopped} from" in p.stderr, p.stderr
+    for n, m, step in ((1, 4, 15), (4, 2, 25), (2, 3, 35)):
+        assert json.loads((ck / "rkrun.stopped.json").read_text())["step"] == step
+        stop = {"RKSLURM_TEST_SIGNAL": "batch@r0:SIGTERM:3"} if m != 3 else {}
+        p = run(m, *wave(backend, ck, out), env=stop)
+        assert p.returncode == (0 if m == 3 else EX_TEMPFAIL), p.stderr
+        source = "the single-process chain" if n == 1 else f"wavesim-{step:012d}-set{n}.rkset.json"
+        assert f"restored step {step} from {source} ({n} rank(s)) on {m} rank(s)" in p.stderr, p.stderr
     assert result(out) == ref
 
 

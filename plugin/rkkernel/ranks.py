@@ -551,6 +551,10 @@ class SoloLoop(StepLoop):
     """One process (``rkrun`` without MPI): exactly ``StepLoop``, but a committed set newer than the
     plain chain is restored from (a step written by N ranks goes on as one process)."""
 
+    def _should_stop(self) -> bool:
+        fire("batch", 0)  # the test point of a batch boundary, as on several ranks
+        return super()._should_stop()
+
     def _restore(self) -> int | None:
         from rkckpt.ckptset import SET_SUFFIX, latest_set
 
