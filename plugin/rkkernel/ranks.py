@@ -157,20 +157,27 @@ def retention_off(policy: CheckpointPolicy) -> CheckpointPolicy:
 
 
 def lost_ranks(peers: list[Any], comm: Comm) -> str:
-    """Which ranks are gone, as far as this host can tell (a process of this host that no longer runs)."""
+    """Which ranks are lost, as far as this host can tell: a process that is gone, or stopped (a hung rank)."""
     host = socket.gethostname()
-    gone = [r for r, p in enumerate(peers) if r != comm.rank and isinstance(p, list) and p[0] == host and not _alive(int(p[1]))]
+    mine = {r: int(p[1]) for r, p in enumerate(peers) if r != comm.rank and isinstance(p, list) and p[0] == host}
+    states = {r: _state(pid) for r, pid in mine.items()}
+    gone = [str(r) for r, st in states.items() if st in ("", "Z", "X")]
+    stopped = [f"{r} (pid {mine[r]})" for r, st in states.items() if st in ("T", "t")]
+    me = f"rank {comm.rank} of {comm.size}"
     if gone:
-        return f"rank {comm.rank} of {comm.size}: lost rank(s) {', '.join(map(str, gone))} (process gone)"
-    return f"rank {comm.rank} of {comm.size}: lost a rank (not on this host, or still running but not responding)"
+        return f"{me}: lost rank(s) {', '.join(gone)} (process gone)"
+    if stopped:
+        return f"{me}: lost rank(s) {', '.join(stopped)}: stopped, not responding"
+    return f"{me}: lost a rank (not on this host, or running but not responding)"
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie), "" when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:  # noqa: PTH123
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return ""
 
 
 def names_in_manifests(storage: Storage, kernel_id: str) -> set[str]:
