@@ -35,15 +35,16 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import safejson
-from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, read_region, verify_chain
+from . import safejson, stream
+from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, read_region, verify_chain
 from .errors import CheckpointError
-from .model import Checkpoint
+from .flags import HDR_SHARD
+from .model import Checkpoint, ChunkType
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.twolevel import TwoLevelStorage
@@ -62,6 +63,7 @@ __all__ = [
     "parse_manifest",
     "part_checkpoint",
     "part_kernel_id",
+    "plain_view",
     "read_planes",
     "read_replicated",
     "scan_sets",
@@ -325,8 +327,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
         check = _parse_doc(json.loads(s.to_json()), name)
     except ValueError as exc:
         raise SetError(name, f"refusing to commit: {exc}") from None
-    index = ChainIndex(storage)
-    index.refresh()
+    index = _index_of(storage, check.parts)
     for p in check.parts:
         e = index.entries.get(p.name)
         if e is None or not e.ok:
@@ -347,6 +348,48 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
 
 
 # ---------------------------------------------------------------- verification
+class _KernelView:
+    """``storage`` with only the checkpoint files of some kernels listed (``kernels``, or those ``keep`` accepts).
+
+    A ``ChainIndex`` over it reads the headers of those files alone: a rank
+    restoring planes ``[z0, z1)`` touches only the parts that own them, not
+    every part's files (on an object store, each header is a request).
+    """
+
+    def __init__(self, storage: Storage, kernels: Iterable[str] = (), keep: Callable[[str], bool] | None = None) -> None:
+        self._storage = storage
+        self._kernels = frozenset(kernels)
+        self._keep = keep
+
+    def list(self) -> list[str]:
+        out = []
+        for n in self._storage.list():
+            m = NAME_RE.match(n)
+            if m is not None and (m["kernel_id"] in self._kernels or (self._keep is not None and self._keep(m["kernel_id"]))):
+                out.append(n)
+        return out
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._storage, attr)
+
+
+def plain_view(storage: Storage) -> Storage:
+    """``storage`` as plain-chain tools see it: every checkpoint file except the parts of sets.
+
+    ``rkckpt ls/latest/gc`` hand it to the chain functions, so a part chain is
+    never listed, restored or collected as if it were a checkpoint on its own.
+    """
+    return _KernelView(storage, keep=lambda kid: not is_part_kernel(kid))  # type: ignore[return-value]
+
+
+def _index_of(storage: Storage, parts: Iterable[Part]) -> ChainIndex:
+    """A chain index of just the chains of ``parts`` (never saved: it is partial)."""
+    kids = {m["kernel_id"] for p in parts if (m := NAME_RE.match(p.name))}
+    index = ChainIndex(_KernelView(storage, kids))  # type: ignore[arg-type]
+    index.refresh()
+    return index
+
+
 def _part_entry(index: ChainIndex, p: Part) -> Entry:
     e = index.entries.get(p.name)
     if e is None:
@@ -412,11 +455,18 @@ def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None =
 
 # ---------------------------------------------------------------- restore
 def scan_sets(
-    storage: Storage, kernel_id: str | None = None, *, run_id: str | None = None, full: bool = True, stop_at_valid: bool = False
+    storage: Storage,
+    kernel_id: str | None = None,
+    *,
+    run_id: str | None = None,
+    full: bool = True,
+    stop_at_valid: bool = False,
+    index: ChainIndex | None = None,
 ) -> list[SetStatus]:
     """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable."""
-    index = ChainIndex(storage)
-    index.refresh()
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
     out = []
     for name in manifest_names(storage, kernel_id):
         m = SET_RE.match(name)
@@ -488,24 +538,61 @@ def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint
     """The materialised, verified state of part ``rank`` of ``s`` (its whole chain applied)."""
     if not 0 <= rank < len(s.parts):
         raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
-    index = ChainIndex(storage)
-    index.refresh()
-    return _materialise(storage, index, s.parts[rank])
+    p = s.parts[rank]
+    return _materialise(storage, _index_of(storage, [p]), p)
 
 
-def _part_region(storage: Storage, index: ChainIndex, s: CheckpointSet, p: Part, region: str) -> np.ndarray:
-    """One region of part ``p``: range reads of just that region when the part is one full checkpoint."""
-    e = _part_entry(index, p)
-    if e.kind == "full" and e.ok and e.state_digest == p.digest:
-        try:
-            return read_region(storage, p.name, region)
-        except (CheckpointError, StorageError) as exc:
-            raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
-    ck = _materialise(storage, index, p)
+def _raw_planes(storage: Storage, name: str, region: str, a: int, b: int) -> np.ndarray | None:
+    """Local planes ``[a, b)`` of ``region`` of the full checkpoint ``name`` with one range read of just those bytes.
+
+    Possible when the region's chunk is stored raw (one chunk per region, the
+    planes contiguous in it); None when it is compressed or sharded (the
+    caller reads the whole region). Like ``read_region`` this trusts the
+    payload bytes: the set was verified when it was chosen (``latest_set``).
+    """
+    source = open_source(storage, name)
     try:
-        return ck.region(region)
-    except (KeyError, CheckpointError) as exc:
-        raise SetError(p.name, f"part {p.rank}: {exc}") from None
+        sc = stream.scan(source)
+        info = Checkpoint(sc.metadata).regions().get(region)
+        if sc.metadata.parent_digest is not None or sc.header.flags & HDR_SHARD or info is None or not info.shape:
+            return None
+        ch = next((h for h in sc.chunk_headers if h.chunk_type == ChunkType.DEVICE_MEMORY and h.chunk_id == info.chunk_id), None)
+        dt = np.dtype(info.dtype)
+        plane = int(np.prod(info.shape[1:], dtype=np.int64)) * dt.itemsize
+        if ch is None or ch.flags or ch.compressed_size != plane * info.shape[0] or not 0 <= a < b <= info.shape[0]:
+            return None
+        data = source.read(ch.data_offset + a * plane, (b - a) * plane)
+        return np.frombuffer(data, dtype=dt).reshape((b - a, *info.shape[1:]))
+    finally:
+        source.close()
+
+
+def _part_region(storage: Storage, index: ChainIndex, p: Part, region: str, planes: tuple[int, int] | None = None) -> np.ndarray:
+    """Region ``region`` of part ``p``, or just its local ``planes`` ``[a, b)``.
+
+    A part that is one full checkpoint is read with range requests: only the
+    planes when its chunk is raw, else only the region; a delta chain is
+    materialised (and verified against the manifest digest).
+    """
+    e = _part_entry(index, p)
+    try:
+        if e.kind == "full" and e.ok and e.state_digest == p.digest:
+            arr = None if planes is None else _raw_planes(storage, p.name, region, *planes)
+            if arr is not None:
+                return arr
+            arr = read_region(storage, p.name, region)
+        else:
+            arr = _materialise(storage, index, p).region(region)
+    except KeyError as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.args[0]}") from None
+    except (CheckpointError, StorageError) as exc:
+        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    if planes is None:
+        return arr
+    a, b = planes
+    if arr.ndim == 0 or b > arr.shape[0]:
+        raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+    return arr[a:b]
 
 
 def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
@@ -519,17 +606,15 @@ def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: in
         raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
     if not 0 <= z0 < z1 <= s.nz:
         raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
-    index = ChainIndex(storage)
-    index.refresh()
+    parts = overlapping(s, z0, z1)
+    index = _index_of(storage, parts)
     pieces: list[np.ndarray] = []
-    for p in overlapping(s, z0, z1):
-        arr = _part_region(storage, index, s, p, region)
+    for p in parts:
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
-        if arr.ndim == 0 or b > arr.shape[0]:
-            raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+        arr = _part_region(storage, index, p, region, (a, b))
         if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
             raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
-        pieces.append(arr[a:b])
+        pieces.append(arr)
     return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
 
 
@@ -537,9 +622,7 @@ def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarr
     """A region every rank holds whole (not decomposed), from part 0."""
     if region in s.decomposed:
         raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    index = ChainIndex(storage)
-    index.refresh()
-    return np.array(_part_region(storage, index, s, s.parts[0], region))
+    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s.parts[0], region))
 
 
 # ---------------------------------------------------------------- retention
@@ -556,7 +639,7 @@ def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex)
     """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls)."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    statuses = scan_sets(storage, kernel_id, full=False)
+    statuses = scan_sets(storage, kernel_id, full=False, index=index)
     valid = [st for st in statuses if st.ok and st.set is not None]
     if len(valid) <= keep:
         return []
@@ -586,7 +669,7 @@ def gc_sets(storage: Storage, kernel_id: str, keep: int) -> list[str]:
     its chain. Returns the deleted names.
     """
     index = ChainIndex(storage)
-    index.refresh(trust_cache=False)
+    index.refresh()  # files are never replaced: a cached header whose file has the same size is that file's
     names = plan_gc_sets(storage, kernel_id, keep, index)
     for n in names:
         storage.delete(n)
@@ -603,7 +686,7 @@ def written_part(storage: Storage, kernel_id: str, rank: int, ranks: int, step: 
     with it after the part is durable.
     """
     kid = part_kernel_id(kernel_id, rank, ranks)
-    index = ChainIndex(storage)
+    index = ChainIndex(_KernelView(storage, [kid]))  # type: ignore[arg-type]
     index.refresh()
     es = [e for e in index.sorted(kid) if e.step == step and e.ok and e.state_digest is not None]
     if not es:

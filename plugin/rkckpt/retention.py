@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .chain import ChainIndex, Entry, verify_chain
+from .ckptset import is_part_kernel
 from .errors import CheckpointError
 from .storage.base import Storage, StorageError
 
@@ -128,13 +129,17 @@ def plan(index: ChainIndex, keep: int, kernel_id: str | None = None, *, writer: 
     with a ``writer``, that its restore did not pass over); nothing at or
     after the oldest of those is touched, nor the writer's chain. With fewer
     verified chains than ``keep`` only orphaned deltas older than the newest
-    verified chain go.
+    verified chain go. Without a ``kernel_id``, the part chains of checkpoint
+    sets (``<kernel>.r<rank>of<ranks>``) are left out: a part is kept or
+    deleted with its set (``ckptset.gc_sets``), not as a chain of its own.
     """
     writer = writer or WriterView()
     if keep < 1:
         raise ValueError("keep must be at least 1")
     by_kernel: dict[str, list[Entry]] = {}
     for e in index.sorted(kernel_id):
+        if kernel_id is None and is_part_kernel(e.kernel_id):
+            continue  # a part of a checkpoint set: only ``ckptset.gc_sets`` knows which of its files a set needs
         by_kernel.setdefault(e.kernel_id, []).append(e)
     doomed: list[Entry] = []
     for es in by_kernel.values():

@@ -31,11 +31,13 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rkckpt import testhook
+from rkckpt.chain import INDEX_NAME
 from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotResponse
 from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
@@ -45,6 +47,8 @@ from .runner import StepLoop, _write_marker
 from .runtime import FINGERPRINT_KEY, RestoreMismatch
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from rkckpt.ckptset import CheckpointSet
     from rkckpt.model import Checkpoint
     from rkckpt.storage import Storage
@@ -60,6 +64,9 @@ log = logging.getLogger("rkrun")
 IDENTITY_KEY = "rkkernel.set_identity"
 #: Committed sets kept (older ones and the part files only they need are deleted).
 KEEP_SETS = 2
+#: Seconds a rank that lost a peer waits before it leaves, so that the other survivors, whose
+#: deadlines pass a moment later, name only the rank that died (``lost_ranks``).
+LINGER = 1.0
 #: Exit status when a rank is lost: the step failed and nothing new was committed.
 EX_RANK_LOST = 1
 #: Part write states reported at a batch boundary (reduced with "min").
@@ -126,21 +133,8 @@ def layout_of(loop: StepLoop, comm: Comm) -> Layout:
 def global_identity(loop: StepLoop) -> dict[str, Any]:
     """What makes two runs the same simulation whatever their rank count (a plain run's fingerprint)."""
     krun, spec = loop.krun, loop.krun.spec
-    fp = getattr(krun, "global_fingerprint", None) or getattr(spec, "global_fingerprint", None)
-    if fp is None:
-        fp = spec.fingerprint() if getattr(spec, "halo_exchange", None) is None else _single_fingerprint(loop)
+    fp = krun.global_fingerprint or spec.fingerprint()
     return {"kernel_type": spec.kernel_type, "grid": [int(g) for g in loop.cfg.grid], "fingerprint": str(fp)}
-
-
-def _single_fingerprint(loop: StepLoop) -> str:
-    """The fingerprint the same options give one process: the spec built as if this were the only rank."""
-    from . import comm as comm_mod
-
-    held, comm_mod._WORLD = comm_mod._WORLD, comm_mod.SingleComm()
-    try:
-        return loop.plugin.build(loop.values).spec.fingerprint()
-    finally:
-        comm_mod._WORLD = held
 
 
 def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
@@ -159,31 +153,56 @@ def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
 
 def retention_off(policy: CheckpointPolicy) -> CheckpointPolicy:
     """``policy`` with the manager's own retention off: a part file may be needed by a committed set (``gc_sets`` decides)."""
-    off = dataclasses.replace(policy, keep_chains=None)  # type: ignore[arg-type]
-    try:
-        from rkckpt.storage import MemoryStorage
-
-        CheckpointManager(MemoryStorage(), off, "probe").close()
-    except (TypeError, ValueError):  # a manager without the switch: keep every chain
-        off = dataclasses.replace(policy, keep_chains=2**31)
-    return off
+    return dataclasses.replace(policy, keep_chains=None)
 
 
 def lost_ranks(peers: list[Any], comm: Comm) -> str:
-    """Which ranks are gone, as far as this host can tell (a process of this host that no longer runs)."""
+    """Which ranks are lost, as far as this host can tell: a process that is gone, or stopped (a hung rank)."""
     host = socket.gethostname()
-    gone = [r for r, p in enumerate(peers) if r != comm.rank and isinstance(p, list) and p[0] == host and not _alive(int(p[1]))]
+    mine = {r: int(p[1]) for r, p in enumerate(peers) if r != comm.rank and isinstance(p, list) and p[0] == host}
+    states = {r: _state(pid) for r, pid in mine.items()}
+    gone = [str(r) for r, st in states.items() if st in ("", "Z", "X")]
+    stopped = [f"{r} (pid {mine[r]})" for r, st in states.items() if st in ("T", "t")]
+    me = f"rank {comm.rank} of {comm.size}"
     if gone:
-        return f"rank {comm.rank} of {comm.size}: lost rank(s) {', '.join(map(str, gone))} (process gone)"
-    return f"rank {comm.rank} of {comm.size}: lost a rank (not on this host, or still running but not responding)"
+        return f"{me}: lost rank(s) {', '.join(gone)} (process gone)"
+    if stopped:
+        return f"{me}: lost rank(s) {', '.join(stopped)}: stopped, not responding"
+    return f"{me}: lost a rank (not on this host, or running but not responding)"
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie), "" when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:  # noqa: PTH123
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return ""
+
+
+def names_in_manifests(storage: Storage, kernel_id: str) -> set[str]:
+    """Every part file a manifest of ``kernel_id`` names (manifests that do not parse name none)."""
+    from rkckpt.ckptset import manifest_names, read_manifest
+
+    out: set[str] = set()
+    for m in manifest_names(storage, kernel_id):
+        try:
+            out.update(p.name for p in read_manifest(storage, m).parts)
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return out
+
+
+class PartManager(CheckpointManager):
+    """The manager of one rank's part chain: it never writes the shared index file.
+
+    N ranks writing ``rkckpt-index.json`` each with its own view would keep
+    overwriting each other's entries; readers rebuild what the index lacks
+    from the files' headers, and rank 0's ``gc_sets`` saves one from the files.
+    """
+
+    def _save_index(self) -> None:
+        return None
 
 
 def set_to_doc(s: CheckpointSet | None) -> dict[str, Any] | None:
@@ -210,6 +229,22 @@ def own_files_after(storage: Storage, kernel_id: str, step: int) -> list[str]:
     return out
 
 
+def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
+    """A field every rank holds whole but computes on its own slab, as the max over the parts.
+
+    Such a field is a per-rank reduction the kernel combines with a max over
+    the ranks (traveltime's ``last_change``, the last step its slab changed,
+    see ``decomp.SlabRun.max_int``); every new rank starts from the global max,
+    so the combined value is the same on any rank count.
+    """
+    import numpy as np
+
+    from rkckpt.ckptset import read_replicated
+
+    values = [read_replicated(storage, dataclasses.replace(s, parts=(p,)), region) for p in s.parts]
+    return np.maximum.reduce(values)
+
+
 def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
     """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
     from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
@@ -234,6 +269,8 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
             continue
         if r.name in layout.decomposed:
             ckpt.add_region(r.name, read_planes(loop.mgr.storage, s, r.name, g0, g1))
+        elif r.role == "field" and len(s.parts) > 1:
+            ckpt.add_region(r.name, rank_field(loop.mgr.storage, s, r.name))
         else:
             ckpt.add_region(r.name, read_replicated(loop.mgr.storage, s, r.name))
     have = base.regions()
@@ -283,7 +320,7 @@ class RankLoop(StepLoop):
         storage = open_storage(self.cfg.checkpoint_dir)
         if self.comm.rank != 0:
             unlocked(storage)
-        return CheckpointManager(storage, retention_off(policy), self.part_id)
+        return PartManager(storage, retention_off(policy), self.part_id)
 
     def _start(self) -> int | None:
         try:
@@ -339,11 +376,23 @@ class RankLoop(StepLoop):
     def _continue_chain(self, s: CheckpointSet | None) -> None:
         """Point this rank's manager at its part of ``s`` (a delta continues it), or at a fresh chain.
 
-        Part files after the set's step were never committed: the manager may
-        replace them (``CheckpointManager.latest``'s ``exclude``).
+        This rank's part files after the set's step that no manifest names were
+        never committed: they are deleted, so the run writes those names anew
+        instead of replacing files whose headers other ranks may have cached
+        (the cache in the index file checks sizes only). Then rank 0 removes that
+        cache: it may still describe the deleted files.
         """
         storage, kid = self.mgr.storage, self.part_id
-        after = own_files_after(storage, kid, -1 if s is None else s.step)
+        step = -1 if s is None else s.step
+        named = names_in_manifests(storage, self.cfg.kernel_id)
+        for name in own_files_after(storage, kid, step):
+            if name not in named:
+                storage.delete(name)
+        self.comm.barrier()
+        if self.comm.rank == 0 and storage.exists(INDEX_NAME):
+            storage.delete(INDEX_NAME)
+        self.comm.barrier()
+        after = own_files_after(storage, kid, step)  # parts of newer sets that did not restore: may be replaced
         if s is not None and s.name is not None and s.ranks == self.comm.size:
             rp = self.mgr.latest(exclude=after)
             if rp is not None and rp.chain and rp.chain[-1] == s.parts[self.comm.rank].name:
@@ -427,6 +476,7 @@ class RankLoop(StepLoop):
             log.error("cannot commit the checkpoint set at step %d: %s", step, exc)
             return False
         log.debug("committed %s", name)
+        fire("committed", self.comm.rank)
         try:
             gone = gc_sets(self.mgr.storage, self.cfg.kernel_id, KEEP_SETS)
             if gone:
@@ -508,6 +558,10 @@ class SoloLoop(StepLoop):
     """One process (``rkrun`` without MPI): exactly ``StepLoop``, but a committed set newer than the
     plain chain is restored from (a step written by N ranks goes on as one process)."""
 
+    def _should_stop(self) -> bool:
+        fire("batch", 0)  # the test point of a batch boundary, as on several ranks
+        return super()._should_stop()
+
     def _restore(self) -> int | None:
         from rkckpt.ckptset import SET_SUFFIX, latest_set
 
@@ -559,5 +613,6 @@ def run_step(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, co
     rc = run_attempt(ckdir, body) if comm.rank == 0 else body(None)
     if loops and loops[-1].lost:
         logging.shutdown()
+        time.sleep(LINGER)  # peers that time out a moment later must still see this rank running
         os._exit(rc)
     return rc
