@@ -158,62 +158,45 @@ def _walk(rd: _Bytes, address: int) -> tuple[list[tuple[int, bytes, int]], list[
     return out, spans
 
 
+#: lookup3's ``mix`` as (x, y, z, r): x -= z; x ^= rot(z, r); z += y, over the state (a, b, c) = 0, 1, 2
+_MIX = ((0, 1, 2, 4), (1, 2, 0, 6), (2, 0, 1, 8), (0, 1, 2, 16), (1, 2, 0, 19), (2, 0, 1, 4))
+#: lookup3's ``final`` as (x, y, r): x ^= y; x -= rot(y, r)
+_FINAL = ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24))
+_M32 = 0xFFFFFFFF
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M32
+
+
 def lookup3(data: bytes | bytearray | memoryview, initval: int = 0) -> int:
-    """Bob Jenkins' lookup3 ``hashlittle``, as HDF5 checksums its metadata (``H5_checksum_lookup3``)."""
-    m = 0xFFFFFFFF
+    """Bob Jenkins' lookup3 ``hashlittle``, as HDF5 checksums its metadata (``H5_checksum_lookup3``).
 
-    def rot(x: int, k: int) -> int:
-        return ((x << k) | (x >> (32 - k))) & m
-
+    Written here because no maintained Python package provides lookup3 (and
+    h5py does not expose HDF5's); it only ever runs over a few hundred bytes
+    of object-header metadata. The tables above are the reference's ``mix``
+    and ``final`` macros, step for step.
+    """
     length = len(data)
-    a = b = c = (0xDEADBEEF + length + initval) & m
+    v = [(0xDEADBEEF + length + initval) & _M32] * 3
     k = bytes(data)
     i = 0
     while length > 12:
-        a = (a + int.from_bytes(k[i : i + 4], "little")) & m
-        b = (b + int.from_bytes(k[i + 4 : i + 8], "little")) & m
-        c = (c + int.from_bytes(k[i + 8 : i + 12], "little")) & m
-        a = (a - c) & m
-        a ^= rot(c, 4)
-        c = (c + b) & m
-        b = (b - a) & m
-        b ^= rot(a, 6)
-        a = (a + c) & m
-        c = (c - b) & m
-        c ^= rot(b, 8)
-        b = (b + a) & m
-        a = (a - c) & m
-        a ^= rot(c, 16)
-        c = (c + b) & m
-        b = (b - a) & m
-        b ^= rot(a, 19)
-        a = (a + c) & m
-        c = (c - b) & m
-        c ^= rot(b, 4)
-        b = (b + a) & m
+        for j in range(3):
+            v[j] = (v[j] + int.from_bytes(k[i + 4 * j : i + 4 * j + 4], "little")) & _M32
+        for x, y, z, r in _MIX:
+            v[x] = ((v[x] - v[z]) & _M32) ^ _rot(v[z], r)
+            v[z] = (v[z] + v[y]) & _M32
         length -= 12
         i += 12
     if length == 0:
-        return c
+        return v[2]
     tail = k[i : i + length] + bytes(12 - length)
-    a = (a + int.from_bytes(tail[0:4], "little")) & m
-    b = (b + int.from_bytes(tail[4:8], "little")) & m
-    c = (c + int.from_bytes(tail[8:12], "little")) & m
-    c ^= b
-    c = (c - rot(b, 14)) & m
-    a ^= c
-    a = (a - rot(c, 11)) & m
-    b ^= a
-    b = (b - rot(a, 25)) & m
-    c ^= b
-    c = (c - rot(b, 16)) & m
-    a ^= c
-    a = (a - rot(c, 4)) & m
-    b ^= a
-    b = (b - rot(a, 14)) & m
-    c ^= b
-    c = (c - rot(b, 24)) & m
-    return c
+    for j in range(3):
+        v[j] = (v[j] + int.from_bytes(tail[4 * j : 4 * j + 4], "little")) & _M32
+    for x, y, r in _FINAL:
+        v[x] = ((v[x] ^ v[y]) - _rot(v[y], r)) & _M32
+    return v[2]
 
 
 class Fields:

@@ -13,16 +13,15 @@ manifest and the first lie found.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass
 
 from . import safejson
 from .chain import NAME_RE
 from .errors import CheckpointError
+from .source import open_regular
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.twolevel import TwoLevelStorage
@@ -195,21 +194,14 @@ def parse_manifest(name: str, data: bytes) -> CheckpointSet:
 def _read_regular(path: os.PathLike[str] | str, name: str) -> bytes:
     """A local manifest's bytes: never follows a link, never blocks on a FIFO, never reads past the limit."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SetError(name, "manifest rejected: a symbolic link, not a regular file") from None
-        raise SetError(name, f"manifest unreadable: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SetError(name, "manifest rejected: not a regular file (a FIFO, device or folder)")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise SetError(name, f"manifest rejected: {st.st_size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_MANIFEST_BYTES + 1)
-    finally:
-        os.close(fd)
+        fd = open_regular(path, follow_links=False)
+    except CheckpointError as exc:
+        raise SetError(name, f"manifest rejected: {exc.problem}") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise SetError(name, f"manifest rejected: {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+        return f.read(MAX_MANIFEST_BYTES + 1)
 
 
 def manifest_bytes(storage: Storage, name: str) -> bytes:

@@ -10,6 +10,7 @@ checkpoint ends in an error, not a hang.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import sys
@@ -90,12 +91,20 @@ class MemorySource:
         pass
 
 
-def open_regular(path: str | os.PathLike[str]) -> int:
-    """An fd for reading ``path``, which must be a regular file (never blocks on a FIFO)."""
+def open_regular(path: str | os.PathLike[str], *, follow_links: bool = True) -> int:
+    """An fd for reading ``path``, which must be a regular file (never blocks on a FIFO).
+
+    ``follow_links=False`` refuses a symbolic link under the name itself: for
+    small records (a set's manifest) that must be the file the writer renamed
+    into place, not whatever a link points at.
+    """
     src = os.fspath(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(src, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise CheckpointError(src, "a symbolic link, not a regular file (refusing to follow it)") from None
         raise CheckpointError(src, f"cannot read: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -13,8 +13,9 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -278,21 +279,26 @@ class OpenCLBackend(Backend):
         while s < end:
             # a fused sweep never crosses a step at which a command is due
             depth = f.depth(min([end, *(t for t in stops if s < t < end)]) - s) if f is not None else 0
-            if depth:
-                cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
-                _enqueue_pairs(cl, q, f.by_depth[depth], s)
-                taken = depth
-            else:
-                _enqueue_pairs(cl, q, self.launches, s)
-                taken = 1
-            self._enqueue_counter(q, taken)
-            s += taken
+            s += self._advance(s, depth)
         q.flush()
 
-    def _enqueue_counter(self, q, steps: int) -> None:
-        """``steps`` launches of the one-work-item step counter (``rk_advance``) after the step kernels."""
-        for _ in range(steps):
-            self.cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+    def _advance(self, s: int, depth: int, sweep: Callable[[], None] | None = None) -> int:
+        """Enqueue a fused sweep of ``depth`` steps from step ``s`` (``sweep`` launches it when given;
+        ``depth`` 0: one plain step), then as many launches of the step counter (``rk_advance``).
+        Returns the steps taken."""
+        cl, q, f = self.cl, self.queue, self.fused
+        if depth:
+            cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
+            if sweep is not None:
+                sweep()
+            else:
+                _enqueue_pairs(cl, q, f.by_depth[depth], s)
+        else:
+            _enqueue_pairs(cl, q, self.launches, s)
+        taken = depth or 1
+        for _ in range(taken):
+            cl.enqueue_nd_range_kernel(q, self.k_step, (1,), (1,))
+        return taken
 
     # -------------------------------------------------------- series reductions
     def _reducer(self):
@@ -368,31 +374,27 @@ class OpenCLBackend(Backend):
             if any(name != f.level_outputs[(t - s - 1) % 2].pick(s % 2) for t, name, _ in inside):
                 depth = f.depth(inside[0][0] - s)  # not what the sweep writes: end the sweep at the sample
                 inside = []
-            if depth:
-                cl.enqueue_fill_buffer(q, f.sync, np.uint32(0), 0, f.sync_bytes)
-                if inside:
-                    launches, (i_sums, i_cols, i_mask, i_row) = f.sampled[depth]
-                    mask = sum(1 << (t - s - 1) for t, _, _ in inside)
-                    for global_size, local_size, pair in launches:
-                        k = pair[s % 2]
-                        k.set_arg(i_sums, self._sums)
-                        k.set_arg(i_cols, self._sweep_cols)
-                        k.set_arg(i_mask, np.int32(mask))
-                        k.set_arg(i_row, np.int32(inside[0][2]))
-                        cl.enqueue_nd_range_kernel(q, k, global_size, local_size)
-                    del pending[: len(inside)]
-                else:
-                    _enqueue_pairs(cl, q, f.by_depth[depth], s)
-                taken = depth
+            if depth and inside:
+                s += self._advance(s, depth, partial(self._sampled_sweep, s, depth, inside))
+                del pending[: len(inside)]
             else:
-                _enqueue_pairs(cl, q, self.launches, s)
-                taken = 1
-            self._enqueue_counter(q, taken)
-            s += taken
+                s += self._advance(s, depth)
             while pending and pending[0][0] == s:  # after single steps or a sweep that did not sample it
                 self.enqueue_sumsq(pending[0][1], pending[0][2])
                 pending.pop(0)
         q.flush()
+
+    def _sampled_sweep(self, s: int, depth: int, inside: list[tuple[int, str, int]]) -> None:
+        """The sweep of ``depth`` steps from ``s`` that also sums the levels of the samples ``inside`` it."""
+        launches, (i_sums, i_cols, i_mask, i_row) = self.fused.sampled[depth]
+        mask = sum(1 << (t - s - 1) for t, _, _ in inside)
+        for global_size, local_size, pair in launches:
+            k = pair[s % 2]
+            k.set_arg(i_sums, self._sums)
+            k.set_arg(i_cols, self._sweep_cols)
+            k.set_arg(i_mask, np.int32(mask))
+            k.set_arg(i_row, np.int32(inside[0][2]))
+            self.cl.enqueue_nd_range_kernel(self.queue, k, global_size, local_size)
 
     def reserve_sums(self, slots: int, region: str) -> None:
         """Room for ``slots`` samples of ``region`` before a batch is enqueued (no reallocation inside it)."""
