@@ -294,6 +294,8 @@ class RankLoop(StepLoop):
         #: writes handed to this rank's manager so far, and the step of the last periodic one
         self.handed = 0
         self.last_handed: int | None = None
+        #: step of the newest part this rank saw durable (the ``part-written`` test point fires once per part)
+        self.durable_seen: int | None = None
         #: names the lineage of sets: kept across restores, new for a run from step 0
         self.run_id = ""
         #: (host, pid) of every rank, to name the one that is gone when a collective times out
@@ -443,7 +445,8 @@ class RankLoop(StepLoop):
     def _resolve(self, step: int) -> bool:
         """Commit the set of ``step`` once every part is durable (True: committed); drop it when one failed."""
         state, entry = self._part_state(step)
-        if state == _DURABLE:
+        if state == _DURABLE and self.durable_seen != step:  # once per part, however many boundaries it waits
+            self.durable_seen = step
             fire("part-written", self.comm.rank)
         worst = self.comm.allreduce_int(state, "min")
         if worst == _IN_FLIGHT:
