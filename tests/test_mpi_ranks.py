@@ -263,6 +263,18 @@ def test_one_rank_set_resumes_as_a_plain_process_bit_identical(tmp_path: Path) -
     assert result(out) == ref
 
 
+def test_part_managers_leave_the_shared_index_alone(tmp_path: Path) -> None:
+    """Ranks' managers must not each write ``rkckpt-index.json`` (``ranks.PartManager`` overrides the hook)."""
+    from rkckpt.manager import CheckpointManager
+    from rkckpt.storage import MemoryStorage
+    from rkkernel.ranks import PartManager, retention_off
+
+    assert "_save_index" in vars(CheckpointManager)  # the hook PartManager overrides still exists
+    m = PartManager(MemoryStorage(), retention_off(CheckpointManager(MemoryStorage()).policy), "wavesim.r0of2")
+    m._save_index()
+    assert m.storage.list() == []
+
+
 def test_traveltime_restores_on_more_ranks_with_the_same_convergence_step(tmp_path: Path) -> None:
     """``last_change`` is a per-rank field combined by max: a set restored on another rank count ends at the same step."""
     args = ("traveltime", "--grid", "12", "10", "24", "--steps", "60", "--checkpoint-every", "10", "--backend", "numpy", "--batch", "5")
