@@ -76,7 +76,7 @@ def _slabs(out: dict, kernel: str) -> None:
     else:
         from rkkernel.traveltime import make_spec  # type: ignore[assignment]
 
-        fields, halo = ("time_a", "time_b"), 1
+        fields, halo = ("time_a", "time_b"), SWEEP_LEVELS
     d = slab_run(p.nz, halo, fields)
     assert d is not None
     whole = PersistentKernel(make_spec(p), "numpy")
@@ -94,6 +94,12 @@ def _slabs(out: dict, kernel: str) -> None:
         _, ws = whole.run_sampled(9, samples)
         _, ps = part.run_sampled(9, samples)
         out["sums_equal"] = [_total(w) == d.total(q) for w, q in zip(ws, ps, strict=True)]
+        # cells in every rank's slab, each read by its owner and gathered in order
+        cells = [(x, 5, z) for x, z in ((3, 0), (4, 16), (5, 7), (6, 12), (7, 2), (8, 6))]
+        field = part.region("pressure_a")
+        got = d.gather_values(cells, lambda x, y, z: float(field[z, y, x]))
+        ref = whole.region("pressure_a")
+        out["values_equal"] = got == [float(ref[z, y, x]) for x, y, z in cells]
     else:
         last = d.max_int(int(part.region("last_change")[0]))
         out["last_change_equal"] = last == int(whole.region("last_change")[0])

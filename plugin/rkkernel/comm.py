@@ -18,6 +18,7 @@ No pickle: arrays travel as raw buffers with a JSON header, documents as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ TIMEOUT_ENV = "RKSLURM_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 
 _SUM_OPS = ("sum", "max", "min")
+#: Seconds a wait polls without sleeping (see ``MPIComm._wait``).
+SPIN_SECONDS = 0.001
 
 
 class RankLost(RuntimeError):
@@ -136,23 +139,35 @@ class MPIComm(Comm):
     world: Any = field(default=None, repr=False)
 
     def _wait(self, reqs: list[Any], what: str) -> None:
-        """Poll ``reqs`` until all complete; RankLost when the deadline passes first."""
-        deadline = time.monotonic() + self.timeout
-        spins = 0
+        """Poll ``reqs`` until all complete; RankLost when the deadline passes first.
+
+        Polling drives MPI's progress (a large message takes several rounds),
+        so for the first ``SPIN_SECONDS`` a poll only yields the core (to a
+        device runtime's threads on an oversubscribed node): a halo exchange
+        between ranks that arrive together costs no sleep. Later polls sleep
+        a little, then more, so a rank waiting long for a slow peer leaves
+        the cores to the ranks still computing.
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout
         while not self._test(reqs, what):
-            spins += 1
-            if spins > 200:
-                if time.monotonic() > deadline:
-                    for r in reqs:
-                        try:
-                            r.Cancel()
-                        except Exception:  # noqa: BLE001 - best effort on the way out
-                            pass
-                    raise RankLost(
-                        f"rank {self.rank} of {self.size}: {what} did not complete within {self.timeout:g} s "
-                        f"(${TIMEOUT_ENV}); another rank died or stopped responding"
-                    )
-                time.sleep(0.0002 if spins < 5000 else 0.002)
+            now = time.monotonic()
+            if now > deadline:
+                self._cancel(reqs)
+                raise RankLost(
+                    f"rank {self.rank} of {self.size}: {what} did not complete within {self.timeout:g} s "
+                    f"(${TIMEOUT_ENV}); another rank died or stopped responding"
+                )
+            waited = now - start
+            time.sleep(0 if waited < SPIN_SECONDS else 0.0001 if waited < 0.05 else 0.002)
+
+    @staticmethod
+    def _cancel(reqs: list[Any]) -> None:
+        for r in reqs:
+            try:
+                r.Cancel()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
 
     def _test(self, reqs: list[Any], what: str) -> bool:
         try:
@@ -270,11 +285,18 @@ def world(timeout: float | None = None) -> Comm:
 
 
 def _make_world(limit: float) -> Comm:
-    if launched_size() <= 1:
+    size = launched_size()
+    if size <= 1:
         return SingleComm()
     try:
         from mpi4py import MPI
-    except ImportError:
+    except ImportError as exc:
+        logging.getLogger("rkrun").warning(
+            "started by an MPI launcher as one of %d ranks, but mpi4py cannot be imported (%s): running as a single "
+            "process (install rkslurm[mpi])",
+            size,
+            exc,
+        )
         return SingleComm()
     w = MPI.COMM_WORLD
     w.Set_errhandler(MPI.ERRORS_RETURN)

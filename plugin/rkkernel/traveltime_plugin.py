@@ -27,10 +27,11 @@ def build(values: Mapping[str, Any]) -> KernelRun:
 
     from .decomp import slab_run
     from .traveltime import converged_at, current_time, make_spec
+    from .wavesim import SWEEP_LEVELS
 
     params, model = model_params(values)
-    # one rank of a multi-rank run: a z slab with a one-plane halo, exchanged every step
-    decomp = slab_run(params.nz, 1, ("time_a", "time_b"))
+    # one rank of a multi-rank run: a z slab, SWEEP_LEVELS halo planes (the CPU sweep's depth)
+    decomp = slab_run(params.nz, SWEEP_LEVELS, ("time_a", "time_b"))
     spec = make_spec(params, velocity=model, decomp=decomp)
 
     def last_change(kernel: PersistentKernel) -> int:
