@@ -14,7 +14,10 @@ plane on each inner side (as ``rkkernel.decomp`` lays them out). Layouts:
 
 Every write is durable (fsync of file and folder). Each layout runs
 ``--repeat`` times on a fresh folder; the best and all samples are printed.
-Also printed: reading the 4-part set back as 2 ranks' slabs (``read_planes``).
+Also printed: reading the 4-part set back as 2 ranks' slabs (``read_planes``),
+rank 0's ``gc_sets(keep=2)`` after each of 4 commits (the first samples keep
+everything; later ones read the newly kept set once) and ``latest_set`` with
+full and header-only checks.
 
 Usage: python bench/multirank_ckpt.py [--n 128] [--repeat 3] [--dir /tmp]
 """
@@ -57,10 +60,10 @@ def slabs(nz: int, ranks: int) -> list[tuple[int, int]]:
     return out
 
 
-def part_state(g: dict[str, np.ndarray], rank: int, ranks: int) -> tuple[Checkpoint, int]:
+def part_state(g: dict[str, np.ndarray], rank: int, ranks: int, step: int = STEP) -> tuple[Checkpoint, int]:
     z0, z1 = slabs(len(g["u"]), ranks)[rank]
     lo, hi = max(0, z0 - 1), min(len(g["u"]), z1 + 1)
-    ck = Checkpoint(Metadata(ckptset.part_kernel_id(KID, rank, ranks), "bench", STEP))
+    ck = Checkpoint(Metadata(ckptset.part_kernel_id(KID, rank, ranks), "bench", step))
     for name, a in g.items():
         ck.add_region(name, np.ascontiguousarray(a[lo:hi]))
     return ck, z0 - lo
@@ -70,7 +73,8 @@ def write_part(folder: str, ck: Checkpoint, rank: int, ranks: int) -> None:
     """One rank: its own storage handle and manager, without the folder lock (as ranks other than 0 run)."""
     storage = FileStorage(folder)
     storage.acquire_lock = lambda: None  # type: ignore[method-assign]
-    CheckpointManager(storage, POLICY, ckptset.part_kernel_id(KID, rank, ranks)).final(SnapshotResponse(SnapshotRequest(STEP, "final"), ck))
+    step = ck.metadata.current_step
+    CheckpointManager(storage, POLICY, ckptset.part_kernel_id(KID, rank, ranks)).final(SnapshotResponse(SnapshotRequest(step, "final"), ck))
 
 
 def _proc(folder: str, g: dict[str, np.ndarray], rank: int, ranks: int, go: object, done: object) -> None:
@@ -80,13 +84,13 @@ def _proc(folder: str, g: dict[str, np.ndarray], rank: int, ranks: int, go: obje
     done.put(time.perf_counter())  # type: ignore[attr-defined]  # CLOCK_MONOTONIC: one clock for every process
 
 
-def commit(folder: str, g: dict[str, np.ndarray], ranks: int) -> None:
+def commit(folder: str, g: dict[str, np.ndarray], ranks: int, step: int = STEP) -> None:
     storage = FileStorage(folder)
     parts = []
     for r in range(ranks):
         z0, z1 = slabs(len(g["u"]), ranks)[r]
-        parts.append(ckptset.written_part(storage, KID, r, ranks, STEP, z0, z1, 0 if r == 0 else 1))
-    ckptset.commit_set(storage, ckptset.CheckpointSet(KID, STEP, "bench", ranks, len(g["u"]), ("u", "v"), tuple(parts)))
+        parts.append(ckptset.written_part(storage, KID, r, ranks, step, z0, z1, 0 if r == 0 else 1))
+    ckptset.commit_set(storage, ckptset.CheckpointSet(KID, step, "bench", ranks, len(g["u"]), ("u", "v"), tuple(parts)))
     storage.close()
 
 
@@ -110,15 +114,15 @@ def run_procs(folder: str, g: dict[str, np.ndarray], ranks: int) -> float:
     return max(ends) - t0 + time.perf_counter() - t1
 
 
-def run_threads(folder: str, g: dict[str, np.ndarray], ranks: int) -> float:
-    cks = [part_state(g, r, ranks)[0] for r in range(ranks)]
+def run_threads(folder: str, g: dict[str, np.ndarray], ranks: int, step: int = STEP) -> float:
+    cks = [part_state(g, r, ranks, step)[0] for r in range(ranks)]
     t0 = time.perf_counter()
     ts = [threading.Thread(target=write_part, args=(folder, cks[r], r, ranks)) for r in range(ranks)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    commit(folder, g, ranks)
+    commit(folder, g, ranks, step)
     return time.perf_counter() - t0
 
 
@@ -139,6 +143,32 @@ def time_commit(folder: str, g: dict[str, np.ndarray]) -> float:
     t0 = time.perf_counter()
     commit(folder, g, 4)
     return time.perf_counter() - t0
+
+
+def retention(folder: str, g: dict[str, np.ndarray]) -> list[tuple[str, int, list[float]]]:
+    """Rank 0's work after a commit: ``gc_sets(keep=2)`` (reads each newly kept set once), and a restore's ``latest_set``."""
+    gc, again = [], []
+    for step in range(STEP, STEP + 4):
+        run_threads(folder, g, 4, step)
+        storage = FileStorage(folder)
+        t0 = time.perf_counter()
+        ckptset.gc_sets(storage, KID, 2)
+        t1 = time.perf_counter()
+        ckptset.gc_sets(storage, KID, 2)
+        gc.append(t1 - t0)
+        again.append(time.perf_counter() - t1)
+        storage.close()
+    t0 = time.perf_counter()
+    ckptset.latest_set(FileStorage(folder), KID)
+    t1 = time.perf_counter()
+    ckptset.latest_set(FileStorage(folder), KID, full=False)
+    t2 = time.perf_counter()
+    return [
+        ("gc_sets after a commit", 4, gc),
+        ("gc_sets, nothing new", 4, again),
+        ("latest_set, full check", 4, [t1 - t0]),
+        ("latest_set, headers", 4, [t2 - t1]),
+    ]
 
 
 def read_back(folder: str, g: dict[str, np.ndarray]) -> float:
@@ -168,6 +198,7 @@ def measure(base: Path, g: dict[str, np.ndarray], repeat: int) -> list[tuple[str
             rows.append((label, ranks, samples))
     rows.append(("commit (manifest) alone", 4, [time_commit(str(base / "parts-proc-4-0"), g)]))
     rows.append(("read 4 parts as 2 slabs", 4, [read_back(str(base / "parts-proc-4-0"), g)]))
+    rows += retention(str(base / "retention"), g)
     return rows
 
 
@@ -189,7 +220,7 @@ def main() -> None:
     print(f"{'layout':<24} {'parts':>5} {'best s':>8} {'MiB/s':>8}  samples")
     for label, ranks, samples in rows:
         best = min(samples)
-        if label.startswith("commit"):
+        if label.startswith(("commit", "gc_sets", "latest_set")):
             print(f"{label:<24} {ranks:>5} {best:8.3f} {'':>8}  {' '.join(f'{s:.3f}' for s in samples)}")
             continue
         print(f"{label:<24} {ranks:>5} {best:8.3f} {mib / best:8.0f}  {' '.join(f'{s:.3f}' for s in samples)}")

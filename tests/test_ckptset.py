@@ -108,6 +108,8 @@ def test_parts_on_s3_and_two_level_over_s3(s3_server, tmp_path: Path) -> None:
     s = ckptset.latest_set(s3, KID)
     assert s is not None and s.step == 20
     assert_reads_back(s3, s, 20, 2)
+    s3.save(ckptset.set_name(KID, 30, 4), b"{" + b" " * (2 << 20) + b"}")  # a newer "manifest" of 2 MiB: never loaded
+    assert ckptset.latest_set(s3, KID) == s
     two = TwoLevelStorage(FileStorage(tmp_path / "node"), open_storage(url, **s3_server.options()))
     SetWriter(two, 2).write(21)  # commit_set flushes: the manifest is durable on S3 when it returns
     fresh = open_storage(url, **s3_server.options())

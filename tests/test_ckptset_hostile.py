@@ -233,3 +233,33 @@ def test_a_sigkill_at_any_write_of_a_commit_leaves_the_previous_set(tmp_path: Pa
     assert s is not None and s.step == 10
     assert np.array_equal(ckptset.read_planes(storage, s, "p", 0, 12), global_state(10)["p"])
     assert not [n for n in storage.list() if n.endswith(ckptset.SET_SUFFIX) and "-000000000020-" in n]
+
+
+def test_header_checks_alone_catch_missing_parts_and_wrong_digests(two_sets, caplog) -> None:
+    """``full=False`` (each rank reads only its planes) still refuses a set whose part is gone or not the one committed."""
+    storage, s20 = two_sets
+    path = storage.path(str(s20.name))
+    doc = json.loads(path.read_bytes())
+    doc["parts"][1]["digest"] = "0badf00d"
+    path.write_text(json.dumps(doc))
+    assert ckptset.latest_set(storage, KID, full=False).step == 10
+    storage.path(s20.parts[0].name).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rkckpt.ckptset"):
+        assert ckptset.latest_set(storage, KID, full=False).step == 10
+    assert "part 0 is missing" in caplog.text
+
+
+def test_gc_never_counts_a_set_with_a_corrupt_part_as_kept(tmp_path: Path, caplog) -> None:
+    """A flipped payload bit leaves perfect headers: gc reads the kept sets in full before deleting older ones."""
+    storage = FileStorage(tmp_path / "gcbad")
+    w = SetWriter(storage, 2, full_every=0)  # every part a full: set 10 needs nothing of set 20
+    w.write(10)
+    s20 = w.write(20)
+    _flip(storage.path(s20.parts[0].name))
+    with caplog.at_level(logging.WARNING, logger="rkckpt.ckptset"):
+        assert ckptset.gc_sets(storage, KID, 1) == []
+    assert "not counting checkpoint set" in caplog.text and s20.parts[0].name in caplog.text
+    restores_step_10(storage, caplog, "part 0")
+    w.write(30)
+    assert ckptset.set_name(KID, 20, 2) in ckptset.gc_sets(storage, KID, 1), "a good newer set supersedes both"

@@ -34,9 +34,15 @@ from rkckpt.storage import FileStorage
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 storage = FileStorage({folder!r})
+policy = CheckpointPolicy(every_steps=1, keep_chains=None, delta_try_fraction=1.0)
+# Rank 0 takes the folder's writer lock (which removes leftover temporary files) before any other
+# rank writes a byte: taken later, it would delete another rank's part while that is being written.
+if rank == 0:
+    mgr = CheckpointManager(storage, policy, ckptset.part_kernel_id(KID, rank, size))
+comm.Barrier()
 if rank:
-    storage.acquire_lock = lambda: None  # rank 0 holds the folder's lock for the whole step
-mgr = CheckpointManager(storage, CheckpointPolicy(every_steps=1, keep_chains=None, delta_try_fraction=1.0), ckptset.part_kernel_id(KID, rank, size))
+    storage.acquire_lock = lambda: None  # rank 0 holds the lock for the whole step
+    mgr = CheckpointManager(storage, policy, ckptset.part_kernel_id(KID, rank, size))
 for step in (10, 11):
     ck, offset = local_state(global_state(step), step, rank, size)
     mgr.final(SnapshotResponse(SnapshotRequest(step, "final"), ck))

@@ -11,137 +11,84 @@ last, with ``Storage.create`` (put-no-replace, atomic, durable), after every
 rank reported its part durable: a crash of any rank at any moment leaves
 either the previous committed set or the new one, never half a set.
 
-Readers trust nothing they read: a manifest is bounded in size (1 MiB) and
-nesting before it is parsed, every number is checked against the file name
-and the other parts (ranges cover ``[0, nz)`` in rank order, no gaps, no
-overlaps, no huge values), and a part counts only when its whole chain
-verifies and its materialised digest is the one the manifest recorded. A set
-that fails any check is skipped with a message naming the part and the
-reason, and the next older one is used; nothing here raises for a bad set.
+Readers trust nothing they read: the manifest is checked as hostile input
+(``rkckpt.setmanifest``: names, data model, bounded parsing), and a part
+counts only when its whole chain verifies and its materialised digest is the
+one the manifest recorded. A set that fails any check is skipped with a
+message naming the part and the reason, and the next older one is used;
+nothing here raises for a bad set.
 
 A folder written by a single process (a plain chain of ``<kernel>``) is seen
 as a 1-part set, so one restore path serves both, and a state written by N
 ranks can be restored on M: ``read_planes`` assembles any global plane range
-from only the parts that overlap it (whole parts of one full checkpoint are
-read region by region with range requests, never the other regions).
+from only the parts that overlap it. A part that is one full checkpoint is
+read with range requests: just the planes asked for when its region's chunk
+is stored raw (one chunk per region, planes contiguous), else just that
+region; a part that is a delta chain is materialised.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import json
 import logging
-import os
-import re
-import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import safejson, stream
+from . import stream
 from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, read_region, verify_chain
 from .errors import CheckpointError
 from .flags import HDR_SHARD
 from .model import Checkpoint, ChunkType
+from .setmanifest import (
+    MAX_MANIFEST_BYTES,
+    PART_RE,
+    SET_RE,
+    SET_SUFFIX,
+    CheckpointSet,
+    Part,
+    SetError,
+    check_layout,
+    is_part_kernel,
+    manifest_bytes,
+    manifest_names,
+    parse_doc,
+    parse_manifest,
+    part_kernel_id,
+    read_manifest,
+    set_name,
+)
 from .storage.base import Storage, StorageError
-from .storage.file import FileStorage
-from .storage.twolevel import TwoLevelStorage
 
 log = logging.getLogger("rkckpt.ckptset")
 
 __all__ = [
+    "MAX_MANIFEST_BYTES",
+    "SET_RE",
     "SET_SUFFIX",
     "CheckpointSet",
     "Part",
     "SetError",
     "SetStatus",
+    "check_layout",
     "commit_set",
     "gc_sets",
+    "is_part_kernel",
     "latest_set",
+    "manifest_bytes",
+    "manifest_names",
     "parse_manifest",
     "part_checkpoint",
     "part_kernel_id",
     "plain_view",
     "read_planes",
     "read_replicated",
+    "read_manifest",
     "scan_sets",
     "set_name",
     "written_part",
 ]
-
-SET_SUFFIX = ".rkset.json"
-SET_FORMAT = "rkckpt-set"
-SET_VERSION = 1
-SET_RE = re.compile(r"^(?P<kernel_id>.+)-(?P<step>\d{12})-set(?P<ranks>\d{1,7})\.rkset\.json$")
-PART_RE = re.compile(r"^(?P<kernel_id>.+)\.r(?P<rank>\d{1,7})of(?P<ranks>\d{1,7})$")
-#: A manifest is a few hundred bytes per rank; anything larger is not one of ours.
-MAX_MANIFEST_BYTES = 1 << 20
-MAX_RANKS = 1 << 16
-#: Planes along axis 0: far beyond any grid, far below what would make an allocation hurt.
-MAX_PLANES = 1 << 31
-MAX_STEP = 10**12 - 1
-_DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_MAX_TEXT = 200
-
-
-class SetError(CheckpointError):
-    """A checkpoint set that cannot be committed or restored (names the manifest or the part, and why)."""
-
-
-def part_kernel_id(kernel_id: str, rank: int, ranks: int) -> str:
-    """Kernel id of rank ``rank``'s part chain in a set of ``ranks`` parts: ``<kernel_id>.r<rank>of<ranks>``."""
-    if not 0 <= rank < ranks:
-        raise ValueError(f"rank {rank} is not in [0, {ranks})")
-    return f"{kernel_id}.r{rank}of{ranks}"
-
-
-def set_name(kernel_id: str, step: int, ranks: int) -> str:
-    """File name of the manifest of the set of ``kernel_id`` at ``step`` written by ``ranks`` ranks."""
-    return f"{kernel_id}-{step:012d}-set{ranks}{SET_SUFFIX}"
-
-
-def is_part_kernel(kernel_id: str) -> bool:
-    """True for a part chain's kernel id (``<kernel>.r<rank>of<ranks>``): retention of plain chains leaves it alone."""
-    m = PART_RE.match(kernel_id)
-    return m is not None and int(m["rank"]) < int(m["ranks"])
-
-
-@dataclass(frozen=True)
-class Part:
-    rank: int
-    name: str  # the part chain's checkpoint file at the set's step (its tail)
-    digest: str  # materialised content digest of that checkpoint (chain ``Entry.state_digest``)
-    z0: int  # owned global planes [z0, z1)
-    z1: int
-    offset: int  # local plane index of global plane z0 in the part's decomposed regions
-
-
-@dataclass(frozen=True)
-class CheckpointSet:
-    kernel_id: str
-    step: int
-    run_id: str
-    ranks: int
-    nz: int
-    decomposed: tuple[str, ...]  # region names split along axis 0; all other regions are replicated
-    parts: tuple[Part, ...]
-    name: str | None = None  # the manifest; None: a plain single-process chain seen as a 1-part set
-
-    def to_json(self) -> bytes:
-        doc = {
-            "format": SET_FORMAT,
-            "version": SET_VERSION,
-            "kernel_id": self.kernel_id,
-            "step": self.step,
-            "run_id": self.run_id,
-            "ranks": self.ranks,
-            "nz": self.nz,
-            "decomposed": list(self.decomposed),
-            "parts": [dataclasses.asdict(p) for p in self.parts],
-        }
-        return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
@@ -160,154 +107,6 @@ class SetStatus:
         return self.problem is None
 
 
-# ---------------------------------------------------------------- manifest checks
-def _int(doc: dict[str, object], key: str, lo: int, hi: int, where: str) -> int:
-    v = doc.get(key)
-    if type(v) is not int or not lo <= v <= hi:
-        raise ValueError(f"{where}{key} is {_show(v)}, not an integer in [{lo}, {hi}]")
-    return v
-
-
-def _text(v: object, what: str) -> str:
-    if not isinstance(v, str) or len(v) > _MAX_TEXT:
-        raise ValueError(f"{what} is {_show(v)}, not a string of at most {_MAX_TEXT} characters")
-    return v
-
-
-def _show(v: object) -> str:
-    s = repr(v)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-def _parse_part(doc: object, kernel_id: str, step: int, ranks: int, nz: int) -> Part:
-    if not isinstance(doc, dict):
-        raise ValueError(f"a part is {type(doc).__name__}, not an object")
-    rank = _int(doc, "rank", 0, ranks - 1, "part: ")
-    where = f"part {rank}: "
-    name = _text(doc.get("name"), f"{where}name")
-    m = NAME_RE.match(name)
-    want = part_kernel_id(kernel_id, rank, ranks)
-    if m is None or m["kernel_id"] != want or int(m["step"]) != step:
-        raise ValueError(f"{where}file {_show(name)} is not a checkpoint of {want} at step {step}")
-    digest = doc.get("digest")
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-        raise ValueError(f"{where}digest {_show(digest)} is not a hex digest")
-    z0, z1 = _int(doc, "z0", 0, nz, where), _int(doc, "z1", 0, nz, where)
-    return Part(rank, name, digest, z0, z1, _int(doc, "offset", 0, MAX_PLANES, where))
-
-
-def check_layout(s: CheckpointSet) -> None:
-    """``ValueError`` unless ``len(parts) == ranks`` and the parts own ``[0, nz)`` contiguously in rank order."""
-    if len(s.parts) != s.ranks:
-        raise ValueError(f"{len(s.parts)} parts listed for {s.ranks} ranks")
-    at = 0
-    for i, p in enumerate(s.parts):
-        if p.rank != i:
-            raise ValueError(f"part {i} says rank {p.rank}: parts must be listed in rank order")
-        if p.z0 != at:
-            what = "overlaps the previous part" if p.z0 < at else "leaves a gap after the previous part"
-            raise ValueError(f"part {i} owns planes [{p.z0}, {p.z1}), which {what} (next plane is {at})")
-        if p.z1 <= p.z0:
-            raise ValueError(f"part {i} owns no planes ([{p.z0}, {p.z1}))")
-        at = p.z1
-    if at != s.nz:
-        raise ValueError(f"the parts own planes [0, {at}), not [0, {s.nz})")
-
-
-def _parse_doc(doc: object, name: str) -> CheckpointSet:
-    m = SET_RE.match(name)
-    if m is None:
-        raise ValueError("not a checkpoint set manifest name")
-    if not isinstance(doc, dict) or doc.get("format") != SET_FORMAT or doc.get("version") != SET_VERSION:
-        raise ValueError(f"not a version {SET_VERSION} {SET_FORMAT} manifest")
-    kernel_id = _text(doc.get("kernel_id"), "kernel_id")
-    step, ranks = _int(doc, "step", 0, MAX_STEP, ""), _int(doc, "ranks", 1, MAX_RANKS, "")
-    if (kernel_id, step, ranks) != (m["kernel_id"], int(m["step"]), int(m["ranks"])):
-        raise ValueError(f"it says kernel {_show(kernel_id)} step {step} ranks {ranks}, its name says otherwise")
-    nz = _int(doc, "nz", 1, MAX_PLANES, "")
-    dec, parts = doc.get("decomposed"), doc.get("parts")
-    if not isinstance(dec, list) or not dec or len(dec) > 1024:
-        raise ValueError("decomposed is not a non-empty list of region names")
-    if not isinstance(parts, list) or len(parts) != ranks:
-        raise ValueError(f"{len(parts) if isinstance(parts, list) else 'no'} parts listed for {ranks} ranks")
-    s = CheckpointSet(
-        kernel_id,
-        step,
-        _text(doc.get("run_id"), "run_id"),
-        ranks,
-        nz,
-        tuple(_text(d, "a decomposed region name") for d in dec),
-        tuple(_parse_part(p, kernel_id, step, ranks, nz) for p in parts),
-        name,
-    )
-    check_layout(s)
-    return s
-
-
-def parse_manifest(name: str, data: bytes) -> CheckpointSet:
-    """The set a manifest describes, or ``SetError`` naming the manifest and the first lie found."""
-    try:
-        return _parse_doc(safejson.loads(data, max_bytes=MAX_MANIFEST_BYTES), name)
-    except ValueError as exc:
-        raise SetError(name, f"manifest rejected: {exc}") from None
-
-
-def _read_regular(path: os.PathLike[str] | str, name: str) -> bytes:
-    """A local manifest's bytes: never follows a link, never blocks on a FIFO, never reads past the limit."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SetError(name, "manifest rejected: a symbolic link, not a regular file") from None
-        raise SetError(name, f"manifest unreadable: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SetError(name, "manifest rejected: not a regular file (a FIFO, device or folder)")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise SetError(name, f"manifest rejected: {st.st_size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_MANIFEST_BYTES + 1)
-    finally:
-        os.close(fd)
-
-
-def read_manifest(storage: Storage, name: str) -> CheckpointSet:
-    """Read and check the manifest ``name`` (``SetError`` when it is absent, hostile or lies about its layout)."""
-    if isinstance(storage, TwoLevelStorage):
-        inner = storage.local if os.path.lexists(storage.local.path(name)) else storage.shared
-        return read_manifest(inner, name)
-    if isinstance(storage, FileStorage):
-        return parse_manifest(name, _read_regular(storage.path(name), name))
-    try:
-        size = storage.size(name)
-        if size > MAX_MANIFEST_BYTES:
-            raise SetError(name, f"manifest rejected: {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-        data = storage.load(name)
-    except StorageError as exc:
-        raise SetError(name, f"manifest unreadable: {exc.problem}") from None
-    return parse_manifest(name, data)
-
-
-def manifest_names(storage: Storage, kernel_id: str | None = None) -> list[str]:
-    """Manifest names of ``kernel_id`` (all kernels: None), newest step first.
-
-    A local folder is also searched for entries under a manifest name that
-    are not regular files (a FIFO, a folder): the listing leaves those out,
-    but a reader should hear that one is there and why it is not used.
-    """
-    names = set(storage.list())
-    for fs in (storage.local, storage.shared) if isinstance(storage, TwoLevelStorage) else (storage,):
-        if isinstance(fs, FileStorage):
-            try:
-                names.update(e.name for e in os.scandir(fs.root) if e.name.endswith(SET_SUFFIX))
-            except OSError:
-                pass
-    out = [(m, n) for n in names if (m := SET_RE.match(n)) and (kernel_id is None or m["kernel_id"] == kernel_id)]
-    out.sort(key=lambda t: (int(t[0]["step"]), t[1]), reverse=True)
-    return [n for _, n in out]
-
-
 # ---------------------------------------------------------------- commit
 def commit_set(storage: Storage, s: CheckpointSet) -> str:
     """Write the manifest of ``s`` after checking it; return its name.
@@ -324,7 +123,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     name = set_name(s.kernel_id, s.step, s.ranks)
     try:
         s = CheckpointSet(s.kernel_id, s.step, s.run_id, s.ranks, s.nz, tuple(s.decomposed), tuple(s.parts), name)
-        check = _parse_doc(json.loads(s.to_json()), name)
+        check = parse_doc(json.loads(s.to_json()), name)
     except ValueError as exc:
         raise SetError(name, f"refusing to commit: {exc}") from None
     index = _index_of(storage, check.parts)
@@ -340,7 +139,11 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     except StorageError as exc:
         if not storage.exists(name):
             raise
-        if storage.load(name) != data:
+        try:
+            same = manifest_bytes(storage, name) == data
+        except SetError:
+            same = False
+        if not same:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
     storage.flush()
@@ -635,16 +438,60 @@ def _chains_needed(index: ChainIndex, names: Iterable[str]) -> set[str]:
     return keep
 
 
-def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex) -> list[str]:
-    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls)."""
+#: (storage url, manifest) -> sizes of every file of the set's part chains when it last read back intact.
+#: Files are never replaced (``Storage.create``), so the same names and sizes are the same bytes: a
+#: kept set is read in full once, not after every commit.
+_VERIFIED: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
+
+
+def _chain_files(index: ChainIndex, s: CheckpointSet) -> tuple[tuple[str, int], ...]:
+    files = _chains_needed(index, [p.name for p in s.parts])
+    return tuple(sorted((n, index.entries[n].size) for n in files))
+
+
+def _reads_back(storage: Storage, index: ChainIndex, st: SetStatus) -> bool:
+    """True when every part of ``st`` reads back in full and matches the manifest (remembered per file sizes)."""
+    assert st.set is not None
+    key, files = (storage.url, st.name), _chain_files(index, st.set)
+    if _VERIFIED.get(key) == files:
+        return True
+    try:
+        verify_set(storage, st.set, index=index, full=True)
+    except SetError as exc:
+        log.warning("not counting checkpoint set %s as kept: %s", st.name, exc)
+        return False
+    _VERIFIED[key] = files
+    return True
+
+
+def _kept_sets(storage: Storage, index: ChainIndex, statuses: list[SetStatus], keep: int, verify: bool) -> list[SetStatus]:
+    """The newest ``keep`` sets that can be restored (read in full with ``verify``), newest first."""
+    kept: list[SetStatus] = []
+    for st in statuses:
+        if len(kept) == keep:
+            break
+        if st.ok and st.set is not None and (not verify or _reads_back(storage, index, st)):
+            kept.append(st)
+    return kept
+
+
+def plan_gc_sets(storage: Storage, kernel_id: str, keep: int, index: ChainIndex, *, verify: bool = True) -> list[str]:
+    """What ``gc_sets`` deletes, in order: manifests first, then part files newest step first (deltas before fulls).
+
+    Nothing goes unless ``keep`` newer sets can be restored: with ``verify``
+    their parts are read in full (a part with a flipped bit has perfect
+    headers; counting its set as kept would delete the last good one).
+    """
     if keep < 1:
         raise ValueError("keep must be at least 1")
     statuses = scan_sets(storage, kernel_id, full=False, index=index)
-    valid = [st for st in statuses if st.ok and st.set is not None]
-    if len(valid) <= keep:
+    if sum(1 for st in statuses if st.ok) <= keep:
+        return []  # nothing could go: skip reading the sets
+    kept = _kept_sets(storage, index, statuses, keep, verify)
+    if len(kept) < keep:
         return []
-    cutoff = valid[keep - 1].step
-    kept_parts = [p.name for st in valid[:keep] for p in st.set.parts]  # type: ignore[union-attr]
+    cutoff = kept[-1].step
+    kept_parts = [p.name for st in kept for p in st.set.parts]  # type: ignore[union-attr]
     doomed_sets = [st.name for st in statuses if st.step < cutoff]
     mine = [e for e in index.sorted() if e.kernel_id == kernel_id or _part_of(e.kernel_id, kernel_id)]
     needed = _chains_needed(index, kept_parts) | _chains_needed(index, [e.name for e in mine if e.step >= cutoff])
@@ -658,22 +505,24 @@ def _part_of(part_kernel: str, kernel_id: str) -> bool:
     return m is not None and m["kernel_id"] == kernel_id
 
 
-def gc_sets(storage: Storage, kernel_id: str, keep: int) -> list[str]:
-    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest valid ones, and the files only they need.
+def gc_sets(storage: Storage, kernel_id: str, keep: int, *, verify: bool = True) -> list[str]:
+    """Delete committed sets of ``kernel_id`` older than the ``keep`` newest restorable ones, and the files only they need.
 
     Manifests go first (a set stops existing before any of its parts is
     touched), then part files and plain-chain files older than the oldest kept
     set, newest step first so a chain loses its deltas before its root. Never
     deleted: any file a kept set's chains need, and anything at or after the
     oldest kept set's step (a newer part may belong to a set in flight) or
-    its chain. Returns the deleted names.
+    its chain. The kept sets are read back in full first (once per set:
+    ``_VERIFIED``); ``verify=False`` trusts their headers. Returns the deleted names.
     """
     index = ChainIndex(storage)
     index.refresh()  # files are never replaced: a cached header whose file has the same size is that file's
-    names = plan_gc_sets(storage, kernel_id, keep, index)
+    names = plan_gc_sets(storage, kernel_id, keep, index, verify=verify)
     for n in names:
         storage.delete(n)
         index.remove(n)
+        _VERIFIED.pop((storage.url, n), None)
     if names:
         index.save()
     return names

@@ -31,8 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .chain import ChainIndex, Entry, verify_chain
-from .ckptset import is_part_kernel
 from .errors import CheckpointError
+from .setmanifest import is_part_kernel
 from .storage.base import Storage, StorageError
 
 log = logging.getLogger("rkckpt.retention")
