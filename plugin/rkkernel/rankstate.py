@@ -179,12 +179,18 @@ def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
 
 
 def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
-    """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
-    from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
+    """A rank's local state at the set's step: its planes of the split regions, the rest from a part.
+
+    On the slab it wrote itself (same rank count and planes) a rank restores
+    its own part as it is: one read. On another layout it reads only the
+    planes it now holds from the parts that own them.
+    """
+    from rkckpt.ckptset import part_checkpoint
     from rkckpt.model import Checkpoint, ChunkType
 
-    same = s.name is not None and s.ranks == size
-    base = part_checkpoint(loop.mgr.storage, s, rank if same else 0)
+    p = s.parts[rank] if s.name is not None and s.ranks == size else None
+    own = p is not None and (p.z0, p.z1, p.offset) == (layout.z0, layout.z1, layout.lo)
+    base = part_checkpoint(loop.mgr.storage, s, rank if own else 0)
     mine, theirs = global_identity(loop), identity_of(base)
     if mine != theirs:
         raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
@@ -196,18 +202,20 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
         c = base.find(int(t))
         if c is not None:
             ckpt.chunks.append(c)
-    g0, g1 = layout.planes
-    for r in spec.regions:
-        if r.role == "halo":
-            continue
-        if r.name in layout.decomposed:
-            ckpt.add_region(r.name, read_planes(loop.mgr.storage, s, r.name, g0, g1))
-        elif r.role == "field" and len(s.parts) > 1:
-            ckpt.add_region(r.name, rank_field(loop.mgr.storage, s, r.name))
-        else:
-            ckpt.add_region(r.name, read_replicated(loop.mgr.storage, s, r.name))
-    have = base.regions()
-    for sr in loop.krun.series:
-        if sr.region in have:
-            ckpt.add_region(sr.region, read_replicated(loop.mgr.storage, s, sr.region))
-    return RestorePoint(s.step, ckpt, [p.name for p in s.parts], kernel_id=loop.cfg.kernel_id)
+    names = [r.name for r in spec.regions if r.role != "halo"] + [sr.region for sr in loop.krun.series if sr.region in base.regions()]
+    for name in names:
+        ckpt.add_region(name, base.region(name) if own else _region_for(loop, s, name, layout))
+    return RestorePoint(s.step, ckpt, [q.name for q in s.parts], kernel_id=loop.cfg.kernel_id)
+
+
+def _region_for(loop: StepLoop, s: CheckpointSet, name: str, layout: Layout) -> np.ndarray:
+    """Region ``name`` of this rank's new slab, from the parts of a set written on another layout."""
+    from rkckpt.ckptset import read_planes, read_replicated
+
+    storage = loop.mgr.storage
+    if name in layout.decomposed:
+        return read_planes(storage, s, name, *layout.planes)
+    role = next((r.role for r in loop.krun.spec.regions if r.name == name), "series")
+    if role == "field" and len(s.parts) > 1:
+        return rank_field(storage, s, name)
+    return read_replicated(storage, s, name)
