@@ -55,7 +55,7 @@ def run(
     return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def wave(backend: str, ck: Path, out: Path, *extra: str) -> tuple[str, ...]:
+def wave(backend: str, ck: Path | str, out: Path, *extra: str) -> tuple[str, ...]:
     return ("wavesim", *COMMON, "--backend", backend, "--checkpoint-dir", str(ck), "--out", str(out), *extra)
 
 
@@ -263,6 +263,18 @@ def test_one_rank_set_resumes_as_a_plain_process_bit_identical(tmp_path: Path) -
     assert result(out) == ref
 
 
+def test_part_managers_leave_the_shared_index_alone(tmp_path: Path) -> None:
+    """Ranks' managers must not each write ``rkckpt-index.json`` (``ranks.PartManager`` overrides the hook)."""
+    from rkckpt.manager import CheckpointManager
+    from rkckpt.storage import MemoryStorage
+    from rkkernel.rankstate import PartManager, retention_off
+
+    assert "_save_index" in vars(CheckpointManager)  # the hook PartManager overrides still exists
+    m = PartManager(MemoryStorage(), retention_off(CheckpointManager(MemoryStorage()).policy), "wavesim.r0of2")
+    m._save_index()
+    assert m.storage.list() == []
+
+
 def test_traveltime_restores_on_more_ranks_with_the_same_convergence_step(tmp_path: Path) -> None:
     """``last_change`` is a per-rank field combined by max: a set restored on another rank count ends at the same step."""
     args = ("traveltime", "--grid", "12", "10", "24", "--steps", "60", "--checkpoint-every", "10", "--backend", "numpy", "--batch", "5")
@@ -279,3 +291,24 @@ def test_traveltime_restores_on_more_ranks_with_the_same_convergence_step(tmp_pa
     with h5py.File(tmp_path / "ref.h5") as a, h5py.File(out) as b:
         assert 0 < int(a.attrs["step"]) < 60 and int(b.attrs["step"]) == int(a.attrs["step"])
         assert a["traveltime"][()].tobytes() == b["traveltime"][()].tobytes()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("two_level", [False, True], ids=["s3", "s3+local"])
+def test_sets_on_s3_and_two_level_storage(s3_server, tmp_path: Path, two_level: bool) -> None:
+    """Parts, commit records and the restore on S3 (SeaweedFS on loopback), directly or staged in a node-local folder."""
+    from rkckpt.storage import open_storage
+
+    ref = reference("numpy", tmp_path)
+    url, out = f"s3://{s3_server.bucket()}/ck", tmp_path / "r.h5"
+    env = {"RKCKPT_S3_ENDPOINT": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    if two_level:
+        env["RKCKPT_LOCAL_DIR"] = str(tmp_path / "local")
+    p = run(2, *wave("numpy", url, out), env={**env, "RKSLURM_TEST_SIGNAL": "batch@r1:SIGTERM:4"})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    names = open_storage(url, local=False, **s3_server.options()).list()
+    assert "wavesim-000000000015-set2.rkset.json" in names, names
+    p = run(3, *wave("numpy", url, out), env=env)
+    assert p.returncode == 0, p.stderr
+    assert "restored step 15 from wavesim-000000000015-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
