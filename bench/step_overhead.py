@@ -50,7 +50,8 @@ def timed(self):
     self.mgr._wait_idle()  # the periodic write still in flight belongs to the advance phase
     timing.update(steps=self.step - s0, seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
                   backend=self.kernel.backend_name,
-                  written=self.mgr.stats.completed, wait=self.mgr.stats.wait_seconds, writer=self.mgr.stats.seconds)
+                  written=self.mgr.stats.completed, wait=self.mgr.stats.wait_seconds, writer=self.mgr.stats.seconds,
+                  phases=getattr(self.mgr.stats, "phase_cpu", {}))
 runner.StepLoop._advance = timed
 from rkkernel.cli import main
 try:
@@ -138,6 +139,15 @@ def main() -> None:
         crel = cpu / statistics.median(cpus[bare_label]) if bare_label in cpus else float("nan")
         print(f"| {label} | {med:.1f} | {rel:.2f}x | {1 / rel - 1:+.0%} | {cpu * 1e3:.3f} | {crel:.2f}x "
               f"| {t['written']} | {t['writer']:.2f} | {t['wait']:.2f} |")  # fmt: skip
+    phased = [(label, info[label]) for label, *_ in jobs if info[label].get("phases") and info[label]["written"]]
+    if phased:
+        names = list(next(iter(phased))[1]["phases"])
+        print("\nwriter thread CPU ms per checkpoint by phase (last round; the CRC helper thread not included)\n")
+        print("| run | " + " | ".join(names) + " | all |")
+        print("|---|" + "---:|" * (len(names) + 1))
+        for label, t in phased:
+            per = {k: v * 1e3 / t["written"] for k, v in t["phases"].items()}
+            print(f"| {label} | " + " | ".join(f"{per.get(k, 0.0):.1f}" for k in names) + f" | {sum(per.values()):.1f} |")
 
 
 if __name__ == "__main__":

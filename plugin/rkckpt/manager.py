@@ -34,7 +34,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,9 +118,18 @@ class ManagerStats:
     last_error: str | None = None
     #: step of the newest checkpoint saved to storage (what a restore may start from)
     last_written_step: int | None = None
+    #: writer time per phase of ``_write`` (ready, digest, decide, encode, store, record, retain), summed over
+    #: checkpoints: wall seconds, and CPU seconds of the writer thread itself (the CRC helper thread of a
+    #: write is not in it). Tells a copy wait from a slow disk from CPU the write takes from the kernel.
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    phase_cpu: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+    def add_phase(self, name: str, wall: float, cpu: float) -> None:
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + wall
+        self.phase_cpu[name] = self.phase_cpu.get(name, 0.0) + cpu
 
 
 #: Writes queued at most (the one in flight plus those waiting): ``submit`` returns at once
@@ -336,23 +346,42 @@ class CheckpointManager:
     def _write(self, resp: SnapshotResponse, *, stopping: bool = False) -> int:
         """Write one checkpoint: decide (full or delta) -> encode -> store -> record, then retention."""
         t0 = time.perf_counter()
-        self._prepare(resp)
+        with self._phase("ready"):
+            self._prepare(resp)
         state = resp.checkpoint
-        digest = state.content_digest()
-        plan = self._encode(resp, digest, self._decide(state, stopping))
+        with self._phase("digest"):
+            digest = state.content_digest()
+        with self._phase("decide"):
+            kind = self._decide(state, stopping)
+        with self._phase("encode"):
+            plan = self._encode(resp, digest, kind)
         try:
-            n = self._store(plan)
+            with self._phase("store"):
+                n = self._store(plan)
         except (CheckpointError, OSError) as exc:
             with self._cond:
                 self._handed_in.discard(id(state))
                 self.stats.failed += 1
                 self.stats.last_error = str(exc)
             raise
-        self._record(plan, n, t0)
-        self._retain()
+        with self._phase("record"):
+            self._record(plan, n, t0)
+        with self._phase("retain"):
+            self._retain()
         with self._cond:
             self.stats.last_write = (plan.step, time.perf_counter() - t0)
         return plan.step
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time one phase of a write into ``stats`` (wall and this thread's CPU), also when it fails."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            with self._cond:
+                self.stats.add_phase(name, wall, cpu)
 
     def _prepare(self, resp: SnapshotResponse) -> None:
         """Wait for the snapshot's buffers; learn about files from earlier runs before retention."""
