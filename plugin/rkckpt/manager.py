@@ -42,12 +42,13 @@ from typing import Literal
 import numpy as np
 
 from . import delta as rkdelta
-from . import forms, retention
+from . import forms, retention, stream
 from .chain import DEFAULT_FORMAT, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
 from .codec import WriteOptions
+from .crc import crc32
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
-from .model import Checkpoint
+from .model import Checkpoint, digest_from_crcs
 from .storage import ExistsError, Storage, StorageError, open_storage
 
 log = logging.getLogger("rkckpt.manager")
@@ -196,6 +197,11 @@ def _sampled_hits(a: np.ndarray, b: np.ndarray, starts: range, block: int) -> fl
     wb = view(b, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
     per_block = (wa != wb).reshape(len(starts), _SAMPLE_BLOCK // block, block).any(axis=2)
     return sum(float(x) for x in per_block.mean(axis=1))
+
+
+def _chunk_crcs(state: Checkpoint) -> list[int]:
+    """CRC-32 of each chunk's data: one pass, shared by the content digest and the stream checksum of a full."""
+    return [crc32(c.data) for c in state.chunks]
 
 
 def _lower_thread_priority(nice: int) -> None:
@@ -350,13 +356,18 @@ class CheckpointManager:
             self._prepare(resp)
         state = resp.checkpoint
         with self._phase("digest"):
-            digest = state.content_digest()
+            crcs = _chunk_crcs(state)
+            digest = digest_from_crcs((c.chunk_type, c.chunk_id, crc, c.size) for c, crc in zip(state.chunks, crcs, strict=True))
         with self._phase("decide"):
             kind = self._decide(state, stopping)
         with self._phase("encode"):
             plan = self._encode(resp, digest, kind)
+        if plan.kind == "full":  # its raw chunks are these very buffers: the stream CRC reuses their CRCs
+            known = {k: crc for c, crc in zip(state.chunks, crcs, strict=True) if (k := stream.buffer_key(c.data)) is not None}
+        else:
+            known = {}
         try:
-            with self._phase("store"):
+            with self._phase("store"), stream.known_crcs(known):
                 n = self._store(plan)
         except (CheckpointError, OSError) as exc:
             with self._cond:
