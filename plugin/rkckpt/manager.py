@@ -15,7 +15,9 @@ storage, deltas or retention. Design decisions:
   parent), ``reusable()`` hands it back so the next snapshot can be copied
   into memory that is already mapped instead of a fresh allocation.
 * The writer thread runs ``WRITER_NICE`` steps nicer than the compute loop;
-  every digest is computed once per checkpoint (and passed to the delta).
+  each chunk's CRC-32 is computed once per checkpoint: it gives the content
+  digest (passed to the delta) and, for a full, the stream and index CRCs
+  (``stream.known_crcs``). ``stats.phase_cpu`` says where the writer's CPU goes.
 * A full checkpoint starts a chain; then deltas, until ``full_every`` deltas
   were written or a delta would exceed ``max_delta_fraction`` of a full one.
   Block deltas compare ``delta_block`` bytes at a time (64: small enough
