@@ -4,7 +4,7 @@
 Each configuration runs ``rkrun wavesim`` (the real step loop: ``rkkernel.cli``
 → ``runner.StepLoop``) in a fresh process and times its advance phase, from
 the first batch to the last plus the drain of the periodic write still in
-flight, so start-up (imports, kernel build, restore check), the final
+flight (wall time and the process's CPU time, all threads), so start-up (imports, kernel build, restore check), the final
 checkpoint and the result file are left out of every row alike. Rows:
 
 * ``bare``: no periodic checkpoints, no sampling (``--energy-every`` past the end);
@@ -17,7 +17,10 @@ checkpoint and the result file are left out of every row alike. Rows:
 Configurations are interleaved round by round (bare, sample, ckpt, ... then
 again) and each figure is the median over rounds, so a noisy neighbour hits
 every row alike. The table gives steps/s and the rate relative to the bare
-kernel of the same grid. Figures only; nothing is asserted.
+kernel of the same grid, and the CPU seconds per step relative to it: on a
+shared, loaded machine the wall-clock rate swings by 2-4x between rounds,
+while the CPU a checkpoint adds (copy, checksum, write, retention) is what
+it competes with the kernel for. Figures only; nothing is asserted.
 
     python3 bench/step_overhead.py                       # 128^3 and 192^3, 3 rounds, --backend auto
     python3 bench/step_overhead.py --sizes 128 --rounds 5 --steps 600 --traveltime
@@ -42,11 +45,13 @@ import rkkernel.runner as runner
 timing = {}
 orig = runner.StepLoop._advance
 def timed(self):
-    s0, t0 = self.step, time.perf_counter()
+    s0, t0, c0 = self.step, time.perf_counter(), time.process_time()
     orig(self)
     self.mgr._wait_idle()  # the periodic write still in flight belongs to the advance phase
-    timing.update(steps=self.step - s0, seconds=time.perf_counter() - t0, backend=self.kernel.backend_name,
-                  written=self.mgr.stats.completed, wait=self.mgr.stats.wait_seconds, writer=self.mgr.stats.seconds)
+    timing.update(steps=self.step - s0, seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                  backend=self.kernel.backend_name,
+                  written=self.mgr.stats.completed, wait=self.mgr.stats.wait_seconds, writer=self.mgr.stats.seconds,
+                  phases=getattr(self.mgr.stats, "phase_cpu", {}))
 runner.StepLoop._advance = timed
 from rkkernel.cli import main
 try:
@@ -112,23 +117,37 @@ def main() -> None:
                 for name, extra in TT_CONFIGS.items()
             ]
     rates: dict[str, list[float]] = {j[0]: [] for j in jobs}
+    cpus: dict[str, list[float]] = {j[0]: [] for j in jobs}  # CPU seconds per step
     info: dict[str, dict] = {}
     for r in range(a.rounds):
         for label, kernel, n, steps, extra, tree, _bare in jobs:
             t = run_one(kernel, n, steps, extra, a.backend, work, tree)
             rates[label].append(t["steps"] / t["seconds"])
+            cpus[label].append(t["cpu"] / t["steps"])
             info[label] = t
             print(f"round {r + 1}/{a.rounds} {label:<18} {rates[label][-1]:8.1f} steps/s", file=sys.stderr, flush=True)
     load = os.getloadavg()[0]
     print(f"\nrkrun step rate, median of {a.rounds} interleaved rounds; backend {next(iter(info.values()))['backend']}; "
           f"{a.steps} steps per wavesim run; {os.cpu_count()} CPUs, load average {load:.1f}\n")  # fmt: skip
-    print("| run | steps/s | vs bare | overhead | checkpoints | writer s | back-pressure s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| run | steps/s | vs bare | overhead | CPU ms/step | CPU vs bare | checkpoints | writer s | back-pressure s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, _kernel, _n, _steps, _extra, _tree, bare_label in jobs:
         med = statistics.median(rates[label])
         rel = med / statistics.median(rates[bare_label]) if bare_label in rates else float("nan")
         t = info[label]
-        print(f"| {label} | {med:.1f} | {rel:.2f}x | {1 / rel - 1:+.0%} | {t['written']} | {t['writer']:.2f} | {t['wait']:.2f} |")
+        cpu = statistics.median(cpus[label])
+        crel = cpu / statistics.median(cpus[bare_label]) if bare_label in cpus else float("nan")
+        print(f"| {label} | {med:.1f} | {rel:.2f}x | {1 / rel - 1:+.0%} | {cpu * 1e3:.3f} | {crel:.2f}x "
+              f"| {t['written']} | {t['writer']:.2f} | {t['wait']:.2f} |")  # fmt: skip
+    phased = [(label, info[label]) for label, *_ in jobs if info[label].get("phases") and info[label]["written"]]
+    if phased:
+        names = list(next(iter(phased))[1]["phases"])
+        print("\nwriter thread CPU ms per checkpoint by phase (last round; the CRC helper thread not included)\n")
+        print("| run | " + " | ".join(names) + " | all |")
+        print("|---|" + "---:|" * (len(names) + 1))
+        for label, t in phased:
+            per = {k: v * 1e3 / t["written"] for k, v in t["phases"].items()}
+            print(f"| {label} | " + " | ".join(f"{per.get(k, 0.0):.1f}" for k in names) + f" | {sum(per.values()):.1f} |")
 
 
 if __name__ == "__main__":

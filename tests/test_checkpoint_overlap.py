@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fixtures_kernel import kernel_backend  # noqa: F401 - fixture
+from rkckpt import delta
 from rkckpt import manager as mgr_mod
 from rkckpt.chain import INDEX_NAME, ChainIndex, latest_restorable
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
@@ -149,3 +150,21 @@ def test_delta_only_tried_when_the_estimate_says_it_pays(tmp_path, monkeypatch: 
         assert (m.stats.deltas, len(made)) == ((1, 1) if tried else (0, 0))
     rp = latest_restorable(FileStorage(tmp_path), KID)
     assert rp is not None and rp.step == 2 and np.array_equal(rp.checkpoint.region("x"), _state(2, frac).region("x"))
+
+
+def test_change_estimate_is_the_window_by_window_figure() -> None:
+    """The one-pass estimate gives the very float the window-by-window loop gave: the full/delta choice is unchanged."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(300_000).astype(np.float32)
+    a = np.frombuffer(x.tobytes(), np.uint8)
+    for frac in (0.0, 0.002, 0.2, 1.0):
+        y = x.copy()
+        y[rng.random(x.size) < frac] += 1
+        b = np.frombuffer(y.tobytes(), np.uint8)
+        n = a.size
+        stride = (n - mgr_mod._SAMPLE_BLOCK) // (mgr_mod._SAMPLE_BLOCKS - 1)
+        starts = range(0, n - mgr_mod._SAMPLE_BLOCK + 1, stride)
+        for block in (64, 32, 4096, 100):
+            w = mgr_mod._SAMPLE_BLOCK
+            loop = sum(float(delta.changed_blocks(a[i : i + w], b[i : i + w], block).mean()) for i in starts)
+            assert mgr_mod._sampled_hits(a, b, starts, block) == loop

@@ -149,20 +149,23 @@ def test_failed_background_write_is_counted_and_chain_stays_valid():
     m.close()
 
 
-def test_submit_waits_while_a_write_is_in_flight():
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_submit_waits_only_when_max_pending_writes_are_queued(max_pending: int) -> None:
     s = FlakyStorage()
-    m = CheckpointManager(s, CheckpointPolicy(every_steps=1), KID)
+    m = CheckpointManager(s, CheckpointPolicy(every_steps=1), KID, max_pending=max_pending)
     s.gate.clear()
-    m.submit(resp(1))  # returns at once; the write is blocked in storage
+    for step in range(1, max_pending + 1):
+        m.submit(resp(step))  # returns at once: the first write is blocked in storage, the next one queued
     done = threading.Event()
-    t = threading.Thread(target=lambda: (m.submit(resp(2)), done.set()))
+    t = threading.Thread(target=lambda: (m.submit(resp(max_pending + 1)), done.set()))
     t.start()
-    assert not done.wait(0.3)  # back-pressure: second submit waits
+    assert not done.wait(0.3)  # back-pressure: the queue is full, this submit waits
     s.gate.set()
     t.join(10)
     assert done.is_set()
     m.close()
-    assert m.stats.completed == 2 and m.stats.wait_seconds > 0
+    assert m.stats.completed == max_pending + 1 and m.stats.wait_seconds > 0
+    assert kinds(s) == {1: "full", **{k: "delta" for k in range(2, max_pending + 2)}}  # written in order, a chain
 
 
 def test_bad_arguments():

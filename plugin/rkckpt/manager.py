@@ -3,18 +3,21 @@
 Kernels hand over a ``SnapshotResponse`` (their full state) and never see
 storage, deltas or retention. Design decisions:
 
-* **Back-pressure: submit waits.** At most one write is in flight; a
-  ``submit`` while one is running blocks until it finishes. A checkpoint the
-  kernel asked for is never dropped silently, and memory stays bounded at
-  the previous state plus one in flight. ``stats.wait_seconds`` shows how
-  long the compute loop was held up.
+* **Back-pressure: submit waits when two writes are queued.** One write is in
+  flight and one more may wait behind it (``MAX_PENDING``); a ``submit`` beyond
+  that blocks until the write in flight finishes. A checkpoint the kernel asked
+  for is never dropped silently, and memory stays bounded at the delta parent
+  plus the queued states. ``stats.wait_seconds`` shows how long the compute
+  loop was held up.
 * The response's checkpoint belongs to the manager after ``submit``: the
   caller must not mutate its buffers (kernels copy device memory out anyway).
   Once the manager no longer reads a state (a newer one became the delta
   parent), ``reusable()`` hands it back so the next snapshot can be copied
   into memory that is already mapped instead of a fresh allocation.
 * The writer thread runs ``WRITER_NICE`` steps nicer than the compute loop;
-  every digest is computed once per checkpoint (and passed to the delta).
+  each chunk's CRC-32 is computed once per checkpoint: it gives the content
+  digest (passed to the delta) and, for a full, the stream and index CRCs
+  (``stream.known_crcs``). ``stats.phase_cpu`` says where the writer's CPU goes.
 * A full checkpoint starts a chain; then deltas, until ``full_every`` deltas
   were written or a delta would exceed ``max_delta_fraction`` of a full one.
   Block deltas compare ``delta_block`` bytes at a time (64: small enough
@@ -32,19 +35,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from . import delta as rkdelta
-from . import forms, retention
+from . import forms, retention, stream
 from .chain import DEFAULT_FORMAT, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
 from .codec import WriteOptions
+from .crc import crc32
 from .delta import STATE_DIGEST_KEY
 from .errors import CheckpointError
-from .model import Checkpoint
+from .model import Checkpoint, digest_from_crcs
 from .storage import ExistsError, Storage, StorageError, open_storage
 
 log = logging.getLogger("rkckpt.manager")
@@ -52,6 +58,7 @@ log = logging.getLogger("rkckpt.manager")
 __all__ = ["CheckpointManager", "CheckpointPolicy", "ManagerStats", "RestorePoint", "SnapshotRequest", "SnapshotResponse"]
 
 Reason = Literal["periodic", "signal", "final"]
+Kind = Literal["full", "delta"]
 
 
 @dataclass(frozen=True)
@@ -115,10 +122,25 @@ class ManagerStats:
     last_error: str | None = None
     #: step of the newest checkpoint saved to storage (what a restore may start from)
     last_written_step: int | None = None
+    #: writer time per phase of ``_write`` (ready, digest, decide, encode, store, record, retain), summed over
+    #: checkpoints: wall seconds, and CPU seconds of the writer thread itself (the CRC helper thread of a
+    #: write is not in it). Tells a copy wait from a slow disk from CPU the write takes from the kernel.
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    phase_cpu: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
+    def add_phase(self, name: str, wall: float, cpu: float) -> None:
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + wall
+        self.phase_cpu[name] = self.phase_cpu.get(name, 0.0) + cpu
+
+
+#: Writes queued at most (the one in flight plus those waiting): ``submit`` returns at once
+#: while fewer are queued, so one slow write (a page-cache flush, a busy disk, the writer
+#: descheduled on a loaded node) does not stall the kernel; a second one still applies
+#: back-pressure, so memory stays bounded at the delta parent plus this many states.
+MAX_PENDING = 2
 
 #: The writer thread (and the CRC helper it starts) runs this much nicer than
 #: the compute loop: on a busy node the loop keeps its core and the write
@@ -159,9 +181,30 @@ def _estimated_change(parent: Checkpoint, child: Checkpoint, block: int = _SAMPL
         a, b = np.frombuffer(memoryview(old.data).cast("B"), np.uint8), np.frombuffer(memoryview(c.data).cast("B"), np.uint8)
         stride = (n - _SAMPLE_BLOCK) // (_SAMPLE_BLOCKS - 1)
         starts = range(0, n - _SAMPLE_BLOCK + 1, stride)
-        hits = sum(float(rkdelta.changed_blocks(a[i : i + _SAMPLE_BLOCK], b[i : i + _SAMPLE_BLOCK], block).mean()) for i in starts)
-        changed += int(n * hits / len(starts))
+        changed += int(n * _sampled_hits(a, b, starts, block) / len(starts))
     return changed / max(1, total)
+
+
+def _sampled_hits(a: np.ndarray, b: np.ndarray, starts: range, block: int) -> float:
+    """Sum over the windows at ``starts`` of the fraction of their ``block``-byte blocks that differ.
+
+    All windows are compared in one NumPy pass (strided views, no copy): one small
+    call per window held the GIL and cost some 3 ms per 8 MiB region on the writer
+    thread, as much as the region's CRC. The sum is taken window by window in the
+    same order as before, so the estimate is bit-identical.
+    """
+    if _SAMPLE_BLOCK % block:  # blocks straddle windows: one window at a time
+        return sum(float(rkdelta.changed_blocks(a[i : i + _SAMPLE_BLOCK], b[i : i + _SAMPLE_BLOCK], block).mean()) for i in starts)
+    view = np.lib.stride_tricks.sliding_window_view
+    wa = view(a, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
+    wb = view(b, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
+    per_block = (wa != wb).reshape(len(starts), _SAMPLE_BLOCK // block, block).any(axis=2)
+    return sum(float(x) for x in per_block.mean(axis=1))
+
+
+def _chunk_crcs(state: Checkpoint) -> list[int]:
+    """CRC-32 of each chunk's data: one pass, shared by the content digest and the stream checksum of a full."""
+    return [crc32(c.data) for c in state.chunks]
 
 
 def _lower_thread_priority(nice: int) -> None:
@@ -195,12 +238,33 @@ def _writer(ckpt: Checkpoint, options: WriteOptions, fmt: str, chain_base: str |
     return lambda f: form.write_to(f, ckpt, options, chain_base)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One checkpoint on its way to storage (``CheckpointManager._encode``)."""
+
+    step: int
+    kind: Kind
+    state: Checkpoint  # the full state: the next delta's parent once saved
+    digest: str  # content digest of ``state``
+    body: Checkpoint  # what is saved: ``state`` or its delta, with the state digest recorded
+    name: str
+    base: str | None  # digest of the full checkpoint the chain starts from
+
+
 class CheckpointManager:
     """Decides when to checkpoint and writes chains of full + delta files."""
 
     def __init__(
-        self, storage_or_url: str | os.PathLike[str] | Storage, policy: CheckpointPolicy | None = None, kernel_id: str = "kernel"
+        self,
+        storage_or_url: str | os.PathLike[str] | Storage,
+        policy: CheckpointPolicy | None = None,
+        kernel_id: str = "kernel",
+        *,
+        max_pending: int = MAX_PENDING,
     ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        self.max_pending = max_pending
         self.policy = policy or CheckpointPolicy()
         if (
             self.policy.full_every < 0
@@ -237,8 +301,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_time = time.monotonic()
         self._cond = threading.Condition()
-        self._job: SnapshotResponse | None = None
-        self._busy = False
+        self._jobs: deque[SnapshotResponse] = deque()  # the write in flight first, then the pending one
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -290,93 +353,153 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ writing
     def _write(self, resp: SnapshotResponse, *, stopping: bool = False) -> int:
-        step = resp.request.step
+        """Write one checkpoint: decide (full or delta) -> encode -> store -> record, then retention."""
         t0 = time.perf_counter()
+        with self._phase("ready"):
+            self._prepare(resp)
+        state = resp.checkpoint
+        with self._phase("digest"):
+            crcs = _chunk_crcs(state)
+            digest = digest_from_crcs((c.chunk_type, c.chunk_id, crc, c.size) for c, crc in zip(state.chunks, crcs, strict=True))
+        with self._phase("decide"):
+            kind = self._decide(state, stopping)
+        with self._phase("encode"):
+            plan = self._encode(resp, digest, kind)
+        if plan.kind == "full":  # its raw chunks are these very buffers: the stream CRC reuses their CRCs
+            known = {k: crc for c, crc in zip(state.chunks, crcs, strict=True) if (k := stream.buffer_key(c.data)) is not None}
+        else:
+            known = {}
+        try:
+            with self._phase("store"), stream.known_crcs(known):
+                n = self._store(plan)
+        except (CheckpointError, OSError) as exc:
+            with self._cond:
+                self._handed_in.discard(id(state))
+                self.stats.failed += 1
+                self.stats.last_error = str(exc)
+            raise
+        with self._phase("record"):
+            self._record(plan, n, t0)
+        with self._phase("retain"):
+            self._retain()
+        with self._cond:
+            self.stats.last_write = (plan.step, time.perf_counter() - t0)
+        return plan.step
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time one phase of a write into ``stats`` (wall and this thread's CPU), also when it fails."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            with self._cond:
+                self.stats.add_phase(name, wall, cpu)
+
+    def _prepare(self, resp: SnapshotResponse) -> None:
+        """Wait for the snapshot's buffers; learn about files from earlier runs before retention."""
         if resp.ready is not None:
             resp.ready()  # the device->host copy, overlapped with the kernel until now
-        if not self._indexed:  # learn about files from earlier runs before retention
+        if not self._indexed:
             try:
                 self.index.refresh()
                 self._indexed = True
             except (CheckpointError, OSError) as exc:  # the write itself may still succeed
                 log.warning("cannot read the checkpoint index of %s: %s", self.storage.url, exc)
-        full_state = resp.checkpoint
-        digest = full_state.content_digest()
+
+    def _decide(self, state: Checkpoint, stopping: bool) -> Kind:
+        """ "delta" when the chain allows one and the sampled change estimate says it pays; else "full".
+
+        The estimate reads 64 small windows per region (``_estimated_change``), so a
+        state that changed everywhere (a wave field) goes straight to a full write
+        without the compare pass of a delta it would throw away.
+        """
         p = self.policy
-        kind = "full"
-        body = full_state
         if (
             self._parent is not None
             and self._parent_digest is not None
             and (self._deltas_since_full < p.full_every or (stopping and p.full_every > 0))
-            and full_state.metadata.kernel_id == self._parent.metadata.kernel_id
-            and _estimated_change(self._parent, full_state, p.delta_block) <= min(p.max_delta_fraction, p.delta_try_fraction)
+            and state.metadata.kernel_id == self._parent.metadata.kernel_id
+            and _estimated_change(self._parent, state, p.delta_block) <= min(p.max_delta_fraction, p.delta_try_fraction)
         ):
-            d = _make_delta(self._parent, self._parent_digest, full_state, digest, block=not p.compat, block_size=p.delta_block)
-            if _payload_bytes(d) <= p.max_delta_fraction * max(1, _payload_bytes(full_state)):
-                kind, body = "delta", d
+            return "delta"
+        return "full"
+
+    def _encode(self, resp: SnapshotResponse, digest: str, kind: Kind) -> _Plan:
+        """What goes to storage: the state itself, or its delta when that is small enough."""
+        p = self.policy
+        state = resp.checkpoint
+        body = state
+        if kind == "delta":
+            assert self._parent is not None and self._parent_digest is not None  # _decide checked
+            d = _make_delta(self._parent, self._parent_digest, state, digest, block=not p.compat, block_size=p.delta_block)
+            if _payload_bytes(d) <= p.max_delta_fraction * max(1, _payload_bytes(state)):
+                body = d
+            else:
+                kind = "full"
         meta = body.metadata.with_custom(**{STATE_DIGEST_KEY: digest})
-        body = Checkpoint(meta, body.chunks, created_at=body.created_at)
-        name = checkpoint_name(self.kernel_id, step, kind, p.checkpoint_format)
-        base = digest if kind == "full" else self._chain_base
+        step = resp.request.step
+        return _Plan(
+            step=step,
+            kind=kind,
+            state=state,
+            digest=digest,
+            body=Checkpoint(meta, body.chunks, created_at=body.created_at),
+            name=checkpoint_name(self.kernel_id, step, kind, p.checkpoint_format),
+            base=digest if kind == "full" else self._chain_base,
+        )
+
+    def _store(self, plan: _Plan) -> int:
+        """Save ``plan.body`` under its name (created, never replacing, but for a file the restore passed over)."""
+        name = plan.name
+        if plan.kind == "delta" and self._parent_step is not None and plan.step <= self._parent_step:
+            raise SelfParentError(
+                f"{self.storage.url.rstrip('/')}/{name}",
+                f"refusing a delta at step {plan.step} on a parent at step {self._parent_step}: a checkpoint's parent is never itself",
+            )
         try:
-            if kind == "delta" and self._parent_step is not None and step <= self._parent_step:
-                raise SelfParentError(
-                    f"{self.storage.url.rstrip('/')}/{name}",
-                    f"refusing a delta at step {step} on a parent at step {self._parent_step}: a checkpoint's parent is never itself",
-                )
-            try:
-                write = _writer(body, self.options, p.checkpoint_format, base or "")
-                if name in self._passed_over and self.storage.exists(name):
-                    # The only files ever replaced: newer than the restore point, which the restore could
-                    # not use (damaged, refused). Any other name is created, never replaced.
-                    log.warning("%s: the restore could not use this file; the new checkpoint replaces it", name)
-                    n = self.storage.save(name, write)
-                else:
-                    n = _create(self.storage, name, write)
-            except CheckpointError as exc:
-                if exc.source is None:  # an encoder error: say which checkpoint it was writing
-                    raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
-                raise
-        except (CheckpointError, OSError) as exc:
-            with self._cond:
-                self._handed_in.discard(id(full_state))
-                self.stats.failed += 1
-                self.stats.last_error = str(exc)
+            write = _writer(plan.body, self.options, self.policy.checkpoint_format, plan.base or "")
+            if name in self._passed_over and self.storage.exists(name):
+                # The only files ever replaced: newer than the restore point, which the restore could
+                # not use (damaged, refused). Any other name is created, never replaced.
+                log.warning("%s: the restore could not use this file; the new checkpoint replaces it", name)
+                return self.storage.save(name, write)
+            return _create(self.storage, name, write)
+        except CheckpointError as exc:
+            if exc.source is None:  # an encoder error: say which checkpoint it was writing
+                raise CheckpointError(f"{self.storage.url.rstrip('/')}/{name}", exc.problem) from None
             raise
+
+    def _record(self, plan: _Plan, n: int, t0: float) -> None:
+        """After a successful save: index, chain, delta parent, reusable buffers, counters."""
+        name, kind, state = plan.name, plan.kind, plan.state
         self._passed_over -= {name}
-        entry = Entry(name, self.kernel_id, step, kind, n, digest, body.metadata.parent_digest)
-        self.index.add(entry)
+        self.index.add(Entry(name, self.kernel_id, plan.step, kind, n, plan.digest, plan.body.metadata.parent_digest))
         if kind == "full":
             # Retention keeps a chain only when its root is known intact. This one was just encoded
             # from the state whose digest is recorded in it, every chunk checksummed on the way out:
             # reading it straight back would read the page cache, not the disk, and prove nothing
             # more. Older files (from other processes) are still read back in full by retention.
             retention.trust_written(self.index, name, n)
-        # success: this state is the parent of the next delta
-        old = self._parent
-        self._parent, self._parent_digest, self._parent_step = full_state, digest, step
+        old = self._parent  # this state is the parent of the next delta
+        self._parent, self._parent_digest, self._parent_step = state, plan.digest, plan.step
         self._chain = [name] if kind == "full" else [*self._chain, name]
-        if old is not None and old is not full_state and id(old) in self._handed_in:
-            with self._cond:
+        self._deltas_since_full = 0 if kind == "full" else self._deltas_since_full + 1
+        self._chain_base = plan.base
+        with self._cond:
+            if old is not None and old is not state and id(old) in self._handed_in:
                 self._handed_in.discard(id(old))
                 self._released = old
-        self._deltas_since_full = 0 if kind == "full" else self._deltas_since_full + 1
-        self._chain_base = base
-        with self._cond:
             self.stats.completed += 1
             self.stats.bytes_written += n
             self.stats.seconds += time.perf_counter() - t0
-            self.stats.last_written_step = step
+            self.stats.last_written_step = plan.step
             if kind == "full":
                 self.stats.full += 1
                 self.stats.full_bytes += n
             else:
                 self.stats.deltas += 1
-        self._retain()
-        with self._cond:
-            self.stats.last_write = (step, time.perf_counter() - t0)
-        return step
 
     def _retain(self) -> None:
         if self.policy.keep_chains is None:  # retention off: the owner of the folder (ckptset.gc_sets) deletes
@@ -409,11 +532,11 @@ class CheckpointManager:
         _lower_thread_priority(WRITER_NICE)
         while True:
             with self._cond:
-                while self._job is None and not self._closed:
+                while not self._jobs and not self._closed:
                     self._cond.wait()
-                if self._job is None:
+                if not self._jobs:
                     return
-                job = self._job
+                job = self._jobs[0]
             try:
                 self._write(job)
             except (CheckpointError, OSError) as exc:
@@ -424,34 +547,36 @@ class CheckpointManager:
                     self.stats.failed += 1
                     self.stats.last_error = repr(exc)
             with self._cond:
-                self._job = None
-                self._busy = False
+                self._jobs.popleft()
                 self._cond.notify_all()
 
-    def _wait_idle(self) -> None:
+    def _wait_queued(self, limit: int) -> None:
+        """Block while more than ``limit`` writes are queued (in flight + pending); counted in ``wait_seconds``."""
         t0 = time.perf_counter()
         with self._cond:
-            while self._busy:
+            while len(self._jobs) > limit:
                 self._cond.wait()
         self.stats.wait_seconds += time.perf_counter() - t0
+
+    def _wait_idle(self) -> None:
+        self._wait_queued(0)
 
     def wait(self) -> None:
         """Wait until the background write (if any) has finished, without flushing the storage."""
         self._wait_idle()
 
     def submit(self, resp: SnapshotResponse) -> None:
-        """Write ``resp`` in the background; waits while a previous write is in flight."""
+        """Write ``resp`` in the background; waits only while ``max_pending`` writes are queued already."""
         if self._closed:
             raise CheckpointError(self.storage.url, "checkpoint manager is closed")
-        self._wait_idle()
+        self._wait_queued(self.max_pending - 1)
         self._mark_written(resp.request.step)
         self._handed_in.add(id(resp.checkpoint))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="rkckpt-writer", daemon=True)
             self._thread.start()
         with self._cond:
-            self._busy = True
-            self._job = resp
+            self._jobs.append(resp)
             self._cond.notify_all()
 
     def final(self, resp: SnapshotResponse) -> int:

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -523,6 +525,46 @@ def write_fully(f: BinaryIO, buf: Buffer) -> None:
         done = mv.nbytes if n is None else done + n
 
 
+_known = threading.local()
+
+
+@contextmanager
+def known_crcs(crcs: Mapping[tuple[int, int], int]) -> Iterator[None]:
+    """CRC-32s the caller computed already, keyed by ``buffer_key``: ``emit`` folds them in, not reading those bytes again.
+
+    The checkpoint manager checksums each chunk of a state once for its content
+    digest; a full checkpoint then writes those very buffers raw, and the stream
+    CRC (and the ``.rk.h5`` index's per-chunk CRCs) are the same figures. Only
+    this thread's writes inside the ``with`` see them; the buffers must stay alive
+    and unchanged until it ends (keys are addresses).
+    """
+    prev = getattr(_known, "crcs", None)
+    _known.crcs = crcs
+    try:
+        yield
+    finally:
+        _known.crcs = prev
+
+
+def buffer_key(buf: Buffer) -> tuple[int, int] | None:
+    """(address, length) of a contiguous buffer, or None."""
+    try:
+        mv = memoryview(buf)
+        if not mv.c_contiguous or mv.nbytes == 0:
+            return None
+        return (np.frombuffer(mv.cast("B"), np.uint8).ctypes.data, mv.nbytes)
+    except (TypeError, ValueError):
+        return None
+
+
+def _known_crc(parts: list[Buffer]) -> int | None:
+    crcs = getattr(_known, "crcs", None)
+    if not crcs or len(parts) != 1:
+        return None
+    key = buffer_key(parts[0])
+    return None if key is None else crcs.get(key)
+
+
 def emit(f: BinaryIO, enc: Encoding, options: WriteOptions, *, chunk_crcs: bool = False) -> Written:
     """Write an encoded stream to ``f`` (at its current position); return checksum and CRCs.
 
@@ -537,12 +579,16 @@ def emit(f: BinaryIO, enc: Encoding, options: WriteOptions, *, chunk_crcs: bool 
     crcs: list[int] = []
     with _Crc() as crc:
 
-        def chunk_crc(parts: list[Buffer]) -> None:
+        def chunk_crc(parts: list[Buffer], known: int | None) -> None:
             def job() -> None:
                 value = 0
-                for p in parts:
-                    value = crc32(p, value)
-                crcs.append(value)
+                if known is not None:
+                    value = known
+                else:
+                    for p in parts:
+                        value = crc32(p, value)
+                if chunk_crcs:
+                    crcs.append(value)
                 crc.value = crc32_combine(crc.value, value, sum(memoryview(p).nbytes for p in parts))
 
             crc.submit(job)
@@ -569,10 +615,11 @@ def emit(f: BinaryIO, enc: Encoding, options: WriteOptions, *, chunk_crcs: bool 
         out(enc.prefix)
         for p in enc.chunks:
             out(pack_chunk(p.chunk_type, p.encoded.flags, p.uncompressed_size, p.encoded.size, p.chunk_id))
-            if chunk_crcs:
-                chunk_crc(p.encoded.parts)
+            known = _known_crc(p.encoded.parts)
+            if chunk_crcs or known is not None:
+                chunk_crc(p.encoded.parts, known)
             for part in p.encoded.parts:
-                out(part, checksum=not chunk_crcs)
+                out(part, checksum=not chunk_crcs and known is None)
         checksum = crc.result()
     header = pack_header(enc.length, len(enc.chunks), enc.compression, checksum, enc.flags, enc.created_at)
     if seekable:

@@ -35,7 +35,7 @@ import numpy as np
 
 from rkckpt import hdf5, testhook
 from rkckpt.errors import CheckpointError
-from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
+from rkckpt.manager import MAX_PENDING, CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotRequest, SnapshotResponse
 from rkstep.events import EventWriter, NullWriter
 from rkstep.mtbi import read_mtbi
 from rkstep.protocol import EX_OK, EX_TEMPFAIL, EX_USAGE, STOP_MARKER
@@ -50,8 +50,9 @@ log = logging.getLogger("rkrun")
 
 MARKER = STOP_MARKER
 #: Copies of the state a run holds at once: the device's, the manager's delta
-#: parent and the snapshot being written (on a CPU device all in host memory).
-STATE_COPIES = 3
+#: parent and the snapshots queued for writing, the one in flight and the one
+#: waiting behind it (on a CPU device all in host memory).
+STATE_COPIES = 2 + MAX_PENDING
 
 
 @dataclass
