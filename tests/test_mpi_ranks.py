@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fixtures_kernel import REPO, _require, rkrun_env, wait_for
+from fixtures_kernel import _require, rkrun_env
+from helpers import REPO, wait_until
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -182,7 +183,7 @@ def test_hung_rank_the_others_leave_at_the_deadline_naming_it(tmp_path: Path) ->
     proc = subprocess.Popen([*cmd, sys.executable, "-m", "rkkernel.cli", *wave("numpy", ck, out)], env=env, cwd=REPO)
     try:
         logs = [tmp_path / f"rank.{r}.log" for r in (0, 2)]
-        wait_for(lambda: all(q.exists() and "not responding" in q.read_text() for q in logs), 60, "the survivors' messages")
+        wait_until(lambda: all(q.exists() and "not responding" in q.read_text() for q in logs), 60, "the survivors' messages")
         for r, q in zip((0, 2), logs, strict=True):
             text = q.read_text()
             m = re.search(rf"rank {r} of 3: lost rank\(s\) 1 \(pid (\d+)\): stopped, not responding: rank {r} of 3: .* within 2 s", text)
