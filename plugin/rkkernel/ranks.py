@@ -163,7 +163,9 @@ class RankLoop(StepLoop):
         storage = open_storage(self.cfg.checkpoint_dir)
         if self.comm.rank != 0:
             unlocked(storage)
-        return PartManager(storage, retention_off(policy), self.part_id)
+        # one write in flight at a time: a hand-over settles the previous part before the next is
+        # queued, so every part's step reaches a commit round (_resolve tracks one pending step)
+        return PartManager(storage, retention_off(policy), self.part_id, max_pending=1)
 
     def _start(self) -> int | None:
         try:
