@@ -15,34 +15,20 @@ from enum import IntEnum
 
 import numpy as np
 
-#: Byte layout of the control block (little-endian, 128 bytes).
-# fmt: off
+#: Byte layout of the control block (little-endian, 128 bytes, packed: every field sits at the
+#: offset the reference gives it, with no padding between fields).
 CONTROL_BLOCK_DTYPE = np.dtype(
-    {
-        "names": [
-            "is_active", "should_terminate", "has_terminated", "_pad1",
-            "messages_processed", "messages_in_flight",
-            "input_head", "input_tail", "output_head", "output_tail",
-            "input_mask", "output_mask",
-            "hlc_physical", "hlc_logical",
-            "last_error", "error_count",
-            # --- reference: 32 reserved bytes; this project's extension:
-            "current_step", "input_capacity", "output_capacity", "_reserved",
-        ],
-        "formats": [
-            "<u4", "<u4", "<u4", "<u4",
-            "<u8", "<u8",
-            "<u8", "<u8", "<u8", "<u8",
-            "<u4", "<u4",
-            "<u8", "<u8",
-            "<u4", "<u4",
-            "<u8", "<u4", "<u4", ("u1", 16),
-        ],
-        "offsets": [0, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 68, 72, 80, 88, 92, 96, 104, 108, 112],
-        "itemsize": 128,
-    }
-)
-# fmt: on
+    [
+        ("is_active", "<u4"), ("should_terminate", "<u4"), ("has_terminated", "<u4"), ("_pad1", "<u4"),
+        ("messages_processed", "<u8"), ("messages_in_flight", "<u8"),
+        ("input_head", "<u8"), ("input_tail", "<u8"), ("output_head", "<u8"), ("output_tail", "<u8"),
+        ("input_mask", "<u4"), ("output_mask", "<u4"),
+        ("hlc_physical", "<u8"), ("hlc_logical", "<u8"),
+        ("last_error", "<u4"), ("error_count", "<u4"),
+        # --- reference: 32 reserved bytes; this project's extension:
+        ("current_step", "<u8"), ("input_capacity", "<u4"), ("output_capacity", "<u4"), ("_reserved", "u1", (16,)),
+    ]
+)  # fmt: skip
 assert CONTROL_BLOCK_DTYPE.itemsize == 128
 
 #: One queue message (32 bytes); the same record travels both ways.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .plugin import KernelPlugin, KernelRun
-from .wavesim_plugin import MODEL_OPTIONS, model_params
+from .wavesim_plugin import MODEL_OPTIONS, model_setup
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,14 +25,10 @@ if TYPE_CHECKING:
 def build(values: Mapping[str, Any]) -> KernelRun:
     import numpy as np
 
-    from .decomp import slab_run
     from .traveltime import converged_at, current_time, make_spec
-    from .wavesim import SWEEP_LEVELS
 
-    params, model = model_params(values)
-    # one rank of a multi-rank run: a z slab, SWEEP_LEVELS halo planes (the CPU sweep's depth)
-    decomp = slab_run(params.nz, SWEEP_LEVELS, ("time_a", "time_b"))
-    spec = make_spec(params, velocity=model, decomp=decomp)
+    setup = model_setup(values, ("time_a", "time_b"), make_spec)
+    params, decomp = setup.params, setup.decomp
 
     def last_change(kernel: PersistentKernel) -> int:
         """The last step that changed a cell, over all ranks (an integer max: the same on every rank)."""
@@ -58,13 +54,7 @@ def build(values: Mapping[str, Any]) -> KernelRun:
             datasets = {k: decomp.gather_field(v) for k, v in datasets.items()}
         return datasets, attrs
 
-    return KernelRun(
-        spec,
-        result,
-        done_at=done_at,
-        decomp=decomp,
-        global_fingerprint=None if decomp is None else make_spec(params, velocity=model).fingerprint(),
-    )
+    return KernelRun(setup.spec, result, done_at=done_at, decomp=decomp, global_fingerprint=setup.global_fingerprint)
 
 
 PLUGIN = KernelPlugin(

@@ -7,7 +7,8 @@ shared with every kernel that runs through the same velocity model
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -17,7 +18,9 @@ from .plugin import FiniteFloat, KernelPlugin, KernelRun, Option, Series, Strict
 if TYPE_CHECKING:
     import numpy as np
 
+    from .decomp import SlabRun
     from .runtime import PersistentKernel
+    from .spec import KernelSpec
     from .wavesim import WaveParams
 
 MODEL_OPTIONS = (
@@ -46,6 +49,31 @@ def model_params(values: Mapping[str, Any]) -> tuple[WaveParams, np.ndarray | No
     else:
         check_float32_range(params, min(params.v_top, params.v_bottom), max(params.v_top, params.v_bottom))
     return params, model
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """What both model kernels build from the model options: the parameters, this rank's slab
+    (None: one process), its spec, and the whole problem's fingerprint (what every part of a
+    checkpoint set records, so a set of another simulation is refused)."""
+
+    params: WaveParams
+    decomp: SlabRun | None
+    spec: KernelSpec
+    global_fingerprint: str | None
+
+
+def model_setup(values: Mapping[str, Any], fields: tuple[str, str], make_spec: Callable[..., KernelSpec]) -> ModelSetup:
+    """The model, and the z slab of this rank when MPI started several (SWEEP_LEVELS halo planes,
+    the CPU sweep's depth); ``fields`` are the two time levels exchanged at the slab's edges."""
+    from .decomp import slab_run
+    from .wavesim import SWEEP_LEVELS
+
+    params, model = model_params(values)
+    decomp = slab_run(params.nz, SWEEP_LEVELS, fields)
+    spec = make_spec(params, velocity=model, decomp=decomp)
+    whole = None if decomp is None else make_spec(params, velocity=model).fingerprint()
+    return ModelSetup(params, decomp, spec, whole)
 
 
 def check_float32_range(params: WaveParams, vmin: float, vmax: float) -> None:
@@ -111,13 +139,10 @@ def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]
 def build(values: Mapping[str, Any]) -> KernelRun:
     import numpy as np
 
-    from .decomp import slab_run
-    from .wavesim import SWEEP_LEVELS, current_field, make_spec
+    from .wavesim import current_field, make_spec
 
-    params, model = model_params(values)
-    # one rank of a multi-rank run (the rank count comes from MPI): a z slab, SWEEP_LEVELS halo planes
-    decomp = slab_run(params.nz, SWEEP_LEVELS, ("pressure_a", "pressure_b"))
-    spec = make_spec(params, velocity=model, decomp=decomp)
+    setup = model_setup(values, ("pressure_a", "pressure_b"), make_spec)  # the rank count comes from MPI
+    params, decomp = setup.params, setup.decomp
     receivers = receiver_cells(params, int(values.get("receivers") or 0))
     flat = np.array([x + params.nx * (y + params.ny * z) for x, y, z in receivers], dtype=np.int64)
 
@@ -141,13 +166,7 @@ def build(values: Mapping[str, Any]) -> KernelRun:
     series = [Series("energy", 1, int(values["energy_every"]), _energy, sumsq=_energy_region)]
     if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
         series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
-    return KernelRun(
-        spec,
-        result,
-        series=tuple(series),
-        decomp=decomp,
-        global_fingerprint=None if decomp is None else make_spec(params, velocity=model).fingerprint(),
-    )
+    return KernelRun(setup.spec, result, series=tuple(series), decomp=decomp, global_fingerprint=setup.global_fingerprint)
 
 
 PLUGIN = KernelPlugin(
