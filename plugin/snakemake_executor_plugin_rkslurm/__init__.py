@@ -21,101 +21,51 @@ from rkstep.folder import rkslurm_checkpoint_dir
 __all__ = ["Executor", "ExecutorSettings", "common_settings", "rkslurm_checkpoint_dir"]
 
 
+def _setting(default: object, help_text: str) -> object:
+    """One ``--rkslurm-*`` option: a command-line setting only (no environment variable), never required."""
+    return field(default=default, metadata={"help": help_text, "env_var": False, "required": False})
+
+
 @dataclass
 class ExecutorSettings(_StockSettings):
     """The stock ``--slurm-*`` settings (as ``--rkslurm-*``) plus ours."""
 
-    max_preemptions: int = field(
-        default=10,
-        metadata={
-            "help": "Resubmit a step after at most this many preemptions (CANCEL resubmits and REQUEUE restarts together); one more fails the step, listing all its Slurm job ids.",
-            "env_var": False,
-            "required": False,
-        },
+    max_preemptions: int = _setting(
+        10,
+        "Resubmit a step after at most this many preemptions (CANCEL resubmits and REQUEUE restarts together); one more fails the step, listing all its Slurm job ids.",
     )
-    max_timeouts: int = field(
-        default=20,
-        metadata={
-            "help": "Continue a step that hit its time limit at most this many times; each continuation needs checkpoint progress since the previous attempt.",
-            "env_var": False,
-            "required": False,
-        },
+    max_timeouts: int = _setting(
+        20,
+        "Continue a step that hit its time limit at most this many times; each continuation needs checkpoint progress since the previous attempt.",
     )
-    max_node_failures: int = field(
-        default=3,
-        metadata={
-            "help": "Resubmit after NODE_FAIL/BOOT_FAIL at most this many times (the failed node is excluded).",
-            "env_var": False,
-            "required": False,
-        },
+    max_node_failures: int = _setting(3, "Resubmit after NODE_FAIL/BOOT_FAIL at most this many times (the failed node is excluded).")
+    min_nodes: int = _setting(
+        0,
+        "A multi-node step (resources nodes/tasks) whose partition has too few nodes left after a node failure may be resubmitted on as few as this many nodes, its tasks scaled down in proportion (2 nodes x 4 tasks -> 1 x 2); the step restores its checkpoint on the new rank count. 0: never fewer nodes than requested (the step fails, saying so). A rule's resource rkslurm_min_nodes overrides it. Such steps are submitted with --no-requeue, so that a node failure comes back to rkslurm instead of Slurm requeueing the full size.",
     )
-    min_nodes: int = field(
-        default=0,
-        metadata={
-            "help": "A multi-node step (resources nodes/tasks) whose partition has too few nodes left after a node failure may be resubmitted on as few as this many nodes, its tasks scaled down in proportion (2 nodes x 4 tasks -> 1 x 2); the step restores its checkpoint on the new rank count. 0: never fewer nodes than requested (the step fails, saying so). A rule's resource rkslurm_min_nodes overrides it. Such steps are submitted with --no-requeue, so that a node failure comes back to rkslurm instead of Slurm requeueing the full size.",
-            "env_var": False,
-            "required": False,
-        },
+    node_failure_wait: float = _setting(
+        60.0,
+        "Seconds a multi-node step's job that ended FAILED/CANCELLED without a word from the step is held before it counts as a kill or an error: its MPI launcher may have given up on a dead node before slurmctld marked it down (SlurmdTimeout); once Slurm names the node, the step is resubmitted without it.",
     )
-    node_failure_wait: float = field(
-        default=60.0,
-        metadata={
-            "help": "Seconds a multi-node step's job that ended FAILED/CANCELLED without a word from the step is held before it counts as a kill or an error: its MPI launcher may have given up on a dead node before slurmctld marked it down (SlurmdTimeout); once Slurm names the node, the step is resubmitted without it.",
-            "env_var": False,
-            "required": False,
-        },
+    max_kills: int = _setting(
+        3,
+        "Resubmit a step whose attempt was killed by a signal it could not catch (SIGKILL, the OOM killer) after writing a newer checkpoint at most this many times; a plain error exit is never resubmitted.",
     )
-    max_kills: int = field(
-        default=3,
-        metadata={
-            "help": "Resubmit a step whose attempt was killed by a signal it could not catch (SIGKILL, the OOM killer) after writing a newer checkpoint at most this many times; a plain error exit is never resubmitted.",
-            "env_var": False,
-            "required": False,
-        },
+    submit_retry_minutes: float = _setting(
+        10.0, "Keep retrying sbatch (with backoff) this many minutes while it cannot reach slurmctld, before failing the step."
     )
-    submit_retry_minutes: float = field(
-        default=10.0,
-        metadata={
-            "help": "Keep retrying sbatch (with backoff) this many minutes while it cannot reach slurmctld, before failing the step.",
-            "env_var": False,
-            "required": False,
-        },
+    poll_interval: float = _setting(
+        2.0, "Seconds between status polls while a step runs on a preemptible partition (PreemptMode CANCEL/REQUEUE)."
     )
-    poll_interval: float = field(
-        default=2.0,
-        metadata={
-            "help": "Seconds between status polls while a step runs on a preemptible partition (PreemptMode CANCEL/REQUEUE).",
-            "env_var": False,
-            "required": False,
-        },
+    slow_poll_interval: float = _setting(5.0, "Seconds between status polls when no active step is preemptible.")
+    checkpoint_root: str = _setting(
+        ".snakemake/rkslurm",
+        "Folder under which each step gets <rule>/<wildcards> as its checkpoint folder (exported to the job as RKSLURM_CHECKPOINT_DIR). A rule overrides it with the resource or param 'rkslurm_checkpoint_dir'.",
     )
-    slow_poll_interval: float = field(
-        default=5.0,
-        metadata={"help": "Seconds between status polls when no active step is preemptible.", "env_var": False, "required": False},
-    )
-    checkpoint_root: str = field(
-        default=".snakemake/rkslurm",
-        metadata={
-            "help": "Folder under which each step gets <rule>/<wildcards> as its checkpoint folder (exported to the job as RKSLURM_CHECKPOINT_DIR). A rule overrides it with the resource or param 'rkslurm_checkpoint_dir'.",
-            "env_var": False,
-            "required": False,
-        },
-    )
-    keep_checkpoints: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep a step's checkpoint folder after the step succeeded (default: remove it).",
-            "env_var": False,
-            "required": False,
-        },
-    )
-    signal_lead_time: int = field(
-        default=60,
-        metadata={
-            "help": "Seconds before the time limit at which Slurm sends SIGTERM to the step (sbatch --signal=TERM@N), so it can write its final checkpoint.",
-            "env_var": False,
-            "required": False,
-        },
+    keep_checkpoints: bool = _setting(False, "Keep a step's checkpoint folder after the step succeeded (default: remove it).")
+    signal_lead_time: int = _setting(
+        60,
+        "Seconds before the time limit at which Slurm sends SIGTERM to the step (sbatch --signal=TERM@N), so it can write its final checkpoint.",
     )
 
 
