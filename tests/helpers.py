@@ -19,8 +19,12 @@ import pytest
 from rkckpt.model import Checkpoint, Metadata
 
 REPO = Path(__file__).resolve().parent.parent
+#: tests/ itself: the shared helpers live here, the tests one folder per package below it
+TESTS = REPO / "tests"
+DATA = TESTS / "data"
+PLUGIN = REPO / "plugin"
 #: The reference implementation's files and manifest, carried in the repository (tests/data/README.md).
-VECTORS = REPO / "tests" / "data" / "ringkernel-core-1.1.0"
+VECTORS = DATA / "ringkernel-core-1.1.0"
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition", interval: float = 0.02) -> None:

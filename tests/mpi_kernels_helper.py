@@ -1,4 +1,4 @@
-"""Run by tests/test_mpi_kernels.py under ``mpiexec -n K python tests/mpi_kernels_helper.py MODE OUTDIR``.
+"""Run by tests/rkkernel/test_mpi_kernels.py under ``mpiexec -n K python tests/mpi_kernels_helper.py MODE OUTDIR``.
 
 Each rank writes ``OUTDIR/rank<r>.json`` with what it saw; the test asserts on
 those files (a rank that hangs is caught by the test's ``timeout``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PLUGIN = Path(__file__).resolve().parents[1] / "plugin"
+from helpers import PLUGIN
 
 #: cycles known and owned elsewhere, each as its sorted modules; remove an entry with its fix (a stale entry fails)
 KNOWN_CYCLES: set[tuple[str, ...]] = set()

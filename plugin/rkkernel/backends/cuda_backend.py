@@ -32,7 +32,7 @@ NVRTC_OPTIONS = ("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=
 def cuda_program(spec: KernelSpec, persistent: bool = False) -> tuple[str, tuple[str, ...]]:
     """The CUDA source text and NVRTC options this back end compiles for ``spec``.
 
-    One definition for the back end and for tests/test_cuda_compile.py, which
+    One definition for the back end and for tests/rkkernel/test_cuda_compile.py, which
     compiles exactly this with NVRTC on machines without a GPU or cupy.
     ``persistent`` builds the separate cooperative module (``-DRK_PERSISTENT``)
     that also holds the spec's persistent kernel. The target architecture and

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from snakemake_executor_plugin_rkslurm import slurmquery
 from snakemake_executor_plugin_rkslurm.monitor import Pacer, SlurmCli
 
-DATA = Path(__file__).resolve().parents[1] / "bench" / "data"
+DATA = REPO / "bench" / "data"
 
 # recorded: `squeue -h -t all -j ... -O SQUEUE_FORMAT` (job 2 exited 3 on `short`; 4 requeued once)
 ROWS = (

@@ -17,12 +17,12 @@ import pytest
 
 from ckpt_helpers import sample_checkpoint
 from fixtures_kernel import rkrun_env
+from helpers import DATA, TESTS
 from hostile_inputs import mutate, try_reader
 from rkckpt import CheckpointError, codec, container, hdf5
 from rkckpt.chain import latest_restorable
 from rkckpt.storage import FileStorage
 
-DATA = Path(__file__).parent / "data"
 #: libhdf5 spins on both; on the first the stream cannot be located without libhdf5 either
 HANG_STRUCTURE = DATA / "h5-hang-structure.rk.h5"
 HANG_EXTRAS = DATA / "h5-hang-extras.rk.h5"  # sample_checkpoint(n=256): kernel sample-0, step 7, stream intact
@@ -206,7 +206,7 @@ def test_fuzz_mutated_files_every_reader_finishes(tmp_path):
     cases = 100
     code = (
         "import json, resource, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"sys.path[:0] = [{str(TESTS)!r}, {str(Path(__file__).resolve().parent)!r}]\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
         "import test_h5_hostile as t\n"
         f"print(json.dumps(t.fuzz_worker({SEED}, {cases}, {str(folder)!r})))\n"

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TESTS
 from rkckpt import ckptset
 from rkckpt.storage import FileStorage
 from set_helpers import KID, assert_reads_back
-
-TESTS = Path(__file__).resolve().parent
 
 RANK_SCRIPT = """
 import sys, json

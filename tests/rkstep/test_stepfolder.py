@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from rkstep import EventWriter, StepFolder, attempts, latest_attempt, read_events
 from rkstep.events import run_attempt, writer_for
 from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, FingerprintError, HashCache, declared_fingerprint, step_fingerprint
 from rkstep.folder import FolderError, FolderRefused, default_checkpoint_dir, rkslurm_checkpoint_dir, wildcards_key
 from rkstep.protocol import EVENTS_FILE, FINGERPRINT_FILE, OWNER_FILE, PROGRESS_FILE, STOP_MARKER
 
-PLUGIN = str(Path(__file__).resolve().parents[1] / "plugin")
+PLUGIN = str(helpers.PLUGIN)
 
 
 def child(code: str, *, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -425,7 +426,7 @@ def test_declared_fingerprint_matches_the_workflow_preparation_script(tmp_path: 
     model.write_bytes(b"model bytes")
     text = "grid=8 8 8 steps=100"
     d = tmp_path / "ck"
-    script = Path(__file__).resolve().parents[1] / "workflows" / "wavesim" / "scripts" / "prepare_ckpt.py"
+    script = helpers.REPO / "workflows" / "wavesim" / "scripts" / "prepare_ckpt.py"
     env = {**os.environ, "PYTHONPATH": PLUGIN}
     assert subprocess.run([sys.executable, str(script), str(d), text, str(model)], env=env, timeout=60).returncode == 0
     (d / "x-000000000010-full.rkcp").write_bytes(b"c")

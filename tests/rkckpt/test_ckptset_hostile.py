@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import TESTS
 from rkckpt import ckptset
 from rkckpt.storage import FileStorage
 from set_helpers import KID, SetWriter, global_state
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture

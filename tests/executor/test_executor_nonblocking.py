@@ -18,12 +18,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from test_executor_monitor import MODES, FakeSlurm, rec
 
 from snakemake_executor_plugin_rkslurm.executor import Executor
 from snakemake_executor_plugin_rkslurm.monitor import Monitor, Pacer, Step
 from snakemake_executor_plugin_rkslurm.policy import PolicySettings
 from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
-from test_executor_monitor import MODES, FakeSlurm, rec
 
 
 def _bare_executor(tmp_path: Path, slurm: FakeSlurm, submit: Any) -> Executor:

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from fixtures_kernel import rkrun_env
+from helpers import PLUGIN, TESTS
 from rkkernel.comm import SingleComm, launched_size, world
 from rkkernel.decomp import plan
 
-HELPER = Path(__file__).resolve().parent / "mpi_kernels_helper.py"
-PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
+HELPER = TESTS / "mpi_kernels_helper.py"
 GRID = ["24", "20", "17"]  # 17 planes: 2 ranks own 9 + 8, 3 ranks 6 + 6 + 5 (uneven splits)
 
 needs_mpi = pytest.mark.skipif(

@@ -5,7 +5,7 @@ format's own 1 GiB chunk limit plus the interpreter and thread stacks), so a
 parser that trusted a size field beyond that and tried to allocate it fails
 the test with a MemoryError instead of swapping the machine; pytest-timeout
 bounds the time. The seed is fixed, so a failure is reproducible from its case
-number: ``python tests/test_fuzz.py --worker SEED N`` replays the run.
+number: ``python tests/rkckpt/test_fuzz.py --worker SEED N`` replays the run.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import subprocess
 import sys
 import traceback
 import zlib
-from pathlib import Path
 
 import pytest
+
+from helpers import VECTORS
 
 SEED = 20251129
 CASES = int(os.environ.get("RKCKPT_FUZZ_CASES", "3000"))
@@ -33,7 +34,7 @@ def _seeds() -> list[tuple[str, bytes]]:
     from rkckpt import codec, container
     from rkckpt.delta import make_delta
 
-    vectors = Path(__file__).resolve().parent / "data" / "ringkernel-core-1.1.0"
+    vectors = VECTORS
     out = [(p.stem, p.read_bytes()) for p in sorted(vectors.glob("*_step*.rkcp"))]
     small = sample_checkpoint(n=512)
     out.append(("sample-compat", container.encode(small, codec.COMPAT)))
@@ -219,7 +220,7 @@ def worker(seed: int, cases: int) -> dict:
 
 @pytest.mark.timeout(180)
 def test_fuzz_parser():
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2", PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", str(SEED), str(CASES)],
         capture_output=True,
@@ -285,7 +286,7 @@ def h5_worker(seed: int, cases: int) -> dict:
 
 @pytest.mark.timeout(180)
 def test_fuzz_hdf5_container():
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))  # tests/ for helpers
     proc = subprocess.run([sys.executable, __file__, "--h5worker", str(SEED), "200"], capture_output=True, text=True, env=env, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])

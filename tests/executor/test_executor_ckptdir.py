@@ -1,4 +1,4 @@
-"""Slurm output parsing of the rkslurm executor (no cluster needed; the step folder is tests/test_stepfolder.py)."""
+"""Slurm output parsing of the rkslurm executor (no cluster needed; the step folder is tests/rkstep/test_stepfolder.py)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import REPO
 from rkckpt import container
 from rkckpt.delta import apply_delta
 from rkckpt.model import ChunkType
@@ -279,7 +280,7 @@ def test_readme_example_runs_and_matches(opencl_backend: str, tmp_path: Path) ->
     """The bring-your-own-kernel example in README.md works as written."""
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (REPO / "README.md").read_text()
     section = text[text.index("### Bringing your own kernel") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     src = tmp_path / "diffuse.cl"

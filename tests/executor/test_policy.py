@@ -750,12 +750,12 @@ def test_node_failure_of_a_two_node_step_on_a_two_node_partition_shrinks_or_fail
     from types import SimpleNamespace
 
     from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+    from test_executor_monitor import FakeSlurm
+    from test_executor_nonblocking import _bare_executor, _poll
 
     from snakemake_executor_plugin_rkslurm.monitor import Step
     from snakemake_executor_plugin_rkslurm.ranks import Geometry
     from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
-    from test_executor_monitor import FakeSlurm
-    from test_executor_nonblocking import _bare_executor, _poll
 
     submitted: list[Geometry] = []
     ex = _bare_executor(tmp_path, FakeSlurm(), lambda job, step: (submitted.append(step.geometry), ("200", "200.log"))[1])
