@@ -57,6 +57,14 @@ class ExecutorSettings(_StockSettings):
             "required": False,
         },
     )
+    shrink_after: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a resubmitted (or requeued) multi-node step may wait in the queue for its full size (reason Resources, Priority, ReqNodeNotAvail) before it is cancelled and resubmitted on the nodes that are free now, tasks scaled down in proportion; only where --rkslurm-min-nodes (or the rule's rkslurm_min_nodes) allows fewer nodes.",
+            "env_var": False,
+            "required": False,
+        },
+    )
     node_failure_wait: float = field(
         default=60.0,
         metadata={
