@@ -49,7 +49,7 @@ __kernel void tt_step(__global const rk_control *restrict ctl,
                       __global const float *restrict slow,
                       __global uint *restrict last,
                       const float h1, const float h2, const float h3,
-                      const int nx, const int nxy)
+                      const int nx, const int nxy, const int cz0, const int cz1)
 {
     RK_BEGIN(ctl);
     const size_t x = get_global_id(0) + 1;
@@ -60,7 +60,7 @@ __kernel void tt_step(__global const rk_control *restrict ctl,
     const int old = c[x];
     const int t = tt_cell(c + x, slow[z * nx + x], h1, h2, h3, nx, nxy);  /* 2-D (z, x) model: stays in cache */
     nxt[row + x] = t;
-    if (t != old)
+    if (t != old && z >= cz0 && z < cz1)  /* planes [cz0, cz1) count (a slab: its owned planes) */
         last[0] = (uint)(ctl->current_step + 1ul);
 }
 
@@ -270,13 +270,13 @@ __kernel void tt_sweep(__global const rk_control *restrict ctl,
                        __global uint *restrict last,
                        const float h1, const float h2, const float h3,
                        const int nx, const int nxy, const int ny, const int nz,
-                       __global volatile uint *sync, const int levels)
+                       const int cz0, const int cz1, __global volatile uint *sync, const int levels)
 {
     RK_BEGIN(ctl);
     const ulong t = ctl->current_step;
     int latest = -1;                                        /* highest level that changed a cell */
 #define LEVEL(s, j, z) if (tt_plane(((j) & 1) ? nxt : cur, ((j) & 1) ? cur : nxt, slow, h1, h2, h3, nx, nxy, ny, nz, (z)) \
-                           && (j) > latest) latest = (j)
+                           && (z) >= cz0 && (z) < cz1 && (j) > latest) latest = (j)
     RK_SLAB_SWEEP(nz, levels, sync, LEVEL, RK_SLAB_NOTHING);
 #undef LEVEL
     if (latest >= 0)

@@ -5,7 +5,8 @@
 
 extern "C" __global__ void tt_step(const rk_control *ctl, const float *__restrict__ cur, float *__restrict__ nxt,
                                    const float *__restrict__ slow, unsigned int *last,
-                                   const float h1, const float h2, const float h3, const int nx, const int nxy)
+                                   const float h1, const float h2, const float h3, const int nx, const int nxy,
+                                   const int cz0, const int cz1)
 {
     RK_BEGIN(ctl);
     RK_INTERIOR_CELL(x, y, z, i, nx, nxy);
@@ -22,7 +23,7 @@ extern "C" __global__ void tt_step(const rk_control *ctl, const float *__restric
     t = fminf(t, __fadd_rn(m2, __fmul_rn(h2, sl)));
     t = fminf(t, __fadd_rn(m3, __fmul_rn(h3, sl)));
     nxt[i] = t;
-    if (t < old) {
+    if (t < old && z >= cz0 && z < cz1) {  /* planes [cz0, cz1) count (a slab: its owned planes) */
         const rk_u64 step = ((const volatile rk_control *)ctl)->current_step;
         last[0] = (unsigned int)(step + 1ull);
     }

@@ -119,14 +119,16 @@ def _run(plugin: KernelPlugin, values: dict[str, Any], source: str) -> int:
     with stop.held():
         from rkckpt.errors import CheckpointError
         from rkckpt.logsafe import install as mask_credentials_in_logs
-        from rkstep.events import run_attempt
 
         from .backends import BackendUnavailable
-        from .runner import run_kernel
+        from .comm import world
+        from .ranks import run_step
+
+        comm = world()  # MPI starts here, with the stop signals held like any native runtime
 
     mask_credentials_in_logs()  # -v lets botocore log signed request headers
     try:
-        return run_attempt(values["checkpoint_dir"], lambda events: run_kernel(plugin, values, stop, events))
+        return run_step(plugin, values, stop, comm)  # one process, or one rank of an MPI launch
     except (CheckpointError, BackendUnavailable) as exc:
         logging.getLogger("rkrun").error("error: %s", exc)
         return EX_USAGE if isinstance(exc, BackendUnavailable) else 1

@@ -289,6 +289,14 @@ class KernelRun:
     #: changes any more), or None to go on. The result's ``step`` is that step,
     #: so it does not depend on where batches happened to end.
     done_at: Callable[[PersistentKernel], int | None] | None = None
+    #: One rank of a multi-rank run (``rkkernel.decomp.SlabRun``), or None: a single
+    #: process. The runner then totals plane sums over the ranks (``decomp.total``),
+    #: keeps one checkpoint chain per rank and writes the result on rank 0 only;
+    #: ``result`` returns the global arrays on rank 0.
+    decomp: Any = None
+    #: A decomposed run: the fingerprint of the whole simulation (one process's spec),
+    #: which the result and the checkpoint sets carry instead of the slab's own.
+    global_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

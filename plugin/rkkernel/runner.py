@@ -231,6 +231,8 @@ class StepLoop:
         self.submitted: tuple[int, int] | None = None
         #: --checkpoint-every/--checkpoint-seconds auto: measures C and picks the interval
         self.tuner: Tuner | None = None
+        #: the stop decision the batch loop took last (one process: a stop signal was seen)
+        self.stopping = False
 
     # ------------------------------------------------------------ start
     def _start(self) -> int | None:
@@ -262,11 +264,15 @@ class StepLoop:
             checkpoint_format=self.cfg.checkpoint_format,
         )
         try:
-            self.mgr = CheckpointManager(self.cfg.checkpoint_dir, policy, self.cfg.kernel_id)
+            self.mgr = self._make_manager(policy)
         except BaseException:
             self.kernel.backend.close()
             raise
         return None
+
+    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
+        """The run's checkpoint manager (a multi-rank step gives each rank its own part chain: ``rkkernel.ranks``)."""
+        return CheckpointManager(self.cfg.checkpoint_dir, policy, self.cfg.kernel_id)
 
     # ------------------------------------------------------------ restore
     def _series_from(self, rp: RestorePoint, source: str) -> dict[str, list[tuple[float, ...]]]:
@@ -324,14 +330,12 @@ class StepLoop:
     # ------------------------------------------------------------ advance
     def _sample(self) -> None:
         """Samples due at the current step that no batch took (the start, an early finish)."""
-        from .reduce import combine_planes
-
         for s in self.krun.series:
             rows = self.series[s.name]
             due = s.every and (self.step % s.every == 0 or self.step == self.cfg.steps or self._finished())
             if due and (not rows or rows[-1][0] < self.step):
                 if s.sumsq is not None:
-                    rows.append((self.step, combine_planes(self.kernel.sumsq_now(s.sumsq(self.step)))))
+                    rows.append((self.step, self._total(self.kernel.sumsq_now(s.sumsq(self.step)))))
                 else:
                     rows.append((self.step, *s.sample(self.kernel, self.step)))
 
@@ -353,13 +357,17 @@ class StepLoop:
         if not due:
             self.kernel.run(end - self.step)
             return
-        from .reduce import combine_planes
-
         _, sums = self.kernel.run_sampled(end - self.step, [(t, name) for t, name, _ in due])
         for (t, _, s), planes in zip(due, sums, strict=False):  # fewer sums: terminated early
             rows = self.series[s.name]
             if not rows or rows[-1][0] < t:
-                rows.append((t, combine_planes(planes)))
+                rows.append((t, self._total(planes)))
+
+    def _total(self, planes: np.ndarray) -> float:
+        """Σ of per-plane sums in global plane order (over every rank's owned planes when decomposed)."""
+        from .reduce import combine_planes
+
+        return combine_planes(planes) if self.krun.decomp is None else self.krun.decomp.total(planes)
 
     def _finished(self) -> bool:
         return self.done_at is not None
@@ -391,7 +399,7 @@ class StepLoop:
         progress = _Progress(self.cfg.progress, self.plugin.name, self.step, self.cfg.steps)
         t0, s0 = time.monotonic(), self.step
         try:
-            while self.step < self.cfg.steps and not self.stop.requested and not self._finished():
+            while self.step < self.cfg.steps and not self._should_stop() and not self._finished():
                 tb, before = time.perf_counter(), self.step
                 self._run_batch(self._next_stop())
                 self.stop.install()  # pocl may compile (and LLVM re-arm its handlers) at a first launch
@@ -401,7 +409,7 @@ class StepLoop:
                 self._check_done()
                 self._sample()
                 probe = self.tuner is not None and self.tuner.probe_due()
-                if self.step < self.cfg.steps and not self._finished() and (probe or self.mgr.due(self.step)):
+                if self.step < self.cfg.steps and not self._finished() and (probe or self._checkpoint_due()):
                     self.submitted = (self.step, self.mgr.stats.failed)
                     ts = time.perf_counter()
                     self.mgr.submit(self._snapshot("periodic"))
@@ -409,12 +417,25 @@ class StepLoop:
                         self.tuner.probed(self.step, time.perf_counter() - ts, self.submitted[1])
                         self.mgr.wait()  # once per run: the interval is known from the next batch on
                 self._tune()
+                self._boundary()
                 self._report_written()
                 progress.update(self.step, (self.step - s0) / max(1e-9, time.monotonic() - t0))
                 if self.cfg.throttle_ms:
                     time.sleep(self.cfg.throttle_ms / 1000.0)
         finally:
             progress.close()
+
+    # Hooks of a batch boundary; a multi-rank step (``rkkernel.ranks``) makes every rank decide alike.
+    def _should_stop(self) -> bool:
+        """Whether the run stops here (remembered in ``stopping`` for ``run``)."""
+        self.stopping = self.stop.requested
+        return self.stopping
+
+    def _checkpoint_due(self) -> bool:
+        return self.mgr.due(self.step)
+
+    def _boundary(self) -> None:
+        """After a batch and its checkpoint hand-over (nothing to do for one process)."""
 
     def _tune(self) -> None:
         """--checkpoint-every/--checkpoint-seconds auto: set the interval once the probe's cost is known."""
@@ -520,11 +541,14 @@ class StepLoop:
             "kernel": self.plugin.name,
             "kernel_type": spec.kernel_type,
             "backend": self.kernel.backend_name,
-            "params_fingerprint": spec.fingerprint(),
+            "params_fingerprint": self.krun.global_fingerprint or spec.fingerprint(),
             **attrs,
         }
         if self.checkpoint_failures:
             all_attrs["checkpoints_failed"] = "; ".join(self.checkpoint_failures)
+        if self.krun.decomp is not None and not self.krun.decomp.root:
+            log.info("done: step %d (rank %d; rank 0 writes the result)", final_step, self.krun.decomp.slab.rank)
+            return EX_OK
         write_result(self.cfg.out, all_datasets, all_attrs)
         if self.checkpoint_failures:
             for line in self.checkpoint_failures:
@@ -556,7 +580,7 @@ class StepLoop:
             if self.restored is None:
                 self._sample()
             self._advance()
-            if self.stop.requested and self.step < self.cfg.steps and not self._finished():
+            if self.stopping and self.step < self.cfg.steps and not self._finished():
                 return self._stopped()
             return self._end(start_step)
         finally:

@@ -85,6 +85,8 @@ class PersistentKernel:
     on_event: Callable[[KernelEvent, PersistentKernel], None] | None = None
     backend: Backend = field(init=False)
     _h2k_tail: int = field(init=False, default=0)
+    #: step of the last halo exchange (decomposed kernels); None: due before the next step
+    _halo_step: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.spec.validate()
@@ -158,12 +160,35 @@ class PersistentKernel:
             self.on_event(ev, self)
 
     # ------------------------------------------------------------ running
+    def _halo_chunk(self, target: int) -> int:
+        """Steps the next chunk may run before a halo exchange is due (exchanging first if it is)."""
+        step = self.step
+        if self._halo_step is None or step - self._halo_step >= self.spec.halo_steps:
+            assert self.spec.halo_exchange is not None
+            self.spec.halo_exchange(self)
+            self._halo_step = step
+        return min(target - step, self._halo_step + self.spec.halo_steps - step)
+
     def run(self, count: int) -> list[KernelEvent]:
         """Advance ``count`` steps in one batch (fewer if terminated); serve pauses.
 
         Returns the kernel→host events seen. A snapshot pause calls
-        ``on_event`` while the device holds the state of that step.
+        ``on_event`` while the device holds the state of that step. A
+        decomposed kernel runs in chunks of at most ``spec.halo_steps`` steps
+        with a halo exchange before each.
         """
+        if self.spec.halo_exchange is None:
+            return self._run(count)
+        events: list[KernelEvent] = []
+        target = self.step + count
+        while True:
+            before = self.step
+            n = self._halo_chunk(target)
+            events += self._run(n)
+            if self.step >= target or self.step != before + n or self.terminated:
+                return events
+
+    def _run(self, count: int) -> list[KernelEvent]:
         events: list[KernelEvent] = []
         start = self.step
         target = start + count
@@ -194,6 +219,8 @@ class PersistentKernel:
         the host (on OpenCL and CUDA). With commands pending (which may pause
         or end the run inside the batch) it runs to each sample step in turn.
         """
+        if self.spec.halo_exchange is not None and samples:
+            return self._run_sampled_chunks(count, samples)
         start = self.step
         target = start + count
         steps = [t for t, _ in samples]
@@ -222,6 +249,27 @@ class PersistentKernel:
         if self.step != target:  # no command was pending, so nothing may stop the batch early
             raise RuntimeError(f"batch with samples ended at step {self.step}, expected {target}")
         return events, sums
+
+    def _run_sampled_chunks(self, count: int, samples: Sequence[tuple[int, str]]) -> tuple[list[KernelEvent], list[np.ndarray]]:
+        """``run_sampled`` of a decomposed kernel: chunks between halo exchanges, each with its samples."""
+        events: list[KernelEvent] = []
+        sums: list[np.ndarray] = []
+        target = self.step + count
+        rest = list(samples)
+        while True:
+            before = self.step
+            n = self._halo_chunk(target)
+            mine = [s for s in rest if s[0] <= before + n]
+            rest = rest[len(mine) :]
+            halo, self.spec.halo_exchange = self.spec.halo_exchange, None
+            try:
+                ev, got = self.run_sampled(n, mine)
+            finally:
+                self.spec.halo_exchange = halo
+            events += ev
+            sums += got
+            if self.step >= target or self.step != before + n or self.terminated:
+                return events, sums
 
     def sumsq_now(self, name: str) -> np.ndarray:
         """Σx² per z plane of region ``name`` at the current step (see ``run_sampled``)."""
@@ -416,4 +464,5 @@ class PersistentKernel:
         self.backend.write_queue("k2h", k2h)
         self.backend.write_control_block(cb)
         self._h2k_tail = int(cb[0]["input_tail"])
+        self._halo_step = None  # the checkpoint's halo planes may be stale: exchange before the next step
         return int(cb[0]["current_step"])

@@ -168,6 +168,12 @@ class KernelSpec:
     backend_launches: dict[str, list[Launch]] = field(default_factory=dict)
     #: Optional per-back-end multi-step launches (see :class:`FusedSteps`).
     fused: dict[str, FusedSteps] = field(default_factory=dict)
+    #: A decomposed kernel (one z slab of a multi-rank run, see ``rkkernel.decomp``):
+    #: the runtime runs at most ``halo_steps`` steps between two calls of
+    #: ``halo_exchange(kernel)``, which refreshes the halo planes from the
+    #: neighbours (a collective: every rank calls it at the same steps).
+    halo_steps: int = 0
+    halo_exchange: Callable[[Any], None] | None = None
 
     def launches_for(self, backend: str) -> list[Launch]:
         return self.backend_launches.get(backend, self.launches)

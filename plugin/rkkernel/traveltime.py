@@ -25,11 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .spec import CONTROL, SYNC, FusedSteps, KernelSpec, Launch, RegionSpec, Swap
 from .wavesim import SWEEP_LEVELS, WaveParams, velocity_model
+
+if TYPE_CHECKING:
+    from .decomp import SlabRun
 
 KERNEL_TYPE = "traveltime_3d"
 F32 = np.float32
@@ -59,8 +63,12 @@ def current_time(regions: Mapping[str, np.ndarray], step: int) -> np.ndarray:
     return regions["time_a"] if step % 2 == 0 else regions["time_b"]
 
 
-def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, w: Weights) -> None:
-    """Exactly the arithmetic of ``tt_step`` in kernels/traveltime.cl."""
+def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, w: Weights, counted: tuple[int, int] | None = None) -> None:
+    """Exactly the arithmetic of ``tt_step`` in kernels/traveltime.cl.
+
+    ``counted``: the planes [z0, z1) whose changes set ``last_change`` (a slab
+    of a decomposed run: its owned planes); default all.
+    """
     c, nxt = (regions["time_a"], regions["time_b"]) if step % 2 == 0 else (regions["time_b"], regions["time_a"])
     s = regions["slowness"][1:-1, None, 1:-1]
 
@@ -83,13 +91,24 @@ def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, w: Weights) -> N
     t = mn(old, m1 + w.h1 * s)
     t = mn(t, m2 + w.h2 * s)
     t = mn(t, m3 + w.h3 * s)
-    if (t < old).any():
+    changed = t < old
+    if counted is not None:
+        changed = changed[max(0, counted[0] - 1) : max(0, counted[1] - 1)]
+    if changed.any():
         regions["last_change"][0] = step + 1
     nxt[1:-1, 1:-1, 1:-1] = t
 
 
-def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> KernelSpec:
-    """The traveltime kernel's spec for the wave model ``params`` (and a user ``velocity``, as for wavesim)."""
+def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, decomp: SlabRun | None = None) -> KernelSpec:
+    """The traveltime kernel's spec for the wave model ``params`` (and a user ``velocity``, as for wavesim).
+
+    With ``decomp``: one rank's z slab (the same kernel on its local planes,
+    ``decomp.halo`` steps between exchanges). Only its owned planes count for
+    ``last_change``: the halo planes drift from the truth between exchanges
+    (a stale neighbour plane can make one decrease late), the owned ones do
+    not, so the maximum over the ranks is the single process's
+    (``decomp.max_int``).
+    """
     nx, ny, nz = params.nx, params.ny, params.nz
     if (velocity is None) != (params.model_sha256 is None):
         raise ValueError("pass the velocity model together with its digest (see load_velocity)")
@@ -97,6 +116,11 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
     if not (0 < sx < nx - 1 and 0 < sy < ny - 1 and 0 < sz < nz - 1):
         raise ValueError(f"source {params.source} must be an interior cell of the {nx}x{ny}x{nz} grid")
     w = Weights.for_dx(params.dx)
+    g0, counted = 0, (1, nz - 1)
+    if decomp is not None:
+        nz, g0 = decomp.slab.local_nz, decomp.slab.g0
+        counted = (decomp.slab.lo, decomp.slab.lo + decomp.slab.owned)
+    cz = (np.int32(counted[0]), np.int32(counted[1]))
     shape = (nz, ny, nx)
     regions = [
         RegionSpec("time_a", "<f4", shape, "field"),
@@ -105,10 +129,10 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
         RegionSpec("last_change", "<u4", (1,), "field"),
     ]
     common = (CONTROL, Swap("time_a", "time_b"), Swap("time_b", "time_a"), "slowness", "last_change", w.h1, w.h2, w.h3)
-    launch = Launch("tt_step", (nx - 2, ny - 2, nz - 2), (*common, np.int32(nx), np.int32(nx * ny)))
+    launch = Launch("tt_step", (nx - 2, ny - 2, nz - 2), (*common, np.int32(nx), np.int32(nx * ny), *cz))
     # SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see tt_sweep)
     slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
-    sweep_args = (*common, np.int32(nx), np.int32(nx * ny), np.int32(ny), np.int32(nz), SYNC, np.int32(SWEEP_LEVELS))
+    sweep_args = (*common, np.int32(nx), np.int32(nx * ny), np.int32(ny), np.int32(nz), *cz, SYNC, np.int32(SWEEP_LEVELS))
     # Any depth 1..SWEEP_LEVELS: even a 1-level tt_sweep is ~10x faster than tt_step on a CPU,
     # so --checkpoint-every 2 (the demo's) runs 2-level sweeps instead of single steps.
     fused = FusedSteps(
@@ -117,17 +141,18 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
 
     def initial() -> dict[str, np.ndarray]:
         t = np.full(shape, np.inf, dtype=F32)
-        t[sz, sy, sx] = 0.0
+        if 0 <= sz - g0 < nz:
+            t[sz - g0, sy, sx] = 0.0
         v = velocity_model(params) if velocity is None else velocity
         return {
             "time_a": t,
             "time_b": t.copy(),
-            "slowness": slowness(v),
+            "slowness": slowness(v) if decomp is None else decomp.slab.take(slowness(v)),
             "last_change": np.zeros(1, dtype="<u4"),
         }
 
     def step(regions: Mapping[str, np.ndarray], s: int) -> None:
-        numpy_step(regions, s, w=w)
+        numpy_step(regions, s, w=w, counted=None if decomp is None else counted)
 
     p = {k: getattr(params, k) for k in ("nx", "ny", "nz", "dx", "v_top", "v_bottom", "model_sha256")}
     return KernelSpec(
@@ -140,6 +165,8 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None) -> Kern
         initial=initial,
         params={**p, "source": list(params.source), "version": VERSION},
         fused={"opencl": fused},
+        halo_steps=decomp.halo if decomp is not None else 0,
+        halo_exchange=decomp.exchange if decomp is not None else None,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from .spec import (
     RegionSpec,
     Swap,
 )
+
+if TYPE_CHECKING:
+    from .decomp import SlabRun
 
 KERNEL_TYPE = "fdtd_3d"
 F32 = np.float32
@@ -145,12 +149,17 @@ def r2(p: WaveParams) -> np.float32:
     return F32((p.dt / p.dx) ** 2)
 
 
-def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, params: WaveParams) -> None:
+def numpy_step(
+    regions: Mapping[str, np.ndarray], step: int, *, params: WaveParams, source: tuple[int, int, int] | None | tuple[()] = ()
+) -> None:
     """Exactly the arithmetic of ``fdtd_rows`` in kernels/fdtd3d.cl, in the same order.
 
     Plain IEEE float32 operations (NumPy never fuses them), the source added
     before the single flush of the stored value, like the kernel does.
+    ``source``: the source cell in the arrays' own coordinates (a slab of a
+    decomposed run: local z; None: not in this slab); default ``params.source``.
     """
+    src = params.source if source == () else source
     if step % 2 == 0:
         cur, nxt = regions["pressure_a"], regions["pressure_b"]
     else:
@@ -171,46 +180,58 @@ def numpy_step(regions: Mapping[str, np.ndarray], step: int, *, params: WavePara
     acc = np.multiply(coef, lap, out=lap)
     base = F32(2.0) * p - nxt[ii]
     out = np.add(base, acc, out=base)
-    if step < len(wavelet):
-        x, y, z = params.source
+    if step < len(wavelet) and src is not None:
+        x, y, z = src
         out[z - 1, y - 1, x - 1] += wavelet[step]
     nxt[ii] = ftz(out)
 
 
-def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_size: tuple[int, int, int] | None = None) -> KernelSpec:
+def make_spec(
+    params: WaveParams,
+    *,
+    velocity: np.ndarray | None = None,
+    local_size: tuple[int, int, int] | None = None,
+    decomp: SlabRun | None = None,
+) -> KernelSpec:
     """The wave kernel's spec; ``velocity`` (from ``load_velocity``) replaces the built-in model.
 
     ``params.model_sha256``/``model_vmax`` must describe ``velocity`` so the
-    fingerprint and the time step follow the model.
+    fingerprint and the time step follow the model. With ``decomp`` it is the
+    spec of one rank's z slab: the same kernel on the local planes, the source
+    only in its owner's slab, halo planes exchanged by the runtime.
     """
-    nx, ny, nz = params.nx, params.ny, params.nz
+    nx, ny = params.nx, params.ny
     if (velocity is None) != (params.model_sha256 is None):
         raise ValueError("pass the velocity model together with its digest (see load_velocity)")
+    _source_index(params)  # the global source cell must be interior
+    nz, src = _local_geometry(params, decomp)
     shape = (nz, ny, nx)
     wavelet = ricker(params)
-    src_index = _source_index(params)
+    # no source in this slab: an index that matches no cell (and decodes to plane nz, outside it)
+    src_index = nz * nx * ny if src is None else src[0] + src[1] * nx + src[2] * nx * ny
     args = _step_args(params, src_index, len(wavelet))
     launch = Launch("fdtd_step", (nx - 2, ny - 2, nz - 2), args, local_size)
-    opencl_launches = _opencl_launches(params, args, local_size)
-    fused = _opencl_fused(params, args)
-    persistent = _cuda_persistent(params, src_index, len(wavelet))
+    opencl_launches = _opencl_launches(params, args, local_size, nz, None if src is None else src[2])
+    fused = _opencl_fused(nz, args)
+    persistent = _cuda_persistent(params, nz, src_index, len(wavelet))
 
     def initial() -> dict[str, np.ndarray]:
+        v = velocity_model(params) if velocity is None else velocity
         return {
             "pressure_a": np.zeros(shape, F32),
             "pressure_b": np.zeros(shape, F32),
-            "velocity": velocity_model(params) if velocity is None else velocity,
+            "velocity": v if decomp is None else decomp.slab.take(v),
             "wavelet": wavelet,
             "x_interior_mask": x_interior_mask(nx),
         }
 
     def step(regions: Mapping[str, np.ndarray], s: int) -> None:
-        numpy_step(regions, s, params=params)
+        numpy_step(regions, s, params=params, source=src)
 
     return KernelSpec(
         kernel_type=KERNEL_TYPE,
         grid=(nx, ny, nz),
-        regions=_regions(params, wavelet.shape),
+        regions=_regions(params, nz, wavelet.shape),
         launches=[launch],
         sources={"opencl": "fdtd3d.cl", "cuda": "fdtd3d.cu"},
         numpy_step=step,
@@ -219,7 +240,24 @@ def make_spec(params: WaveParams, *, velocity: np.ndarray | None = None, local_s
         persistent={"cuda": persistent},
         backend_launches={"opencl": opencl_launches},
         fused={"opencl": fused},
+        halo_steps=decomp.halo if decomp is not None else 0,
+        halo_exchange=decomp.exchange if decomp is not None else None,
     )
+
+
+def _local_geometry(params: WaveParams, decomp: SlabRun | None) -> tuple[int, tuple[int, int, int] | None]:
+    """Planes of this process's grid along z, and the source cell in it (None: not among its computed planes).
+
+    Every rank that computes the source's plane adds the source, its owner and
+    the ranks holding that plane as a halo plane alike: a halo plane must
+    evolve exactly as on its owner for the steps between two exchanges.
+    """
+    if decomp is None:
+        return params.nz, params.source
+    sx, sy, sz = params.source
+    nz = decomp.slab.local_nz
+    lz = sz - decomp.slab.g0
+    return nz, ((sx, sy, lz) if 0 < lz < nz - 1 else None)
 
 
 def _source_index(params: WaveParams) -> int:
@@ -231,8 +269,8 @@ def _source_index(params: WaveParams) -> int:
     return sx + sy * nx + sz * nx * ny
 
 
-def _regions(params: WaveParams, wavelet_shape: tuple[int, ...]) -> list[RegionSpec]:
-    nx, ny, nz = params.nx, params.ny, params.nz
+def _regions(params: WaveParams, nz: int, wavelet_shape: tuple[int, ...]) -> list[RegionSpec]:
+    nx, ny = params.nx, params.ny
     shape = (nz, ny, nx)
     return [
         RegionSpec("pressure_a", "<f4", shape, "field"),
@@ -260,9 +298,8 @@ def _step_args(params: WaveParams, src_index: int, n_wavelet: int) -> tuple:
     )
 
 
-def _opencl_fused(params: WaveParams, args: tuple) -> FusedSteps:
+def _opencl_fused(nz: int, args: tuple) -> FusedSteps:
     """SWEEP_LEVELS steps per sweep on CPU devices, one work item per slab (see fdtd_sweep)."""
-    nz = params.nz
     slabs = max(1, (nz - 2) // (2 * SWEEP_LEVELS))
     sweep_args = (*args, np.int32(nz), "x_interior_mask", SYNC, np.int32(SWEEP_LEVELS))
     # Any depth 1..SWEEP_LEVELS (the last argument): checkpoints, samples and batch ends
@@ -280,7 +317,7 @@ def _opencl_fused(params: WaveParams, args: tuple) -> FusedSteps:
     )
 
 
-def _cuda_persistent(params: WaveParams, src_index: int, n_wavelet: int) -> Launch:
+def _cuda_persistent(params: WaveParams, nz: int, src_index: int, n_wavelet: int) -> Launch:
     """The CUDA back end's persistent launch (``fdtd_persistent``)."""
     return Launch(
         "fdtd_persistent",
@@ -296,7 +333,7 @@ def _cuda_persistent(params: WaveParams, src_index: int, n_wavelet: int) -> Laun
             r2(params),
             np.int32(params.nx),
             np.int32(params.ny),
-            np.int32(params.nz),
+            np.int32(nz),
             np.int32(src_index),
             np.int32(n_wavelet),
             STEPS,
@@ -312,7 +349,7 @@ def x_interior_mask(nx: int) -> np.ndarray:
     return m
 
 
-def _opencl_launches(params: WaveParams, args: tuple, local_size: tuple[int, int, int] | None) -> list[Launch]:
+def _opencl_launches(params: WaveParams, args: tuple, local_size: tuple[int, int, int] | None, nz: int, sz: int | None) -> list[Launch]:
     """One step for OpenCL: z planes split so that only the source's plane tests for the source.
 
     The per-cell source test costs pocl's vectorised loop about a quarter of
@@ -323,11 +360,15 @@ def _opencl_launches(params: WaveParams, args: tuple, local_size: tuple[int, int
     pocl). Launches of one step touch disjoint planes and run in queue
     order, so the result is the same as one launch over all planes. Each
     launch gets its first plane ``z0`` and the wall mask as extra arguments.
+    ``nz``/``sz``: this grid's planes and source plane (None: a slab without the source).
     """
-    nx, ny, nz = params.nx, params.ny, params.nz
-    sz = params.source[2]
+    nx, ny = params.nx, params.ny
+    if sz is None:
+        pieces = [("fdtd_bulk", 1, nz - 2)]
+    else:
+        pieces = [("fdtd_bulk", 1, sz - 1), ("fdtd_step", sz, 1), ("fdtd_bulk", sz + 1, nz - 2 - sz)]
     parts = []
-    for fn, z0, planes in [("fdtd_bulk", 1, sz - 1), ("fdtd_step", sz, 1), ("fdtd_bulk", sz + 1, nz - 2 - sz)]:
+    for fn, z0, planes in pieces:
         if planes > 1 and planes % 2:
             parts += [(fn, z0, planes - 1), (fn, z0 + planes - 1, 1)]
         elif planes > 0:

@@ -111,21 +111,28 @@ def receiver_cells(params: WaveParams, count: int) -> list[tuple[int, int, int]]
 def build(values: Mapping[str, Any]) -> KernelRun:
     import numpy as np
 
-    from .wavesim import current_field, make_spec
+    from .decomp import slab_run
+    from .wavesim import SWEEP_LEVELS, current_field, make_spec
 
     params, model = model_params(values)
-    spec = make_spec(params, velocity=model)
+    # one rank of a multi-rank run (the rank count comes from MPI): a z slab, SWEEP_LEVELS halo planes
+    decomp = slab_run(params.nz, SWEEP_LEVELS, ("pressure_a", "pressure_b"))
+    spec = make_spec(params, velocity=model, decomp=decomp)
     receivers = receiver_cells(params, int(values.get("receivers") or 0))
     flat = np.array([x + params.nx * (y + params.ny * z) for x, y, z in receivers], dtype=np.int64)
 
     def traces(kernel: PersistentKernel, step: int) -> tuple[float, ...]:
         field = current_field({n: kernel.region(n) for n in ("pressure_a", "pressure_b")}, step)
+        if decomp is not None:  # each receiver read by the rank that owns its plane
+            return tuple(decomp.gather_values(receivers, lambda x, y, z: float(field[z, y, x])))
         return tuple(float(v) for v in field.reshape(-1)[flat])
 
     def result(kernel: PersistentKernel, step: int) -> tuple[dict[str, np.ndarray], dict[str, object]]:
         regions = {n: kernel.region(n) for n in ("pressure_a", "pressure_b")}
         prev = regions["pressure_b"] if step % 2 == 0 else regions["pressure_a"]
         datasets = {"pressure": current_field(regions, step), "pressure_prev": prev, "velocity": kernel.region("velocity")}
+        if decomp is not None:  # the global arrays, on rank 0 (a collective: every rank calls it)
+            datasets = {k: decomp.gather_field(v) for k, v in datasets.items()}
         attrs = {"dt": params.dt, "dx": params.dx, "source": np.array(params.source, dtype=np.int64)}
         if receivers:
             datasets["receiver_cells"] = np.array(receivers, dtype=np.int64).reshape(-1, 3)
@@ -134,7 +141,13 @@ def build(values: Mapping[str, Any]) -> KernelRun:
     series = [Series("energy", 1, int(values["energy_every"]), _energy, sumsq=_energy_region)]
     if receivers:  # pressure at each receiver, sampled like the energy: seismograms for arrival picking
         series.append(Series("traces", len(receivers), int(values["energy_every"]), traces))
-    return KernelRun(spec, result, series=tuple(series))
+    return KernelRun(
+        spec,
+        result,
+        series=tuple(series),
+        decomp=decomp,
+        global_fingerprint=None if decomp is None else make_spec(params, velocity=model).fingerprint(),
+    )
 
 
 PLUGIN = KernelPlugin(

@@ -88,6 +88,21 @@ class Backend(ABC):
     @abstractmethod
     def write_region(self, name: str, array: np.ndarray) -> None: ...
 
+    # -------------------------------------------------------- halo planes
+    # A decomposed kernel (``rkkernel.decomp``) exchanges a few z planes of its
+    # fields between batches: axis 0 of the region, planes [z0, z1). These
+    # defaults copy the whole region; back ends override them to move only
+    # the planes (one contiguous byte range: z is the slowest axis).
+    def read_planes(self, name: str, z0: int, z1: int) -> np.ndarray:
+        """Host copy of planes [z0, z1) of region ``name`` (waits for queued work)."""
+        return np.ascontiguousarray(self.read_region(name)[z0:z1])
+
+    def write_planes(self, name: str, z0: int, planes: np.ndarray) -> None:
+        """Overwrite planes [z0, z0 + len(planes)) of region ``name``."""
+        arr = self.read_region(name)
+        arr[z0 : z0 + len(planes)] = planes
+        self.write_region(name, arr)
+
     def read_region_async(self, name: str, out: np.ndarray | None = None) -> tuple[np.ndarray, Callable[[], None]]:
         """Start a host copy of a region; return the array and a ``wait()`` for the copy.
 

@@ -59,3 +59,9 @@ class NumpyBackend(Backend):
 
     def write_region(self, name: str, array: np.ndarray) -> None:
         self.regions[name][...] = array
+
+    def read_planes(self, name: str, z0: int, z1: int) -> np.ndarray:
+        return self.regions[name][z0:z1].copy()
+
+    def write_planes(self, name: str, z0: int, planes: np.ndarray) -> None:
+        self.regions[name][z0 : z0 + len(planes)] = planes

@@ -471,6 +471,22 @@ class OpenCLBackend(Backend):
         if arr.nbytes:
             self.cl.enqueue_copy(self.queue, self.bufs[name], arr, is_blocking=True)
 
+    def read_planes(self, name: str, z0: int, z1: int) -> np.ndarray:
+        """Only the bytes of planes [z0, z1) (z is the slowest axis: one contiguous range)."""
+        dt, shape = self.shapes[name]
+        out = np.empty((z1 - z0, *shape[1:]), dtype=dt)
+        if out.nbytes:
+            plane = out.nbytes // max(1, z1 - z0)
+            self.cl.enqueue_copy(self.queue, out, self.bufs[name], src_offset=z0 * plane, is_blocking=True)
+        return out
+
+    def write_planes(self, name: str, z0: int, planes: np.ndarray) -> None:
+        dt, shape = self.shapes[name]
+        arr = np.ascontiguousarray(planes, dtype=dt).reshape((-1, *shape[1:]))
+        if arr.nbytes:
+            plane = arr.nbytes // len(arr)
+            self.cl.enqueue_copy(self.queue, self.bufs[name], arr, dst_offset=z0 * plane, is_blocking=True)
+
     def close(self) -> None:
         try:
             self.queue.finish()

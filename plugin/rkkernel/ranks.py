@@ -1,0 +1,621 @@
+"""The step loop of a multi-rank step: stop together, coordinated checkpoint sets, elastic restore.
+
+Why a loop of its own: every rank runs the ordinary :class:`~rkkernel.runner.StepLoop`
+on its slab (``rkkernel.decomp``), but three decisions must be the same on
+every rank or the ranks drift apart and hang in a halo exchange:
+
+* **when to stop.** A stop signal reaches the ranks at different moments (or
+  only some of them), so at each batch boundary the ranks take the max of
+  their stop flags (``allreduce_int``); once it is set, every rank writes its
+  part of the final set and all exit 75 at the same step.
+* **which checkpoint exists.** Each rank writes its part (its local regions,
+  a full or a delta of its own chain ``<kernel>.r<rank>of<ranks>``) in the
+  background. A set exists only once rank 0 has written its commit record,
+  and rank 0 writes it only after every rank reported its part durable (the
+  parts' names and digests are gathered at a batch boundary). A kill at any
+  moment before the commit leaves the previous set the newest one.
+* **what to restore.** Rank 0 picks the newest restorable set (``latest_set``;
+  a plain single-process chain counts as a 1-part set) and broadcasts it;
+  each rank then reads only the planes it now owns (plus its halo planes), so
+  a set written by N ranks restores on M ranks.
+
+A rank that dies makes the others' next collective miss its deadline
+(``comm.RankLost``): they log which operation and rank, and exit 1 at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from rkckpt import testhook
+from rkckpt.chain import INDEX_NAME
+from rkckpt.errors import CheckpointError
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotResponse
+from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
+
+from .comm import Comm, RankLost, world
+from .runner import StepLoop, _write_marker
+from .runtime import FINGERPRINT_KEY, RestoreMismatch
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from rkckpt.ckptset import CheckpointSet
+    from rkckpt.model import Checkpoint
+    from rkckpt.storage import Storage
+    from rkstep.events import EventWriter
+
+    from .plugin import KernelPlugin
+    from .signals import StopFlag
+
+log = logging.getLogger("rkrun")
+
+#: A part's metadata names the whole simulation (kernel type, global grid, global
+#: fingerprint), which a slab's own spec does not: a set restores on another rank count.
+IDENTITY_KEY = "rkkernel.set_identity"
+#: Committed sets kept (older ones and the part files only they need are deleted).
+KEEP_SETS = 2
+#: Seconds a rank that lost a peer waits before it leaves, so that the other survivors, whose
+#: deadlines pass a moment later, name only the rank that died (``lost_ranks``).
+LINGER = 1.0
+#: Exit status when a rank is lost: the step failed and nothing new was committed.
+EX_RANK_LOST = 1
+#: Part write states reported at a batch boundary (reduced with "min").
+_IN_FLIGHT, _FAILED, _DURABLE = 0, 1, 2
+
+
+def fire(point: str, rank: int) -> None:
+    """A test signal point (``rkckpt.testhook``), also as ``point@rRANK`` to signal one rank only."""
+    testhook.fire(point)
+    testhook.fire(f"{point}@r{rank}")
+
+
+def unlocked(storage: Storage) -> Storage:
+    """``storage`` without the single-writer folder lock, for ranks other than 0.
+
+    The ranks of one step write one folder together (each its own chain);
+    rank 0 holds the lock against other jobs, and taking it would also delete
+    the temporary files of the other ranks' writes in flight.
+    """
+    for s in (storage, getattr(storage, "local", None)):
+        if s is not None and hasattr(s, "acquire_lock"):
+            s.acquire_lock = lambda: None  # type: ignore[method-assign]
+    return storage
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """This rank's slab: owned global planes [z0, z1) held at local index ``lo``; which regions are split."""
+
+    z0: int
+    z1: int
+    lo: int
+    hi: int
+    nz: int
+    decomposed: tuple[str, ...]
+
+    @property
+    def planes(self) -> tuple[int, int]:
+        """The global planes this rank holds locally (owned + halo/boundary planes)."""
+        return self.z0 - self.lo, self.z1 + self.hi
+
+
+def layout_of(loop: StepLoop, comm: Comm) -> Layout:
+    """The slab of this rank from the kernel run (``KernelRun.decomp.slab``; none: the whole grid).
+
+    The split regions are the kernel's ``decomposed`` names when it declares
+    them, else every region of 2+ dimensions whose first axis is the local z axis.
+    """
+    krun = loop.krun
+    nz = int(loop.cfg.grid[2])
+    decomp = getattr(krun, "decomp", None)  # rkkernel.decomp.SlabRun of a decomposed kernel
+    slab = getattr(decomp, "slab", None) or getattr(krun, "slab", None)
+    names = getattr(krun, "decomposed", None) or getattr(krun.spec, "decomposed", None)
+    if slab is None:
+        z0, z1, lo, hi = 0, nz, 0, 0
+    else:
+        z0, z1, lo, hi = int(slab.z0), int(slab.z1), int(slab.lo), int(slab.hi)
+    local = z1 - z0 + lo + hi
+    if names is None:  # the regions whose first axis is the (local) z axis
+        names = [r.name for r in krun.spec.regions if r.role != "halo" and len(r.shape) >= 2 and int(r.shape[0]) == local]
+    return Layout(z0, z1, lo, hi, nz, tuple(names))
+
+
+def global_identity(loop: StepLoop) -> dict[str, Any]:
+    """What makes two runs the same simulation whatever their rank count (a plain run's fingerprint)."""
+    krun, spec = loop.krun, loop.krun.spec
+    fp = krun.global_fingerprint or spec.fingerprint()
+    return {"kernel_type": spec.kernel_type, "grid": [int(g) for g in loop.cfg.grid], "fingerprint": str(fp)}
+
+
+def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
+    """The simulation a part (or a plain single-process checkpoint) belongs to."""
+    m = ckpt.metadata
+    raw = m.custom.get(IDENTITY_KEY)
+    if raw:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            return doc
+    return {"kernel_type": m.kernel_type, "grid": [int(g) for g in m.grid_size], "fingerprint": str(m.custom.get(FINGERPRINT_KEY))}
+
+
+def retention_off(policy: CheckpointPolicy) -> CheckpointPolicy:
+    """``policy`` with the manager's own retention off: a part file may be needed by a committed set (``gc_sets`` decides)."""
+    return dataclasses.replace(policy, keep_chains=None)
+
+
+def lost_ranks(peers: list[Any], comm: Comm) -> str:
+    """Which ranks are lost, as far as this host can tell: a process that is gone, or stopped (a hung rank)."""
+    host = socket.gethostname()
+    mine = {r: int(p[1]) for r, p in enumerate(peers) if r != comm.rank and isinstance(p, list) and p[0] == host}
+    states = {r: _state(pid) for r, pid in mine.items()}
+    gone = [str(r) for r, st in states.items() if st in ("", "Z", "X")]
+    stopped = [f"{r} (pid {mine[r]})" for r, st in states.items() if st in ("T", "t")]
+    me = f"rank {comm.rank} of {comm.size}"
+    if gone:
+        return f"{me}: lost rank(s) {', '.join(gone)} (process gone)"
+    if stopped:
+        return f"{me}: lost rank(s) {', '.join(stopped)}: stopped, not responding"
+    return f"{me}: lost a rank (not on this host, or running but not responding)"
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie), "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # noqa: PTH123
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def names_in_manifests(storage: Storage, kernel_id: str) -> set[str]:
+    """Every part file a manifest of ``kernel_id`` names (manifests that do not parse name none)."""
+    from rkckpt.ckptset import manifest_names, read_manifest
+
+    out: set[str] = set()
+    for m in manifest_names(storage, kernel_id):
+        try:
+            out.update(p.name for p in read_manifest(storage, m).parts)
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return out
+
+
+class PartManager(CheckpointManager):
+    """The manager of one rank's part chain: it never writes the shared index file.
+
+    N ranks writing ``rkckpt-index.json`` each with its own view would keep
+    overwriting each other's entries; readers rebuild what the index lacks
+    from the files' headers, and rank 0's ``gc_sets`` saves one from the files.
+    """
+
+    def _save_index(self) -> None:
+        return None
+
+
+def set_to_doc(s: CheckpointSet | None) -> dict[str, Any] | None:
+    return None if s is None else dataclasses.asdict(s)
+
+
+def set_from_doc(doc: Mapping[str, Any]) -> CheckpointSet:
+    from rkckpt.ckptset import CheckpointSet, Part
+
+    parts = tuple(Part(**p) for p in doc["parts"])
+    return CheckpointSet(**{**doc, "parts": parts, "decomposed": tuple(doc["decomposed"])})
+
+
+_PART_RE = re.compile(r"^(?P<kid>.+)-(?P<step>\d{12})-(?:full|delta)\.")
+
+
+def own_files_after(storage: Storage, kernel_id: str, step: int) -> list[str]:
+    """This chain's files at a step after ``step``: written but never committed (a set restores before them)."""
+    out = []
+    for name in storage.list():
+        m = _PART_RE.match(name)
+        if m and m["kid"] == kernel_id and int(m["step"]) > step:
+            out.append(name)
+    return out
+
+
+def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
+    """A field every rank holds whole but computes on its own slab, as the max over the parts.
+
+    Such a field is a per-rank reduction the kernel combines with a max over
+    the ranks (traveltime's ``last_change``, the last step its slab changed,
+    see ``decomp.SlabRun.max_int``); every new rank starts from the global max,
+    so the combined value is the same on any rank count.
+    """
+    import numpy as np
+
+    from rkckpt.ckptset import read_replicated
+
+    values = [read_replicated(storage, dataclasses.replace(s, parts=(p,)), region) for p in s.parts]
+    return np.maximum.reduce(values)
+
+
+def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
+    """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
+    from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
+    from rkckpt.model import Checkpoint, ChunkType
+
+    same = s.name is not None and s.ranks == size
+    base = part_checkpoint(loop.mgr.storage, s, rank if same else 0)
+    mine, theirs = global_identity(loop), identity_of(base)
+    if mine != theirs:
+        raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
+    spec = loop.krun.spec
+    meta = dataclasses.replace(base.metadata, grid_size=tuple(int(g) for g in spec.grid), kernel_id=loop.mgr.kernel_id)
+    meta = meta.with_custom(**{FINGERPRINT_KEY: spec.fingerprint()})
+    ckpt = Checkpoint(meta, [])
+    for t in (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS):
+        c = base.find(int(t))
+        if c is not None:
+            ckpt.chunks.append(c)
+    g0, g1 = layout.planes
+    for r in spec.regions:
+        if r.role == "halo":
+            continue
+        if r.name in layout.decomposed:
+            ckpt.add_region(r.name, read_planes(loop.mgr.storage, s, r.name, g0, g1))
+        elif r.role == "field" and len(s.parts) > 1:
+            ckpt.add_region(r.name, rank_field(loop.mgr.storage, s, r.name))
+        else:
+            ckpt.add_region(r.name, read_replicated(loop.mgr.storage, s, r.name))
+    have = base.regions()
+    for sr in loop.krun.series:
+        if sr.region in have:
+            ckpt.add_region(sr.region, read_replicated(loop.mgr.storage, s, sr.region))
+    return RestorePoint(s.step, ckpt, [p.name for p in s.parts], kernel_id=loop.cfg.kernel_id)
+
+
+class RankLoop(StepLoop):
+    """``StepLoop`` for one rank of a multi-rank step (see the module docstring)."""
+
+    def __init__(self, plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, events: EventWriter | None, comm: Comm) -> None:
+        super().__init__(plugin, values, stop, events)
+        self.comm = comm
+        self.layout: Layout
+        #: step of the newest committed set this run restored from or committed (None: neither)
+        self.committed: int | None = None
+        #: step of the periodic parts handed to the managers, not yet committed
+        self.pending: int | None = None
+        #: writes handed to this rank's manager so far, and the step of the last periodic one
+        self.handed = 0
+        self.last_handed: int | None = None
+        #: step of the newest part this rank saw durable (the ``part-written`` test point fires once per part)
+        self.durable_seen: int | None = None
+        #: names the lineage of sets: kept across restores, new for a run from step 0
+        self.run_id = ""
+        #: (host, pid) of every rank, to name the one that is gone when a collective times out
+        self.peers: list[Any] = []
+        #: the whole simulation, in every part's metadata (JSON of ``global_identity``)
+        self.identity = ""
+        #: a collective missed its deadline: this rank leaves without MPI's finalize
+        self.lost = False
+
+    @property
+    def part_id(self) -> str:
+        from rkckpt.ckptset import part_kernel_id
+
+        return part_kernel_id(self.cfg.kernel_id, self.comm.rank, self.comm.size)
+
+    # ------------------------------------------------------------ start
+    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
+        from rkckpt.storage import open_storage
+
+        if "auto" in (self.cfg.checkpoint_every, self.cfg.checkpoint_seconds):
+            raise ValueError("--checkpoint-every/--checkpoint-seconds auto is not supported on several ranks yet: give a number")
+        self.layout = layout_of(self, self.comm)
+        self.identity = json.dumps(global_identity(self), sort_keys=True)
+        storage = open_storage(self.cfg.checkpoint_dir)
+        if self.comm.rank != 0:
+            unlocked(storage)
+        return PartManager(storage, retention_off(policy), self.part_id)
+
+    def _start(self) -> int | None:
+        try:
+            return super()._start()
+        except ValueError as exc:
+            log.error("%s", exc)
+            return EX_USAGE
+
+    # ------------------------------------------------------------ restore
+    def _choose_set(self) -> CheckpointSet | None:
+        """Rank 0 picks the newest restorable set and every rank gets the same choice."""
+        from rkckpt.ckptset import latest_set
+
+        doc = None
+        if self.comm.rank == 0:
+            doc = set_to_doc(latest_set(self.mgr.storage, self.cfg.kernel_id, decomposed=self.layout.decomposed))
+        doc = self.comm.bcast_json(doc)
+        return None if doc is None else set_from_doc(doc)  # type: ignore[arg-type]
+
+    def _restore(self) -> int | None:
+        self.peers = list(self.comm.bcast_json(self.comm.gather_json([socket.gethostname(), os.getpid()])) or [])  # type: ignore[arg-type]
+        s = self._choose_set()
+        self.run_id = str(self.comm.bcast_json(s.run_id if s is not None and s.run_id else uuid.uuid4().hex))
+        if s is None:
+            log.info("no checkpoint set in %s; starting from step 0", self.cfg.checkpoint_dir)
+            self._continue_chain(None)
+            self.step = 0
+            return None
+        fire("restore", self.comm.rank)
+        problem, rc = "", 0
+        try:
+            rp = read_set_state(self, s, self.comm.rank, self.comm.size, self.layout)
+            series = self._series_from(rp, rp.chain[-1] if rp.chain else "<set>")
+            step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=s.name)
+        except RestoreMismatch as exc:
+            problem, rc = f"refusing to restore: {exc}", EX_USAGE
+        except (CheckpointError, ValueError, TypeError, KeyError, OSError) as exc:
+            problem, rc = f"cannot restore set {s.name or 'chain'} at step {s.step}: {exc}", 1
+        worst = self.comm.allreduce_int(rc, "max")
+        if worst:
+            log.error("%s", problem or "another rank could not restore its slab; see its messages")
+            return worst
+        self.step, self.series, self.restored, self.committed = step, series, rp, s.step
+        self._continue_chain(s)
+        log.info("restored step %d from %s (%d rank(s)) on %d rank(s)", step, s.name or "the single-process chain", s.ranks, self.comm.size)
+        if self.comm.rank == 0:
+            self.events.restore(step, [p.name for p in s.parts])
+        if step > self.cfg.steps:
+            log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, self.cfg.steps)
+            return EX_USAGE
+        return None
+
+    def _continue_chain(self, s: CheckpointSet | None) -> None:
+        """Point this rank's manager at its part of ``s`` (a delta continues it), or at a fresh chain.
+
+        This rank's part files after the set's step that no manifest names were
+        never committed: they are deleted, so the run writes those names anew
+        instead of replacing files whose headers other ranks may have cached
+        (the cache in the index file checks sizes only). Then rank 0 removes that
+        cache: it may still describe the deleted files.
+        """
+        storage, kid = self.mgr.storage, self.part_id
+        step = -1 if s is None else s.step
+        named = names_in_manifests(storage, self.cfg.kernel_id)
+        for name in own_files_after(storage, kid, step):
+            if name not in named:
+                storage.delete(name)
+        self.comm.barrier()
+        if self.comm.rank == 0 and storage.exists(INDEX_NAME):
+            storage.delete(INDEX_NAME)
+        self.comm.barrier()
+        after = own_files_after(storage, kid, step)  # parts of newer sets that did not restore: may be replaced
+        if s is not None and s.name is not None and s.ranks == self.comm.size:
+            rp = self.mgr.latest(exclude=after)
+            if rp is not None and rp.chain and rp.chain[-1] == s.parts[self.comm.rank].name:
+                return
+        self.mgr.latest(exclude=own_files_after(storage, kid, -1))
+
+    def _snapshot(self, reason: str) -> SnapshotResponse:
+        """This rank's part: its local state, naming the whole simulation (``IDENTITY_KEY``)."""
+        resp = super()._snapshot(reason)
+        c = resp.checkpoint
+        c.metadata = dataclasses.replace(c.metadata, kernel_id=self.part_id).with_custom(**{IDENTITY_KEY: self.identity})
+        return resp
+
+    # ------------------------------------------------------------ batch boundaries
+    def _should_stop(self) -> bool:
+        """Stop when any rank got a stop signal: the max of the flags, on every rank at the same step."""
+        fire("batch", self.comm.rank)
+        self.stopping = self.comm.allreduce_int(1 if self.stop.requested else 0, "max") > 0
+        if self.stopping and not self.stop.requested:
+            log.info("rank %d: another rank got a stop signal; stopping with it at step %d", self.comm.rank, self.step)
+        return self.stopping
+
+    def _checkpoint_due(self) -> bool:
+        due = self.mgr.due(self.step)
+        if self.mgr.policy.every_seconds:  # wall clocks differ between ranks: one rank due makes all due
+            due = self.comm.allreduce_int(int(due), "max") > 0
+        return due
+
+    def _boundary(self) -> None:
+        """Hand-overs and commits: a periodic part handed over here is committed once every rank's is durable."""
+        handed = self.submitted[0] if self.submitted is not None else None
+        if handed is not None and handed != self.last_handed:
+            if self.pending is not None:  # this hand-over waited for the older write: that one is settled
+                self._resolve(self.pending)
+            self.last_handed, self.pending = handed, handed
+            self.handed += 1
+        if self.pending is not None:
+            self._resolve(self.pending)
+
+    def _part_state(self, step: int) -> tuple[int, dict[str, Any] | None]:
+        """Whether this rank's part of ``step`` is durable, failed or still being written; its entry."""
+        for e in reversed(self.mgr.index.sorted(self.part_id)):
+            if e.step == step:
+                return _DURABLE, {"rank": self.comm.rank, "name": e.name, "digest": str(e.state_digest)}
+        st = self.mgr.stats
+        return (_FAILED if st.completed + st.failed >= self.handed else _IN_FLIGHT), None
+
+    def _resolve(self, step: int) -> bool:
+        """Commit the set of ``step`` once every part is durable (True: committed); drop it when one failed."""
+        state, entry = self._part_state(step)
+        if state == _DURABLE and self.durable_seen != step:  # once per part, however many boundaries it waits
+            self.durable_seen = step
+            fire("part-written", self.comm.rank)
+        worst = self.comm.allreduce_int(state, "min")
+        if worst == _IN_FLIGHT:
+            return False
+        self.pending = None
+        if worst == _FAILED:
+            log.warning("rank %d: the checkpoint set at step %d is not committed: a rank's part failed to write", self.comm.rank, step)
+            return False
+        lay = self.layout
+        part = {**(entry or {}), "z0": lay.z0, "z1": lay.z1, "offset": lay.lo}
+        docs = self.comm.gather_json(part)
+        ok = self._commit(step, docs) if self.comm.rank == 0 else None
+        if self.comm.bcast_json(ok) is not True:
+            log.warning("rank %d: the checkpoint set at step %d could not be committed", self.comm.rank, step)
+            return False
+        self.committed = step
+        return True
+
+    def _commit(self, step: int, docs: list[Any] | None) -> bool:
+        """Rank 0: write the commit record of ``step`` (every part is durable), then drop old sets."""
+        from rkckpt.ckptset import CheckpointSet, Part, commit_set, gc_sets
+
+        fire("before-commit", self.comm.rank)
+        parts = tuple(Part(**d) for d in docs or ())
+        s = CheckpointSet(self.cfg.kernel_id, step, self.run_id, self.comm.size, self.layout.nz, self.layout.decomposed, parts)
+        try:
+            name = commit_set(self.mgr.storage, s)
+            self.mgr.storage.flush()
+        except (CheckpointError, OSError, ValueError) as exc:
+            log.error("cannot commit the checkpoint set at step %d: %s", step, exc)
+            return False
+        log.debug("committed %s", name)
+        fire("committed", self.comm.rank)
+        try:
+            gone = gc_sets(self.mgr.storage, self.cfg.kernel_id, KEEP_SETS)
+            if gone:
+                log.debug("removed %d file(s) of older sets", len(gone))
+        except (CheckpointError, OSError) as exc:  # retention is best effort; data stays
+            log.warning("checkpoint set retention in %s failed: %s", self.mgr.storage.url, exc)
+        return True
+
+    def _report_written(self) -> None:
+        """A ``checkpoint`` event (rank 0) once a set is committed: only then can a restore start there."""
+        if self.committed is not None and self.committed != self.reported_step and self.comm.rank == 0:
+            self.reported_step = self.committed
+            self.events.checkpoint(self.committed)
+
+    # ------------------------------------------------------------ stop and end
+    def _settle(self) -> None:
+        """Wait for the periodic write in flight and commit (or drop) its set."""
+        self.mgr.wait()
+        if self.pending is not None:
+            self._resolve(self.pending)
+
+    def _write_final(self, reason: str) -> bool:
+        """Every rank writes its part of the current step synchronously, then the set is committed."""
+        self._settle()
+        if self.committed == self.step:
+            log.info("step %d is already checkpointed; nothing new to write", self.step)
+            return True
+        try:
+            self.mgr.final(self._snapshot(reason))
+            self.mgr.flush()
+        except (CheckpointError, OSError) as exc:
+            log.error("rank %d: the %s checkpoint at step %d failed: %s", self.comm.rank, reason, self.step, exc)
+        self.handed += 1
+        ok = self._resolve(self.step)
+        self._report_written()
+        return ok
+
+    def _stopped(self) -> int:
+        if not self._write_final("signal"):
+            log.error("stopped at step %d on %s, but the final checkpoint set was not committed", self.step, self.stop.signal_name)
+            return 1
+        if self.comm.rank == 0:
+            doc = {
+                "step": self.step,
+                "signal": self.stop.signal_name or "peer",
+                "kernel": self.plugin.name,
+                "kernel_id": self.cfg.kernel_id,
+            }
+            _write_marker(self.mgr, {**doc, "steps": self.cfg.steps, "ranks": self.comm.size})
+            self.events.stop(self.step, self.stop.signal_name or "peer")
+        self._log_checkpoint_stats()
+        log.info(
+            "rank %d: stopped at step %d (%s); checkpoint set committed",
+            self.comm.rank,
+            self.step,
+            self.stop.signal_name or "a peer's signal",
+        )
+        return EX_TEMPFAIL
+
+    def _final_checkpoint(self, start_step: int) -> None:
+        if self.step == start_step and self.restored is not None:
+            return  # a rerun after completion writes nothing new
+        if not self._write_final("final"):
+            self.checkpoint_failures.append(f"final checkpoint set at step {self.step} not committed")
+
+    # ------------------------------------------------------------ run
+    def run(self) -> int:
+        try:
+            return super().run()
+        except RankLost as exc:
+            self.lost = True
+            log.error(
+                "%s: %s; this rank stops now (the last committed set stays the restore point)", lost_ranks(self.peers, self.comm), exc
+            )
+            return EX_RANK_LOST
+
+
+class SoloLoop(StepLoop):
+    """One process (``rkrun`` without MPI): exactly ``StepLoop``, but a committed set newer than the
+    plain chain is restored from (a step written by N ranks goes on as one process)."""
+
+    def _should_stop(self) -> bool:
+        fire("batch", 0)  # the test point of a batch boundary, as on several ranks
+        return super()._should_stop()
+
+    def _restore(self) -> int | None:
+        from rkckpt.ckptset import SET_SUFFIX, latest_set
+
+        if not any(n.endswith(SET_SUFFIX) for n in self.mgr.storage.list()):
+            return super()._restore()  # no set: the plain chain, as always
+        s = latest_set(self.mgr.storage, self.cfg.kernel_id)
+        if s is None or s.name is None:
+            return super()._restore()
+        fire("restore", 0)
+        layout = Layout(0, s.nz, 0, 0, s.nz, tuple(s.decomposed))
+        try:
+            rp = read_set_state(self, s, 0, 1, layout)
+            series = self._series_from(rp, s.name)
+            step = self.kernel.restore_from_checkpoint(rp.checkpoint, source=s.name)
+        except RestoreMismatch as exc:
+            log.error("refusing to restore: %s", exc)
+            return EX_USAGE
+        except (CheckpointError, ValueError, TypeError, KeyError, OSError) as exc:
+            log.error("cannot restore set %s at step %d: %s", s.name, s.step, exc)
+            return 1
+        self.step, self.series, self.restored = step, series, rp
+        self.mgr.latest(exclude=own_files_after(self.mgr.storage, self.cfg.kernel_id, -1))  # a fresh chain from here
+        log.info("restored step %d from %s (%d ranks) as one process", step, s.name, s.ranks)
+        self.events.restore(step, [p.name for p in s.parts])
+        if step > self.cfg.steps:
+            log.error("the checkpoint is at step %d, beyond --steps %d; refusing to go back", step, self.cfg.steps)
+            return EX_USAGE
+        return None
+
+
+def run_step(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, comm: Comm | None = None) -> int:
+    """``rkrun``'s run: one process, or one rank of an MPI launch (rank 0 keeps the attempt log).
+
+    A rank that lost a peer leaves at once (``os._exit``): MPI's finalize at a
+    normal exit would wait for the dead rank.
+    """
+    from rkstep.events import run_attempt
+
+    comm = comm if comm is not None else world()
+    ckdir = values["checkpoint_dir"]
+    if comm.size == 1:
+        return run_attempt(ckdir, lambda events: SoloLoop(plugin, values, stop, events).run())
+    loops: list[RankLoop] = []
+
+    def body(events: EventWriter | None) -> int:
+        loops.append(RankLoop(plugin, values, stop, events, comm))
+        return loops[-1].run()
+
+    rc = run_attempt(ckdir, body) if comm.rank == 0 else body(None)
+    if loops and loops[-1].lost:
+        logging.shutdown()
+        time.sleep(LINGER)  # peers that time out a moment later must still see this rank running
+        os._exit(rc)
+    return rc
