@@ -154,7 +154,7 @@ def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: i
         start = a.start_step or 0
         pts = [(x(a.start_time, i, 0.0), start)]
         pts += [(x(t, i, 0.5), s) for t, s in a.points if s >= start]
-        end = a.end_step if a.end_step is not None else (pts[-1][1] if pts else start)
+        end = a.reached if a.reached is not None else (pts[-1][1] if pts else start)
         end_x = x(a.end_time, i, 0.9) if a.end_time is not None or not use_time else pts[-1][0]
         pts.append((end_x, end))
         pts.sort()
@@ -163,7 +163,7 @@ def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: i
         ax.plot(xs, ys, "-", lw=2, label=label)
         if a.restored:
             ax.plot([xs[0]], [start], "^", color="tab:green", ms=10, zorder=5)
-            shape = a.chain_shape
+            shape = a.chain_shape if written_by(a) in (None, 1) else None  # a set's parts are not a delta chain
             chain = f" (full {shape[0]} + {shape[1]} Δ)" if shape is not None else ""
             ax.annotate(
                 f"restore @ {start}{chain}{restored_ranks}",
