@@ -267,7 +267,7 @@ def test_part_managers_leave_the_shared_index_alone(tmp_path: Path) -> None:
     """Ranks' managers must not each write ``rkckpt-index.json`` (``ranks.PartManager`` overrides the hook)."""
     from rkckpt.manager import CheckpointManager
     from rkckpt.storage import MemoryStorage
-    from rkkernel.ranks import PartManager, retention_off
+    from rkkernel.rankstate import PartManager, retention_off
 
     assert "_save_index" in vars(CheckpointManager)  # the hook PartManager overrides still exists
     m = PartManager(MemoryStorage(), retention_off(CheckpointManager(MemoryStorage()).policy), "wavesim.r0of2")

@@ -124,7 +124,11 @@ def _run(plugin: KernelPlugin, values: dict[str, Any], source: str) -> int:
         from .comm import world
         from .ranks import run_step
 
-        comm = world()  # MPI starts here, with the stop signals held like any native runtime
+        try:
+            comm = world()  # MPI starts here, with the stop signals held like any native runtime
+        except ValueError as exc:  # $RKSLURM_RANK_TIMEOUT that is not a number of seconds
+            logging.getLogger("rkrun").error("error: %s", exc)
+            return EX_USAGE
 
     mask_credentials_in_logs()  # -v lets botocore log signed request headers
     try:

@@ -20,7 +20,19 @@ every rank or the ranks drift apart and hang in a halo exchange:
   a set written by N ranks restores on M ranks.
 
 A rank that dies makes the others' next collective miss its deadline
-(``comm.RankLost``): they log which operation and rank, and exit 1 at once.
+(``comm.RankLost``): they log which operation and which rank is gone (or
+stopped), and exit 1 at once, without MPI's finalize.
+
+One process (``rkrun`` without a launcher) runs :class:`SoloLoop`: the plain
+``StepLoop``, except that a committed set newer than its own chain is
+restored from (N ranks -> 1). What a rank reads and writes of a set is in
+``rkkernel.rankstate``.
+
+Test signal points (``rkckpt.testhook``; each also as ``point@rN``, for rank N
+only): ``batch`` (a batch boundary, before the stop agreement),
+``part-written`` (this rank's part of a set is durable, not yet reported),
+``before-commit`` (rank 0: every part durable, no commit record yet) and
+``committed`` (rank 0: the commit record is durable).
 """
 
 from __future__ import annotations
@@ -29,7 +41,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -39,19 +50,29 @@ from typing import TYPE_CHECKING, Any
 from rkckpt import testhook
 from rkckpt.chain import INDEX_NAME
 from rkckpt.errors import CheckpointError
-from rkckpt.manager import CheckpointManager, CheckpointPolicy, RestorePoint, SnapshotResponse
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotResponse
 from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
 
 from .comm import Comm, RankLost, world
+from .rankstate import (
+    IDENTITY_KEY,
+    Layout,
+    PartManager,
+    global_identity,
+    layout_of,
+    names_in_manifests,
+    own_files_after,
+    read_set_state,
+    retention_off,
+    set_from_doc,
+    set_to_doc,
+    unlocked,
+)
 from .runner import StepLoop, _write_marker
-from .runtime import FINGERPRINT_KEY, RestoreMismatch
+from .runtime import RestoreMismatch
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from rkckpt.ckptset import CheckpointSet
-    from rkckpt.model import Checkpoint
-    from rkckpt.storage import Storage
     from rkstep.events import EventWriter
 
     from .plugin import KernelPlugin
@@ -59,9 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rkrun")
 
-#: A part's metadata names the whole simulation (kernel type, global grid, global
-#: fingerprint), which a slab's own spec does not: a set restores on another rank count.
-IDENTITY_KEY = "rkkernel.set_identity"
 #: Committed sets kept (older ones and the part files only they need are deleted).
 KEEP_SETS = 2
 #: Seconds a rank that lost a peer waits before it leaves, so that the other survivors, whose
@@ -77,83 +95,6 @@ def fire(point: str, rank: int) -> None:
     """A test signal point (``rkckpt.testhook``), also as ``point@rRANK`` to signal one rank only."""
     testhook.fire(point)
     testhook.fire(f"{point}@r{rank}")
-
-
-def unlocked(storage: Storage) -> Storage:
-    """``storage`` without the single-writer folder lock, for ranks other than 0.
-
-    The ranks of one step write one folder together (each its own chain);
-    rank 0 holds the lock against other jobs, and taking it would also delete
-    the temporary files of the other ranks' writes in flight.
-    """
-    for s in (storage, getattr(storage, "local", None)):
-        if s is not None and hasattr(s, "acquire_lock"):
-            s.acquire_lock = lambda: None  # type: ignore[method-assign]
-    return storage
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """This rank's slab: owned global planes [z0, z1) held at local index ``lo``; which regions are split."""
-
-    z0: int
-    z1: int
-    lo: int
-    hi: int
-    nz: int
-    decomposed: tuple[str, ...]
-
-    @property
-    def planes(self) -> tuple[int, int]:
-        """The global planes this rank holds locally (owned + halo/boundary planes)."""
-        return self.z0 - self.lo, self.z1 + self.hi
-
-
-def layout_of(loop: StepLoop, comm: Comm) -> Layout:
-    """The slab of this rank from the kernel run (``KernelRun.decomp.slab``; none: the whole grid).
-
-    The split regions are the kernel's ``decomposed`` names when it declares
-    them, else every region of 2+ dimensions whose first axis is the local z axis.
-    """
-    krun = loop.krun
-    nz = int(loop.cfg.grid[2])
-    decomp = getattr(krun, "decomp", None)  # rkkernel.decomp.SlabRun of a decomposed kernel
-    slab = getattr(decomp, "slab", None) or getattr(krun, "slab", None)
-    names = getattr(krun, "decomposed", None) or getattr(krun.spec, "decomposed", None)
-    if slab is None:
-        z0, z1, lo, hi = 0, nz, 0, 0
-    else:
-        z0, z1, lo, hi = int(slab.z0), int(slab.z1), int(slab.lo), int(slab.hi)
-    local = z1 - z0 + lo + hi
-    if names is None:  # the regions whose first axis is the (local) z axis
-        names = [r.name for r in krun.spec.regions if r.role != "halo" and len(r.shape) >= 2 and int(r.shape[0]) == local]
-    return Layout(z0, z1, lo, hi, nz, tuple(names))
-
-
-def global_identity(loop: StepLoop) -> dict[str, Any]:
-    """What makes two runs the same simulation whatever their rank count (a plain run's fingerprint)."""
-    krun, spec = loop.krun, loop.krun.spec
-    fp = krun.global_fingerprint or spec.fingerprint()
-    return {"kernel_type": spec.kernel_type, "grid": [int(g) for g in loop.cfg.grid], "fingerprint": str(fp)}
-
-
-def identity_of(ckpt: Checkpoint) -> dict[str, Any]:
-    """The simulation a part (or a plain single-process checkpoint) belongs to."""
-    m = ckpt.metadata
-    raw = m.custom.get(IDENTITY_KEY)
-    if raw:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            return doc
-    return {"kernel_type": m.kernel_type, "grid": [int(g) for g in m.grid_size], "fingerprint": str(m.custom.get(FINGERPRINT_KEY))}
-
-
-def retention_off(policy: CheckpointPolicy) -> CheckpointPolicy:
-    """``policy`` with the manager's own retention off: a part file may be needed by a committed set (``gc_sets`` decides)."""
-    return dataclasses.replace(policy, keep_chains=None)
 
 
 def lost_ranks(peers: list[Any], comm: Comm) -> str:
@@ -178,106 +119,6 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return ""
-
-
-def names_in_manifests(storage: Storage, kernel_id: str) -> set[str]:
-    """Every part file a manifest of ``kernel_id`` names (manifests that do not parse name none)."""
-    from rkckpt.ckptset import manifest_names, read_manifest
-
-    out: set[str] = set()
-    for m in manifest_names(storage, kernel_id):
-        try:
-            out.update(p.name for p in read_manifest(storage, m).parts)
-        except (CheckpointError, OSError, ValueError):
-            continue
-    return out
-
-
-class PartManager(CheckpointManager):
-    """The manager of one rank's part chain: it never writes the shared index file.
-
-    N ranks writing ``rkckpt-index.json`` each with its own view would keep
-    overwriting each other's entries; readers rebuild what the index lacks
-    from the files' headers, and rank 0's ``gc_sets`` saves one from the files.
-    """
-
-    def _save_index(self) -> None:
-        return None
-
-
-def set_to_doc(s: CheckpointSet | None) -> dict[str, Any] | None:
-    return None if s is None else dataclasses.asdict(s)
-
-
-def set_from_doc(doc: Mapping[str, Any]) -> CheckpointSet:
-    from rkckpt.ckptset import CheckpointSet, Part
-
-    parts = tuple(Part(**p) for p in doc["parts"])
-    return CheckpointSet(**{**doc, "parts": parts, "decomposed": tuple(doc["decomposed"])})
-
-
-_PART_RE = re.compile(r"^(?P<kid>.+)-(?P<step>\d{12})-(?:full|delta)\.")
-
-
-def own_files_after(storage: Storage, kernel_id: str, step: int) -> list[str]:
-    """This chain's files at a step after ``step``: written but never committed (a set restores before them)."""
-    out = []
-    for name in storage.list():
-        m = _PART_RE.match(name)
-        if m and m["kid"] == kernel_id and int(m["step"]) > step:
-            out.append(name)
-    return out
-
-
-def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
-    """A field every rank holds whole but computes on its own slab, as the max over the parts.
-
-    Such a field is a per-rank reduction the kernel combines with a max over
-    the ranks (traveltime's ``last_change``, the last step its slab changed,
-    see ``decomp.SlabRun.max_int``); every new rank starts from the global max,
-    so the combined value is the same on any rank count.
-    """
-    import numpy as np
-
-    from rkckpt.ckptset import read_replicated
-
-    values = [read_replicated(storage, dataclasses.replace(s, parts=(p,)), region) for p in s.parts]
-    return np.maximum.reduce(values)
-
-
-def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
-    """A rank's local state at the set's step: its planes of the split regions, the rest from a part."""
-    from rkckpt.ckptset import part_checkpoint, read_planes, read_replicated
-    from rkckpt.model import Checkpoint, ChunkType
-
-    same = s.name is not None and s.ranks == size
-    base = part_checkpoint(loop.mgr.storage, s, rank if same else 0)
-    mine, theirs = global_identity(loop), identity_of(base)
-    if mine != theirs:
-        raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
-    spec = loop.krun.spec
-    meta = dataclasses.replace(base.metadata, grid_size=tuple(int(g) for g in spec.grid), kernel_id=loop.mgr.kernel_id)
-    meta = meta.with_custom(**{FINGERPRINT_KEY: spec.fingerprint()})
-    ckpt = Checkpoint(meta, [])
-    for t in (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS):
-        c = base.find(int(t))
-        if c is not None:
-            ckpt.chunks.append(c)
-    g0, g1 = layout.planes
-    for r in spec.regions:
-        if r.role == "halo":
-            continue
-        if r.name in layout.decomposed:
-            ckpt.add_region(r.name, read_planes(loop.mgr.storage, s, r.name, g0, g1))
-        elif r.role == "field" and len(s.parts) > 1:
-            ckpt.add_region(r.name, rank_field(loop.mgr.storage, s, r.name))
-        else:
-            ckpt.add_region(r.name, read_replicated(loop.mgr.storage, s, r.name))
-    have = base.regions()
-    for sr in loop.krun.series:
-        if sr.region in have:
-            ckpt.add_region(sr.region, read_replicated(loop.mgr.storage, s, sr.region))
-    return RestorePoint(s.step, ckpt, [p.name for p in s.parts], kernel_id=loop.cfg.kernel_id)
 
 
 class RankLoop(StepLoop):
@@ -317,7 +158,7 @@ class RankLoop(StepLoop):
 
         if "auto" in (self.cfg.checkpoint_every, self.cfg.checkpoint_seconds):
             raise ValueError("--checkpoint-every/--checkpoint-seconds auto is not supported on several ranks yet: give a number")
-        self.layout = layout_of(self, self.comm)
+        self.layout = layout_of(self)
         self.identity = json.dumps(global_identity(self), sort_keys=True)
         storage = open_storage(self.cfg.checkpoint_dir)
         if self.comm.rank != 0:
