@@ -605,7 +605,11 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
     for png in ("fields.png", "timeline.png"):
         assert png_size(tmp_path / "demo" / "results" / "demo" / png)[0] > 0
     # the traveltime step was preempted too and restored from a delta chain, bit-identical (compare.py said so twice)
-    assert out.count("BIT-IDENTICAL") == 2 and "restored from a delta chain" in out
+    assert out.count("compare: BIT-IDENTICAL") == 3 and "restored from a delta chain" in out  # simulate, traveltime, compare_mpi
+    # 7/7: the 2-node, 4-rank step was preempted once and restored on 1 node with 2 ranks
+    assert "ranks before/after the preemption: 4 -> 2" in out and "resubmitting on 1 node(s) x 2 task(s)" in out, out[-4000:]
+    mpi_res = tmp_path / "demo" / "mpi" / "results" / "demo"
+    assert json.loads((mpi_res / "compare_mpi.json").read_text())["identical"] and png_size(mpi_res / "timeline_mpi.png")[0] > 0
     tt = summarise(attempts(read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.events.jsonl")))
     assert tt["completed"] and any(deltas >= 1 for _full, deltas in tt["restored_chains"]), tt
 
