@@ -9,7 +9,7 @@ For each threshold it waits until a job of the preemptible partition is
 RUNNING (and, with --match, its name or comment contains the text) and the
 newest checkpoint under --watch is at or past the threshold and newer than at
 the previous preemption (so every preemption hits a restored, progressing
-run), then `sbatch -p urgent -N1 --exclusive -w <the victim's node> --wrap 'sleep N'`
+run), then `sbatch -p urgent -N1 --exclusive -w <the victim's (first) node> --wrap 'sleep N'`
 (on a multi-node cluster an urgent job free to go elsewhere would take an idle
 node instead of preempting anything) and waits
 until the victim stops running. Exits 0 after the last threshold, 1 when the
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rkckpt.chain import newest_named_step
 from rkstep.protocol import STOP_MARKER
+from snakemake_executor_plugin_rkslurm.ranks import expand_hostlist
 
 
 @dataclass
@@ -101,12 +102,20 @@ def job_state(job: str) -> str | None:
 
 
 def job_node(job: str) -> str | None:
-    """The node a running job is on (None when squeue cannot say)."""
+    """The node a running job is on: the first of a multi-node job's (None when squeue cannot say).
+
+    The urgent job takes that one node only: a multi-node victim is preempted as a whole, and the
+    resubmission finds the other nodes free (what ``--rkslurm-min-nodes`` shrinks onto).
+    """
     try:
         out = slurm("squeue", "-h", "-j", job, "-o", "%N")
     except (RuntimeError, subprocess.TimeoutExpired):
         return None
-    return out.strip() or None
+    try:
+        nodes = expand_hostlist(out.strip())
+    except ValueError:
+        return None
+    return nodes[0] if nodes else None
 
 
 def write_report(path: Path | None, report: Report) -> None:

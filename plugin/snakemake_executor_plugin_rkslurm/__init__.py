@@ -47,6 +47,10 @@ class ExecutorSettings(_StockSettings):
         60.0,
         "Seconds a multi-node step's job that ended FAILED/CANCELLED without a word from the step is held before it counts as a kill or an error: its MPI launcher may have given up on a dead node before slurmctld marked it down (SlurmdTimeout); once Slurm names the node, the step is resubmitted without it.",
     )
+    shrink_after: float = _setting(
+        60.0,
+        "Seconds a resubmitted (or requeued) multi-node step may wait in the queue for its full size (reason Resources, Priority, ReqNodeNotAvail) before it is cancelled and resubmitted on the nodes that are free now, tasks scaled down in proportion; only where --rkslurm-min-nodes (or the rule's rkslurm_min_nodes) allows fewer nodes.",
+    )
     max_kills: int = _setting(
         3,
         "Resubmit a step whose attempt was killed by a signal it could not catch (SIGKILL, the OOM killer) after writing a newer checkpoint at most this many times; a plain error exit is never resubmitted.",

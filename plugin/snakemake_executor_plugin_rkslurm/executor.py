@@ -45,9 +45,9 @@ from rkstep.fingerprint import CHECKPOINT_DIR_PARAM, step_fingerprint
 from rkstep.folder import StepFolder, default_checkpoint_dir, step_key
 from rkstep.protocol import ENV_CHECKPOINT_DIR, fingerprint_tag, submission_tag
 
-from . import adoption, interruptions, ranks, slurmquery, submitter
+from . import adoption, interruptions, pendingshrink, ranks, slurmquery, submitter
 from .monitor import Monitor, Pacer, Plan, SlurmApi, SlurmCli, Step
-from .policy import Action, PolicySettings, effective_lead
+from .policy import Action, PolicySettings, SlurmJobState, effective_lead
 
 
 def _runtime_seconds(job: JobExecutorInterface) -> int | None:
@@ -219,6 +219,8 @@ class Executor(_stock.Executor):
         step.geometry = ranks.requested(job.resources)
         if step.geometry.multi_rank:
             step.min_nodes = ranks.min_nodes(job.resources, int(getattr(self.workflow.executor_settings, "min_nodes", 0) or 0))
+            cpt = job.resources.get("cpus_per_task") or getattr(job, "threads", 1) or 1
+            step.cpus_per_task = max(1, int(cpt)) if str(cpt).isdigit() else 1
 
     def _resize(self, step: Step) -> str | None:
         """Before resubmitting a multi-rank step: shrink it when its partition has too few nodes left
@@ -408,8 +410,12 @@ class Executor(_stock.Executor):
             return
         for j, step, err in broken:
             await self._fail_unexpected(j, step, "cannot read its state", err)
+        shrinking = await asyncio.to_thread(self._shrink_waiting, plans)
         still: list[Plan] = []
         for plan in plans:
+            if plan.key.job.jobid in shrinking:
+                yield plan.key  # resubmitting smaller: picked up once sbatch answered
+                continue
             try:
                 active = await self._act(plan)
             except Exception as e:  # noqa: BLE001 - one step's trouble never ends the status loop
@@ -508,6 +514,60 @@ class Executor(_stock.Executor):
         # off the status loop: the other steps keep being polled while sbatch waits for slurmctld
         self._resubmits[j.job.jobid] = self._submit_pool.submit(self._submit, j.job, step)
         return True
+
+    def _shrink_candidate(self, plan: Plan, now: float) -> pendingshrink.Candidate | None:
+        step, obs = plan.step, plan.observation
+        if not step.geometry.multi_rank or plan.decision.action is not Action.WAIT or step.job_id is None:
+            return None
+        h = step.history
+        return pendingshrink.Candidate(
+            job_id=step.job_id,
+            geometry=step.geometry,
+            min_nodes=step.min_nodes,
+            again=len(h.job_ids) > 1 or h.job_requeues > 0,
+            pending=obs.state is SlurmJobState.PENDING,
+            waited=now - step.submitted_at,
+            partition=obs.partition or step.partition,
+            cpus_per_node=pendingshrink.per_node_cpus(step.geometry, step.cpus_per_task),
+        )
+
+    def _shrink_waiting(self, plans: list[Plan]) -> set[int]:
+        """Multi-rank steps whose resubmission waits for nodes too long: cancel, resubmit smaller
+        (:mod:`.pendingshrink`). The Snakemake job ids of the steps now being resubmitted."""
+        after = float(getattr(self.workflow.executor_settings, "shrink_after", 60.0))
+        now = time.time()
+        by_job = {}
+        for p in plans:
+            c = self._shrink_candidate(p, now)
+            if c is not None:
+                by_job[c.job_id] = (p, c)
+        if not by_job:
+            return set()
+        try:
+            todo = pendingshrink.plan_shrinks(
+                [c for _, c in by_job.values()],
+                after,
+                getattr(self.slurm, "pending_reasons", slurmquery.pending_reasons),
+                getattr(self.slurm, "idle_cpus", slurmquery.idle_cpus),
+                excluded=lambda c: by_job[c.job_id][0].step.history.excluded_nodes,
+            )
+        except (slurmquery.QueryError, OSError) as e:
+            self.logger.debug(f"rkslurm: cannot ask Slurm whether a waiting multi-rank step may shrink: {e}")
+            return set()
+        done: set[int] = set()
+        for c, new, why in todo:
+            plan = by_job[c.job_id][0]
+            step = plan.step
+            self.logger.warning(
+                f"rkslurm: rule {step.rule}: {why}; cancelling it and resubmitting on {new.describe()} "
+                f"(min nodes {step.min_nodes}); the step restores its checkpoint on {new.tasks or 1} rank(s)"
+            )
+            self.slurm.cancel(c.job_id)
+            step.geometry = new
+            self._record(step, "shrunk")
+            self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
+            done.add(plan.key.job.jobid)
+        return done
 
     def _on_success(self, step: Step) -> None:
         s = self.workflow.executor_settings

@@ -108,6 +108,12 @@ class SlurmCli:
     def cancel(self, job_id: str) -> None:
         slurmquery.cancel(job_id)
 
+    def pending_reasons(self, job_ids: Sequence[str]) -> dict[str, str]:
+        return slurmquery.pending_reasons(job_ids)
+
+    def idle_cpus(self, partition: str | None) -> dict[str, int]:
+        return slurmquery.idle_cpus(partition)
+
 
 @dataclass
 class Step:
@@ -141,6 +147,8 @@ class Step:
     geometry: Geometry = field(default_factory=Geometry)
     #: the fewest nodes a multi-rank step may be resubmitted on (None: never fewer than requested)
     min_nodes: int | None = None
+    #: CPUs per task of a multi-rank step (``cpus_per_task`` or threads): what a node must have free to take a rank
+    cpus_per_task: int = 1
     #: when the current job of a multi-rank step was first seen ended badly (the node-failure wait starts)
     ended_seen: float | None = None
 

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from .pendingshrink import parse_free, parse_reasons
 from .ranks import expand_hostlist
 
 
@@ -460,3 +461,17 @@ def cancel(job_id: str, timeout: float = 20.0) -> None:
         subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         pass
+
+
+def pending_reasons(job_ids: Iterable[str], timeout: float = 20.0) -> dict[str, str]:
+    """Why each of ``job_ids`` waits (squeue's Reason): one call for all; raises QueryError."""
+    ids = [str(i) for i in job_ids if i]
+    if not ids:
+        return {}
+    return parse_reasons(_run_checked(["squeue", "-h", "-j", ",".join(ids), "-O", "JobID:|,Reason:"], timeout))
+
+
+def idle_cpus(partition: str | None, timeout: float = 20.0) -> dict[str, int]:
+    """The idle CPUs of each node of ``partition`` (all partitions for None) that can take a job now."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%N|%t|%C"] + (["-p", partition] if partition else [])
+    return parse_free(_run_checked(cmd, timeout))

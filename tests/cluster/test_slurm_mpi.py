@@ -276,3 +276,40 @@ def test_node_failure_under_a_two_node_step_resubmits_on_one_node_with_fewer_ran
         f"node {failed} failed under a 2x4 step at checkpoint {killed_at}; resumed on 1x2 at {starts[1]['step']}, "
         f"bit-identical; {time.monotonic() - t0:.0f} s in all"
     )
+
+
+def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_free_node(
+    slurm_workflow: SlurmWorkflow, nodes: list[str]
+) -> None:
+    """An urgent job takes one node of a 2x4 step on scavenger and keeps it: the full-size
+    resubmission waits (Resources); after --rkslurm-shrink-after it is cancelled and resubmitted on
+    the free node as 1x2, which restores the 4-rank checkpoint on 2 ranks, bit-identical."""
+    w = slurm_workflow
+    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40)
+    p = w.start("--rkslurm-min-nodes", "1", "--rkslurm-shrink-after", "3")
+    urgent = None
+    try:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
+        assert p.poll() is None, "snakemake ended before the preemption"
+        urgent = submit_urgent(300, node=nodes[0])  # holds the node until the test cancels it
+        out = _finish(p, 240)
+    finally:
+        if urgent is not None:
+            subprocess.run(["scancel", urgent], capture_output=True, timeout=20)
+        if p.poll() is None:
+            p.kill()
+            _cancel_jobs_in(w.root)
+    assert p.returncode == 0, out[-5000:]
+    assert (w.root / "result.json").read_bytes() == ref
+    starts, stops = w.events("start"), w.events("stop")
+    assert [s["ranks"] for s in starts] == [4, 2], starts
+    assert set(starts[1]["hosts"]) == {n for n in nodes if n != nodes[0]}, starts[1]
+    assert len(stops) == 1 and starts[1]["step"] == stops[0]["step"] > 0, (starts, stops)
+    assert "(reason Resources) for 2 node(s) x 4 task(s)" in out and "resubmitting on 1 node(s) x 2 task(s)" in out, out[-5000:]
+    ids = _submitted_ids(out)
+    assert len(set(ids)) == 3, out[-5000:]  # the first run, the full-size resubmission (cancelled, never ran), the 1x2 one
+    assert _job_field(ids[1], "JobState") == "CANCELLED" and _job_field(ids[1], "RunTime") == "00:00:00"
+    assert (_job_field(ids[2], "NumNodes"), _job_field(ids[2], "NumTasks")) == ("1", "2")
+    print(
+        f"2x4 step preempted at step {stops[0]['step']} ({ids[0]}); full-size resubmission {ids[1]} waited, cancelled; 1x2 {ids[2]} finished"
+    )

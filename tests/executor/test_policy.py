@@ -802,3 +802,112 @@ def test_failed_nodes_are_asked_once_for_all_node_failed_jobs(tmp_path, monkeypa
     assert out["8"].failed_nodes == () and out["9"].failed_nodes is None and out["6"] == found["6"]
     lines = calls.read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["squeue", "sinfo"] and "-j 7,8" in lines[0], lines
+
+
+# ---------------------------------------------------------------- multi-rank steps: shrink a resubmission that cannot start
+
+
+def test_pending_reasons_and_free_nodes_are_read_from_squeue_and_sinfo() -> None:
+    from snakemake_executor_plugin_rkslurm.pendingshrink import free_nodes, parse_free, parse_reasons, per_node_cpus, waits_for_nodes
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+
+    assert parse_reasons("101|Resources\n102|ReqNodeNotAvail, UnavailableNodes:n2\n\nbad\n") == {
+        "101": "Resources",
+        "102": "ReqNodeNotAvail, UnavailableNodes:n2",
+    }
+    for reason in ("Resources", "Priority", "ReqNodeNotAvail, UnavailableNodes:n1", "Nodes_required_for_job_are_DOWN,_DRAINED"):
+        assert waits_for_nodes(reason), reason
+    for reason in ("BeginTime", "JobHeldUser", "Dependency", "None", "", None):
+        assert not waits_for_nodes(reason), reason
+    # duplicate rows (one per partition), allocated/down/not-responding nodes do not count
+    text = "n1|mix|1/1/0/2\nn1|mix|1/1/0/2\nn2|idle|0/2/0/2\nn3|alloc|2/0/0/2\nn4|idle*|0/2/0/2\nn5|down|0/0/2/2\nodd row\n"
+    idle = parse_free(text)
+    assert idle == {"n1": 1, "n2": 2}
+    assert free_nodes(idle, 2, ()) == 1 and free_nodes(idle, 1, ()) == 2 and free_nodes(idle, 1, ["n1,n9"]) == 1
+    assert per_node_cpus(Geometry(2, 4), 1) == 2 and per_node_cpus(Geometry(2, 3), 2) == 4 and per_node_cpus(Geometry(2, None), 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("again", "pending", "waited", "floor", "reason", "free", "expected"),
+    [
+        (True, True, 61, 1, "Resources", 1, (1, 2)),  # the shrink
+        (True, True, 61, 1, "Priority", 1, (1, 2)),
+        (False, True, 61, 1, "Resources", 1, None),  # a first submission waits as long as it takes
+        (True, False, 61, 1, "Resources", 1, None),  # running
+        (True, True, 59, 1, "Resources", 1, None),  # not long enough
+        (True, True, 61, None, "Resources", 1, None),  # the user allows no fewer nodes
+        (True, True, 61, 2, "Resources", 1, None),
+        (True, True, 61, 1, "BeginTime", 1, None),  # waits for a time, not for nodes
+        (True, True, 61, 1, "Resources", 2, None),  # the full size fits: Slurm starts it
+        (True, True, 61, 1, "Resources", 0, None),  # nothing free at all: keep waiting
+    ],
+)
+def test_a_resubmission_waiting_for_nodes_shrinks_only_when_allowed_and_useful(
+    again: bool, pending: bool, waited: float, floor: int | None, reason: str, free: int, expected: tuple | None
+) -> None:
+    from snakemake_executor_plugin_rkslurm.pendingshrink import Candidate, plan_shrinks
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+
+    asked: list[object] = []
+    c = Candidate("101", Geometry(2, 4), floor, again, pending, waited, "main", cpus_per_node=2)
+    idle = {f"n{i}": 2 for i in range(1, free + 1)} | {"n9": 1}  # n9: too few CPUs free for two ranks
+
+    def reasons(ids: list[str]) -> dict[str, str]:
+        asked.append(("squeue", ids))
+        return {"101": reason}
+
+    def free_cpus(partition: str | None) -> dict[str, int]:
+        asked.append(("sinfo", partition))
+        return idle
+
+    out = plan_shrinks([c], 60, reasons, free_cpus)
+    if expected is None:
+        assert out == []
+    else:
+        ((cand, new, why),) = out
+        assert cand is c and new == Geometry(*expected) and f"reason {reason}" in why, why
+    # Slurm is asked only about an eligible step: once for its reason, once for its partition's nodes
+    assert asked == ([] if not c.eligible(60) else [("squeue", ["101"]), ("sinfo", "main")])
+
+
+def test_executor_cancels_a_waiting_resubmission_and_resubmits_it_smaller(tmp_path) -> None:
+    """The executor's side: a preempted 2 x 4 step whose resubmission waits (Resources) past
+    --rkslurm-shrink-after while one node is busy is cancelled and resubmitted on 1 x 2."""
+    import time
+    from types import SimpleNamespace
+
+    from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+    from test_executor_monitor import FakeSlurm
+    from test_executor_nonblocking import _bare_executor, _poll
+
+    from snakemake_executor_plugin_rkslurm.monitor import Step
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    class Fake(FakeSlurm):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reasons_asked: list[list[str]] = []
+
+        def pending_reasons(self, ids: list[str]) -> dict[str, str]:
+            self.reasons_asked.append(list(ids))
+            return {"101": "Resources"}
+
+        def idle_cpus(self, partition: str | None) -> dict[str, int]:
+            return {"n1": 0, "n2": 2}
+
+    submitted: list[Geometry] = []
+    slurm = Fake()
+    ex = _bare_executor(tmp_path, slurm, lambda job, step: (submitted.append(step.geometry), ("102", "102.log"))[1])
+    step = Step(rule="wave", checkpoint_dir=None, partition="main", geometry=Geometry(2, 4), min_nodes=1)
+    step.submitted("100", None, 0.0)
+    step.submitted("101", None, time.time())  # the resubmission after a preemption
+    ex._steps[1] = step
+    slurm.records["101"] = JobRecord(job_id="101", state="PENDING", partition="main", preempted=False)
+    job = SubmittedJobInfo(job=SimpleNamespace(jobid=1, name="wave"), external_jobid="101")
+    assert _poll(ex, [job]) == [job] and slurm.cancelled == [] and slurm.reasons_asked == []  # too early: nothing asked
+    step.submitted_at -= 61
+    assert _poll(ex, [job]) == [job]
+    ex._resubmits[1].result(timeout=10)
+    assert slurm.cancelled == ["101"] and submitted == [Geometry(1, 2)] and step.geometry == Geometry(1, 2) and ex.failed == []
+    assert _poll(ex, [job]) == [job] and step.job_id == "102" and job.external_jobid == "102"

@@ -606,6 +606,86 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
     for png in ("fields.png", "timeline.png"):
         assert png_size(tmp_path / "demo" / "results" / "demo" / png)[0] > 0
     # the traveltime step was preempted too and restored from a delta chain, bit-identical (compare.py said so twice)
-    assert out.count("BIT-IDENTICAL") == 2 and "restored from a delta chain" in out
+    assert out.count("compare: BIT-IDENTICAL") == 3 and "restored from a delta chain" in out  # simulate, traveltime, compare_mpi
+    # 7/7: the 2-node, 4-rank step was preempted once and restored on 1 node with 2 ranks
+    assert "ranks before/after the preemption: 4 -> 2" in out and "resubmitting on 1 node(s) x 2 task(s)" in out, out[-4000:]
+    mpi_res = tmp_path / "demo" / "mpi" / "results" / "demo"
+    assert json.loads((mpi_res / "compare_mpi.json").read_text())["identical"] and png_size(mpi_res / "timeline_mpi.png")[0] > 0
     tt = summarise(attempts(read_events(tmp_path / "demo" / "results" / "demo" / "traveltime.events.jsonl")))
     assert tt["completed"] and any(deltas >= 1 for _full, deltas in tt["restored_chains"]), tt
+
+
+# ---------------------------------------------------------------- the multi-rank step (issue 23): ranks in the timeline
+
+
+def test_rank_counts_per_attempt_are_read_and_drawn(tmp_path: Path) -> None:
+    """Each attempt of the multi-rank step is labelled with its ranks (from the launch's record) and each
+    restore with the ranks that wrote the set (from its part names); junk lines are skipped, not fatal."""
+    rec = tmp_path / "ranks.jsonl"
+    rec.write_text(
+        '{"job": "11", "restart": 0, "ranks": 4, "t": 1}\nnot json\n{"job": "12", "ranks": true}\n{"job": "12", "ranks": 2}\n[1]\n'
+    )
+    assert plot.read_ranks(rec) == {"11": 4, "12": 2}
+    assert plot.read_ranks(tmp_path / "missing.jsonl") == {}
+    runs = attempts(
+        [
+            {"event": "start", "job": "11", "pid": 1, "step": None, "t": 0.0},
+            {"event": "checkpoint", "job": "11", "pid": 1, "step": 100, "t": 1.0},
+            {"event": "stop", "job": "11", "pid": 1, "step": 120, "signal": "SIGTERM", "t": 2.0},
+            {"event": "end", "job": "11", "pid": 1, "rc": 75, "step": 120, "t": 2.0},
+            {"event": "start", "job": "12", "pid": 2, "t": 5.0},
+            {
+                "event": "restore",
+                "job": "12",
+                "pid": 2,
+                "step": 120,
+                "chain": [f"wavesim.r{r}of4-000000000120-full.rk.h5" for r in range(4)],
+            },
+            {"event": "end", "job": "12", "pid": 2, "rc": 0, "step": 300, "t": 9.0},
+        ]
+    )
+    assert [plot.written_by(a) for a in runs] == [None, 4]
+    assert plot._labels(runs[1], 1, {"11": 4, "12": 2}) == ("job 12: 2 ranks", " from a set of 4 ranks")
+    assert plot._labels(runs[0], 0, None) == ("job 11", "")
+    out = tmp_path / "t.png"
+    plot.plot_timeline(runs[:1], out, total_steps=300, more=[("multi-rank simulation (MPI)", runs, 300, {"11": 4, "12": 2})])
+    w, h = png_size(out)
+    assert w >= 600 and h >= 600  # two panels
+
+
+def test_compare_writes_its_verdict_as_json(tmp_path: Path, tiny_result: Path) -> None:
+    out = tmp_path / "verdict.json"
+    proc = run_script("compare.py", str(tiny_result), str(tiny_result), "--json", str(out))
+    assert proc.returncode == 0 and "BIT-IDENTICAL" in proc.stdout, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["identical"] is True and doc["differences"] == [] and "pressure" in doc["sha256"]
+
+
+def test_workflow_multi_rank_step_matches_the_single_process_result(tmp_path: Path) -> None:
+    """``mpi_step: true`` under the local executor: simulate_mpi runs as ``mpiexec -n 3`` (an uneven
+    split), records its ranks, and compare_mpi finds it bit-identical to simulate; off by default."""
+    cfg = _config("12,10,14", 30, 10)  # 14 planes along z: 5 + 5 + 4 (each rank needs its halo's 4)
+    proc = subprocess.run(_snakemake(tmp_path, "-n", *cfg), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "simulate_mpi" not in proc.stdout + proc.stderr, proc.stdout
+    target = "results/demo/compare_mpi.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        target,
+        "-s",
+        str(WF / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "-c1",
+        *cfg,
+        "mpi_step=true",
+        "mpi_tasks=3",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    res = tmp_path / "results" / "demo"
+    assert json.loads((res / "compare_mpi.json").read_text())["identical"] is True
+    assert plot.read_ranks(res / "simulate_mpi.ranks.jsonl") == {"": 3}
+    (run,) = attempts(read_events(res / "simulate_mpi.events.jsonl"))
+    assert run.done and run.reached == 30

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import atomic_path  # noqa: E402
 
 #: attributes that must agree too (the backend may legitimately be named differently)
 CHECKED_ATTRS = ("step", "grid", "kernel_type", "params_fingerprint")
@@ -57,16 +61,32 @@ def compare(a_path: str | Path, b_path: str | Path) -> tuple[list[Difference], d
     return diffs, digests
 
 
+def write_verdict(path: str, a: str, b: str, diffs: list[Difference], digests: dict[str, str]) -> None:
+    """The comparison as JSON (for the workflow's ``compare_mpi``), written atomically."""
+    doc = {
+        "a": a,
+        "b": b,
+        "identical": not diffs,
+        "sha256": digests,
+        "differences": [{"name": d.name, "problem": d.problem} for d in diffs],
+    }
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("a")
     ap.add_argument("b")
+    ap.add_argument("--json", help="also write the verdict here (identical, digests, differences), atomically")
     a = ap.parse_args(argv)
     try:
         diffs, digests = compare(a.a, a.b)
     except OSError as e:
         print(f"compare: cannot read results: {e}", file=sys.stderr)
         return 2
+    if a.json:
+        write_verdict(a.json, a.a, a.b, diffs, digests)
     for name, digest in digests.items():
         print(f"  /{name:<16} sha256 {digest[:16]}…")
     if diffs:
