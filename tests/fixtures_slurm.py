@@ -25,10 +25,8 @@ import helpers
 
 BASE = Path(os.environ.get("RKSLURM_SLURM_BASE", "/tmp/rkslurm-cluster"))
 
-STEP_SCRIPT = r'''
-"""Deterministic checkpointing test step (stands in for rkrun)."""
-import argparse, hashlib, json, os, signal, sys, tempfile, time
-
+#: what every test step script starts with: an atomic, durable write (tmp, fsync, rename, fsync dir)
+ATOMIC_WRITE = r"""
 def atomic_write(path, text):
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp.")
@@ -36,6 +34,15 @@ def atomic_write(path, text):
         f.write(text); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
     dfd = os.open(d, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
+"""
+
+STEP_SCRIPT = (
+    r'''
+"""Deterministic checkpointing test step (stands in for rkrun)."""
+import argparse, hashlib, json, os, signal, sys, tempfile, time
+'''
+    + ATOMIC_WRITE
+    + r"""
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, required=True)
@@ -100,7 +107,8 @@ atomic_write(a.out, json.dumps({"steps": step, "h": h}) + "\n")
 trace("done", step)
 if ev:
     ev.end(0, step)
-'''
+"""
+)
 
 
 def _source_env(path: Path) -> dict[str, str]:

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_slurm import SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
+from fixtures_slurm import ATOMIC_WRITE, SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
 
 pytestmark = pytest.mark.slurm
 
-MPI_STEP_SCRIPT = r'''
+MPI_STEP_SCRIPT = (
+    r'''
 """Deterministic multi-rank checkpointing test step (stands in for a multi-rank rkrun).
 
 Each of CELLS hash chains advances once per step; the cells are split over the
@@ -42,14 +43,9 @@ exit 75 (a rank that missed the signal stops too).
 """
 import argparse, hashlib, json, os, signal, socket, sys, tempfile, time
 from mpi4py import MPI
-
-def atomic_write(path, text):
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(d, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
+'''
+    + ATOMIC_WRITE
+    + r"""
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, required=True)
@@ -132,7 +128,8 @@ if rank == 0:
     trace("done", step)
     if ev:
         ev.end(0, step)
-'''
+"""
+)
 
 SNAKEFILE = """
 rule all:
