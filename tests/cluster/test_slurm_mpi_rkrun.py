@@ -168,7 +168,8 @@ def test_real_rkrun_rank_killed_mid_checkpoint_restores_the_previous_set(slurm_w
     once = "export RKSLURM_RANK_TIMEOUT=5; if [ ! -e kill.once ]; then touch kill.once; export RKSLURM_TEST_SIGNAL=part-written@r1:SIGKILL:2; fi; "
     _workflow(w, "main", args, throttle_ms=50, prefix=once)
     ref = _reference(w, args)
-    p = w.start("--rkslurm-keep-successful-logs")
+    # no node failed: hold the failed job 5 s (not 60) for Slurm to name a dead node before it counts as a kill
+    p = w.start("--rkslurm-keep-successful-logs", "--rkslurm-node-failure-wait", "5")
     try:
         out = _finish(p, w, 240)
     finally:
@@ -178,7 +179,8 @@ def test_real_rkrun_rank_killed_mid_checkpoint_restores_the_previous_set(slurm_w
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     assert set(_restores(logs)) == {(8, 4, 4)}, logs[-5000:]  # one line per rank
-    assert "kill 1/" in out, out[-5000:]
+    assert "step killed by a signal it could not catch after checkpoint progress (checkpoint now step 8" in out, out[-5000:]
+    assert "kill 1/3" in out, out[-5000:]
 
 
 def test_real_rkrun_node_failure_resubmits_on_one_node_with_fewer_ranks(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
