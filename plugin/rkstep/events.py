@@ -10,7 +10,8 @@ Each attempt of a step appends JSON lines to ``<checkpoint folder>/rkstep.events
 
 An attempt with a ``start`` and no ``end`` was killed (SIGKILL, OOM killer, a
 node that went away): nothing else can end a process without running its
-``finally``. Readers replace grepping log text; a torn last line (the writer
+``finally``. So was a multi-rank attempt whose rank 0 wrote ``rank-lost``
+(another rank was killed; rank 0 survived it and ended rc 1). Readers replace grepping log text; a torn last line (the writer
 killed mid-write) is skipped, never an error.
 """
 
