@@ -394,9 +394,10 @@ class RankLoop(StepLoop):
             return super().run()
         except RankLost as exc:
             self.lost = True
-            log.error(
-                "%s: %s; this rank stops now (the last committed set stays the restore point)", lost_ranks(self.peers, self.comm), exc
-            )
+            who = lost_ranks(self.peers, self.comm)
+            log.error("%s: %s; this rank stops now (the last committed set stays the restore point)", who, exc)
+            # rank 0's events say so: the executor resumes the step like a killed one (rkstep.events.Attempt.killed)
+            self.events.emit("rank-lost", step=self.committed, reason=f"{who}: {exc}"[:500])
             return EX_RANK_LOST
 
 

@@ -10,7 +10,8 @@ Each attempt of a step appends JSON lines to ``<checkpoint folder>/rkstep.events
 
 An attempt with a ``start`` and no ``end`` was killed (SIGKILL, OOM killer, a
 node that went away): nothing else can end a process without running its
-``finally``. Readers replace grepping log text; a torn last line (the writer
+``finally``. So was a multi-rank attempt whose rank 0 wrote ``rank-lost``
+(another rank was killed; rank 0 survived it and ended rc 1). Readers replace grepping log text; a torn last line (the writer
 killed mid-write) is skipped, never an error.
 """
 
@@ -250,11 +251,18 @@ class Attempt:
     end_step: int | None = None
     end_time: float | None = None
     ended: bool = False
+    #: a multi-rank step whose rank 0 lost a peer (``rank-lost``): a rank was killed, the survivors ended
+    rank_lost: bool = False
 
     @property
     def killed(self) -> bool:
-        """Started and never said it ended: killed by a signal it could not catch."""
-        return not self.ended
+        """Started and never said it ended, or lost a rank: killed by a signal it could not catch.
+
+        A rank SIGKILLed (or on a node that died) never writes an end; rank 0,
+        which keeps the events, survives it and ends rc 1. The attempt as a whole
+        was still killed, so it is resumable like a one-process kill.
+        """
+        return not self.ended or self.rank_lost
 
     @property
     def stopped(self) -> bool:
@@ -344,6 +352,8 @@ class AttemptLog:
         elif kind == "stop":
             a.stopped_step = e.get("step")
             a.stop_signal = e.get("signal")
+        elif kind == "rank-lost":
+            a.rank_lost = True
         elif kind == "end":
             a.ended = True
             a.end_rc = e.get("rc")
