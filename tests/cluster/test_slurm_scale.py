@@ -121,10 +121,19 @@ rule sim:
     t0 = time.monotonic()
     p = w.start("--jobs", str(N), "--rkslurm-submit-retry-minutes", "3", "--rkslurm-slow-poll-interval", "2", poll=1.0, env=env)
     try:
-        # the preemption: once some steps have checkpoint progress, an urgent job takes every CPU
+        # the preemption: once some steps have checkpoint progress, an urgent job takes every CPU.
+        # Steps are short: an urgent job can slip into a gap between them (all CPUs just freed) and
+        # run without preempting anything, so send another until a step says it was stopped.
         wait_until(lambda: len(w.events("ckpt")) >= 4 or p.poll() is not None, 240, "steps to make progress")
-        assert p.poll() is None, "snakemake ended before the preemption"
-        submit_urgent(3)
+        for _ in range(10):
+            assert p.poll() is None, "snakemake ended before a step was preempted"
+            submit_urgent(3)
+            deadline = time.monotonic() + 30  # a preempted step writes `stop` within its GraceTime (10 s)
+            while not w.events("stop") and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if w.events("stop"):
+                break
+        assert w.events("stop"), "no urgent job preempted a step"
         out, _ = p.communicate(timeout=1200)
     finally:
         if p.poll() is None:
