@@ -165,6 +165,25 @@ def slurm_nodes() -> list[str]:
     return sorted(set(out.split()))
 
 
+def multinode(mpi: bool = False) -> list[str]:
+    """The cluster's nodes, or skip: a test that spreads a step over nodes needs two at least
+    (``mpi``: and mpi4py, for a multi-rank step)."""
+    if mpi:
+        pytest.importorskip("mpi4py")
+    names = slurm_nodes()
+    if len(names) < 2:
+        pytest.skip(f"needs a multi-node cluster (`slurm/up --nodes 2`); this one has {names}")
+    return names
+
+
+def cancel_jobs_in(root: Path) -> None:
+    """Cancel the live Slurm jobs of a test workflow that was killed (found by their working directory)."""
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
+    ids = [f[0] for f in (line.split(None, 1) for line in out.splitlines()) if len(f) == 2 and Path(f[1].strip()) == root]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=20)
+
+
 def node_cpus(node: str) -> int:
     out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%c"], capture_output=True, text=True, timeout=20, check=True).stdout
     return int(out.split()[0])

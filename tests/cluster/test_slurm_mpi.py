@@ -21,11 +21,19 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from fixtures_slurm import ATOMIC_WRITE, SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
+from fixtures_slurm import (
+    ATOMIC_WRITE,
+    SlurmWorkflow,
+    cancel_jobs_in,
+    fail_node,
+    multinode,
+    restore_node,
+    submit_urgent,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -144,11 +152,7 @@ rule sim:
 
 @pytest.fixture
 def nodes(slurm_env: dict[str, str]) -> list[str]:
-    pytest.importorskip("mpi4py")
-    names = slurm_nodes()
-    if len(names) < 2:
-        pytest.skip(f"needs a multi-node cluster (`slurm/up --nodes 2`); this one has {names}")
-    return names
+    return multinode(mpi=True)
 
 
 def _write(w: SlurmWorkflow, launcher: str, partition: str, steps: int, delay: float = 0.25, extra: str = "") -> bytes:
@@ -197,7 +201,7 @@ def test_two_node_four_rank_step_preempted_resubmitted_and_restored_bit_identica
     finally:
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == ref
     starts, stops = w.events("start"), w.events("stop")
@@ -233,18 +237,10 @@ def _fail_second_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str]) -
     finally:
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
         for n in dead:
             restore_node(n)
     return other, killed_at, out
-
-
-def _cancel_jobs_in(root: Path) -> None:
-    """Cancel the live Slurm jobs of a test workflow that was killed (found by their working directory)."""
-    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
-    ids = [f[0] for f in (line.split(None, 1) for line in out.splitlines()) if len(f) == 2 and Path(f[1].strip()) == root]
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=20)
 
 
 def test_node_failure_under_a_two_node_step_resubmits_on_one_node_with_fewer_ranks(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
@@ -295,7 +291,7 @@ def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_
             subprocess.run(["scancel", urgent], capture_output=True, timeout=20)
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == ref
     starts, stops = w.events("start"), w.events("stop")

@@ -23,7 +23,7 @@ import h5py
 import pytest
 
 from fixtures_kernel import rkrun_env
-from fixtures_slurm import SlurmWorkflow, fail_node, restore_node, slurm_nodes, submit_urgent, wait_until
+from fixtures_slurm import SlurmWorkflow, cancel_jobs_in, fail_node, multinode, restore_node, submit_urgent, wait_until
 from helpers import REPO
 
 pytestmark = pytest.mark.slurm
@@ -47,11 +47,7 @@ CK = ".snakemake/rkslurm/sim/_"
 
 @pytest.fixture
 def nodes(slurm_env: dict[str, str]) -> list[str]:
-    pytest.importorskip("mpi4py")
-    names = slurm_nodes()
-    if len(names) < 2:
-        pytest.skip(f"needs a multi-node cluster (`slurm/up --nodes 2`); this one has {names}")
-    return names
+    return multinode(mpi=True)
 
 
 def _workflow(w: SlurmWorkflow, partition: str, args: str, throttle_ms: int, prefix: str = "") -> None:
@@ -97,17 +93,10 @@ def _finish(p: subprocess.Popen, w: SlurmWorkflow, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         p.kill()
         out, _ = p.communicate()
-        _cancel_jobs_in(w.root)
+        cancel_jobs_in(w.root)
         raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
     assert p.returncode == 0, out[-6000:] + "\n" + _logs(w)[-6000:]
     return out
-
-
-def _cancel_jobs_in(root: Path) -> None:
-    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
-    ids = [f[0] for f in (line.split(None, 1) for line in out.splitlines()) if len(f) == 2 and Path(f[1].strip()) == root]
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=20)
 
 
 def _logs(w: SlurmWorkflow) -> str:
@@ -150,7 +139,7 @@ def test_real_rkrun_two_node_four_rank_step_preempted_and_restored_bit_identical
     finally:
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     stop = re.search(r"stopped at step (\d+)", logs)
@@ -175,7 +164,7 @@ def test_real_rkrun_rank_killed_mid_checkpoint_restores_the_previous_set(slurm_w
     finally:
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     assert set(_restores(logs)) == {(8, 4, 4)}, logs[-5000:]  # one line per rank
@@ -202,7 +191,7 @@ def test_real_rkrun_node_failure_resubmits_on_one_node_with_fewer_ranks(slurm_wo
     finally:
         if p.poll() is None:
             p.kill()
-            _cancel_jobs_in(w.root)
+            cancel_jobs_in(w.root)
         for n in dead:
             restore_node(n)
     _assert_identical(w.root / "result.h5", ref)

@@ -21,17 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_slurm import STEP_SCRIPT, SlurmWorkflow, fail_node, job_node, restore_node, slurm_nodes, submit_urgent, wait_until
+from fixtures_slurm import STEP_SCRIPT, SlurmWorkflow, fail_node, job_node, multinode, restore_node, submit_urgent, wait_until
 
 pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture
 def nodes(slurm_env: dict[str, str]) -> list[str]:
-    names = slurm_nodes()
-    if len(names) < 2:
-        pytest.skip(f"needs a multi-node cluster (`slurm/up --nodes 2`); this one has {names}")
-    return names
+    return multinode(mpi=False)
 
 
 def _submitted_ids(out: str) -> list[str]:
