@@ -168,3 +168,22 @@ def test_write_errors_name_the_checkpoint_being_written(tmp_path):
         m.final(SnapshotResponse(SnapshotRequest(7), bad))
     assert info.value.source == str(tmp_path / "ck" / name(7, "full"))
     assert "<checkpoint>" not in str(info.value) and ".rkckpt-tmp-" not in str(info.value)
+
+
+def test_a_link_to_a_valid_checkpoint_of_another_run_is_never_restored(tmp_path, caplog):
+    """A symlink under a checkpoint's name is refused even when it points at a *valid* checkpoint with the same
+    kernel and a newer step (another run's folder): restore and ``ls`` pass it over, the real chain stays newest."""
+    d, other = tmp_path / "ck", tmp_path / "other-run"
+    write(d, [1, 2, 3])
+    write(other, [1, 2, 3, 4], full_every=1)
+    planted = d / name(4, "full")
+    planted.symlink_to(other / name(4, "full"))
+    rp = latest_restorable(FileStorage(d, create=False), KID)
+    assert rp.step == 3
+    assert [n for n, _ in rp.skipped] == [name(4, "full")]
+    assert "symbolic link" in dict(rp.skipped)[name(4, "full")]
+    rows = {r.entry.name: r.status for r in describe(FileStorage(d, create=False))}
+    assert "symbolic link" in rows[name(4, "full")]
+    r = run("latest", d, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["step"] == 3, r.output
+    assert os.path.islink(planted) and (other / name(4, "full")).is_file()  # neither the link nor its target is touched

@@ -18,7 +18,9 @@ from typing import BinaryIO
 
 from .. import testhook
 from ..atomic import fsync_dir
+from ..errors import CheckpointError
 from ..lock import check_private_folder, open_lock_file
+from ..source import open_regular
 from .base import ExistsError, LockedError, Payload, StorageBase, StorageError, check_range, validate_name, write_payload
 
 LOCK_NAME = ".rkckpt.lock"
@@ -121,9 +123,26 @@ class FileStorage(StorageBase):
         return self.root / validate_name(name)
 
     def local_path(self, name: str) -> Path | None:
-        """The file itself, for readers that stream from a path."""
+        """The file itself, for readers that stream from a path; a symbolic link is refused (see ``_open``)."""
         p = self.path(name)
         return p if self.exists(name) else None
+
+    def _open(self, name: str, op: str) -> int:
+        """A read fd of the regular file ``name``; a symlink, FIFO or device under the name is refused.
+
+        Why links are refused: this folder's files are only ever created by
+        rename from our own temporary files, so a link under a checkpoint's
+        name was planted. Following it could restore a *valid* checkpoint of
+        another run (same kernel, newer step) as if it were this one's.
+        """
+        p = self.path(name)
+        try:
+            return open_regular(p, follow_links=False)
+        except CheckpointError as exc:
+            cause = exc.__context__
+            if isinstance(cause, OSError) and cause.errno != errno.ELOOP:
+                raise _oserror(p, op, cause) from None
+            raise StorageError(str(p), f"{op} refused: {exc.problem}") from None
 
     def save(self, name: str, data: Payload) -> int:
         return self._put(name, data, replace=True, fsync=self.fsync)
@@ -178,32 +197,30 @@ class FileStorage(StorageBase):
         return size
 
     def load(self, name: str) -> bytes:
-        p = self.path(name)
-        try:
-            return p.read_bytes()
-        except OSError as exc:
-            raise _oserror(p, "reading", exc) from None
+        with self.open_read(name) as f:
+            try:
+                return f.read()
+            except OSError as exc:
+                raise _oserror(self.path(name), "reading", exc) from None
 
     def open_read(self, name: str) -> BinaryIO:
-        p = self.path(name)
-        try:
-            return open(p, "rb")
-        except OSError as exc:
-            raise _oserror(p, "opening", exc) from None
+        return os.fdopen(self._open(name, "opening"), "rb")
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         p = self.path(name)
         check_range(str(p), offset, length)
+        fd = self._open(name, "reading")
         try:
-            with open(p, "rb") as f:
-                return os.pread(f.fileno(), length, offset)
+            return os.pread(fd, length, offset)
         except OSError as exc:
             raise _oserror(p, "reading", exc) from None
+        finally:
+            os.close(fd)
 
     def size(self, name: str) -> int:
         p = self.path(name)
         try:
-            return p.stat().st_size
+            return os.lstat(p).st_size  # of a link itself: reading it is refused with the reason (``_open``)
         except OSError as exc:
             raise _oserror(p, "stat", exc) from None
 
@@ -234,10 +251,10 @@ class FileStorage(StorageBase):
             raise _oserror(p, "deleting", exc) from None
 
     def exists(self, name: str) -> bool:
-        """True for a regular file; a folder we may not search is an error, not "absent"."""
+        """True for a regular file (not a link to one); a folder we may not search is an error, not "absent"."""
         p = self.path(name)
         try:
-            return stat.S_ISREG(os.stat(p).st_mode)
+            return stat.S_ISREG(os.lstat(p).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:
