@@ -619,21 +619,16 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
 
 
 def test_rank_counts_per_attempt_are_read_and_drawn(tmp_path: Path) -> None:
-    """Each attempt of the multi-rank step is labelled with its ranks (from the launch's record) and each
-    restore with the ranks that wrote the set (from its part names); junk lines are skipped, not fatal."""
-    rec = tmp_path / "ranks.jsonl"
-    rec.write_text(
-        '{"job": "11", "restart": 0, "ranks": 4, "t": 1}\nnot json\n{"job": "12", "ranks": true}\n{"job": "12", "ranks": 2}\n[1]\n'
-    )
-    assert plot.read_ranks(rec) == {"11": 4, "12": 2}
-    assert plot.read_ranks(tmp_path / "missing.jsonl") == {}
+    """Each attempt of the multi-rank step is labelled with its ranks (from its own ``start`` event) and each
+    restore with the ranks that wrote the set (from its part names); a start without ranks says so, and a
+    start whose rank count is not one a launcher gives is not an attempt of ours."""
     runs = attempts(
         [
-            {"event": "start", "job": "11", "pid": 1, "step": None, "t": 0.0},
+            {"event": "start", "job": "11", "pid": 1, "step": None, "t": 0.0, "ranks": 4},
             {"event": "checkpoint", "job": "11", "pid": 1, "step": 100, "t": 1.0},
             {"event": "stop", "job": "11", "pid": 1, "step": 120, "signal": "SIGTERM", "t": 2.0},
             {"event": "end", "job": "11", "pid": 1, "rc": 75, "step": 120, "t": 2.0},
-            {"event": "start", "job": "12", "pid": 2, "t": 5.0},
+            {"event": "start", "job": "12", "pid": 2, "t": 5.0, "ranks": 2},
             {
                 "event": "restore",
                 "job": "12",
@@ -642,13 +637,19 @@ def test_rank_counts_per_attempt_are_read_and_drawn(tmp_path: Path) -> None:
                 "chain": [f"wavesim.r{r}of4-000000000120-full.rk.h5" for r in range(4)],
             },
             {"event": "end", "job": "12", "pid": 2, "rc": 0, "step": 300, "t": 9.0},
+            *({"event": "start", "job": "13", "pid": 3, "t": 10.0, "ranks": bad} for bad in (0, True, "2", 2.0, 1 << 40)),
+            {"event": "start", "job": "14", "pid": 4, "t": 11.0},
         ]
     )
+    assert [(a.job, a.ranks) for a in runs] == [("11", 4), ("12", 2), ("14", None)]
+    assert plot._labels(runs[2], 2, True) == ("job 14: ranks unknown", "")
+    runs = runs[:2]
     assert [plot.written_by(a) for a in runs] == [None, 4]
-    assert plot._labels(runs[1], 1, {"11": 4, "12": 2}) == ("job 12: 2 ranks", " from a set of 4 ranks")
-    assert plot._labels(runs[0], 0, None) == ("job 11", "")
+    assert plot._labels(runs[1], 1, True) == ("job 12: 2 ranks", " from a set of 4 ranks")
+    assert plot._labels(runs[0], 0, True) == ("job 11: 4 ranks", "")
+    assert plot._labels(runs[0], 0, False) == ("job 11", "")
     out = tmp_path / "t.png"
-    plot.plot_timeline(runs[:1], out, total_steps=300, more=[("multi-rank simulation (MPI)", runs, 300, {"11": 4, "12": 2})])
+    plot.plot_timeline(runs[:1], out, total_steps=300, more=[("multi-rank simulation (MPI)", runs, 300, True)])
     w, h = png_size(out)
     assert w >= 600 and h >= 600  # two panels
 
@@ -663,7 +664,7 @@ def test_compare_writes_its_verdict_as_json(tmp_path: Path, tiny_result: Path) -
 
 def test_workflow_multi_rank_step_matches_the_single_process_result(tmp_path: Path) -> None:
     """``mpi_step: true`` under the local executor: simulate_mpi runs as ``mpiexec -n 3`` (an uneven
-    split), records its ranks, and compare_mpi finds it bit-identical to simulate; off by default."""
+    split), its start event records its 3 ranks, and compare_mpi finds it bit-identical to simulate; off by default."""
     cfg = _config("12,10,14", 30, 10)  # 14 planes along z: 5 + 5 + 4 (each rank needs its halo's 4)
     proc = subprocess.run(_snakemake(tmp_path, "-n", *cfg), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "simulate_mpi" not in proc.stdout + proc.stderr, proc.stdout
@@ -686,6 +687,7 @@ def test_workflow_multi_rank_step_matches_the_single_process_result(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr + proc.stdout
     res = tmp_path / "results" / "demo"
     assert json.loads((res / "compare_mpi.json").read_text())["identical"] is True
-    assert plot.read_ranks(res / "simulate_mpi.ranks.jsonl") == {"": 3}
+    assert not (res / "simulate_mpi.ranks.jsonl").exists()  # no side file: the ranks are rkrun's own record
     (run,) = attempts(read_events(res / "simulate_mpi.events.jsonl"))
-    assert run.done and run.reached == 30
+    assert run.done and run.reached == 30 and run.ranks == 3
+    assert [a.ranks for a in attempts(read_events(res / "simulate.events.jsonl"))] == [1]  # rkrun alone: one rank
