@@ -42,36 +42,18 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
 
 
+def rkrun_wavesim(options: str, ckdir: Path, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    """``rkrun wavesim`` on the NumPy back end with ``options`` (words without spaces) and ``more``."""
+    cmd = ["rkrun", "wavesim", *options.split(), "--backend", "numpy", "--checkpoint-dir", str(ckdir), *more, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real rkrun result on a tiny grid (NumPy back end: no device needed, exact reference)."""
     d = tmp_path_factory.mktemp("rkrun")
     out = d / "result.h5"
-    proc = subprocess.run(
-        [
-            "rkrun",
-            "wavesim",
-            "--grid",
-            "12",
-            "10",
-            "9",
-            "--steps",
-            "40",
-            "--checkpoint-dir",
-            str(d / "ck"),
-            "--checkpoint-every",
-            "20",
-            "--backend",
-            "numpy",
-            "--energy-every",
-            "5",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = rkrun_wavesim("--grid 12 10 9 --steps 40 --checkpoint-every 20 --energy-every 5", d / "ck", out)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -101,29 +83,7 @@ def test_make_model_lens_and_rkrun_runs_in_it(tmp_path: Path) -> None:
     m = np.load(out)
     assert m.shape == (16, 24) and np.count_nonzero(m == 2200.0) >= 4
     res = tmp_path / "r.h5"
-    run = subprocess.run(
-        [
-            "rkrun",
-            "wavesim",
-            "--grid",
-            "24",
-            "6",
-            "16",
-            "--steps",
-            "5",
-            "--checkpoint-dir",
-            str(tmp_path / "ck"),
-            "--backend",
-            "numpy",
-            "--velocity",
-            str(out),
-            "--out",
-            str(res),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = rkrun_wavesim("--grid 24 6 16 --steps 5", tmp_path / "ck", res, "--velocity", str(out))
     assert run.returncode == 0, run.stderr
     with h5py.File(res) as f:
         assert np.array_equal(f["velocity"][()], m)
