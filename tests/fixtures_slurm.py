@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +37,8 @@ def atomic_write(path, text):
     dfd = os.open(d, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
 """
 
-STEP_SCRIPT = (
-    r'''
-"""Deterministic checkpointing test step (stands in for rkrun)."""
-import argparse, hashlib, json, os, signal, sys, tempfile, time
-'''
-    + ATOMIC_WRITE
-    + r"""
-
+#: the options every stand-in step script takes (``ap``; each adds its own, then parses)
+STEP_ARGS = r"""
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, required=True)
 ap.add_argument("--delay", type=float, default=0.1)
@@ -52,7 +47,16 @@ ap.add_argument("--checkpoint-dir", default=os.environ.get("RKSLURM_CHECKPOINT_D
 ap.add_argument("--seed", default="rkslurm")
 ap.add_argument("--trace")
 ap.add_argument("--out", required=True)
-ap.add_argument("--fail-at", type=int, default=None)
+"""
+
+STEP_SCRIPT = (
+    r'''
+"""Deterministic checkpointing test step (stands in for rkrun)."""
+import argparse, hashlib, json, os, signal, sys, tempfile, time
+'''
+    + ATOMIC_WRITE
+    + STEP_ARGS
+    + r"""ap.add_argument("--fail-at", type=int, default=None)
 a = ap.parse_args()
 if not a.checkpoint_dir:
     sys.exit("no checkpoint dir (RKSLURM_CHECKPOINT_DIR unset)")
@@ -195,6 +199,43 @@ def node_state(node: str) -> str:
     return out.split()[0] if out.split() else "unknown"
 
 
+def run_until_done(
+    w: SlurmWorkflow,
+    p: subprocess.Popen,
+    timeout: float,
+    disrupt: Callable[[], object] | None = None,
+    undo: list[Callable[[], object]] | None = None,
+) -> str:
+    """Snakemake's output once it ended by itself, after ``disrupt`` (a preemption, a failed node) while it runs.
+
+    Whatever happens (``disrupt`` raising, or no end within ``timeout`` s: an
+    AssertionError with the output's tail), a Snakemake left running is killed
+    and the workflow's jobs are cancelled; then each of ``undo`` runs (restore a
+    node, cancel an urgent job), including those ``disrupt`` appended. The exit
+    code is left to the caller (``p.returncode``).
+    """
+    ended = False
+    try:
+        if disrupt is not None:
+            disrupt()
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
+        ended = True
+        return out
+    finally:
+        if not ended:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
+            cancel_jobs_in(w.root)
+        for f in undo or ():
+            f()
+
+
 #: Slurm conditions are polled with subprocesses (squeue, sinfo): four times a second is enough.
 wait_until = functools.partial(helpers.wait_until, interval=0.25)
 
@@ -271,12 +312,7 @@ rule sim:
 
     def run(self, *args: str, timeout: float = 240, poll: float = 1.0) -> tuple[int, str]:
         p = self.start(*args, poll=poll)
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
+        out = run_until_done(self, p, timeout)  # no end in time: its jobs are cancelled too
         return p.returncode, out
 
     def reference(self, steps: int, seed: str = "rkslurm") -> dict:

@@ -450,14 +450,14 @@ def run_step(plugin: KernelPlugin, values: Mapping[str, Any], stop: StopFlag, co
     comm = comm if comm is not None else world()
     ckdir = values["checkpoint_dir"]
     if comm.size == 1:
-        return run_attempt(ckdir, lambda events: SoloLoop(plugin, values, stop, events).run())
+        return run_attempt(ckdir, lambda events: SoloLoop(plugin, values, stop, events).run(), ranks=1)
     loops: list[RankLoop] = []
 
     def body(events: EventWriter | None) -> int:
         loops.append(RankLoop(plugin, values, stop, events, comm))
         return loops[-1].run()
 
-    rc = run_attempt(ckdir, body) if comm.rank == 0 else body(None)
+    rc = run_attempt(ckdir, body, ranks=comm.size) if comm.rank == 0 else body(None)
     if loops and loops[-1].lost:
         logging.shutdown()
         time.sleep(LINGER)  # peers that time out a moment later must still see this rank running

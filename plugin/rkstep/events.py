@@ -2,7 +2,7 @@
 
 Each attempt of a step appends JSON lines to ``<checkpoint folder>/rkstep.events.jsonl``::
 
-    {"event": "start", "job": "123", "restart": 0, "step": 0, ...}
+    {"event": "start", "job": "123", "restart": 0, "step": 0, "ranks": 4, ...}
     {"event": "restore", "step": 400, "chain": ["wavesim-000000000400-full.rkcp"]}
     {"event": "checkpoint", "step": 500}
     {"event": "stop", "step": 512, "signal": "SIGTERM"}
@@ -13,6 +13,10 @@ node that went away): nothing else can end a process without running its
 ``finally``. So was a multi-rank attempt whose rank 0 wrote ``rank-lost``
 (another rank was killed; rank 0 survived it and ended rc 1). Readers replace grepping log text; a torn last line (the writer
 killed mid-write) is skipped, never an error.
+
+``ranks`` in ``start`` is how many processes run the attempt (``rkrun``: the
+MPI world size, 1 alone). Only rank 0 of a multi-rank step writes events, so
+this is the one record of the attempt's rank count (the timeline reads it).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ _CHAIN_NAME = re.compile(r"-(\d{12})-full\b")
 EVENTS_MAX_BYTES = 16 << 20
 #: an event line is a few hundred bytes; a longer one is not ours
 LINE_MAX_BYTES = 64 << 10
+#: a ``start`` event's rank count above this is not one a launcher gave
+MAX_RANKS = 1 << 20
 
 
 def _stderr_warning(text: str) -> None:
@@ -148,14 +154,16 @@ def writer_for(checkpoint_dir: str | os.PathLike[str], warn: Callable[[str], Non
     return EventWriter.for_folder(text, warn=warn)
 
 
-def run_attempt(checkpoint_dir: str | os.PathLike[str], body: Callable[[EventWriter], int]) -> int:
+def run_attempt(checkpoint_dir: str | os.PathLike[str], body: Callable[[EventWriter], int], **start: Any) -> int:
     """Run one attempt between a ``start`` and an ``end`` event.
 
     ``end`` carries ``body``'s exit code, or 1 when it raised (the exception
     propagates). Only a signal that cannot be caught leaves the start alone.
+    ``start``: further fields of the ``start`` event (``ranks``: how many
+    processes run this attempt, so readers need no record of their own).
     """
     events = writer_for(checkpoint_dir)
-    events.start()
+    events.start(**start)
     rc = EX_FAILURE
     try:
         rc = body(events)
@@ -181,6 +189,8 @@ def _checked(rec: Any) -> dict[str, Any] | None:
     for name in ("step", "rc"):
         if rec.get(name) is not None and not _int(rec[name]):
             return None
+    if rec.get("ranks") is not None and not (_int(rec["ranks"], 1) and rec["ranks"] <= MAX_RANKS):
+        return None
     if rec.get("t") is not None and not finite_number(rec["t"]):
         return None
     if rec.get("signal") is not None and not isinstance(rec["signal"], str):
@@ -240,6 +250,8 @@ class Attempt:
     pid: int | None = None
     start_step: int | None = None
     start_time: float | None = None
+    #: processes (MPI ranks) that ran this attempt, from its ``start``; None when the writer did not say
+    ranks: int | None = None
     restored_from: int | None = None
     chain: list[str] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
@@ -331,7 +343,9 @@ class AttemptLog:
         if kind in ("checkpoint", "stop", "restore") and e.get("step") is not None:
             self.newest_checkpoint = e["step"] if self.newest_checkpoint is None else max(self.newest_checkpoint, e["step"])
         if kind == "start":
-            a = Attempt(job=e["job"], restart=e["restart"], pid=e.get("pid"), start_step=e.get("step"), start_time=e.get("t"))
+            a = Attempt(
+                job=e["job"], restart=e["restart"], pid=e.get("pid"), start_step=e.get("step"), start_time=e.get("t"), ranks=e.get("ranks")
+            )
             self.attempts.append(a)
             self._by_key[key] = a
             return

@@ -49,7 +49,7 @@ class ExecutorSettings(_StockSettings):
     )
     shrink_after: float = _setting(
         60.0,
-        "Seconds a resubmitted (or requeued) multi-node step may wait in the queue for its full size (reason Resources, Priority, ReqNodeNotAvail) before it is cancelled and resubmitted on the nodes that are free now, tasks scaled down in proportion; only where --rkslurm-min-nodes (or the rule's rkslurm_min_nodes) allows fewer nodes.",
+        "Seconds a resubmitted (or requeued) multi-node step may wait in the queue for its full size (reason Resources, Priority, ReqNodeNotAvail) before it is cancelled and resubmitted on the nodes that are free now, tasks scaled down in proportion; only where --rkslurm-min-nodes (or the rule's rkslurm_min_nodes) allows fewer nodes. The shrinking lasts one job: the next resubmission asks for the full size again.",
     )
     max_kills: int = _setting(
         3,

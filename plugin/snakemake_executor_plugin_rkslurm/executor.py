@@ -216,28 +216,31 @@ class Executor(_stock.Executor):
 
     def _shape(self, job: JobExecutorInterface, step: Step) -> None:
         """A multi-rank step's nodes x tasks (the stock resources) and how small it may get (ValueError: bad resources)."""
-        step.geometry = ranks.requested(job.resources)
+        step.geometry = step.requested = ranks.requested(job.resources)
         if step.geometry.multi_rank:
             step.min_nodes = ranks.min_nodes(job.resources, int(getattr(self.workflow.executor_settings, "min_nodes", 0) or 0))
             cpt = job.resources.get("cpus_per_task") or getattr(job, "threads", 1) or 1
             step.cpus_per_task = max(1, int(cpt)) if str(cpt).isdigit() else 1
 
     def _resize(self, step: Step) -> str | None:
-        """Before resubmitting a multi-rank step: shrink it when its partition has too few nodes left
-        (``--rkslurm-min-nodes``); the reason it cannot run at all, else None."""
+        """Before resubmitting a multi-rank step: the rule's full size again (a step shrunk earlier grows
+        back), shrunk when its partition has too few nodes left (``--rkslurm-min-nodes``); the reason it
+        cannot run at all, else None. A full size that is free only on paper shrinks again in the queue
+        (:mod:`.pendingshrink`)."""
         if not step.geometry.multi_rank:
             return None
-        nodes = self._partition_nodes.get(step.partition or "")
-        if not nodes:
-            return None
-        new = ranks.shrink(step.geometry, ranks.usable(nodes, step.history.excluded_nodes), step.min_nodes)
+        new = pendingshrink.resubmit_shape(
+            step.full_size, step.geometry, self._partition_nodes.get(step.partition or ""), step.history.excluded_nodes, step.min_nodes
+        )
         if isinstance(new, str):
             excluded = ", ".join(step.history.excluded_nodes) or "none"
             return f"cannot resubmit: it {new} (partition {step.partition}, excluded after failures: {excluded}). {step.history.describe()}"
         if new != step.geometry:
+            grows = (new.nodes or 1) > (step.geometry.nodes or 1)
+            how = "again, the rule's full size or the most its partition has" if grows else f"(min nodes {step.min_nodes})"
             self.logger.warning(
                 f"rkslurm: rule {step.rule}: resubmitting on {new.describe()} instead of {step.geometry.describe()} "
-                f"(min nodes {step.min_nodes}); the step restores its checkpoint on {new.tasks or 1} rank(s)"
+                f"{how}; the step restores its checkpoint on {new.tasks or 1} rank(s)"
             )
             step.geometry = new
         return None
@@ -490,6 +493,7 @@ class Executor(_stock.Executor):
                 step.submitted_at = time.time()  # older stop markers belong to the previous run of this id
                 self.logger.warning(f"rkslurm: rule {step.rule}: {d.reason}")
                 self._record(step, "requeued")
+                await asyncio.to_thread(self._grow_requeued, plan)
             return True
         if d.action is Action.SUCCEED:
             self._record(step, "succeeded")
@@ -514,6 +518,28 @@ class Executor(_stock.Executor):
         # off the status loop: the other steps keep being polled while sbatch waits for slurmctld
         self._resubmits[j.job.jobid] = self._submit_pool.submit(self._submit, j.job, step)
         return True
+
+    def _grow_requeued(self, plan: Plan) -> None:
+        """Slurm requeued a shrunk multi-rank step (same job id, same small size): while that job still
+        waits, cancel it and resubmit at the rule's full size (:meth:`_resize`). A job already running
+        again is left alone: two jobs must never write one checkpoint folder."""
+        step, obs = plan.step, plan.observation
+        if not step.geometry.multi_rank or step.geometry == step.full_size or obs.state is not SlurmJobState.PENDING:
+            return
+        shrunk = step.geometry
+        new = pendingshrink.resubmit_shape(
+            step.full_size, shrunk, self._partition_nodes.get(step.partition or ""), step.history.excluded_nodes, step.min_nodes
+        )
+        if isinstance(new, str) or (new.nodes or 1) <= (shrunk.nodes or 1):
+            return
+        self.slurm.cancel(obs.job_id)
+        self.logger.warning(
+            f"rkslurm: rule {step.rule}: Slurm requeued job {obs.job_id} on {shrunk.describe()}; cancelled it while it waits "
+            f"and resubmitting on {new.describe()} again; the step restores its checkpoint on {new.tasks or 1} rank(s)"
+        )
+        step.geometry = new
+        self._record(step, "regrown")
+        self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
 
     def _shrink_candidate(self, plan: Plan, now: float) -> pendingshrink.Candidate | None:
         step, obs = plan.step, plan.observation

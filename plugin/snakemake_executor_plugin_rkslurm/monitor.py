@@ -145,6 +145,8 @@ class Step:
     decided_from: StepHistory | None = field(default=None, repr=False)
     #: nodes x tasks of the current submission (multi-rank steps: smaller after a node failure allows it)
     geometry: Geometry = field(default_factory=Geometry)
+    #: nodes x tasks the rule asks for (default: ``geometry``); every resubmission starts from it, so a shrunk step grows back
+    requested: Geometry | None = None
     #: the fewest nodes a multi-rank step may be resubmitted on (None: never fewer than requested)
     min_nodes: int | None = None
     #: CPUs per task of a multi-rank step (``cpus_per_task`` or threads): what a node must have free to take a rank
@@ -155,6 +157,13 @@ class Step:
     def __post_init__(self) -> None:
         if self.folder is None and self.checkpoint_dir is not None:
             self.folder = StepFolder(self.checkpoint_dir)
+        if self.requested is None:
+            self.requested = self.geometry
+
+    @property
+    def full_size(self) -> Geometry:
+        """The rule's own nodes x tasks (``requested``; the current shape when nobody set it)."""
+        return self.requested if self.requested is not None else self.geometry
 
     @property
     def job_id(self) -> str | None:

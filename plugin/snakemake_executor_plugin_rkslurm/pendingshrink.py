@@ -11,6 +11,12 @@ resubmitted or requeued multi-rank job that has waited for nodes longer than
 its checkpoint folder is touched) and resubmitted on as many nodes as are
 free now, tasks scaled down like after a node failure (:func:`.ranks.shrink`).
 
+A shrunk step grows back: every later resubmission (after a preemption, a
+requeue or a node failure of the smaller job) asks for the rule's full size
+again, less what the partition cannot give after node failures
+(:func:`resubmit_shape`); if that size cannot start, it shrinks again by the
+same rule.
+
 Pure rules here; the executor asks Slurm (one ``squeue`` for the pending
 reasons and one ``sinfo`` per partition, per poll, and only while such a
 step waits) and acts.
@@ -21,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .ranks import Geometry, expand_hostlist, shrink
+from .ranks import Geometry, expand_hostlist, shrink, usable
 
 __all__ = [
     "NODE_REASONS",
@@ -31,6 +37,7 @@ __all__ = [
     "parse_reasons",
     "per_node_cpus",
     "plan_shrinks",
+    "resubmit_shape",
     "shrunk",
     "waits_for_nodes",
 ]
@@ -81,6 +88,25 @@ def shrunk(c: Candidate, reason: str | None, free: int) -> Geometry | None:
     if isinstance(new, str) or new == c.geometry:
         return None
     return new
+
+
+def resubmit_shape(
+    full: Geometry, current: Geometry, partition_nodes: Iterable[str] | None, excluded: Iterable[str], floor: int | None
+) -> Geometry | str:
+    """The shape of a multi-rank step's next submission, or why there is none.
+
+    It starts from the rule's ``full`` size, never from the ``current`` (maybe
+    shrunk) one: the nodes that were busy or down when it shrank may be back.
+    Nodes excluded after a node failure still count against it. Without the
+    partition's node list: the full size, which shrinks again in the queue if
+    it cannot start; after a node failure, the current shape (the full size
+    might not fit beside the excluded nodes at all, and sbatch would refuse it).
+    """
+    nodes = list(partition_nodes or ())
+    excluded = list(excluded)
+    if not nodes:
+        return current if excluded else full
+    return shrink(full, usable(nodes, excluded), floor)
 
 
 def per_node_cpus(g: Geometry, cpus_per_task: int) -> int:

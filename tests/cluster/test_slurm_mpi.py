@@ -21,16 +21,18 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
 from fixtures_slurm import (
     ATOMIC_WRITE,
+    STEP_ARGS,
     SlurmWorkflow,
-    cancel_jobs_in,
     fail_node,
     multinode,
     restore_node,
+    run_until_done,
     submit_urgent,
     wait_until,
 )
@@ -53,17 +55,8 @@ import argparse, hashlib, json, os, signal, socket, sys, tempfile, time
 from mpi4py import MPI
 '''
     + ATOMIC_WRITE
-    + r"""
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--steps", type=int, required=True)
-ap.add_argument("--cells", type=int, default=12)
-ap.add_argument("--delay", type=float, default=0.1)
-ap.add_argument("--checkpoint-every", type=int, default=1)
-ap.add_argument("--checkpoint-dir", default=os.environ.get("RKSLURM_CHECKPOINT_DIR"))
-ap.add_argument("--seed", default="rkslurm")
-ap.add_argument("--trace")
-ap.add_argument("--out", required=True)
+    + STEP_ARGS
+    + r"""ap.add_argument("--cells", type=int, default=12)
 a = ap.parse_args()
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -177,14 +170,16 @@ def _job_field(job_id: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _finish(p: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-        raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
-    return out
+def _preempt_at_step_5(w: SlurmWorkflow, p: subprocess.Popen, node: str | None = None, seconds: float = 3) -> Callable[[], str]:
+    """A disruption for :func:`run_until_done`: once the 4 ranks checkpointed step 5, an urgent job
+    (on ``node`` only, for ``seconds``) preempts the step; returns the urgent job's id."""
+
+    def preempt() -> str:
+        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
+        assert p.poll() is None, "snakemake ended before the preemption"
+        return submit_urgent(seconds, node=node)
+
+    return preempt
 
 
 def test_two_node_four_rank_step_preempted_resubmitted_and_restored_bit_identical(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
@@ -193,15 +188,7 @@ def test_two_node_four_rank_step_preempted_resubmitted_and_restored_bit_identica
     w = slurm_workflow
     ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40)
     p = w.start()
-    try:
-        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
-        assert p.poll() is None, "snakemake ended before the preemption"
-        submit_urgent(3)
-        out = _finish(p, 240)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
+    out = run_until_done(w, p, 240, _preempt_at_step_5(w, p))
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == ref
     starts, stops = w.events("start"), w.events("stop")
@@ -222,8 +209,10 @@ def _fail_second_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str]) -
     """Once the step checkpointed, fail a node of its job that is NOT the batch host (the node
     rkslurm must find by asking Slurm which one is down); returns (failed node, newest checkpoint
     step before, Snakemake's output). The node is restored whatever happens."""
-    dead: list[str] = []
-    try:
+    undo: list[Callable[[], object]] = []
+    failed: list[tuple[str, int]] = []  # (node, newest checkpoint step when it failed)
+
+    def fail() -> None:
         wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
         assert p.poll() is None, "snakemake ended before the node could fail"
         start = w.events("start")[0]
@@ -231,16 +220,12 @@ def _fail_second_node(w: SlurmWorkflow, p: subprocess.Popen, nodes: list[str]) -
         other = next(n for n in sorted(set(start["hosts"])) if n != batch)
         assert batch in nodes and other in nodes, (batch, start)
         fail_node(other)
-        dead.append(other)
-        killed_at = max(e["step"] for e in w.events("ckpt"))
-        out = _finish(p, 300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
-        for n in dead:
-            restore_node(n)
-    return other, killed_at, out
+        undo.append(lambda: restore_node(other))
+        failed.append((other, max(e["step"] for e in w.events("ckpt"))))
+
+    out = run_until_done(w, p, 300, fail, undo)
+    ((node, step),) = failed
+    return node, step, out
 
 
 def test_node_failure_under_a_two_node_step_resubmits_on_one_node_with_fewer_ranks(slurm_workflow: SlurmWorkflow, nodes: list[str]) -> None:
@@ -271,38 +256,48 @@ def test_node_failure_under_a_two_node_step_resubmits_on_one_node_with_fewer_ran
     )
 
 
-def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_free_node(
+def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_free_node_and_grows_back(
     slurm_workflow: SlurmWorkflow, nodes: list[str]
 ) -> None:
     """An urgent job takes one node of a 2x4 step on scavenger and keeps it: the full-size
     resubmission waits (Resources); after --rkslurm-shrink-after it is cancelled and resubmitted on
-    the free node as 1x2, which restores the 4-rank checkpoint on 2 ranks, bit-identical."""
+    the free node as 1x2, which restores the 4-rank checkpoint on 2 ranks. Then the first node is
+    given back and the 1x2 job is preempted in turn: its resubmission asks for 2x4 again (the rule's
+    size, not the shrunk one). The result is bit-identical."""
     w = slurm_workflow
-    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40)
-    p = w.start("--rkslurm-min-nodes", "1", "--rkslurm-shrink-after", "3")
-    urgent = None
-    try:
-        wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
-        assert p.poll() is None, "snakemake ended before the preemption"
-        urgent = submit_urgent(300, node=nodes[0])  # holds the node until the test cancels it
-        out = _finish(p, 240)
-    finally:
-        if urgent is not None:
-            subprocess.run(["scancel", urgent], capture_output=True, timeout=20)
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
+    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=80)
+    p = w.start("--rkslurm-min-nodes", "1", "--rkslurm-shrink-after", "6")
+    undo: list[Callable[[], object]] = []
+    preempt = _preempt_at_step_5(w, p, node=nodes[0], seconds=300)  # the urgent job holds the node until the test cancels it
+
+    def hold_one_node_then_preempt_the_shrunk_job() -> None:
+        urgent = preempt()
+        undo.append(lambda: subprocess.run(["scancel", urgent], capture_output=True, timeout=20))
+        wait_until(lambda: len(w.events("start")) >= 2 or p.poll() is not None, 150, "the shrunk job to start")
+        shrunk = w.events("start")[1]
+        ran = lambda: [e for e in w.events("ckpt") if e["job"] == shrunk["job"] and e["step"] >= shrunk["step"] + 3]  # noqa: E731
+        wait_until(lambda: ran() or p.poll() is not None, 150, "the shrunk job to checkpoint")
+        assert p.poll() is None, "snakemake ended before the shrunk job could be preempted"
+        subprocess.run(["scancel", urgent], capture_output=True, timeout=20, check=True)  # the first node is free again
+        wait_until(lambda: _job_field(urgent, "JobState") != "RUNNING", 60, "the urgent job to end")
+        submit_urgent(1, node=shrunk["hosts"][0])
+
+    out = run_until_done(w, p, 300, hold_one_node_then_preempt_the_shrunk_job, undo)
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == ref
     starts, stops = w.events("start"), w.events("stop")
-    assert [s["ranks"] for s in starts] == [4, 2], starts
+    assert [s["ranks"] for s in starts[:2]] == [4, 2] and len(starts) >= 3, starts
     assert set(starts[1]["hosts"]) == {n for n in nodes if n != nodes[0]}, starts[1]
-    assert len(stops) == 1 and starts[1]["step"] == stops[0]["step"] > 0, (starts, stops)
+    assert len(stops) == 2 and starts[1]["step"] == stops[0]["step"] > 0 and starts[2]["step"] == stops[1]["step"], (starts, stops)
     assert "(reason Resources) for 2 node(s) x 4 task(s)" in out and "resubmitting on 1 node(s) x 2 task(s)" in out, out[-5000:]
+    assert "resubmitting on 2 node(s) x 4 task(s) instead of 1 node(s) x 2 task(s) again" in out, out[-5000:]
     ids = _submitted_ids(out)
-    assert len(set(ids)) == 3, out[-5000:]  # the first run, the full-size resubmission (cancelled, never ran), the 1x2 one
+    # the first run, the full-size resubmission (cancelled, never ran), the 1x2 one, the full-size one after its preemption
+    assert len(set(ids)) >= 4, out[-5000:]
     assert _job_field(ids[1], "JobState") == "CANCELLED" and _job_field(ids[1], "RunTime") == "00:00:00"
     assert (_job_field(ids[2], "NumNodes"), _job_field(ids[2], "NumTasks")) == ("1", "2")
+    assert (_job_field(ids[3], "NumNodes"), _job_field(ids[3], "NumTasks")) == ("2", "4")
     print(
-        f"2x4 step preempted at step {stops[0]['step']} ({ids[0]}); full-size resubmission {ids[1]} waited, cancelled; 1x2 {ids[2]} finished"
+        f"2x4 step preempted at step {stops[0]['step']} ({ids[0]}); full-size resubmission {ids[1]} waited, cancelled; "
+        f"1x2 {ids[2]} preempted at step {stops[1]['step']}; resubmitted as 2x4 ({ids[3]}); ranks per run {[s['ranks'] for s in starts]}"
     )

@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import pytest
 
 from fixtures_kernel import rkrun_env
-from fixtures_slurm import SlurmWorkflow, cancel_jobs_in, fail_node, multinode, restore_node, submit_urgent, wait_until
+from fixtures_slurm import SlurmWorkflow, fail_node, multinode, restore_node, run_until_done, submit_urgent, wait_until
 from helpers import REPO
 
 pytestmark = pytest.mark.slurm
@@ -87,14 +88,10 @@ def _wait_progress(w: SlurmWorkflow, p: subprocess.Popen, steps: int) -> None:
         raise AssertionError(f"snakemake ended too early:\n{p.communicate()[0][-5000:]}")
 
 
-def _finish(p: subprocess.Popen, w: SlurmWorkflow, timeout: float) -> str:
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-        cancel_jobs_in(w.root)
-        raise AssertionError(f"snakemake did not finish within {timeout}s:\n{out[-6000:]}") from None
+def _finish(p: subprocess.Popen, w: SlurmWorkflow, timeout: float, disrupt: Callable[[], object] | None = None) -> str:
+    """Snakemake's output after ``disrupt`` (:func:`run_until_done`: cleaned up whatever happens); it must succeed."""
+    undo: list[Callable[[], object]] = []
+    out = run_until_done(w, p, timeout, None if disrupt is None else lambda: disrupt(undo), undo)
     assert p.returncode == 0, out[-6000:] + "\n" + _logs(w)[-6000:]
     return out
 
@@ -132,14 +129,12 @@ def test_real_rkrun_two_node_four_rank_step_preempted_and_restored_bit_identical
     _workflow(w, "scavenger", args, throttle_ms=150)
     ref = _reference(w, args)
     p = w.start("--rkslurm-keep-successful-logs")
-    try:
+
+    def preempt(undo: list[Callable[[], object]]) -> None:
         _wait_progress(w, p, 24)
         submit_urgent(3)
-        out = _finish(p, w, 240)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
+
+    out = _finish(p, w, 240, preempt)
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     stop = re.search(r"stopped at step (\d+)", logs)
@@ -159,12 +154,7 @@ def test_real_rkrun_rank_killed_mid_checkpoint_restores_the_previous_set(slurm_w
     ref = _reference(w, args)
     # no node failed: hold the failed job 5 s (not 60) for Slurm to name a dead node before it counts as a kill
     p = w.start("--rkslurm-keep-successful-logs", "--rkslurm-node-failure-wait", "5")
-    try:
-        out = _finish(p, w, 240)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
+    out = _finish(p, w, 240)
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     assert set(_restores(logs)) == {(8, 4, 4)}, logs[-5000:]  # one line per rank
@@ -181,19 +171,16 @@ def test_real_rkrun_node_failure_resubmits_on_one_node_with_fewer_ranks(slurm_wo
     ref = _reference(w, args)
     p = w.start("--rkslurm-keep-successful-logs", "--rkslurm-min-nodes", "1")
     dead: list[str] = []
-    try:
+
+    def fail_a_node_not_the_batch_host(undo: list[Callable[[], object]]) -> None:
         _wait_progress(w, p, 24)
         _, hosts, batch = _running_job(w.root)
-        other = next(n for n in sorted(set(hosts)) if n != batch)
-        fail_node(other)
-        dead.append(other)
-        out = _finish(p, w, 300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            cancel_jobs_in(w.root)
-        for n in dead:
-            restore_node(n)
+        dead.append(next(n for n in sorted(set(hosts)) if n != batch))
+        fail_node(dead[0])
+        undo.append(lambda: restore_node(dead[0]))
+
+    out = _finish(p, w, 300, fail_a_node_not_the_batch_host)
+    other = dead[0]
     _assert_identical(w.root / "result.h5", ref)
     logs = _logs(w)
     assert f"excluding node {other}" in out, out[-5000:]

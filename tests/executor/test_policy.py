@@ -911,3 +911,136 @@ def test_executor_cancels_a_waiting_resubmission_and_resubmits_it_smaller(tmp_pa
     ex._resubmits[1].result(timeout=10)
     assert slurm.cancelled == ["101"] and submitted == [Geometry(1, 2)] and step.geometry == Geometry(1, 2) and ex.failed == []
     assert _poll(ex, [job]) == [job] and step.job_id == "102" and job.external_jobid == "102"
+
+
+# ---------------------------------------------------------------- multi-rank steps: a shrunk step grows back
+
+
+@pytest.mark.parametrize(
+    ("partition", "excluded", "floor", "expected"),
+    [
+        (["n1", "n2"], (), 1, (2, 4)),  # the busy node is free again: the rule's full size, not the shrunk one
+        (["n1", "n2"], ("n2",), 1, (1, 2)),  # a node failed earlier: it stays excluded
+        (["n1", "n2", "n3"], ("n2",), 1, (2, 4)),  # ... but another node takes its place
+        (None, (), 1, (2, 4)),  # no node list: full size, and the queue shrinks it again if need be
+        (None, ("n2",), 1, (1, 2)),  # no node list after a failure: the full size might not fit at all
+        (["n1", "n2"], ("n1", "n2"), 1, "needs at least 1 node(s)"),
+    ],
+)
+def test_every_resubmission_of_a_shrunk_step_starts_from_the_rules_full_size(
+    partition: list[str] | None, excluded: tuple[str, ...], floor: int, expected: tuple | str
+) -> None:
+    from snakemake_executor_plugin_rkslurm.pendingshrink import resubmit_shape
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+
+    new = resubmit_shape(Geometry(2, 4), Geometry(1, 2), partition, excluded, floor)
+    if isinstance(expected, str):
+        assert isinstance(new, str) and expected in new, new
+    else:
+        assert new == Geometry(*expected)
+    # a step never shrunk gets its full size as before
+    assert resubmit_shape(Geometry(2, 4), Geometry(2, 4), ["n1", "n2"], (), 1) == Geometry(2, 4)
+
+
+def _shrunk_step_executor(tmp_path, reason: str, idle: dict[str, int]):  # noqa: ANN202
+    """An executor with one 2 x 4 step (min nodes 1) that runs shrunk to 1 x 2 as Slurm job 101."""
+    from types import SimpleNamespace
+
+    from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+    from test_executor_monitor import FakeSlurm
+    from test_executor_nonblocking import _bare_executor
+
+    from snakemake_executor_plugin_rkslurm.monitor import Step
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+
+    class Fake(FakeSlurm):
+        def pending_reasons(self, ids: list[str]) -> dict[str, str]:
+            return dict.fromkeys(ids, reason)
+
+        def idle_cpus(self, partition: str | None) -> dict[str, int]:
+            return idle
+
+    slurm, submitted = Fake(), []
+    ids = iter(range(102, 110))
+
+    def sbatch(job, step):  # noqa: ANN001, ANN202
+        submitted.append(step.geometry)
+        n = str(next(ids))
+        return n, f"{n}.log"
+
+    ex = _bare_executor(tmp_path, slurm, sbatch)
+    ex._partition_nodes = {"main": ["n1", "n2"]}
+    ex.workflow.executor_settings.shrink_after = 60.0
+    step = Step(rule="wave", checkpoint_dir=None, partition="main", geometry=Geometry(2, 4), min_nodes=1)
+    step.submitted("100", None, 0.0)
+    step.geometry = Geometry(1, 2)  # shrunk by the queue rule (or a node failure) ...
+    step.submitted("101", None, 0.0)  # ... and running on 1 node
+    ex._steps[1] = step
+    return ex, slurm, step, submitted, SubmittedJobInfo(job=SimpleNamespace(jobid=1, name="wave"), external_jobid="101")
+
+
+def test_a_shrunk_step_preempted_asks_for_its_full_size_again_and_shrinks_again_if_it_cannot_start(tmp_path) -> None:
+    """The shrunk 1 x 2 job is preempted: the resubmission asks for 2 x 4 (the rule's size). That job waits
+    (Resources) past --rkslurm-shrink-after with one node busy: cancelled, resubmitted on 1 x 2 again."""
+    from test_executor_nonblocking import _poll
+
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    ex, slurm, step, submitted, job = _shrunk_step_executor(tmp_path, "Resources", {"n1": 0, "n2": 2})
+    assert step.full_size == Geometry(2, 4) and step.geometry == Geometry(1, 2)
+    slurm.records["101"] = JobRecord(job_id="101", state="CANCELLED", partition="main", exit_code="0:15", preempted=True)
+    assert _poll(ex, [job]) == [job]
+    ex._resubmits[1].result(timeout=10)
+    assert submitted == [Geometry(2, 4)] and step.geometry == Geometry(2, 4) and ex.failed == []
+    assert _poll(ex, [job]) == [job] and step.job_id == "102"
+    slurm.records["102"] = JobRecord(job_id="102", state="PENDING", partition="main", preempted=False)
+    step.submitted_at -= 61
+    assert _poll(ex, [job]) == [job]
+    ex._resubmits[1].result(timeout=10)
+    assert slurm.cancelled == ["102"] and submitted == [Geometry(2, 4), Geometry(1, 2)] and step.geometry == Geometry(1, 2)
+    assert step.full_size == Geometry(2, 4) and ex.failed == []
+
+
+def test_a_shrunk_step_after_a_node_failure_keeps_the_failed_node_excluded(tmp_path) -> None:
+    """NODE_FAIL of the shrunk job's node n1, with n2 excluded earlier: no node is left (the failure
+    is reported, naming both); with n2 excluded and a plain preemption, it stays on 1 x 2."""
+    from test_executor_nonblocking import _poll
+
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    ex, slurm, step, submitted, job = _shrunk_step_executor(tmp_path, "Resources", {"n1": 2, "n2": 2})
+    step.history = dataclasses.replace(step.history, excluded_nodes=("n2",))
+    slurm.records["101"] = JobRecord(job_id="101", state="CANCELLED", partition="main", exit_code="0:15", preempted=True)
+    assert _poll(ex, [job]) == [job]
+    ex._resubmits[1].result(timeout=10)
+    assert submitted == [Geometry(1, 2)] and step.history.excluded_nodes == ("n2",) and ex.failed == []
+    assert _poll(ex, [job]) == [job] and step.job_id == "102"
+    slurm.records["102"] = JobRecord(
+        job_id="102", state="NODE_FAIL", partition="main", node="n1", nodes="n1", failed_nodes=("n1",), preempted=False
+    )
+    assert _poll(ex, [job]) == [] and submitted == [Geometry(1, 2)]
+    (msg,) = [m for _, m in ex.failed]
+    assert "excluded after failures: n2, n1" in msg, msg
+
+
+def test_a_shrunk_step_requeued_by_slurm_is_resubmitted_at_full_size_while_it_waits(tmp_path) -> None:
+    """Slurm requeues the shrunk job (same id, same 1 x 2): while it is pending it is cancelled and
+    resubmitted on 2 x 4; a requeued job already running again is left alone."""
+    from test_executor_nonblocking import _poll
+
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    for state, grows in (("RUNNING", False), ("PENDING", True)):
+        ex, slurm, step, submitted, job = _shrunk_step_executor(tmp_path / state, "BeginTime", {"n1": 2, "n2": 2})
+        slurm.records["101"] = JobRecord(job_id="101", state=state, partition="main", restarts=1, preempted=False)
+        assert _poll(ex, [job]) == [job] and step.history.job_requeues == 1
+        if grows:
+            ex._resubmits[1].result(timeout=10)
+            assert slurm.cancelled == ["101"] and submitted == [Geometry(2, 4)] and step.geometry == Geometry(2, 4)
+            assert _poll(ex, [job]) == [job] and step.job_id == "102" and job.external_jobid == "102"
+        else:
+            assert slurm.cancelled == [] and submitted == [] and step.geometry == Geometry(1, 2) and not ex._resubmits
+        assert ex.failed == []

@@ -199,7 +199,7 @@ def test_hung_rank_the_others_leave_at_the_deadline_naming_it(tmp_path: Path) ->
 
     # rank 0 ended (rc 1) but says it lost a rank: the attempt counts as killed, so the executor resumes it
     (run,) = attempts(read_events(ck / "rkstep.events.jsonl"))
-    assert run.ended and run.end_rc == 1 and run.rank_lost and run.killed, run
+    assert run.ended and run.end_rc == 1 and run.rank_lost and run.killed and run.ranks == 3, run
 
 
 def test_done_when_two_ranks_killed_after_a_set_resume_on_three(tmp_path: Path) -> None:

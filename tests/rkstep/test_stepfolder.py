@@ -208,6 +208,8 @@ HOSTILE_LINES = [
     json.dumps([{"event": "start"}]),
     json.dumps({"event": "end", "job": "7", "restart": 0, "pid": 1, "rc": [1]}),
     json.dumps({"event": "start", "job": {"x": 1}}),
+    json.dumps({"event": "start", "job": "7", "restart": 0, "pid": 1, "ranks": 0}),  # no launcher starts 0 ranks
+    json.dumps({"event": "start", "job": "7", "restart": 0, "pid": 1, "ranks": "4"}),
 ]
 
 

@@ -42,36 +42,18 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
 
 
+def rkrun_wavesim(options: str, ckdir: Path, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    """``rkrun wavesim`` on the NumPy back end with ``options`` (words without spaces) and ``more``."""
+    cmd = ["rkrun", "wavesim", *options.split(), "--backend", "numpy", "--checkpoint-dir", str(ckdir), *more, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real rkrun result on a tiny grid (NumPy back end: no device needed, exact reference)."""
     d = tmp_path_factory.mktemp("rkrun")
     out = d / "result.h5"
-    proc = subprocess.run(
-        [
-            "rkrun",
-            "wavesim",
-            "--grid",
-            "12",
-            "10",
-            "9",
-            "--steps",
-            "40",
-            "--checkpoint-dir",
-            str(d / "ck"),
-            "--checkpoint-every",
-            "20",
-            "--backend",
-            "numpy",
-            "--energy-every",
-            "5",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = rkrun_wavesim("--grid 12 10 9 --steps 40 --checkpoint-every 20 --energy-every 5", d / "ck", out)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -101,29 +83,7 @@ def test_make_model_lens_and_rkrun_runs_in_it(tmp_path: Path) -> None:
     m = np.load(out)
     assert m.shape == (16, 24) and np.count_nonzero(m == 2200.0) >= 4
     res = tmp_path / "r.h5"
-    run = subprocess.run(
-        [
-            "rkrun",
-            "wavesim",
-            "--grid",
-            "24",
-            "6",
-            "16",
-            "--steps",
-            "5",
-            "--checkpoint-dir",
-            str(tmp_path / "ck"),
-            "--backend",
-            "numpy",
-            "--velocity",
-            str(out),
-            "--out",
-            str(res),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = rkrun_wavesim("--grid 24 6 16 --steps 5", tmp_path / "ck", res, "--velocity", str(out))
     assert run.returncode == 0, run.stderr
     with h5py.File(res) as f:
         assert np.array_equal(f["velocity"][()], m)
@@ -619,21 +579,16 @@ def test_demo_on_the_running_cluster_is_bit_identical(slurm_env: dict[str, str],
 
 
 def test_rank_counts_per_attempt_are_read_and_drawn(tmp_path: Path) -> None:
-    """Each attempt of the multi-rank step is labelled with its ranks (from the launch's record) and each
-    restore with the ranks that wrote the set (from its part names); junk lines are skipped, not fatal."""
-    rec = tmp_path / "ranks.jsonl"
-    rec.write_text(
-        '{"job": "11", "restart": 0, "ranks": 4, "t": 1}\nnot json\n{"job": "12", "ranks": true}\n{"job": "12", "ranks": 2}\n[1]\n'
-    )
-    assert plot.read_ranks(rec) == {"11": 4, "12": 2}
-    assert plot.read_ranks(tmp_path / "missing.jsonl") == {}
+    """Each attempt of the multi-rank step is labelled with its ranks (from its own ``start`` event) and each
+    restore with the ranks that wrote the set (from its part names); a start without ranks says so, and a
+    start whose rank count is not one a launcher gives is not an attempt of ours."""
     runs = attempts(
         [
-            {"event": "start", "job": "11", "pid": 1, "step": None, "t": 0.0},
+            {"event": "start", "job": "11", "pid": 1, "step": None, "t": 0.0, "ranks": 4},
             {"event": "checkpoint", "job": "11", "pid": 1, "step": 100, "t": 1.0},
             {"event": "stop", "job": "11", "pid": 1, "step": 120, "signal": "SIGTERM", "t": 2.0},
             {"event": "end", "job": "11", "pid": 1, "rc": 75, "step": 120, "t": 2.0},
-            {"event": "start", "job": "12", "pid": 2, "t": 5.0},
+            {"event": "start", "job": "12", "pid": 2, "t": 5.0, "ranks": 2},
             {
                 "event": "restore",
                 "job": "12",
@@ -642,13 +597,19 @@ def test_rank_counts_per_attempt_are_read_and_drawn(tmp_path: Path) -> None:
                 "chain": [f"wavesim.r{r}of4-000000000120-full.rk.h5" for r in range(4)],
             },
             {"event": "end", "job": "12", "pid": 2, "rc": 0, "step": 300, "t": 9.0},
+            *({"event": "start", "job": "13", "pid": 3, "t": 10.0, "ranks": bad} for bad in (0, True, "2", 2.0, 1 << 40)),
+            {"event": "start", "job": "14", "pid": 4, "t": 11.0},
         ]
     )
+    assert [(a.job, a.ranks) for a in runs] == [("11", 4), ("12", 2), ("14", None)]
+    assert plot._labels(runs[2], 2, True) == ("job 14: ranks unknown", "")
+    runs = runs[:2]
     assert [plot.written_by(a) for a in runs] == [None, 4]
-    assert plot._labels(runs[1], 1, {"11": 4, "12": 2}) == ("job 12: 2 ranks", " from a set of 4 ranks")
-    assert plot._labels(runs[0], 0, None) == ("job 11", "")
+    assert plot._labels(runs[1], 1, True) == ("job 12: 2 ranks", " from a set of 4 ranks")
+    assert plot._labels(runs[0], 0, True) == ("job 11: 4 ranks", "")
+    assert plot._labels(runs[0], 0, False) == ("job 11", "")
     out = tmp_path / "t.png"
-    plot.plot_timeline(runs[:1], out, total_steps=300, more=[("multi-rank simulation (MPI)", runs, 300, {"11": 4, "12": 2})])
+    plot.plot_timeline(runs[:1], out, total_steps=300, more=[("multi-rank simulation (MPI)", runs, 300, True)])
     w, h = png_size(out)
     assert w >= 600 and h >= 600  # two panels
 
@@ -663,7 +624,7 @@ def test_compare_writes_its_verdict_as_json(tmp_path: Path, tiny_result: Path) -
 
 def test_workflow_multi_rank_step_matches_the_single_process_result(tmp_path: Path) -> None:
     """``mpi_step: true`` under the local executor: simulate_mpi runs as ``mpiexec -n 3`` (an uneven
-    split), records its ranks, and compare_mpi finds it bit-identical to simulate; off by default."""
+    split), its start event records its 3 ranks, and compare_mpi finds it bit-identical to simulate; off by default."""
     cfg = _config("12,10,14", 30, 10)  # 14 planes along z: 5 + 5 + 4 (each rank needs its halo's 4)
     proc = subprocess.run(_snakemake(tmp_path, "-n", *cfg), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "simulate_mpi" not in proc.stdout + proc.stderr, proc.stdout
@@ -686,6 +647,7 @@ def test_workflow_multi_rank_step_matches_the_single_process_result(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr + proc.stdout
     res = tmp_path / "results" / "demo"
     assert json.loads((res / "compare_mpi.json").read_text())["identical"] is True
-    assert plot.read_ranks(res / "simulate_mpi.ranks.jsonl") == {"": 3}
+    assert not (res / "simulate_mpi.ranks.jsonl").exists()  # no side file: the ranks are rkrun's own record
     (run,) = attempts(read_events(res / "simulate_mpi.events.jsonl"))
-    assert run.done and run.reached == 30
+    assert run.done and run.reached == 30 and run.ranks == 3
+    assert [a.ranks for a in attempts(read_events(res / "simulate.events.jsonl"))] == [1]  # rkrun alone: one rank

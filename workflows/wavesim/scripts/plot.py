@@ -6,7 +6,6 @@ marking every preemption (stop) and every restore with the chain it came from.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -81,26 +80,6 @@ def plot_fields(
     _save(fig, out)
 
 
-def read_ranks(path: str | Path) -> dict[str, int]:
-    """Ranks of each Slurm job of a multi-rank step (``rkrun.ranks.jsonl``: one line per attempt,
-    written by the workflow's launch from the allocation's tasks); lines that are not such a record are skipped."""
-    ranks: dict[str, int] = {}
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as e:
-        print(f"plot: {path}: cannot read rank counts ({e.strerror or e}); the timeline shows none", file=sys.stderr)
-        return ranks
-    for line in text.splitlines()[-10_000:]:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        n = rec.get("ranks") if isinstance(rec, dict) else None
-        if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1_000_000 and isinstance(rec.get("job"), str):
-            ranks[rec["job"]] = n
-    return ranks
-
-
 _SET_RANKS = re.compile(r"\.r\d+of(\d+)-")
 
 
@@ -114,33 +93,33 @@ def plot_timeline(
     runs: list[Attempt],
     out: str | Path,
     total_steps: int | None = None,
-    more: list[tuple[str, list[Attempt], int | None] | tuple[str, list[Attempt], int | None, dict[str, int]]] = (),
+    more: list[tuple[str, list[Attempt], int | None] | tuple[str, list[Attempt], int | None, bool]] = (),
 ) -> None:
     """Step reached against wall time, one segment per attempt; ✕ stops, ▲ restores (with the chain restored).
 
-    ``more``: further steps' timelines (name, attempts, total steps[, ranks by Slurm job]), one panel each
-    below; with ranks, each attempt is labelled with its rank count and each restore with the rank count
-    that wrote the set.
+    ``more``: further steps' timelines (name, attempts, total steps[, show ranks]), one panel each
+    below; with ranks, each attempt is labelled with its rank count (its ``start`` event's ``ranks``)
+    and each restore with the rank count that wrote the set.
     """
-    panels = [("simulation", runs, total_steps, None), *((*p, None)[:4] for p in more)]
+    panels = [("simulation", runs, total_steps, False), *((*p, False)[:4] for p in more)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), constrained_layout=True, squeeze=False)
     for ax, (name, r, total, ranks) in zip(axes[:, 0], panels, strict=True):
         _timeline_panel(ax, name, r, total, ranks)
     _save(fig, out)
 
 
-def _labels(a: Attempt, i: int, ranks: dict[str, int] | None) -> tuple[str, str]:
-    """The attempt's legend label and the text after its restore marker."""
+def _labels(a: Attempt, i: int, ranks: bool) -> tuple[str, str]:
+    """The attempt's legend label and the text after its restore marker (with ``ranks``: the rank counts)."""
     label = f"job {a.job}" if a.job else f"attempt {i + 1}"
-    if ranks is None:
+    if not ranks:
         return label, ""
-    n = ranks.get(a.job or "")
+    n = a.ranks
     label += f": {n} rank{'s' if n != 1 else ''}" if n else ": ranks unknown"
     w = written_by(a)
     return label, f" from a set of {w} rank{'s' if w != 1 else ''}" if w else ""
 
 
-def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: int | None, ranks: dict[str, int] | None = None) -> None:
+def _timeline_panel(ax: plt.Axes, name: str, runs: list[Attempt], total_steps: int | None, ranks: bool = False) -> None:
     times = [t for a in runs for t in (a.start_time, a.end_time, *(p[0] for p in a.points)) if t is not None]
     t0 = min(times) if times else None
     use_time = t0 is not None and all(a.start_time is not None for a in runs)
@@ -203,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", help="the simulate step's attempt events (rkstep.events.jsonl of its checkpoint folder)")
     ap.add_argument("--traveltime", help="rkrun traveltime result: first-arrival contours over the field")
     ap.add_argument("--tt-log", help="the traveltime step's attempt events: a second timeline panel")
-    ap.add_argument("--mpi-log", help="the multi-rank step's attempt events (simulate_mpi): a panel with the ranks of each attempt")
-    ap.add_argument("--mpi-ranks", help="the multi-rank step's rank count per Slurm job (rkrun.ranks.jsonl)")
+    ap.add_argument(
+        "--mpi-log",
+        help="the multi-rank step's attempt events (simulate_mpi): a panel with the ranks of each attempt (their start events')",
+    )
     ap.add_argument("--fields", required=True, help="output PNG: slices of the final field")
     ap.add_argument("--timeline", required=True, help="output PNG: timeline of the run")
     a = ap.parse_args(argv)
@@ -249,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = attempts(read_events(a.log)) if a.log else []
     more: list = [("traveltime", attempts(read_events(a.tt_log)), tt_total)] if a.tt_log else []
     if a.mpi_log:
-        ranks = read_ranks(a.mpi_ranks) if a.mpi_ranks else {}
-        more.append(("multi-rank simulation (MPI)", attempts(read_events(a.mpi_log)), total_of(attrs), ranks))
+        more.append(("multi-rank simulation (MPI)", attempts(read_events(a.mpi_log)), total_of(attrs), True))
     plot_timeline(runs, a.timeline, total_steps=attrs.get("step") if isinstance(attrs.get("step"), int) else None, more=more)
     s = summarise(runs)
     print(
