@@ -532,7 +532,8 @@ class Executor(_stock.Executor):
         )
         if isinstance(new, str) or (new.nodes or 1) <= (shrunk.nodes or 1):
             return
-        self.slurm.cancel(obs.job_id)
+        if not self._cancel_waiting(step, obs.job_id):
+            return
         self.logger.warning(
             f"rkslurm: rule {step.rule}: Slurm requeued job {obs.job_id} on {shrunk.describe()}; cancelled it while it waits "
             f"and resubmitting on {new.describe()} again; the step restores its checkpoint on {new.tasks or 1} rank(s)"
@@ -540,6 +541,16 @@ class Executor(_stock.Executor):
         step.geometry = new
         self._record(step, "regrown")
         self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
+
+    def _cancel_waiting(self, step: Step, job_id: str) -> bool:
+        """Cancel a job that waits in the queue, to resubmit it in another size; False if it started first.
+
+        The job may start between the poll that saw it waiting and the cancel: then it keeps running at
+        its size (a resubmission beside it would put two jobs on one checkpoint folder)."""
+        if self.slurm.cancel_pending(job_id):
+            return True
+        self.logger.warning(f"rkslurm: rule {step.rule}: job {job_id} started before it could be cancelled; it keeps its size")
+        return False
 
     def _shrink_candidate(self, plan: Plan, now: float) -> pendingshrink.Candidate | None:
         step, obs = plan.step, plan.observation
@@ -588,7 +599,8 @@ class Executor(_stock.Executor):
                 f"rkslurm: rule {step.rule}: {why}; cancelling it and resubmitting on {new.describe()} "
                 f"(min nodes {step.min_nodes}); the step restores its checkpoint on {new.tasks or 1} rank(s)"
             )
-            self.slurm.cancel(c.job_id)
+            if not self._cancel_waiting(step, c.job_id):
+                continue
             step.geometry = new
             self._record(step, "shrunk")
             self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)

@@ -64,6 +64,8 @@ class SlurmApi(Protocol):
 
     def cancel(self, job_id: str) -> None: ...
 
+    def cancel_pending(self, job_id: str) -> bool: ...
+
 
 class SlurmCli:
     """:class:`SlurmApi` on the real command-line tools (squeue, sacct, scancel).
@@ -107,6 +109,9 @@ class SlurmCli:
 
     def cancel(self, job_id: str) -> None:
         slurmquery.cancel(job_id)
+
+    def cancel_pending(self, job_id: str) -> bool:
+        return slurmquery.cancel_pending(job_id)
 
     def pending_reasons(self, job_ids: Sequence[str]) -> dict[str, str]:
         return slurmquery.pending_reasons(job_ids)

@@ -463,6 +463,25 @@ def cancel(job_id: str, timeout: float = 20.0) -> None:
         pass
 
 
+def cancel_pending(job_id: str, timeout: float = 20.0) -> bool:
+    """Cancel ``job_id`` only if it is still waiting; True once it is cancelled, False if it started.
+
+    Why not ``scancel`` and a state read before it: the job may start between
+    the poll that saw it PENDING and the cancel. ``scancel --state=PENDING``
+    is decided by slurmctld at the moment it acts, so a job that started is
+    never signalled; the state read afterwards tells which happened. When that
+    read fails the answer is False: a resubmission beside a job that might run
+    would put two jobs on one checkpoint folder.
+    """
+    try:
+        subprocess.run(["scancel", "--state=PENDING", str(job_id)], capture_output=True, timeout=timeout)
+        out = _run_checked(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"], timeout)
+    except (QueryError, OSError, subprocess.SubprocessError):
+        return False
+    states = {line.strip() for line in out.splitlines() if line.strip()}
+    return states <= {"CANCELLED"}
+
+
 def pending_reasons(job_ids: Iterable[str], timeout: float = 20.0) -> dict[str, str]:
     """Why each of ``job_ids`` waits (squeue's Reason): one call for all; raises QueryError."""
     ids = [str(i) for i in job_ids if i]

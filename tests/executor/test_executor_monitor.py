@@ -27,6 +27,7 @@ class FakeSlurm:
         self.asked: list[list[str]] = []
         self.down = False
         self.cancelled: list[str] = []
+        self.started: set[str] = set()
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         self.asked.append(list(job_ids))
@@ -39,6 +40,13 @@ class FakeSlurm:
 
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
+
+    def cancel_pending(self, job_id: str) -> bool:
+        """As ``scancel --state=PENDING``: a job listed in ``started`` began running first and is not cancelled."""
+        if job_id in self.started:
+            return False
+        self.cancelled.append(job_id)
+        return True
 
 
 MODES = {"scavenger": "CANCEL", "requeue": "REQUEUE", "normal": "OFF"}

@@ -1044,3 +1044,34 @@ def test_a_shrunk_step_requeued_by_slurm_is_resubmitted_at_full_size_while_it_wa
         else:
             assert slurm.cancelled == [] and submitted == [] and step.geometry == Geometry(1, 2) and not ex._resubmits
         assert ex.failed == []
+
+
+def test_a_waiting_job_that_starts_before_the_cancel_keeps_its_size_and_is_not_resubmitted(tmp_path) -> None:
+    """The window between the poll that saw the job PENDING and the cancel: the job starts in it. The
+    pending-only cancel leaves it running, and neither the shrink nor the regrow resubmits beside it
+    (two jobs would write one checkpoint folder)."""
+    from test_executor_nonblocking import _poll
+
+    from snakemake_executor_plugin_rkslurm.ranks import Geometry
+    from snakemake_executor_plugin_rkslurm.slurmquery import JobRecord
+
+    # the regrow of a requeued shrunk job
+    ex, slurm, step, submitted, job = _shrunk_step_executor(tmp_path / "regrow", "BeginTime", {"n1": 2, "n2": 2})
+    slurm.records["101"] = JobRecord(job_id="101", state="PENDING", partition="main", restarts=1, preempted=False)
+    slurm.started.add("101")  # starts between the poll and the cancel
+    assert _poll(ex, [job]) == [job]
+    assert slurm.cancelled == [] and submitted == [] and step.geometry == Geometry(1, 2) and not ex._resubmits
+    # the shrink of a full-size job waiting too long
+    ex, slurm, step, submitted, job = _shrunk_step_executor(tmp_path / "shrink", "Resources", {"n1": 0, "n2": 2})
+    step.geometry = Geometry(2, 4)
+    slurm.records["101"] = JobRecord(job_id="101", state="PENDING", partition="main", preempted=False)
+    step.submitted_at -= 61
+    slurm.started.add("101")
+    assert _poll(ex, [job]) == [job]
+    assert slurm.cancelled == [] and submitted == [] and step.geometry == Geometry(2, 4) and not ex._resubmits
+    assert ex.failed == []
+    # the same job, still waiting at the next poll and not started: shrunk as before
+    slurm.started.clear()
+    assert _poll(ex, [job]) == [job]
+    ex._resubmits[1].result(timeout=10)
+    assert slurm.cancelled == ["101"] and submitted == [Geometry(1, 2)]
