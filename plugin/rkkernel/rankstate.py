@@ -182,15 +182,17 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
     """A rank's local state at the set's step: its planes of the split regions, the rest from a part.
 
     On the slab it wrote itself (same rank count and planes) a rank restores
-    its own part as it is: one read. On another layout it reads only the
-    planes it now holds from the parts that own them.
+    its own part as it is: one read. On another layout it reads, by byte
+    range, part 0's metadata and control chunks and only the planes it now
+    holds from the parts that own them (``rkckpt.rangeread``).
     """
-    from rkckpt.ckptset import part_checkpoint
-    from rkckpt.model import Checkpoint, ChunkType
+    from rkckpt.ckptset import STATE_CHUNKS, part_checkpoint, part_head
+    from rkckpt.model import Checkpoint
 
     p = s.parts[rank] if s.name is not None and s.ranks == size else None
     own = p is not None and (p.z0, p.z1, p.offset) == (layout.z0, layout.z1, layout.lo)
-    base = part_checkpoint(loop.mgr.storage, s, rank if own else 0)
+    # on a new layout: part 0's metadata and control chunks by byte range, never its regions
+    base = part_checkpoint(loop.mgr.storage, s, rank) if own else part_head(loop.mgr.storage, s, 0)
     mine, theirs = global_identity(loop), identity_of(base)
     if mine != theirs:
         raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
@@ -198,7 +200,7 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
     meta = dataclasses.replace(base.metadata, grid_size=tuple(int(g) for g in spec.grid), kernel_id=loop.mgr.kernel_id)
     meta = meta.with_custom(**{FINGERPRINT_KEY: spec.fingerprint()})
     ckpt = Checkpoint(meta, [])
-    for t in (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS):
+    for t in STATE_CHUNKS:
         c = base.find(int(t))
         if c is not None:
             ckpt.chunks.append(c)
