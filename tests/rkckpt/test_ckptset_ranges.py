@@ -78,9 +78,8 @@ def file_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
 
 def write_sets(storage, n: int, *, compressed: bool, steps: tuple[int, ...]) -> ckptset.CheckpointSet:
     w = SetWriter(storage, n)
-    if compressed:
-        for m in w.managers:
-            m.options = dataclasses.replace(m.options, adaptive="size", block_size=4096)
+    for m in w.managers:  # raw: stored raw on any machine (the default's cost model depends on the core count)
+        m.options = dataclasses.replace(m.options, adaptive="size", block_size=4096, compress=compressed)
     s = None
     for step in steps:
         s = w.write(step, g=state(step))
@@ -261,3 +260,93 @@ def test_restore_on_s3_reads_only_the_owned_planes(s3_server) -> None:
     s3.read_range = logged  # type: ignore[method-assign]
     s = write_sets(s3, 4, compressed=True, steps=(10, 11))
     check_rank_reads(s3, log, s, 2, 11)
+
+
+# ---------------------------------------------------------------- hostile bytes on the range path
+def damaged_read(compressed: bool, region: str, link: int, edit) -> ckptset.SetError:  # noqa: ANN001
+    """Write 2-rank sets at 10 and 13, let ``edit(raw, chunk)`` change part 0's file ``link`` (0: the full), read ``region``.
+
+    Step 13 changes a row of ``p`` in part 0's planes: its delta holds a block patch of ``p``.
+    """
+    storage = LoggedMemory()
+    s = write_sets(storage, 2, compressed=compressed, steps=(10, 13))
+    maps = chain_files(storage, s)
+    name = sorted(n for n in maps if n.startswith(f"{KID}.r0of2-"))[link]
+    chunk = next(c for c in maps[name] if c.ident == (int(ChunkType.DEVICE_MEMORY), region_id(region)))
+    raw = bytearray(storage._objects[name])
+    edit(raw, chunk)
+    storage._objects[name] = bytes(raw)
+    with pytest.raises(ckptset.SetError) as ei:
+        ckptset.read_planes(storage, s, region, 0, NZ)
+    assert ei.value.source == s.parts[0].name
+    if link == 0:
+        assert name in str(ei.value), "the damaged older link is named"
+    return ei.value
+
+
+def _put(raw: bytearray, at: int, fmt: str, *values: int) -> None:
+    struct.pack_into(fmt, raw, at, *values)
+
+
+def _first_zstd_frame(raw: bytearray, c: Stored, *, clobber: bool) -> None:
+    """Clobber the magic of the first compressed frame, or cut it 10 bytes short (the next frame's slot starts earlier)."""
+    count = struct.unpack_from("<I", raw, c.start + 4)[0]
+    entries = list(struct.unpack_from(f"<{count}I", raw, c.start + 8))
+    i = next(k for k, e in enumerate(entries) if not e & (1 << 31) and k + 1 < count)
+    at = c.start + 8 + 4 * count + sum(e & 0x7FFFFFFF for e in entries[:i])
+    if clobber:
+        raw[at : at + 4] = b"\0\0\0\0"
+        return
+    _put(raw, c.start + 8 + 4 * i, "<I", entries[i] - 10)
+    _put(raw, c.start + 8 + 4 * (i + 1), "<I", entries[i + 1] + 10)
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda raw, c: _put(raw, c.start, "<I", 0), "frame block size 0 out of range"),
+        (lambda raw, c: _put(raw, c.start + 4, "<I", 1 << 30), "frame table has"),
+        (lambda raw, c: _put(raw, c.start + 8, "<I", 0x7FFFFFFF), "frame sizes add up"),
+        (lambda raw, c: _first_zstd_frame(raw, c, clobber=True), "is not a zstd frame"),
+        (lambda raw, c: _first_zstd_frame(raw, c, clobber=False), "zstd frame"),
+    ],
+    ids=["block-size", "frame-count", "frame-size", "frame-magic", "frame-truncated"],
+)
+def test_a_lying_frame_table_or_broken_frame_is_a_typed_error_naming_the_file(edit, why: str) -> None:  # noqa: ANN001
+    assert why in damaged_read(True, "q", 0, edit).problem
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda raw, c: _put(raw, c.start + 24, "<I", 0xFFFFFFFF), "runs, more than"),
+        (lambda raw, c: _put(raw, c.start + 8, "<Q", 12345), "expects a parent chunk of 12345 bytes"),
+        (lambda raw, c: _put(raw, c.start + 16, "<Q", 1 << 40), "grows the chunk"),
+        (lambda raw, c: _put(raw, c.start + 32, "<Q", 1 << 62), "out of order"),
+        (lambda raw, c: raw.__setitem__(slice(c.start, c.start + 4), b"XXXX"), "bad magic"),
+    ],
+    ids=["runs", "parent-size", "target-size", "run-start", "magic"],
+)
+def test_a_lying_block_patch_is_a_typed_error(edit, why: str) -> None:  # noqa: ANN001
+    assert why in damaged_read(False, "p", 1, edit).problem
+
+
+def test_a_chunk_table_or_region_table_that_lies_is_a_typed_error() -> None:
+    def longer_chunk(raw: bytearray, c: Stored) -> None:
+        _put(raw, c.start - 16, "<Q", 1 << 29)  # compressed_size of the chunk header before the payload
+
+    assert "present" in damaged_read(False, "q", 0, longer_chunk).problem
+
+    def more_planes(raw: bytearray, c: Stored) -> None:
+        at = raw.index(b'"shape":[7,16,64]', c.stream_at)
+        raw[at : at + 17] = b'"shape":[9,16,64]'
+
+    assert "bytes stored" in damaged_read(False, "q", 1, more_planes).problem
+
+
+def test_a_truncated_part_is_a_typed_error() -> None:
+    def cut(raw: bytearray, c: Stored) -> None:
+        del raw[c.start + 100 :]
+
+    err = damaged_read(False, "p", 1, cut)
+    assert "truncated" in err.problem or "ended" in err.problem or "outside" in err.problem, err.problem
