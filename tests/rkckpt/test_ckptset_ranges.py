@@ -338,10 +338,11 @@ def test_a_chunk_table_or_region_table_that_lies_is_a_typed_error() -> None:
     assert "present" in damaged_read(False, "q", 0, longer_chunk).problem
 
     def more_planes(raw: bytearray, c: Stored) -> None:
-        at = raw.index(b'"shape":[7,16,64]', c.stream_at)
-        raw[at : at + 17] = b'"shape":[9,16,64]'
+        old = b'"name":"p","shape":[7,16,64]'
+        at = raw.index(old, c.stream_at)
+        raw[at : at + len(old)] = old.replace(b"[7,", b"[9,")
 
-    assert "bytes stored" in damaged_read(False, "q", 1, more_planes).problem
+    assert "bytes stored" in damaged_read(False, "p", 1, more_planes).problem
 
 
 def test_a_truncated_part_is_a_typed_error() -> None:
