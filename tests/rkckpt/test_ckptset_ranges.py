@@ -22,7 +22,7 @@ import pytest
 
 from rkckpt import ckptset, stream
 from rkckpt.chain import load_checkpoint, open_source
-from rkckpt.flags import CHUNK_BLOCK_DELTA, CHUNK_ZSTD
+from rkckpt.flags import CHUNK_BLOCK_DELTA, CHUNK_ZSTD, HDR_SHARD
 from rkckpt.manager import SnapshotRequest, SnapshotResponse
 from rkckpt.model import Chunk, ChunkType, region_id
 from rkckpt.source import FileSource, RangeSource
@@ -351,3 +351,22 @@ def test_a_truncated_part_is_a_typed_error() -> None:
 
     err = damaged_read(False, "p", 1, cut)
     assert "truncated" in err.problem or "ended" in err.problem or "outside" in err.problem, err.problem
+
+
+def test_a_sharded_stream_is_read_whole_and_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state over the stream cap (here 8 MiB) may split a chunk over shards: the covering range is the file."""
+    from rkckpt import codec, container, shard
+    from rkckpt.model import Checkpoint, Metadata
+    from rkckpt.rangeread import ChainReader
+
+    monkeypatch.setattr(shard, "MAX_STREAM", 8 << 20)
+    wave = np.sin(np.linspace(0, 50, 48 * 256 * 256, dtype=np.float32)).reshape(48, 256, 256)  # 12 MiB
+    ck = Checkpoint(Metadata("big", "fdtd_3d", 7))
+    ck.add_region("wave", wave)
+    path = tmp_path / "big-000000000007-full.rkcp"
+    container.write(path, ck, codec.WriteOptions(compress=False))
+    with FileSource(path) as src:
+        assert stream.scan(src, chunks=False).header.flags & HDR_SHARD, "the state was written as shards"
+    with ChainReader([path.name], lambda n: FileSource(tmp_path / n)) as reader:
+        assert np.array_equal(reader.region("wave", (5, 9)), wave[5:9])
+        assert np.array_equal(reader.region("wave"), wave)
