@@ -84,6 +84,7 @@ __all__ = [
     "part_kernel_id",
     "plain_view",
     "read_planes",
+    "read_planes_of",
     "read_replicated",
     "read_manifest",
     "scan_sets",
@@ -370,31 +371,38 @@ def _range_error(p: Part, exc: CheckpointError) -> SetError:
     return SetError(p.name, f"part {p.rank}: {where}{exc.problem}")
 
 
-def _part_region(storage: Storage, index: ChainIndex, p: Part, region: str, planes: tuple[int, int] | None = None) -> np.ndarray:
-    """Region ``region`` of part ``p``, or just its local ``planes`` ``[a, b)``, read by byte range.
+def _part_regions(
+    storage: Storage, index: ChainIndex, p: Part, regions: Sequence[str], planes: tuple[int, int] | None = None
+) -> list[np.ndarray]:
+    """Regions ``regions`` of part ``p``, or just their local ``planes`` ``[a, b)``, read by byte range.
 
     Through the part's whole chain (full and deltas, raw or compressed
-    chunks): only the stream headers and chunk tables, then the bytes (the
-    frames, the patch blocks) that hold those planes (``rkckpt.rangeread``).
+    chunks): its headers and chunk tables once, then for each region only
+    the bytes (the frames, the patch blocks) that hold those planes
+    (``rkckpt.rangeread``).
     """
     try:
         names = _part_chain(index, p)
         if names is None:
-            arr = _materialise(storage, index, p).region(region)
-            if planes is not None:
-                a, b = planes
-                if arr.ndim == 0 or b > arr.shape[0]:
-                    raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
-                arr = arr[a:b]
-            return arr
+            state = _materialise(storage, index, p)
+            return [_cut(p, r, state.region(r), planes) for r in regions]
         with ChainReader(names, lambda n: open_source(storage, n)) as reader:
-            return reader.region(region, planes)
+            return [reader.region(r, planes) for r in regions]
     except KeyError as exc:
         raise SetError(p.name, f"part {p.rank}: {exc.args[0]}") from None
     except SetError:
         raise
     except CheckpointError as exc:  # StorageError too
         raise _range_error(p, exc) from None
+
+
+def _cut(p: Part, region: str, arr: np.ndarray, planes: tuple[int, int] | None) -> np.ndarray:
+    if planes is None:
+        return arr
+    a, b = planes
+    if arr.ndim == 0 or b > arr.shape[0]:
+        raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
+    return arr[a:b]
 
 
 #: The chunks of a state besides its regions: what a rank restoring on another layout takes from part 0.
@@ -433,27 +441,34 @@ def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
 
 def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: int) -> np.ndarray:
     """Global planes ``[z0, z1)`` of the decomposed ``region``, assembled from only the parts that own them."""
-    if region not in s.decomposed:
-        raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
+    return read_planes_of(storage, s, [region], z0, z1)[region]
+
+
+def read_planes_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], z0: int, z1: int) -> dict[str, np.ndarray]:
+    """``read_planes`` of several regions: each part's chain headers are read once for all of them."""
+    for region in regions:
+        if region not in s.decomposed:
+            raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
     if not 0 <= z0 < z1 <= s.nz:
         raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
     parts = overlapping(s, z0, z1)
     index = _index_of(storage, parts)
-    pieces: list[np.ndarray] = []
+    pieces: dict[str, list[np.ndarray]] = {r: [] for r in regions}
     for p in parts:
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
-        arr = _part_region(storage, index, p, region, (a, b))
-        if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
-            raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
-        pieces.append(arr)
-    return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
+        for region, arr in zip(regions, _part_regions(storage, index, p, regions, (a, b)), strict=True):
+            got = pieces[region]
+            if got and (arr.dtype != got[0].dtype or arr.shape[1:] != got[0].shape[1:]):
+                raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
+            got.append(arr)
+    return {r: np.concatenate(got, axis=0) if len(got) > 1 else np.array(got[0]) for r, got in pieces.items()}
 
 
 def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
     """A region every rank holds whole (not decomposed), from part 0."""
     if region in s.decomposed:
         raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s.parts[0], region))
+    return np.array(_part_regions(storage, _index_of(storage, s.parts[:1]), s.parts[0], [region])[0])
 
 
 # ---------------------------------------------------------------- retention

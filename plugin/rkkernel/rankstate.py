@@ -205,9 +205,17 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
         if c is not None:
             ckpt.chunks.append(c)
     names = [r.name for r in spec.regions if r.role != "halo"] + [sr.region for sr in loop.krun.series if sr.region in base.regions()]
+    split = {} if own else _split_regions(loop, s, [n for n in names if n in layout.decomposed], layout)
     for name in names:
-        ckpt.add_region(name, base.region(name) if own else _region_for(loop, s, name, layout))
+        ckpt.add_region(name, base.region(name) if own else split[name] if name in split else _region_for(loop, s, name, layout))
     return RestorePoint(s.step, ckpt, [q.name for q in s.parts], kernel_id=loop.cfg.kernel_id)
+
+
+def _split_regions(loop: StepLoop, s: CheckpointSet, names: list[str], layout: Layout) -> dict[str, np.ndarray]:
+    """This rank's planes of the split regions ``names``: each part's chain headers read once for all of them."""
+    from rkckpt.ckptset import read_planes_of
+
+    return read_planes_of(loop.mgr.storage, s, names, *layout.planes) if names else {}
 
 
 def _region_for(loop: StepLoop, s: CheckpointSet, name: str, layout: Layout) -> np.ndarray:
