@@ -9,8 +9,10 @@ then restores planes [0, nz/2) plus 4 halo planes:
 
 * ``range``: ``read_planes_of`` both fields and ``part_head`` of part 0 (what
   ``rkkernel.rankstate.read_set_state`` does on a new layout);
-* ``whole``: what it did before: part 0 materialised whole (its control
-  block), and every part it overlaps materialised whole (its whole chain).
+* ``whole``: part 0 materialised whole (for its control block, as before)
+  and every part it overlaps materialised whole: what the earlier code did
+  for parts that are delta chains (a full part with raw chunks was already
+  read plane by plane; a compressed one region by region).
 
 Every object read goes through a memory storage that counts bytes and
 requests; a request is one ranged read (``read_range``) or one whole load.
