@@ -39,7 +39,7 @@ import numpy as np
 from . import codec, stream
 from .errors import CheckpointError, DeltaMismatchError
 from .flags import CHUNK_BLOCK_DELTA, HDR_SHARD
-from .layout import ChunkHeader
+from .layout import CHUNK_HEADER_SIZE, HEADER_SIZE, ChunkHeader
 from .model import Checkpoint, Chunk, ChunkType, Metadata, RegionInfo, chunk_identity
 from .source import MemorySource, Source
 
@@ -235,7 +235,7 @@ class ChainReader:
         if i not in self._links:
             source = self._open(self.names[i])
             try:
-                sc = stream.scan(source)
+                sc = stream.scan(_Joined(source))
                 headers = sc.chunk_headers
                 if sc.header.flags & HDR_SHARD:  # chunks may be split over shards: the file is the covering range
                     source, headers = _whole(source)
@@ -322,6 +322,33 @@ def region_plane_bytes(info: RegionInfo, source: str) -> tuple[np.dtype, int, in
     for s in info.shape[1:]:
         plane *= s
     return dt, plane, info.shape[0]
+
+
+class _Joined:
+    """``source`` for a scan: the header with the metadata length, and the metadata with chunk 0's header, one read each.
+
+    A scan reads the 64-byte header, the 4-byte metadata length, the
+    metadata and then each 32-byte chunk header: over range requests, each
+    read is a request. The reads that always follow each other are joined;
+    none reaches into a payload (later chunk headers are read on their own).
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source, self.name, self.size = source, source.name, source.size
+        self._at, self._buf = -1, memoryview(b"")
+
+    def read(self, offset: int, n: int) -> memoryview:
+        if self._at <= offset and offset + n <= self._at + self._buf.nbytes:
+            return self._buf[offset - self._at : offset - self._at + n]
+        extra = 4 if offset == 0 else CHUNK_HEADER_SIZE if offset == HEADER_SIZE + 4 else 0
+        extra = max(0, min(extra, self.size - offset - n))
+        if not extra:
+            return self.source.read(offset, n)
+        self._at, self._buf = offset, self.source.read(offset, n + extra)
+        return self._buf[:n]
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        out[:] = self.read(offset, out.nbytes)
 
 
 def _whole(source: Source) -> tuple[Source, list[ChunkHeader]]:
