@@ -86,6 +86,7 @@ __all__ = [
     "read_planes",
     "read_planes_of",
     "read_replicated",
+    "read_replicated_of",
     "read_manifest",
     "scan_sets",
     "set_name",
@@ -466,9 +467,19 @@ def read_planes_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], z
 
 def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
     """A region every rank holds whole (not decomposed), from part 0."""
-    if region in s.decomposed:
-        raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    return np.array(_part_regions(storage, _index_of(storage, s.parts[:1]), s.parts[0], [region])[0])
+    return read_replicated_of(storage, s, [region])[region]
+
+
+def read_replicated_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], rank: int = 0) -> dict[str, np.ndarray]:
+    """Whole regions (not decomposed) from part ``rank``: its chain headers are read once for all of them."""
+    for region in regions:
+        if region in s.decomposed:
+            raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
+    if not 0 <= rank < len(s.parts):
+        raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
+    p = s.parts[rank]
+    arrays = _part_regions(storage, _index_of(storage, [p]), p, regions)
+    return {r: np.array(a) for r, a in zip(regions, arrays, strict=True)}
 
 
 # ---------------------------------------------------------------- retention
