@@ -128,6 +128,11 @@ def _threads(options_threads: int) -> int:
     return options_threads if options_threads > 0 else max(1, os.cpu_count() or 1)
 
 
+def decode_threads() -> int:
+    """Threads a reader decodes frames with (one per CPU), as a full read does."""
+    return _threads(0)
+
+
 _pools_pid = os.getpid()
 
 

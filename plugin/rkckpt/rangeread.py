@@ -119,15 +119,25 @@ class StoredChunk:
         bs, offsets, sizes, raw = self._frame_table()
         lo, hi = int(offsets[missing[0]]), int(offsets[missing[-1]] + sizes[missing[-1]])
         span = self.source.read(self.ch.data_offset + lo, hi - lo)
-        assert self.frames is not None
-        for i in missing:
+        frames = self.frames
+        assert frames is not None
+
+        def one(i: int) -> None:
             at = int(offsets[i]) - lo
             dst = np.empty(min(self.size, (i + 1) * bs) - i * bs, dtype=np.uint8)
-            try:
-                self.frames.decode_block(span[at : at + int(sizes[i])], i, bool(raw[i]), dst, self.name)
-            except CheckpointError as exc:
-                raise CheckpointError(self.name, exc.problem) from None
+            frames.decode_block(span[at : at + int(sizes[i])], i, bool(raw[i]), dst, self.name)
             self._decoded[i] = dst
+
+        threads = codec.decode_threads()
+        try:
+            if len(missing) > 1 and threads > 1:  # zstandard releases the GIL: frames decode in parallel
+                for f in [codec.worker_pool(threads).submit(one, i) for i in missing]:
+                    f.result()
+            else:
+                for i in missing:
+                    one(i)
+        except CheckpointError as exc:
+            raise CheckpointError(self.name, exc.problem) from None
 
 
 class PatchedChunk:
