@@ -21,10 +21,11 @@ nothing here raises for a bad set.
 A folder written by a single process (a plain chain of ``<kernel>``) is seen
 as a 1-part set, so one restore path serves both, and a state written by N
 ranks can be restored on M: ``read_planes`` assembles any global plane range
-from only the parts that overlap it. A part that is one full checkpoint is
-read with range requests: just the planes asked for when its region's chunk
-is stored raw (one chunk per region, planes contiguous), else just that
-region; a part that is a delta chain is materialised.
+from only the parts that overlap it, and each part by byte range through
+its chain (full and deltas, raw or compressed chunks; ``rkckpt.rangeread``):
+the headers and chunk tables, then only the bytes, zstd frames and patch
+blocks that hold the planes asked for. ``part_head`` reads a part's metadata
+and control chunks the same way, without its regions.
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import stream
-from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, read_region, verify_chain
+from .chain import NAME_RE, ChainIndex, Entry, latest_restorable, open_source, verify_chain
 from .errors import CheckpointError
-from .flags import HDR_SHARD
 from .model import Checkpoint, ChunkType
+from .rangeread import ChainReader
 from .setmanifest import (
     MAX_MANIFEST_BYTES,
     PART_RE,
@@ -80,10 +80,13 @@ __all__ = [
     "manifest_names",
     "parse_manifest",
     "part_checkpoint",
+    "part_head",
     "part_kernel_id",
     "plain_view",
     "read_planes",
+    "read_planes_of",
     "read_replicated",
+    "read_replicated_of",
     "read_manifest",
     "scan_sets",
     "set_name",
@@ -345,57 +348,91 @@ def part_checkpoint(storage: Storage, s: CheckpointSet, rank: int) -> Checkpoint
     return _materialise(storage, _index_of(storage, [p]), p)
 
 
-def _raw_planes(storage: Storage, name: str, region: str, a: int, b: int) -> np.ndarray | None:
-    """Local planes ``[a, b)`` of ``region`` of the full checkpoint ``name`` with one range read of just those bytes.
+def _part_chain(index: ChainIndex, p: Part) -> list[str] | None:
+    """The files of part ``p``'s chain, oldest first, checked from their headers; None when its digest is not recorded.
 
-    Possible when the region's chunk is stored raw (one chunk per region, the
-    planes contiguous in it); None when it is compressed or sharded (the
-    caller reads the whole region). Like ``read_region`` this trusts the
-    payload bytes: the set was verified when it was chosen (``latest_set``).
-    """
-    source = open_source(storage, name)
-    try:
-        sc = stream.scan(source)
-        info = Checkpoint(sc.metadata).regions().get(region)
-        if sc.metadata.parent_digest is not None or sc.header.flags & HDR_SHARD or info is None or not info.shape:
-            return None
-        ch = next((h for h in sc.chunk_headers if h.chunk_type == ChunkType.DEVICE_MEMORY and h.chunk_id == info.chunk_id), None)
-        dt = np.dtype(info.dtype)
-        plane = int(np.prod(info.shape[1:], dtype=np.int64)) * dt.itemsize
-        if ch is None or ch.flags or ch.compressed_size != plane * info.shape[0] or not 0 <= a < b <= info.shape[0]:
-            return None
-        data = source.read(ch.data_offset + a * plane, (b - a) * plane)
-        return np.frombuffer(data, dtype=dt).reshape((b - a, *info.shape[1:]))
-    finally:
-        source.close()
-
-
-def _part_region(storage: Storage, index: ChainIndex, p: Part, region: str, planes: tuple[int, int] | None = None) -> np.ndarray:
-    """Region ``region`` of part ``p``, or just its local ``planes`` ``[a, b)``.
-
-    A part that is one full checkpoint is read with range requests: only the
-    planes when its chunk is raw, else only the region; a delta chain is
-    materialised (and verified against the manifest digest).
+    The chain must link (parent digests, no broken or orphaned link) and its
+    tip must record the state digest the manifest names: then the state can
+    be read by range. A tip that records no digest (not written by rkckpt)
+    is materialised instead, which computes it.
     """
     e = _part_entry(index, p)
+    chain, problem = index.chain_of(e)
+    if problem is not None:
+        raise SetError(p.name, f"part {p.rank} cannot be restored: {problem}")
+    if e.state_digest is None:
+        return None
+    if e.state_digest != p.digest:
+        raise SetError(p.name, f"part {p.rank} records state {e.state_digest}, the manifest says {p.digest}")
+    return [c.name for c in chain]
+
+
+def _range_error(p: Part, exc: CheckpointError) -> SetError:
+    where = "" if exc.source in (None, p.name) else f"{exc.source}: "
+    return SetError(p.name, f"part {p.rank}: {where}{exc.problem}")
+
+
+def _part_regions(
+    storage: Storage, index: ChainIndex, p: Part, regions: Sequence[str], planes: tuple[int, int] | None = None
+) -> list[np.ndarray]:
+    """Regions ``regions`` of part ``p``, or just their local ``planes`` ``[a, b)``, read by byte range.
+
+    Through the part's whole chain (full and deltas, raw or compressed
+    chunks): its headers and chunk tables once, then for each region only
+    the bytes (the frames, the patch blocks) that hold those planes
+    (``rkckpt.rangeread``).
+    """
     try:
-        if e.kind == "full" and e.ok and e.state_digest == p.digest:
-            arr = None if planes is None else _raw_planes(storage, p.name, region, *planes)
-            if arr is not None:
-                return arr
-            arr = read_region(storage, p.name, region)
-        else:
-            arr = _materialise(storage, index, p).region(region)
+        names = _part_chain(index, p)
+        if names is None:
+            state = _materialise(storage, index, p)
+            return [_cut(p, r, state.region(r), planes) for r in regions]
+        with ChainReader(names, lambda n: open_source(storage, n)) as reader:
+            return [reader.region(r, planes) for r in regions]
     except KeyError as exc:
         raise SetError(p.name, f"part {p.rank}: {exc.args[0]}") from None
-    except (CheckpointError, StorageError) as exc:
-        raise SetError(p.name, f"part {p.rank}: {exc.problem}") from None
+    except SetError:
+        raise
+    except CheckpointError as exc:  # StorageError too
+        raise _range_error(p, exc) from None
+
+
+def _cut(p: Part, region: str, arr: np.ndarray, planes: tuple[int, int] | None) -> np.ndarray:
     if planes is None:
         return arr
     a, b = planes
     if arr.ndim == 0 or b > arr.shape[0]:
         raise SetError(p.name, f"part {p.rank}: region {region!r} has {arr.shape[:1]} planes, the manifest needs {b}")
     return arr[a:b]
+
+
+#: The chunks of a state besides its regions: what a rank restoring on another layout takes from part 0.
+STATE_CHUNKS = (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS)
+
+
+def part_head(storage: Storage, s: CheckpointSet, rank: int, chunk_types: Iterable[int] = STATE_CHUNKS) -> Checkpoint:
+    """Part ``rank``'s metadata and its chunks of ``chunk_types`` (no regions), read by byte range through its chain.
+
+    What a rank restoring on a new layout needs of a part besides the planes
+    it owns: the identity and region table (metadata) and the control block
+    and queues, never the part's other regions.
+    """
+    if not 0 <= rank < len(s.parts):
+        raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
+    p = s.parts[rank]
+    index = _index_of(storage, [p])
+    try:
+        names = _part_chain(index, p)
+        if names is None:
+            full = _materialise(storage, index, p)
+            return Checkpoint(full.metadata, [c for t in chunk_types if (c := full.find(int(t))) is not None])
+        with ChainReader(names, lambda n: open_source(storage, n)) as reader:
+            chunks = [c for t in chunk_types if (c := reader.chunk_data(int(t))) is not None]
+            return Checkpoint(reader.metadata, chunks)
+    except SetError:
+        raise
+    except CheckpointError as exc:
+        raise _range_error(p, exc) from None
 
 
 def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
@@ -405,27 +442,44 @@ def overlapping(s: CheckpointSet, z0: int, z1: int) -> list[Part]:
 
 def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: int) -> np.ndarray:
     """Global planes ``[z0, z1)`` of the decomposed ``region``, assembled from only the parts that own them."""
-    if region not in s.decomposed:
-        raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
+    return read_planes_of(storage, s, [region], z0, z1)[region]
+
+
+def read_planes_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], z0: int, z1: int) -> dict[str, np.ndarray]:
+    """``read_planes`` of several regions: each part's chain headers are read once for all of them."""
+    for region in regions:
+        if region not in s.decomposed:
+            raise ValueError(f"region {region!r} is not decomposed in set {s.name or s.kernel_id} (decomposed: {list(s.decomposed)})")
     if not 0 <= z0 < z1 <= s.nz:
         raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
     parts = overlapping(s, z0, z1)
     index = _index_of(storage, parts)
-    pieces: list[np.ndarray] = []
+    pieces: dict[str, list[np.ndarray]] = {r: [] for r in regions}
     for p in parts:
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
-        arr = _part_region(storage, index, p, region, (a, b))
-        if pieces and (arr.dtype != pieces[0].dtype or arr.shape[1:] != pieces[0].shape[1:]):
-            raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
-        pieces.append(arr)
-    return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
+        for region, arr in zip(regions, _part_regions(storage, index, p, regions, (a, b)), strict=True):
+            got = pieces[region]
+            if got and (arr.dtype != got[0].dtype or arr.shape[1:] != got[0].shape[1:]):
+                raise SetError(p.name, f"part {p.rank}: region {region!r} is {arr.dtype}{list(arr.shape)}, unlike part 0's")
+            got.append(arr)
+    return {r: np.concatenate(got, axis=0) if len(got) > 1 else np.array(got[0]) for r, got in pieces.items()}
 
 
 def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
     """A region every rank holds whole (not decomposed), from part 0."""
-    if region in s.decomposed:
-        raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
-    return np.array(_part_region(storage, _index_of(storage, s.parts[:1]), s.parts[0], region))
+    return read_replicated_of(storage, s, [region])[region]
+
+
+def read_replicated_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], rank: int = 0) -> dict[str, np.ndarray]:
+    """Whole regions (not decomposed) from part ``rank``: its chain headers are read once for all of them."""
+    for region in regions:
+        if region in s.decomposed:
+            raise ValueError(f"region {region!r} is decomposed in set {s.name or s.kernel_id}: use read_planes")
+    if not 0 <= rank < len(s.parts):
+        raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
+    p = s.parts[rank]
+    arrays = _part_regions(storage, _index_of(storage, [p]), p, regions)
+    return {r: np.array(a) for r, a in zip(regions, arrays, strict=True)}
 
 
 # ---------------------------------------------------------------- retention

@@ -128,6 +128,11 @@ def _threads(options_threads: int) -> int:
     return options_threads if options_threads > 0 else max(1, os.cpu_count() or 1)
 
 
+def decode_threads() -> int:
+    """Threads a reader decodes frames with (one per CPU), as a full read does."""
+    return _threads(0)
+
+
 _pools_pid = os.getpid()
 
 
@@ -314,16 +319,7 @@ class Frames:
         def one(i: int) -> None:
             off, size, raw = frames[i]
             want = min(usize, (i + 1) * bs) - i * bs
-            data: Buffer = payload[off : off + size]
-            stages = self.stages[:-1] if raw else self.stages
-            if raw and size != want:
-                raise CheckpointError(source, f"raw frame {i} stores {size} bytes, its block has {want}")
-            dst = target[i * bs : i * bs + want]
-            if not stages:
-                dst[:] = np.frombuffer(data, dtype=np.uint8)
-                return
-            for k in range(len(stages) - 1, -1, -1):  # backwards; the first stage writes into place
-                data = stages[k].decode(data, want, i, source, dst if k == 0 else None)
+            self.decode_block(payload[off : off + size], i, raw, target[i * bs : i * bs + want], source)
 
         if len(frames) > 1 and threads > 1:
             for f in [worker_pool(threads).submit(one, i) for i in range(len(frames))]:
@@ -331,6 +327,22 @@ class Frames:
         else:
             for i in range(len(frames)):
                 one(i)
+
+    def decode_block(self, data: Buffer, i: int, raw: bool, dst: np.ndarray, source: str | None) -> None:
+        """Decode frame ``i`` (its stored bytes ``data``) into ``dst``, exactly its block's bytes.
+
+        One frame on its own: the range reader (``rkckpt.rangeread``) decodes
+        only the frames that overlap the bytes it needs.
+        """
+        want = dst.size
+        stages = self.stages[:-1] if raw else self.stages
+        if raw and memoryview(data).nbytes != want:
+            raise CheckpointError(source, f"raw frame {i} stores {memoryview(data).nbytes} bytes, its block has {want}")
+        if not stages:
+            dst[:] = np.frombuffer(data, dtype=np.uint8)
+            return
+        for k in range(len(stages) - 1, -1, -1):  # backwards; the first stage writes into place
+            data = stages[k].decode(data, want, i, source, dst if k == 0 else None)
 
 
 def pipeline_for(flags: int, source: str | None) -> Frames | None:

@@ -170,27 +170,34 @@ def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
     see ``decomp.SlabRun.max_int``); every new rank starts from the global max,
     so the combined value is the same on any rank count.
     """
+    return rank_fields(storage, s, [region])[region]
+
+
+def rank_fields(storage: Storage, s: CheckpointSet, regions: list[str]) -> dict[str, np.ndarray]:
+    """``rank_field`` of several regions: each part's chain is opened once for all of them."""
     import numpy as np
 
-    from rkckpt.ckptset import read_replicated
+    from rkckpt.ckptset import read_replicated_of
 
-    values = [read_replicated(storage, dataclasses.replace(s, parts=(p,)), region) for p in s.parts]
-    return np.maximum.reduce(values)
+    per_part = [read_replicated_of(storage, s, regions, rank=p.rank) for p in s.parts]
+    return {r: np.maximum.reduce([values[r] for values in per_part]) for r in regions}
 
 
 def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layout: Layout) -> RestorePoint:
     """A rank's local state at the set's step: its planes of the split regions, the rest from a part.
 
     On the slab it wrote itself (same rank count and planes) a rank restores
-    its own part as it is: one read. On another layout it reads only the
-    planes it now holds from the parts that own them.
+    its own part as it is: one read. On another layout it reads, by byte
+    range, part 0's metadata and control chunks and only the planes it now
+    holds from the parts that own them (``rkckpt.rangeread``).
     """
-    from rkckpt.ckptset import part_checkpoint
-    from rkckpt.model import Checkpoint, ChunkType
+    from rkckpt.ckptset import STATE_CHUNKS, part_checkpoint, part_head
+    from rkckpt.model import Checkpoint
 
     p = s.parts[rank] if s.name is not None and s.ranks == size else None
     own = p is not None and (p.z0, p.z1, p.offset) == (layout.z0, layout.z1, layout.lo)
-    base = part_checkpoint(loop.mgr.storage, s, rank if own else 0)
+    # on a new layout: part 0's metadata and control chunks by byte range, never its regions
+    base = part_checkpoint(loop.mgr.storage, s, rank) if own else part_head(loop.mgr.storage, s, 0)
     mine, theirs = global_identity(loop), identity_of(base)
     if mine != theirs:
         raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
@@ -198,24 +205,34 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
     meta = dataclasses.replace(base.metadata, grid_size=tuple(int(g) for g in spec.grid), kernel_id=loop.mgr.kernel_id)
     meta = meta.with_custom(**{FINGERPRINT_KEY: spec.fingerprint()})
     ckpt = Checkpoint(meta, [])
-    for t in (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS):
+    for t in STATE_CHUNKS:
         c = base.find(int(t))
         if c is not None:
             ckpt.chunks.append(c)
     names = [r.name for r in spec.regions if r.role != "halo"] + [sr.region for sr in loop.krun.series if sr.region in base.regions()]
+    arrays = {n: base.region(n) for n in names} if own else _regions_on_new_layout(loop, s, names, layout)
     for name in names:
-        ckpt.add_region(name, base.region(name) if own else _region_for(loop, s, name, layout))
+        ckpt.add_region(name, arrays[name])
     return RestorePoint(s.step, ckpt, [q.name for q in s.parts], kernel_id=loop.cfg.kernel_id)
 
 
-def _region_for(loop: StepLoop, s: CheckpointSet, name: str, layout: Layout) -> np.ndarray:
-    """Region ``name`` of this rank's new slab, from the parts of a set written on another layout."""
-    from rkckpt.ckptset import read_planes, read_replicated
+def _regions_on_new_layout(loop: StepLoop, s: CheckpointSet, names: list[str], layout: Layout) -> dict[str, np.ndarray]:
+    """Regions ``names`` of this rank's new slab, from the parts of a set written on another layout.
+
+    Split regions: only this rank's planes, from the parts that own them;
+    per-rank fields: the max over every part; the rest: whole, from part 0.
+    Each kind reads a part's chain headers once for all its regions.
+    """
+    from rkckpt.ckptset import read_planes_of, read_replicated_of
 
     storage = loop.mgr.storage
-    if name in layout.decomposed:
-        return read_planes(storage, s, name, *layout.planes)
-    role = next((r.role for r in loop.krun.spec.regions if r.name == name), "series")
-    if role == "field" and len(s.parts) > 1:
-        return rank_field(storage, s, name)
-    return read_replicated(storage, s, name)
+    roles = {r.name: r.role for r in loop.krun.spec.regions}
+    split = [n for n in names if n in layout.decomposed]
+    fields = [n for n in names if n not in split and roles.get(n, "series") == "field" and len(s.parts) > 1]
+    whole = [n for n in names if n not in split and n not in fields]
+    out = read_planes_of(storage, s, split, *layout.planes) if split else {}
+    if fields:
+        out.update(rank_fields(storage, s, fields))
+    if whole:
+        out.update(read_replicated_of(storage, s, whole))
+    return out
