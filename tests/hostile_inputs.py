@@ -54,6 +54,17 @@ def flip_byte(target: PathLike | bytearray, offset: int = -10, mask: int = 0xFF)
         f.write(bytes([b[0] ^ mask]))
 
 
+def flip_stream_payload(p: PathLike) -> None:
+    """Flip a bit in the last chunk's data of the RKCKPT stream inside a ``.rk.h5`` (not in HDF5 padding): perfect
+    headers, so only a check that reads the payload (CRCs, digests) finds it."""
+    b = bytearray(Path(p).read_bytes())
+    at = b.find(b"10TPKCKR")
+    assert at >= 0, f"{p}: no RKCKPT stream"
+    total = int.from_bytes(b[at + 16 : at + 24], "little")
+    b[at + total - 10] ^= 0x10
+    Path(p).write_bytes(bytes(b))
+
+
 def flip_bytes(raw: bytes, flips: list[tuple[int, int]]) -> bytes:
     """``raw`` with each ``(offset, mask)`` XORed in."""
     buf = bytearray(raw)

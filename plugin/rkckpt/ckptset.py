@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,7 @@ __all__ = [
     "read_manifest",
     "scan_sets",
     "set_name",
+    "verify_parts",
     "written_part",
 ]
 
@@ -237,6 +238,22 @@ def _check_regions(s: CheckpointSet, p: Part, state: Checkpoint) -> None:
             )
 
 
+def verify_parts(storage: Storage, s: CheckpointSet, ranks: Iterable[int], *, index: ChainIndex | None = None) -> None:
+    """Full check (every chain read and applied: checksums, digests, shapes) of the parts written by ``ranks`` only.
+
+    Why a subset: a restore on M ranks spreads the check of an N-part set over
+    its ranks (part ``p`` by rank ``p % M``), so no rank reads the whole set and
+    each reads about twice its own share; ``SetError`` names the first bad part.
+    """
+    if index is None:
+        index = ChainIndex(storage)
+        index.refresh()
+    wanted = set(ranks)
+    for p in s.parts:
+        if p.rank in wanted:
+            _check_regions(s, p, _materialise(storage, index, p))
+
+
 def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None = None, full: bool = True) -> None:
     """``SetError`` naming the first part that is missing, broken or not what the manifest says.
 
@@ -268,13 +285,19 @@ def scan_sets(
     full: bool = True,
     stop_at_valid: bool = False,
     index: ChainIndex | None = None,
+    exclude: Collection[str] = (),
 ) -> list[SetStatus]:
-    """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable."""
+    """Every manifest of ``kernel_id`` (all: None), newest first, each with the set or why it is not restorable.
+
+    ``exclude``: manifests already found unusable by a caller's own check (passed over silently).
+    """
     if index is None:
         index = ChainIndex(storage)
         index.refresh()
     out = []
     for name in manifest_names(storage, kernel_id):
+        if name in exclude:
+            continue
         m = SET_RE.match(name)
         assert m is not None
         s: CheckpointSet | None = None
@@ -316,6 +339,7 @@ def latest_set(
     run_id: str | None = None,
     decomposed: Sequence[str] | None = None,
     full: bool = True,
+    exclude: Collection[str] = (),
 ) -> CheckpointSet | None:
     """The newest restorable state of ``kernel_id``: a committed, verified set or the plain chain, whichever is newer.
 
@@ -323,12 +347,14 @@ def latest_set(
     another run's set when ``run_id`` is given, hostile files) are logged with
     the reason and passed over. ``decomposed`` names the split regions of a
     plain chain (default: ``default_decomposed``). ``full=False`` checks parts
-    from their headers only (each rank then reads just the planes it needs).
+    from their headers only (each rank then reads just the planes it needs;
+    the ranks check the parts' contents between them: ``verify_parts``).
+    ``exclude``: manifests a caller's own check found unusable.
     """
     plain = latest_restorable(storage, kernel_id, warn=False)
     plain_step = -1 if plain is None else plain.step
     found: CheckpointSet | None = None
-    for st in scan_sets(storage, kernel_id, run_id=run_id, full=full, stop_at_valid=True):
+    for st in scan_sets(storage, kernel_id, run_id=run_id, full=full, stop_at_valid=True, exclude=exclude):
         if st.step <= plain_step:
             break
         if st.ok:

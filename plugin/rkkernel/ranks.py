@@ -176,14 +176,39 @@ class RankLoop(StepLoop):
 
     # ------------------------------------------------------------ restore
     def _choose_set(self) -> CheckpointSet | None:
-        """Rank 0 picks the newest restorable set and every rank gets the same choice."""
-        from rkckpt.ckptset import latest_set
+        """The newest restorable set, the same on every rank.
 
-        doc = None
-        if self.comm.rank == 0:
-            doc = set_to_doc(latest_set(self.mgr.storage, self.cfg.kernel_id, decomposed=self.layout.decomposed))
-        doc = self.comm.bcast_json(doc)
-        return None if doc is None else set_from_doc(doc)  # type: ignore[arg-type]
+        Rank 0 finds the newest set whose headers and manifest agree; the ranks
+        then check its parts' contents between them (part ``p`` by rank
+        ``p % size``: ``verify_parts``), so no rank reads the whole set. A bad
+        part passes the set over for the next older one, named in rank 0's log.
+        """
+        from rkckpt.ckptset import SetError, latest_set, verify_parts
+
+        rejected: list[str] = []
+        while True:
+            doc = None
+            if self.comm.rank == 0:
+                found = latest_set(self.mgr.storage, self.cfg.kernel_id, decomposed=self.layout.decomposed, full=False, exclude=rejected)
+                doc = set_to_doc(found)
+            doc = self.comm.bcast_json(doc)
+            if doc is None:
+                return None
+            s = set_from_doc(doc)  # type: ignore[arg-type]
+            if s.name is None:  # the plain chain: rank 0's latest_set read and checked it whole
+                return s
+            problem = ""
+            try:
+                verify_parts(self.mgr.storage, s, range(self.comm.rank, s.ranks, self.comm.size))
+            except SetError as exc:
+                problem = str(exc)
+            if not self.comm.allreduce_int(1 if problem else 0, "max"):
+                return s
+            problems = self.comm.gather_json(problem)
+            if self.comm.rank == 0:
+                why = "; ".join(str(p) for p in problems or [] if p)
+                log.warning("skipping checkpoint set %s: %s", s.name, why)
+            rejected.append(s.name)
 
     def _restore(self) -> int | None:
         self.peers = list(self.comm.bcast_json(self.comm.gather_json([socket.gethostname(), os.getpid()])) or [])  # type: ignore[arg-type]

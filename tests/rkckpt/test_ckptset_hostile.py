@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from helpers import TESTS
+from hostile_inputs import flip_stream_payload
 from rkckpt import ckptset
 from rkckpt.storage import FileStorage
 from set_helpers import KID, SetWriter, global_state
@@ -62,14 +63,7 @@ def _truncate(p: Path) -> None:
     os.truncate(p, p.stat().st_size // 2)
 
 
-def _flip(p: Path) -> None:
-    """Flip a bit in the last chunk's data of the RKCKPT stream inside the ``.rk.h5`` (not in HDF5 padding)."""
-    b = bytearray(p.read_bytes())
-    at = b.find(b"10TPKCKR")
-    assert at >= 0
-    total = int.from_bytes(b[at + 16 : at + 24], "little")
-    b[at + total - 10] ^= 0x10
-    p.write_bytes(bytes(b))
+_flip = flip_stream_payload
 
 
 @pytest.mark.parametrize(("damage", "why"), [(Path.unlink, "is missing"), (_truncate, "part 1"), (_flip, "part 1")])

@@ -318,3 +318,26 @@ def test_sets_on_s3_and_two_level_storage(s3_server, tmp_path: Path, two_level: 
     assert p.returncode == 0, p.stderr
     assert "restored step 15 from wavesim-000000000015-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
     assert result(out) == ref
+
+
+def test_a_corrupt_part_checked_by_another_rank_passes_the_set_over_on_every_rank(tmp_path: Path) -> None:
+    """4 ranks stop after two sets; a payload bit of the newer set's part 3 is flipped (headers perfect, so rank 0's header
+    check passes it). Restoring on 2 ranks, rank 1 checks parts 1 and 3 (``verify_parts``, part p by rank p % 2):
+    every rank passes the set over together, rank 0 names the part, and the run resumes from the older set bit-identical."""
+    from hostile_inputs import flip_stream_payload
+    from rkckpt.ckptset import read_manifest
+    from rkckpt.storage import FileStorage
+
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    p = run(4, *wave("numpy", ck, out), env={"RKSLURM_TEST_SIGNAL": "batch@r0:SIGTERM:5"})
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    *_, older, newest = manifests(ck)
+    assert newest.endswith("-set4.rkset.json") and older.endswith("-set4.rkset.json"), manifests(ck)
+    part3 = read_manifest(FileStorage(ck), newest).parts[3].name
+    flip_stream_payload(ck / part3)
+    p = run(2, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert f"skipping checkpoint set {newest}" in p.stderr and part3 in p.stderr, p.stderr
+    assert f"restored step {int(older.split('-')[1])} from {older} (4 rank(s)) on 2 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
