@@ -8,9 +8,11 @@ flight (wall time and the process's CPU time, all threads), so start-up (imports
 checkpoint and the result file are left out of every row alike. Rows:
 
 * ``bare``: no periodic checkpoints, no sampling (``--energy-every`` past the end);
-* ``sample/10``: the default ``--energy-every 10``;
+* ``default``: rkrun's defaults (``--energy-every 10``, no periodic checkpoint: a
+  step is checkpointed when Slurm signals it), the row issue 19's "default
+  options" target is about;
 * ``ckpt/100``, ``ckpt/20``: ``--checkpoint-every`` 100 / 20, sampling off;
-* ``default``: ``--energy-every 10 --checkpoint-every 100``;
+* ``sample+ckpt/100``: ``--energy-every 10 --checkpoint-every 100``;
 * ``tt bare``, ``tt ckpt/2`` (``--traveltime``): the traveltime kernel at the
   README's ``--checkpoint-every 2`` against itself without checkpoints.
 
@@ -63,10 +65,10 @@ finally:
 
 WAVE_CONFIGS = {
     "bare": [],
-    "sample/10": ["--energy-every", "10"],
+    "default": ["--energy-every", "10"],
     "ckpt/100": ["--checkpoint-every", "100"],
     "ckpt/20": ["--checkpoint-every", "20"],
-    "default": ["--energy-every", "10", "--checkpoint-every", "100"],
+    "sample+ckpt/100": ["--energy-every", "10", "--checkpoint-every", "100"],
 }
 TT_CONFIGS = {"tt bare": [], "tt ckpt/2": ["--checkpoint-every", "2"]}
 
