@@ -44,7 +44,7 @@ from typing import Literal
 import numpy as np
 
 from . import delta as rkdelta
-from . import forms, retention, stream
+from . import forms, h5write, retention, stream
 from .chain import DEFAULT_FORMAT, ChainIndex, Entry, RestorePoint, SelfParentError, checkpoint_name, latest_restorable
 from .codec import WriteOptions
 from .crc import crc32
@@ -195,11 +195,34 @@ def _sampled_hits(a: np.ndarray, b: np.ndarray, starts: range, block: int) -> fl
     """
     if _SAMPLE_BLOCK % block:  # blocks straddle windows: one window at a time
         return sum(float(rkdelta.changed_blocks(a[i : i + _SAMPLE_BLOCK], b[i : i + _SAMPLE_BLOCK], block).mean()) for i in starts)
-    view = np.lib.stride_tricks.sliding_window_view
-    wa = view(a, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
-    wb = view(b, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
-    per_block = (wa != wb).reshape(len(starts), _SAMPLE_BLOCK // block, block).any(axis=2)
+    if block % 8 == 0:
+        per_block = _changed_blocks_by_words(a, b, starts, block)
+    else:
+        view = np.lib.stride_tricks.sliding_window_view
+        wa = view(a, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
+        wb = view(b, _SAMPLE_BLOCK)[starts.start : starts.stop : starts.step]
+        per_block = (wa != wb).reshape(len(starts), _SAMPLE_BLOCK // block, block).any(axis=2)
     return sum(float(x) for x in per_block.mean(axis=1))
+
+
+def _changed_blocks_by_words(a: np.ndarray, b: np.ndarray, starts: range, block: int) -> np.ndarray:
+    """(windows, blocks per window) bools: which ``block``-byte blocks of the windows at ``starts`` differ.
+
+    Compares 8 bytes at a time (windows as unaligned uint64 rows: a view, no
+    copy), and folds each block's word flags with one integer view where a
+    block is 1, 2, 4 or 8 words (a 64-byte block: 8 flag bytes read as one
+    uint64), instead of an ``any`` over 64 byte flags: a fifth of the CPU of
+    the byte compare, same answer (a block differs iff one of its words does).
+    """
+    rows, words = len(starts), _SAMPLE_BLOCK // 8
+    strides = (starts.step if rows > 1 else _SAMPLE_BLOCK, 8)
+    wa = np.ndarray((rows, words), np.uint64, buffer=a, offset=starts.start, strides=strides)
+    wb = np.ndarray((rows, words), np.uint64, buffer=b, offset=starts.start, strides=strides)
+    differ = wa != wb
+    k = block // 8
+    if k in (1, 2, 4, 8):
+        return differ.view(np.dtype(f"u{k}")) != 0
+    return differ.reshape(rows, _SAMPLE_BLOCK // block, k).any(axis=2)
 
 
 def _chunk_crcs(state: Checkpoint) -> list[int]:
@@ -216,6 +239,15 @@ def _lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError:  # not permitted or not supported: run at normal priority
         pass
+
+
+def _warm_up() -> None:
+    """The warm-up thread (``CheckpointManager._start_warm_up``): best effort, it never fails a run."""
+    _lower_thread_priority(WRITER_NICE)
+    try:
+        h5write.warm_up()
+    except Exception:  # noqa: BLE001 - the first write pays the cost, or reports its own error
+        log.debug("writer warm-up failed", exc_info=True)
 
 
 def _payload_bytes(c: Checkpoint) -> int:
@@ -304,6 +336,22 @@ class CheckpointManager:
         self._jobs: deque[SnapshotResponse] = deque()  # the write in flight first, then the pending one
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._warm = self._start_warm_up()
+
+    def _start_warm_up(self) -> threading.Thread | None:
+        """Pay the writer's one-off costs (imports, libhdf5's first file) on a background thread, now.
+
+        Why: otherwise the first checkpoint of a run pays them (some 40-60 ms of
+        CPU for ``.rk.h5``, ``h5write.warm_up``), on the compute thread when it is
+        a synchronous ``final`` (every rank's stop checkpoint) and as a late first
+        write otherwise. The thread is as nice as the writer; a write that starts
+        before it is done just shares the import lock with it.
+        """
+        if self.policy.checkpoint_format != forms.H5.name or h5write.is_warm():
+            return None
+        t = threading.Thread(target=_warm_up, name="rkckpt-warm", daemon=True)
+        t.start()
+        return t
 
     # ------------------------------------------------------------ scheduling
     def due(self, step: int, now: float | None = None) -> bool:
@@ -620,6 +668,8 @@ class CheckpointManager:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._warm is not None:
+            self._warm.join()
         self.storage.close()
 
     def __enter__(self) -> CheckpointManager:
