@@ -22,6 +22,7 @@ import pytest
 
 from helpers import PLUGIN
 from rkckpt import h5layout, h5write
+from rkckpt import manager as manager_mod
 from rkckpt.chain import INDEX_NAME, ChainIndex, Entry, encode_index, latest_restorable
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
@@ -142,3 +143,35 @@ def test_warm_up_thread_only_for_the_hdf5_form(tmp_path, fmt, monkeypatch) -> No
     assert h5write.is_warm() == (fmt == "rk.h5")
     rp = latest_restorable(FileStorage(tmp_path), "k")
     assert rp is not None and rp.step == 1
+
+
+def _saved_steps(folder) -> set[int]:
+    if not (folder / INDEX_NAME).exists():
+        return set()
+    return {e["step"] for e in json.loads((folder / INDEX_NAME).read_text())["entries"].values()}
+
+
+def test_index_saves_are_spaced_and_flushed(tmp_path, monkeypatch) -> None:
+    """Writes within ``INDEX_SAVE_SECONDS`` of an index save leave it behind; a lagging index hides nothing; flush saves it."""
+    monkeypatch.setattr(manager_mod, "INDEX_SAVE_SECONDS", 1e9)  # never due again after the first save
+    with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, keep_chains=None), "k") as m:
+        m.submit(SnapshotResponse(SnapshotRequest(1), _state(1)))
+        m.wait()
+        assert _saved_steps(tmp_path) == {1}
+        for step in (2, 3):
+            m.submit(SnapshotResponse(SnapshotRequest(step), _state(step)))
+        m.wait()
+        assert _saved_steps(tmp_path) == {1}
+        rp = latest_restorable(FileStorage(tmp_path), "k")  # what a restore after a crash now would find
+        assert rp is not None and rp.step == 3
+        m.flush()
+        assert _saved_steps(tmp_path) == {1, 2, 3}
+        m.submit(SnapshotResponse(SnapshotRequest(4), _state(4)))
+        m.wait()
+        assert _saved_steps(tmp_path) == {1, 2, 3}
+    assert _saved_steps(tmp_path) == {1, 2, 3, 4}  # close saved it
+    monkeypatch.setattr(manager_mod, "INDEX_SAVE_SECONDS", 0.0)
+    with CheckpointManager(tmp_path, CheckpointPolicy(every_steps=1, keep_chains=None), "k") as m:
+        m.submit(SnapshotResponse(SnapshotRequest(5), _state(5)))
+        m.wait()
+        assert _saved_steps(tmp_path) == {1, 2, 3, 4, 5}
