@@ -123,6 +123,7 @@ def commit(folder: str | FileStorage, g: dict[str, np.ndarray], ranks: int, step
 def _proc(folder: str, g: dict[str, np.ndarray], rank: int, ranks: int, writes: int, bar: object, out: object) -> None:
     """One writer process: ``writes`` checkpoints, each started with the others; rank 0 commits each set."""
     mgr = part_manager(folder, rank, ranks)
+    mgr.due(STEP - 1)  # the run loop's first batch boundary: the writer's warm-up starts
     for i in range(writes):
         ck, _ = part_state(moved(g, i), rank, ranks, STEP + i)  # the snapshot copy is the kernel's, not the write's
         bar.wait()  # type: ignore[attr-defined]
@@ -204,6 +205,7 @@ def mpi_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
     g = fields(n)
     z0, z1 = slabs(n, ranks)[rank]
     mgr = part_manager(folder, rank, ranks)
+    mgr.due(STEP - 1)  # the run loop's first batch boundary: the writer's warm-up starts
     storage = mgr.storage
     walls, cpus = [], []
     for i in range(warm + rounds):

@@ -341,26 +341,32 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._index_saved_at = -float("inf")  # monotonic time of the last index save (``_index_after_write``)
         self._index_dirty = False  # a write since then is not in the saved index
-        self._warm = self._start_warm_up()
+        self._warm: threading.Thread | None = None  # the warm-up thread, started by the first ``due``
+        self._warm_asked = False
 
-    def _start_warm_up(self) -> threading.Thread | None:
-        """Pay the writer's one-off costs (imports, libhdf5's first file) on a background thread, now.
+    def _start_warm_up(self) -> None:
+        """Pay the writer's one-off costs (imports, libhdf5's first file) on a background thread, once.
 
         Why: otherwise the first checkpoint of a run pays them (some 40-60 ms of
         CPU for ``.rk.h5``, ``h5write.warm_up``), on the compute thread when it is
         a synchronous ``final`` (every rank's stop checkpoint) and as a late first
-        write otherwise. The thread is as nice as the writer; a write that starts
-        before it is done just shares the import lock with it.
+        write otherwise. Started by the first ``due`` (the run loop's first batch
+        boundary), not by ``__init__``: the restore before it then neither shares
+        the CPU with the warm-up nor forks its libhdf5 probe (``h5probe``) while
+        another thread is inside libhdf5. The thread is as nice as the writer; a
+        write that starts before it is done just shares the import lock with it.
         """
+        self._warm_asked = True
         if self.policy.checkpoint_format != forms.H5.name or h5write.is_warm():
-            return None
-        t = threading.Thread(target=_warm_up, name="rkckpt-warm", daemon=True)
-        t.start()
-        return t
+            return
+        self._warm = threading.Thread(target=_warm_up, name="rkckpt-warm", daemon=True)
+        self._warm.start()
 
     # ------------------------------------------------------------ scheduling
     def due(self, step: int, now: float | None = None) -> bool:
         """True when ``step`` should be checkpointed (by step count or wall time)."""
+        if not self._warm_asked:
+            self._start_warm_up()
         if step == self._last_step:
             return False
         p = self.policy

@@ -134,10 +134,13 @@ def test_index_after_a_writer_killed_between_writes(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["rk.h5", "rkcp"])
-def test_warm_up_thread_only_for_the_hdf5_form(tmp_path, fmt, monkeypatch) -> None:
+def test_warm_up_thread_from_the_first_due_only_for_the_hdf5_form(tmp_path, fmt, monkeypatch) -> None:
     monkeypatch.setattr(h5write, "_warm", False)
     m = CheckpointManager(tmp_path, CheckpointPolicy(checkpoint_format=fmt), "k")
+    assert m._warm is None  # not before the run loop asks (a restore runs alone)
+    m.due(0)
     assert (m._warm is not None) == (fmt == "rk.h5")
+    m.due(1)  # once
     m.final(SnapshotResponse(SnapshotRequest(1), _state(1)))  # a write racing the warm-up is fine
     m.close()
     assert h5write.is_warm() == (fmt == "rk.h5")
