@@ -211,6 +211,8 @@ def encode_index(entries: dict[str, Entry], lines: dict[tuple[object, ...], str]
     out = []
     for _, e in sorted(entries.items()):
         fields_ = vars(e)
+        if len(fields_) != len(_ENTRY_FIELDS):  # an attribute set on the side is not a field: never saved
+            fields_ = {f: fields_[f] for f in _ENTRY_FIELDS}
         key = tuple(fields_.values())
         line = lines.get(key) if lines is not None else None
         if line is None:

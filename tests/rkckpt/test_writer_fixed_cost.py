@@ -86,6 +86,9 @@ def test_index_document_is_what_json_and_asdict_gave() -> None:
         entries.pop(sorted(entries)[-1])
     assert len(lines) == len(entries) + 1  # only the entries of the last save are cached
     assert json.loads(encode_index({})) == {"version": 1, "entries": {}}
+    e = next(iter(entries.values()))
+    e.note = "not a field"  # type: ignore[attr-defined]
+    assert json.loads(encode_index(entries, lines))["entries"][e.name] == asdict(e)
 
 
 def _state(step: int) -> Checkpoint:
