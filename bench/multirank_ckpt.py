@@ -11,8 +11,10 @@ full), and the first write of a process (imports, the ``.rk.h5`` layout
 template of its shape) is shown apart from the median of the others.
 
 * ``MPI ranks``: ``mpiexec -n N python bench/multirank_ckpt.py --mpi-child``;
-  each rank writes its part, rank 0 gathers the parts and commits the set
-  (``commit_set``: the manifest, written last); time = barrier to the
+  each rank writes its part, rank 0 gathers the parts (name and digest from
+  each writer's own index, as ``ranks._part_state``) and commits the set
+  (``commit_set``: the manifest, written last; ``gc_sets`` after it is not
+  timed); time = barrier to the
   committed set (``MPI.Wtime``), median of ``--rounds`` rounds after
   ``--warm`` rounds; the ratio is to the 1-rank row (one writer);
 * ``parts/proc``: the same with forked processes (no MPI), commit timed
@@ -216,8 +218,8 @@ def mpi_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
         mgr.final(SnapshotResponse(SnapshotRequest(step, "final"), ck))
         mgr.flush()
         cpu = time.process_time() - c0
-        part = ckptset.written_part(storage, KID, rank, ranks, step, z0, z1, offset)
-        parts = comm.gather(part, root=0)
+        e = [e for e in mgr.index.sorted(mgr.kernel_id) if e.step == step][-1]  # as ``ranks._part_state``: no header read
+        parts = comm.gather(ckptset.Part(rank, e.name, str(e.state_digest), z0, z1, offset), root=0)
         if rank == 0:
             ckptset.commit_set(storage, ckptset.CheckpointSet(KID, step, "bench", ranks, n, ("u", "v"), tuple(parts)))
             storage.flush()
