@@ -17,7 +17,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -194,6 +194,37 @@ def _cached_entry(name: object, v: object) -> Entry | None:
     return Entry(**v)
 
 
+_encode_fields = json.JSONEncoder(sort_keys=True).encode
+
+
+def encode_index(entries: dict[str, Entry], lines: dict[tuple[object, ...], str] | None = None) -> bytes:
+    """The index document: ``{"entries": {name: fields}, "version": 1}``, one entry per line.
+
+    Every write saves it, so it is cheap: entries are encoded by the C JSON
+    encoder (``indent`` selects the pure-Python one, and
+    ``dataclasses.asdict`` deep-copies every field: together some 2.5 ms per
+    write at 40 entries), and ``lines``, when given, holds each entry's line
+    by its field values from the previous save (replaced by this save's), so
+    an unchanged entry is not encoded again: about 25 us at 40 entries.
+    """
+    fresh: dict[tuple[object, ...], str] = {}
+    out = []
+    for _, e in sorted(entries.items()):
+        fields_ = vars(e)
+        if len(fields_) != len(_ENTRY_FIELDS):  # an attribute set on the side is not a field: never saved
+            fields_ = {f: fields_[f] for f in _ENTRY_FIELDS}
+        key = tuple(fields_.values())
+        line = lines.get(key) if lines is not None else None
+        if line is None:
+            line = f"{json.dumps(e.name)}: {_encode_fields(fields_)}"
+        fresh[key] = line
+        out.append(line)
+    if lines is not None:
+        lines.clear()
+        lines.update(fresh)
+    return ('{"entries": {\n' + ",\n".join(out) + f'\n}}, "version": {INDEX_VERSION}}}\n').encode()
+
+
 class ChainIndex:
     """Cached view of the checkpoint files in one storage location."""
 
@@ -203,6 +234,7 @@ class ChainIndex:
         self.rebuilt = False
         self.verified: dict[str, int] = {}  # name -> size of full files read back completely (retention)
         self.unverified: set[str] = set()  # entries taken from the index file, not yet read from their files
+        self._lines: dict[tuple[object, ...], str] = {}  # each entry's line in the saved index, by its values (encode_index)
 
     # ------------------------------------------------------------ index file
     def _load_index(self) -> dict[str, Entry]:
@@ -230,9 +262,8 @@ class ChainIndex:
 
     def save(self, *, durable: bool = True) -> None:
         """Write the index; ``durable=False``: atomic but not fsynced where the storage can (it is a cache)."""
-        doc = {"version": INDEX_VERSION, "entries": {n: asdict(e) for n, e in sorted(self.entries.items())}}
         save = self.storage.save if durable else getattr(self.storage, "save_cache", self.storage.save)
-        save(INDEX_NAME, json.dumps(doc, indent=1, sort_keys=True).encode())
+        save(INDEX_NAME, encode_index(self.entries, self._lines))
 
     def refresh(self, *, trust_cache: bool = True) -> list[Entry]:
         """Reconcile the cached index with the objects actually present.

@@ -164,7 +164,7 @@ def test_change_estimate_is_the_window_by_window_figure() -> None:
         n = a.size
         stride = (n - mgr_mod._SAMPLE_BLOCK) // (mgr_mod._SAMPLE_BLOCKS - 1)
         starts = range(0, n - mgr_mod._SAMPLE_BLOCK + 1, stride)
-        for block in (64, 32, 4096, 100):
+        for block in (64, 32, 4096, 100, 8, 16, 24, 128, 512):  # 8-byte multiples take the word-wise compare
             w = mgr_mod._SAMPLE_BLOCK
             loop = sum(float(delta.changed_blocks(a[i : i + w], b[i : i + w], block).mean()) for i in starts)
             assert mgr_mod._sampled_hits(a, b, starts, block) == loop
