@@ -17,6 +17,10 @@ template of its shape) is shown apart from the median of the others.
   timed); time = barrier to the
   committed set (``MPI.Wtime``), median of ``--rounds`` rounds after
   ``--warm`` rounds; the ratio is to the 1-rank row (one writer);
+* ``gather+1``: the other design at the same rank count
+  (``--mpi-gather-child``): every rank's owned planes gathered to rank 0
+  (``Gatherv``), which writes one checkpoint of the whole state; ``vs
+  gather`` is parts' time over it (below 1: parts per rank are faster);
 * ``parts/proc``: the same with forked processes (no MPI), commit timed
   after the parts; ``parts/thread``: one thread per part in one process
   (first write only);
@@ -202,8 +206,10 @@ def mpi_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
     """One MPI rank: ``warm + rounds`` coordinated checkpoints timed barrier to commit (rank 0 writes ``out``)."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    rank, ranks = comm.Get_rank(), comm.Get_size()
+    from rkkernel.comm import world
+
+    comm = world()  # rkrun's own: collectives that sleep while they wait, so a rank done early leaves the CPU to the others
+    rank, ranks = comm.rank, comm.size
     g = fields(n)
     z0, z1 = slabs(n, ranks)[rank]
     mgr = part_manager(folder, rank, ranks)
@@ -213,19 +219,20 @@ def mpi_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
     for i in range(warm + rounds):
         step = STEP + i
         ck, offset = part_state(moved(g, i), rank, ranks, step)
-        comm.Barrier()
+        comm.barrier()
         t0, c0 = MPI.Wtime(), time.process_time()
         mgr.final(SnapshotResponse(SnapshotRequest(step, "final"), ck))
         mgr.flush()
         cpu = time.process_time() - c0
         e = [e for e in mgr.index.sorted(mgr.kernel_id) if e.step == step][-1]  # as ``ranks._part_state``: no header read
-        parts = comm.gather(ckptset.Part(rank, e.name, str(e.state_digest), z0, z1, offset), root=0)
+        docs = comm.gather_json([rank, e.name, str(e.state_digest), z0, z1, offset])
         if rank == 0:
-            ckptset.commit_set(storage, ckptset.CheckpointSet(KID, step, "bench", ranks, n, ("u", "v"), tuple(parts)))
+            parts = tuple(ckptset.Part(*d) for d in docs)  # type: ignore[misc, union-attr]
+            ckptset.commit_set(storage, ckptset.CheckpointSet(KID, step, "bench", ranks, n, ("u", "v"), parts))
             storage.flush()
-        comm.Barrier()
+        comm.barrier()
         wall = MPI.Wtime() - t0
-        all_cpu = comm.gather(cpu, root=0)
+        all_cpu = comm.gather_json(cpu)
         if rank == 0:
             ckptset.gc_sets(storage, KID, 2)  # rkrun's rank 0 does this after the commit: not in the time
             if i >= warm:
@@ -236,16 +243,50 @@ def mpi_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
                     f"  mpi {ranks} rank(s): warm-up round {i + 1}: {wall:.3f} s, CPU ms per rank {[round(c * 1e3, 1) for c in all_cpu]}",
                     file=sys.stderr,
                 )
-        comm.Barrier()
+        comm.barrier()
     mgr.close()
     if rank == 0:
         Path(out).write_text(json.dumps({"walls": walls, "cpus": cpus}))
 
 
-def run_mpi(base: Path, n: int, ranks: int, warm: int, rounds: int) -> dict:
-    folder = base / f"mpi-{ranks}"
-    out = base / f"mpi-{ranks}.json"
-    cmd = ["mpiexec", "-n", str(ranks), sys.executable, __file__, "--mpi-child", str(n), str(warm), str(rounds), str(folder), str(out)]
+def mpi_gather_child(n: int, warm: int, rounds: int, folder: str, out: str) -> None:
+    """The other design at the same rank count: every rank's owned planes gathered to rank 0, which writes one
+    checkpoint of the whole state (one writer); timed barrier to durable, as ``mpi_child``."""
+    from mpi4py import MPI
+
+    from rkkernel.comm import world
+
+    comm = world()
+    rank, ranks = comm.rank, comm.size
+    g = fields(n)
+    z0, z1 = slabs(n, ranks)[rank]
+    mgr = CheckpointManager(FileStorage(folder), POLICY, KID) if rank == 0 else None
+    if mgr is not None:
+        mgr.due(STEP - 1)
+    walls = []
+    for i in range(warm + rounds):
+        mine = moved(g, i)
+        comm.barrier()
+        t0 = MPI.Wtime()
+        gathered = {name: comm.gather_arrays(np.ascontiguousarray(a[z0:z1])) for name, a in mine.items()}
+        if mgr is not None:
+            ck = Checkpoint(Metadata(KID, "bench", STEP + i))
+            for name, slabs_of in gathered.items():
+                ck.add_region(name, np.concatenate(slabs_of))  # type: ignore[arg-type]
+            mgr.final(SnapshotResponse(SnapshotRequest(STEP + i, "final"), ck))
+            mgr.flush()
+        comm.barrier()
+        if rank == 0 and i >= warm:
+            walls.append(MPI.Wtime() - t0)
+    if mgr is not None:
+        mgr.close()
+        Path(out).write_text(json.dumps({"walls": walls, "cpus": [[0.0]] * len(walls)}))
+
+
+def run_mpi(base: Path, n: int, ranks: int, warm: int, rounds: int, mode: str = "--mpi-child") -> dict:
+    folder = base / f"mpi-{ranks}{mode}"
+    out = base / f"mpi-{ranks}{mode}.json"
+    cmd = ["mpiexec", "-n", str(ranks), sys.executable, __file__, mode, str(n), str(warm), str(rounds), str(folder), str(out)]
     subprocess.run(["timeout", "600", *cmd], check=True, env=dict(os.environ))
     shutil.rmtree(folder, ignore_errors=True)
     return json.loads(out.read_text())
@@ -338,24 +379,32 @@ def print_steady(rows: list[tuple[str, int, list[tuple[float, list[float]]]]], m
         )
 
 
-def print_mpi(results: dict[int, dict], mib: float) -> None:
+def print_mpi(results: dict[int, dict], mib: float, gathered: dict[int, dict]) -> None:
+    """Parts per rank against one writer: the 1-rank write, and (``vs gather``) the same ranks gathering to rank 0
+    and writing one file, the other design issue 23 asks to measure."""
     rounds = len(next(iter(results.values()))["walls"])
     print(f"\nMPI ranks (mpiexec -n N, PartManager per rank, rank 0 commits), barrier to committed set, median of {rounds} rounds")
-    print(f"{'ranks':>5} {'median s':>9} {'MiB/s':>7} {'vs 1 writer':>12} {'CPU ms/rank':>12} {'CPU ms sum':>11}  samples")
+    print(
+        f"{'ranks':>5} {'median s':>9} {'MiB/s':>7} {'vs 1 writer':>12} {'gather+1 s':>11} {'vs gather':>10} {'CPU ms/rank':>12} {'CPU ms sum':>11}  samples"
+    )
     one = statistics.median(results[1]["walls"]) if 1 in results else None
     for ranks, r in sorted(results.items()):
         wall = statistics.median(r["walls"])
         cpu_rank = statistics.median(c for cs in r["cpus"] for c in cs)
         cpu_sum = statistics.median(sum(cs) for cs in r["cpus"])
         ratio = f"{wall / one:.2f}" if one else ""
+        gat = statistics.median(gathered[ranks]["walls"]) if ranks in gathered else None
+        gcol, gratio = (f"{gat:.4f}", f"{wall / gat:.2f}") if gat else ("", "")
         samples = " ".join(f"{w:.3f}" for w in r["walls"])
-        print(f"{ranks:>5} {wall:9.4f} {mib / wall:7.0f} {ratio:>12} {cpu_rank * 1e3:12.1f} {cpu_sum * 1e3:11.1f}  {samples}")
+        print(
+            f"{ranks:>5} {wall:9.4f} {mib / wall:7.0f} {ratio:>12} {gcol:>11} {gratio:>10} {cpu_rank * 1e3:12.1f} {cpu_sum * 1e3:11.1f}  {samples}"
+        )
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--mpi-child":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--mpi-child", "--mpi-gather-child"):
         n, warm, rounds, folder, out = sys.argv[2:7]
-        mpi_child(int(n), int(warm), int(rounds), folder, out)
+        (mpi_child if sys.argv[1] == "--mpi-child" else mpi_gather_child)(int(n), int(warm), int(rounds), folder, out)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=128)
@@ -371,14 +420,19 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="rkbench-sets-", dir=args.dir))
     run_threads(str(base / "warm-up"), fields(8), 2)  # imports and first-use costs, before any process forks
     try:
-        mpi = {} if args.no_mpi else {r: run_mpi(base, args.n, r, args.warm, args.rounds) for r in (1, 2, 4)}
+        mpi, gathered = {}, {}
+        if not args.no_mpi:  # interleaved by rank count: a noisy neighbour hits both designs alike
+            for r in (1, 2, 4):
+                mpi[r] = run_mpi(base, args.n, r, args.warm, args.rounds)
+                if r > 1:
+                    gathered[r] = run_mpi(base, args.n, r, args.warm, args.rounds, "--mpi-gather-child")
         steady = steady_rows(base, g, args.writes)
         rows = other_rows(base, g, args.repeat)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"global state: 2 x {args.n}^3 float32 = {mib:.0f} MiB; durable writes; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     if mpi:
-        print_mpi(mpi, mib)
+        print_mpi(mpi, mib, gathered)
     print_steady(steady, mib)
     print(f"\n{'other':<24} {'parts':>5} {'best s':>8} {'MiB/s':>8}  samples")
     for label, ranks, samples in rows:
