@@ -119,6 +119,12 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     already there for this name with other content (a set of an earlier,
     interrupted run at the same step, whose parts were written over since) is
     replaced atomically, with a warning.
+
+    On two-level storage (``durable``) the manifest must never reach the
+    shared store before its parts: the storage is flushed first (this
+    process's uploads; a failed one refuses the commit), and every file of
+    every part's chain must be in the shared store (``SetError`` naming the
+    first that is not), so the set stays whole when the node-local folder is lost.
     """
     name = set_name(s.kernel_id, s.step, s.ranks)
     try:
@@ -133,6 +139,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} is {'missing' if e is None else e.error}")
         if e.state_digest != p.digest:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} has digest {e.state_digest}, not {p.digest}")
+    _check_uploaded(storage, index, check.parts, name)
     data = s.to_json()
     try:
         storage.create(name, data)
@@ -148,6 +155,22 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
             storage.save(name, data)
     storage.flush()
     return name
+
+
+def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], name: str) -> None:
+    """Two-level storage: every file of every part's chain is in the shared store (else ``SetError``)."""
+    durable = getattr(storage, "durable", None)
+    if durable is None:
+        return
+    try:
+        storage.flush()
+    except StorageError as exc:
+        raise SetError(name, f"refusing to commit: the parts are not all in the shared store: {exc.problem}") from None
+    for p in parts:
+        chain, _ = index.chain_of(index.entries[p.name])
+        missing = [e.name for e in chain if not durable(e.name)]
+        if missing:
+            raise SetError(missing[0], f"refusing to commit set {name}: part {p.rank} is not in the shared store yet")
 
 
 # ---------------------------------------------------------------- verification

@@ -1,0 +1,147 @@
+"""Commit records on two-level storage reach the shared store only after every part (real loopback S3).
+
+Ranks on one node share the node-local folder, each with its own upload
+queue (``TwoLevelStorage`` per process): rank 0 sees rank 1's part locally
+long before rank 1's upload has finished. ``ckptset.commit_set`` must not
+write the manifest until every part's chain is in the shared store, or a
+node lost after the commit would leave a manifest naming parts that never
+left it. The windows are forced with a shared-store wrapper that holds or
+fails the uploads of chosen names (``_Held``), never with sleeps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rkckpt import ckptset
+from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
+from rkckpt.storage import FileStorage, StorageError, TwoLevelStorage, open_storage
+from set_helpers import DECOMPOSED, KID, NZ, SetWriter, assert_reads_back, global_state, local_state, split
+
+pytestmark = pytest.mark.s3
+
+
+class _Held:
+    """The shared store, with the uploads of names ``match`` accepts held back (``gate`` clear) or failing (``fail``)."""
+
+    def __init__(self, inner: Any, match: Callable[[str], bool]) -> None:
+        self.inner, self.match = inner, match
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+        self.holding = threading.Event()  # set once an upload waits at the gate
+
+    def _check(self, name: str) -> None:
+        if self.match(name):
+            if not self.gate.is_set():
+                self.holding.set()
+            assert self.gate.wait(60), "the test never released the gate"
+            if self.fail:
+                raise StorageError(name, "upload refused (test)")
+
+    def save(self, name: str, data: Any) -> int:
+        self._check(name)
+        return self.inner.save(name, data)
+
+    def put_local(self, path: Any, name: str) -> int:
+        self._check(name)
+        return self.inner.put_local(path, name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+
+def _s3(s3_server) -> Any:  # noqa: ANN001
+    return open_storage(f"s3://{s3_server.bucket()}/ck", local=False, **s3_server.options())
+
+
+def _rank_managers(stores: list[TwoLevelStorage]) -> list[CheckpointManager]:
+    policy = CheckpointPolicy(every_steps=1, keep_chains=None, full_every=8, delta_try_fraction=1.0)
+    return [CheckpointManager(st, policy, ckptset.part_kernel_id(KID, r, len(stores))) for r, st in enumerate(stores)]
+
+
+def _write_parts(stores: list[TwoLevelStorage], mgrs: list[CheckpointManager], step: int) -> ckptset.CheckpointSet:
+    """Each rank (its own two-level storage) writes its part of ``step``; the set, not yet committed."""
+    g, parts = global_state(step), []
+    for r, (st, m) in enumerate(zip(stores, mgrs, strict=True)):
+        ck, offset = local_state(g, step, r, len(stores))
+        m.final(SnapshotResponse(SnapshotRequest(step, "final"), ck))
+        z0, z1 = split(NZ, len(stores))[r]
+        parts.append(ckptset.written_part(st, KID, r, len(stores), step, z0, z1, offset))
+    return ckptset.CheckpointSet(KID, step, "run-a", len(stores), NZ, DECOMPOSED, tuple(parts))
+
+
+def _latest_shared(shared: Any) -> int | None:
+    s = ckptset.latest_set(shared, KID)
+    return None if s is None else s.step
+
+
+def test_a_part_still_uploading_on_another_rank_blocks_the_commit(s3_server, tmp_path: Path) -> None:
+    """Two ranks on one node (one local folder, two upload queues): rank 1's upload held -> no commit record."""
+    shared = _s3(s3_server)
+    held = _Held(shared, lambda n: ".r1of2-" in n and "-000000000020-" in n)
+    local = FileStorage(tmp_path / "node")
+    rank1_local = FileStorage(tmp_path / "node")
+    rank1_local.acquire_lock = lambda: None  # rank 0 holds the folder lock (as rkkernel.rankstate.unlocked)
+    stores = [TwoLevelStorage(local, shared), TwoLevelStorage(rank1_local, held)]
+    mgrs = _rank_managers(stores)
+    ckptset.commit_set(stores[0], _write_parts(stores, mgrs, 10))
+    assert _latest_shared(shared) == 10
+    held.gate.clear()
+    s = _write_parts(stores, mgrs, 20)
+    assert held.holding.wait(30)
+    assert not stores[1].durable(s.parts[1].name) and not stores[0].durable(s.parts[1].name)
+    with pytest.raises(ckptset.SetError, match="part 1 is not in the shared store yet"):
+        ckptset.commit_set(stores[0], s)
+    assert _latest_shared(shared) == 10  # the shared store holds no record of a set it lacks parts of
+    assert ckptset.set_name(KID, 20, 2) not in shared.list()
+    held.gate.set()
+    stores[1].flush()
+    assert stores[0].durable(s.parts[1].name)
+    ckptset.commit_set(stores[0], s)
+    assert _latest_shared(shared) == 20
+    for st in stores:
+        st.close()
+
+
+def test_held_then_failed_upload_keeps_the_previous_set_and_a_lost_node_restores_whole(s3_server, tmp_path: Path) -> None:
+    """One process: the commit waits for its own held upload; a failed upload refuses the commit until a retry
+    succeeds; then the node-local folder is lost and a fresh node restores the whole set from the shared store."""
+    shared = _s3(s3_server)
+    held = _Held(shared, lambda n: "-000000000020-" in n or "-000000000030-" in n)
+    storage = TwoLevelStorage(FileStorage(tmp_path / "node"), held)
+    w = SetWriter(storage, 3)
+    w.write(10)
+    assert _latest_shared(shared) == 10
+    held.gate.clear()
+    s = w.write(20, commit=False)
+    done: list[str] = []
+    t = threading.Thread(target=lambda: done.append(ckptset.commit_set(storage, s)))
+    t.start()
+    assert held.holding.wait(30)
+    assert _latest_shared(shared) == 10 and not done  # the commit waits behind the held upload
+    held.gate.set()
+    t.join(60)
+    assert done == [ckptset.set_name(KID, 20, 3)] and _latest_shared(shared) == 20
+    held.fail = True
+    s = w.write(30, commit=False)
+    with pytest.raises(ckptset.SetError, match="not all in the shared store"):
+        ckptset.commit_set(storage, s)
+    assert _latest_shared(shared) == 20 and ckptset.latest_set(storage, KID).step == 20
+    assert storage.upload_failed(s.parts[0].name) == f"{s.parts[0].name}: upload refused (test)"
+    held.fail = False
+    ckptset.commit_set(storage, s)  # its flush retries the failed uploads
+    assert _latest_shared(shared) == 30
+    storage.close()
+    shutil.rmtree(tmp_path / "node")  # the node is gone after the commit
+    fresh = TwoLevelStorage(FileStorage(tmp_path / "other-node"), shared)
+    got = ckptset.latest_set(fresh, KID)
+    assert got is not None and (got.step, got.ranks) == (30, 3)
+    assert_reads_back(fresh, got, 30, 2)
+    fresh.close()
