@@ -81,6 +81,7 @@ from .runtime import RestoreMismatch
 if TYPE_CHECKING:
     from rkckpt.chain import Entry
     from rkckpt.ckptset import CheckpointSet
+    from rkckpt.storage import Storage
     from rkstep.events import EventWriter
 
     from .plugin import KernelPlugin
@@ -101,7 +102,8 @@ _IN_FLIGHT, _FAILED, _DURABLE = 0, 1, 2
 MAX_SETS_PENDING = 4
 #: Share of the collective deadline a rank may spend flushing its stop checkpoint to the shared store.
 FLUSH_SHARE = 0.5
-#: Test hook: commit nothing while fewer sets than this are pending (forces the window of two pending sets).
+#: Test hook: keep this many sets minus one pending; once this many are, wait for their writes and resolve
+#: the older ones (a deterministic window of two pending sets: ``handed-2``).
 HOLD_ENV = "RKSLURM_TEST_HOLD_SETS"
 
 
@@ -175,14 +177,18 @@ class RankLoop(StepLoop):
         return part_kernel_id(self.cfg.kernel_id, self.comm.rank, self.comm.size)
 
     # ------------------------------------------------------------ start
-    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
+    def _open_storage(self) -> Storage:
+        """The checkpoint folder (a test may wrap it to hold uploads back)."""
         from rkckpt.storage import open_storage
 
+        return open_storage(self.cfg.checkpoint_dir)
+
+    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
         if "auto" in (self.cfg.checkpoint_every, self.cfg.checkpoint_seconds):
             raise ValueError("--checkpoint-every/--checkpoint-seconds auto is not supported on several ranks yet: give a number")
         self.layout = layout_of(self)
         self.identity = json.dumps(global_identity(self), sort_keys=True)
-        storage = open_storage(self.cfg.checkpoint_dir)
+        storage = self._open_storage()
         if self.comm.rank != 0:
             unlocked(storage)
         # the manager's queue of two: every hand-over is in ``pending`` until its set is resolved
@@ -298,12 +304,18 @@ class RankLoop(StepLoop):
             if len(self.pending) > MAX_SETS_PENDING:  # the same on every rank: hand-overs are at the same steps
                 old, _ = self.pending.pop(0)
                 log.warning("rank %d: the checkpoint set at step %d is dropped: %d newer sets wait", self.comm.rank, old, MAX_SETS_PENDING)
-        if len(self.pending) >= _hold():
-            self._resolve_pending()
+        hold = _hold()
+        if hold > 1:  # the test hook: keep hold - 1 sets pending, resolving the older ones once written
+            if len(self.pending) >= hold:
+                self.mgr.wait()
+                self._resolve_pending(keep=hold - 1)
+            return
+        self._resolve_pending()
 
-    def _resolve_pending(self, *, settle: bool = False) -> None:
-        """Resolve the pending sets oldest first, up to the first one still being written (``settle``: all)."""
-        while self.pending:
+    def _resolve_pending(self, *, keep: int = 0, settle: bool = False) -> None:
+        """Resolve the pending sets oldest first, up to the first one still being written (``settle``: all),
+        leaving at least ``keep``."""
+        while len(self.pending) > keep:
             step, ordinal = self.pending[0]
             if self._resolve(step, ordinal, settle=settle) is None:
                 return

@@ -6,14 +6,13 @@ long before rank 1's upload has finished. ``ckptset.commit_set`` must not
 write the manifest until every part's chain is in the shared store, or a
 node lost after the commit would leave a manifest naming parts that never
 left it. The windows are forced with a shared-store wrapper that holds or
-fails the uploads of chosen names (``_Held``), never with sleeps.
+fails the uploads of chosen names (``set_helpers.HeldStore``), never with sleeps.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +20,10 @@ import pytest
 
 from rkckpt import ckptset
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.storage import FileStorage, StorageError, TwoLevelStorage, open_storage
-from set_helpers import DECOMPOSED, KID, NZ, SetWriter, assert_reads_back, global_state, local_state, split
+from rkckpt.storage import FileStorage, TwoLevelStorage, open_storage
+from set_helpers import DECOMPOSED, KID, NZ, HeldStore, SetWriter, assert_reads_back, global_state, local_state, split
 
 pytestmark = pytest.mark.s3
-
-
-class _Held:
-    """The shared store, with the uploads of names ``match`` accepts held back (``gate`` clear) or failing (``fail``)."""
-
-    def __init__(self, inner: Any, match: Callable[[str], bool]) -> None:
-        self.inner, self.match = inner, match
-        self.gate = threading.Event()
-        self.gate.set()
-        self.fail = False
-        self.holding = threading.Event()  # set once an upload waits at the gate
-
-    def _check(self, name: str) -> None:
-        if self.match(name):
-            if not self.gate.is_set():
-                self.holding.set()
-            assert self.gate.wait(60), "the test never released the gate"
-            if self.fail:
-                raise StorageError(name, "upload refused (test)")
-
-    def save(self, name: str, data: Any) -> int:
-        self._check(name)
-        return self.inner.save(name, data)
-
-    def put_local(self, path: Any, name: str) -> int:
-        self._check(name)
-        return self.inner.put_local(path, name)
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.inner, attr)
 
 
 def _s3(s3_server) -> Any:  # noqa: ANN001
@@ -85,7 +54,7 @@ def _latest_shared(shared: Any) -> int | None:
 def test_a_part_still_uploading_on_another_rank_blocks_the_commit(s3_server, tmp_path: Path) -> None:
     """Two ranks on one node (one local folder, two upload queues): rank 1's upload held -> no commit record."""
     shared = _s3(s3_server)
-    held = _Held(shared, lambda n: ".r1of2-" in n and "-000000000020-" in n)
+    held = HeldStore(shared, lambda n: ".r1of2-" in n and "-000000000020-" in n)
     local = FileStorage(tmp_path / "node")
     rank1_local = FileStorage(tmp_path / "node")
     rank1_local.acquire_lock = lambda: None  # rank 0 holds the folder lock (as rkkernel.rankstate.unlocked)
@@ -114,7 +83,7 @@ def test_held_then_failed_upload_keeps_the_previous_set_and_a_lost_node_restores
     """One process: the commit waits for its own held upload; a failed upload refuses the commit until a retry
     succeeds; then the node-local folder is lost and a fresh node restores the whole set from the shared store."""
     shared = _s3(s3_server)
-    held = _Held(shared, lambda n: "-000000000020-" in n or "-000000000030-" in n)
+    held = HeldStore(shared, lambda n: "-000000000020-" in n or "-000000000030-" in n)
     storage = TwoLevelStorage(FileStorage(tmp_path / "node"), held)
     w = SetWriter(storage, 3)
     w.write(10)
