@@ -121,10 +121,11 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     replaced atomically, with a warning.
 
     On two-level storage (``durable``) the manifest must never reach the
-    shared store before its parts: the storage is flushed first (this
-    process's uploads; a failed one refuses the commit), and every file of
-    every part's chain must be in the shared store (``SetError`` naming the
-    first that is not), so the set stays whole when the node-local folder is lost.
+    shared store before its parts: this process's uploads of the parts'
+    chains are waited for (not newer saves queued behind them), and every
+    file of every part's chain must be in the shared store (``SetError``
+    naming the first that is not), so the set stays whole when the
+    node-local folder is lost. Then the manifest's own upload is waited for.
     """
     name = set_name(s.kernel_id, s.step, s.ranks)
     try:
@@ -153,7 +154,12 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
         if not same:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
-    storage.flush()
+    if getattr(storage, "wait_uploaded", None) is not None:  # two-level: the manifest, not newer parts behind it
+        storage.wait_uploaded([name])  # type: ignore[attr-defined]
+        if not storage.durable(name):  # type: ignore[attr-defined]
+            raise SetError(name, f"the commit record did not reach the shared store: {storage.upload_failed(name)}")  # type: ignore[attr-defined]
+    else:
+        storage.flush()
     return name
 
 
@@ -162,15 +168,12 @@ def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], 
     durable = getattr(storage, "durable", None)
     if durable is None:
         return
-    try:
-        storage.flush()
-    except StorageError as exc:
-        raise SetError(name, f"refusing to commit: the parts are not all in the shared store: {exc.problem}") from None
-    for p in parts:
-        chain, _ = index.chain_of(index.entries[p.name])
-        missing = [e.name for e in chain if not durable(e.name)]
-        if missing:
-            raise SetError(missing[0], f"refusing to commit set {name}: part {p.rank} is not in the shared store yet")
+    files = [e.name for p in parts for e in index.chain_of(index.entries[p.name])[0]]
+    storage.wait_uploaded(files)  # type: ignore[attr-defined]
+    for f in files:
+        if not durable(f):
+            why = storage.upload_failed(f)  # type: ignore[attr-defined]
+            raise SetError(f, f"refusing to commit set {name}: a part is not in the shared store{f': {why}' if why else ' yet'}")
 
 
 # ---------------------------------------------------------------- verification

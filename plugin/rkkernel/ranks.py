@@ -44,6 +44,7 @@ only): ``batch`` (a batch boundary, before the stop agreement),
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -79,7 +80,7 @@ from .runner import StepLoop, _write_marker
 from .runtime import RestoreMismatch
 
 if TYPE_CHECKING:
-    from rkckpt.chain import Entry
+    from rkckpt.chain import ChainIndex, Entry
     from rkckpt.ckptset import CheckpointSet
     from rkckpt.storage import Storage
     from rkstep.events import EventWriter
@@ -323,20 +324,22 @@ class RankLoop(StepLoop):
 
     def _part_state(self, step: int, ordinal: int) -> tuple[int, dict[str, Any] | None]:
         """Whether this rank's part of ``step`` is durable, failed or still being written; its entry."""
-        for e in reversed(self.mgr.index.sorted(self.part_id)):
+        index = copy.copy(self.mgr.index)  # the writer thread adds entries: read a snapshot
+        index.entries = dict(index.entries)
+        for e in reversed(index.sorted(self.part_id)):
             if e.step == step:
-                state = self._uploaded(e)
+                state = self._uploaded(index, e)
                 return state, ({"rank": self.comm.rank, "name": e.name, "digest": str(e.state_digest)} if state == _DURABLE else None)
         st = self.mgr.stats
         return (_FAILED if st.completed + st.failed >= ordinal else _IN_FLIGHT), None
 
-    def _uploaded(self, e: Entry) -> int:
+    def _uploaded(self, index: ChainIndex, e: Entry) -> int:
         """Two-level storage: durable once every file of the part's chain is in the shared store."""
         storage = self.mgr.storage
         durable = getattr(storage, "durable", None)
         if durable is None:
             return _DURABLE
-        chain, _ = self.mgr.index.chain_of(e)
+        chain, _ = index.chain_of(e)
         waiting = [c.name for c in chain if not durable(c.name)]
         if not waiting:
             return _DURABLE

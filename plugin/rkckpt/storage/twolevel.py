@@ -24,9 +24,10 @@ there (a node lost after the commit must still leave a whole set):
 * a rank reports its part durable only when ``durable(name)`` holds for
   every file of the part's chain, i.e. the shared store has them (not when
   the node-local save returned);
-* ``ckptset.commit_set`` flushes first, checks ``durable`` for every part's
-  chain, and only then saves the manifest (node-local, then uploaded behind
-  everything before it in this queue);
+* ``ckptset.commit_set`` waits for this process's uploads of the parts'
+  chains (``wait_uploaded``: not for newer saves queued behind them), checks
+  ``durable`` for every file, and only then saves the manifest (node-local,
+  then uploaded behind everything before it in this queue) and waits for it;
 * there is no node-local-only commit: a same-node restore reads the local
   copies of a set the shared store already has.
 
@@ -251,6 +252,18 @@ class TwoLevelStorage(StorageBase):
                 if name not in self._pending and name not in self._failed:
                     self._durable.add(name)
         return there
+
+    def wait_uploaded(self, names: Iterable[str], timeout: float | None = None) -> None:
+        """Wait until no upload of ``names`` is queued or running (not for the uploads queued after them,
+        unlike ``flush``); whether each arrived is ``durable``, why not is ``upload_failed``."""
+        wanted = set(names)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while wanted & self._pending.keys():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise StorageError(self.shared.url, f"{len(wanted & self._pending.keys())} object(s) still uploading")
+                self._cond.wait(left)
 
     def upload_failed(self, name: str) -> str | None:
         """Why the last upload of ``name`` failed, or None (none failed, or a retry is queued: ``retry``/``flush``)."""
