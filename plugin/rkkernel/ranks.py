@@ -258,9 +258,14 @@ class RankLoop(StepLoop):
         storage, kid = self.mgr.storage, self.part_id
         step = -1 if s is None else s.step
         named = names_in_manifests(storage, self.cfg.kernel_id)
-        for name in own_files_after(storage, kid, step):
-            if name not in named:
-                storage.delete(name)
+        stale = [n for n in own_files_after(storage, kid, step) if n not in named]
+        for name in stale:
+            storage.delete(name)
+        if stale:  # two-level: the deletes are queued; both levels must be rid of a name before it is written anew
+            try:
+                storage.flush()
+            except CheckpointError as exc:
+                log.warning("rank %d: uncommitted parts not yet removed from %s: %s", self.comm.rank, storage.url, exc)
         self.comm.barrier()
         if self.comm.rank == 0 and storage.exists(INDEX_NAME):
             storage.delete(INDEX_NAME)
@@ -361,7 +366,8 @@ class RankLoop(StepLoop):
         if worst == _IN_FLIGHT and not settle:
             return None
         if worst != _DURABLE:
-            log.warning("rank %d: the checkpoint set at step %d is not committed: a rank's part failed to write", self.comm.rank, step)
+            why = "failed to write" if worst == _FAILED else "is still being written or uploaded"
+            log.warning("rank %d: the checkpoint set at step %d is not committed: a rank's part %s", self.comm.rank, step, why)
             return False
         lay = self.layout
         part = {**(entry or {}), "z0": lay.z0, "z1": lay.z1, "offset": lay.lo}

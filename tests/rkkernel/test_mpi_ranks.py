@@ -441,3 +441,26 @@ def test_two_level_stop_whose_upload_fails_keeps_the_previous_set(tmp_path: Path
     assert loop.run() == 1
     assert commits == [10, 20] and latest_step(tmp_path / "shared") == 20
     assert manifests(tmp_path / "shared") == [f"wavesim-0000000000{s}-set1.rkset.json" for s in (10, 20)]
+
+
+@pytest.mark.s3
+def test_two_level_rank_killed_with_two_pending_then_node_lost_restores_from_s3(s3_server, tmp_path: Path) -> None:
+    """On S3 staged node-locally: rank 1 SIGKILLed with two sets pending; the shared store's newest set is the
+    last committed one, and after the node-local folder is lost 3 ranks restore it from S3, bit-identical."""
+    from rkckpt.ckptset import latest_set
+    from rkckpt.storage import open_storage
+
+    ref = reference("numpy", tmp_path)
+    url, out = f"s3://{s3_server.bucket()}/ck", tmp_path / "r.h5"
+    env = {"RKCKPT_S3_ENDPOINT": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    kill = {"RKSLURM_TEST_HOLD_SETS": "2", "RKSLURM_TEST_SIGNAL": "handed-2@r1:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "2"}
+    p = run(2, *wave("numpy", url, out), env={**env, **kill, "RKCKPT_LOCAL_DIR": str(tmp_path / "node")}, timeout=90, rank_logs=tmp_path)
+    assert p.returncode != 0
+    shared = open_storage(url, local=False, **s3_server.options())
+    assert [n for n in shared.list() if n.endswith(".rkset.json")] == ["wavesim-000000000010-set2.rkset.json"]
+    assert latest_set(shared, "wavesim").step == 10
+    shutil.rmtree(tmp_path / "node")
+    p = run(3, *wave("numpy", url, out), env={**env, "RKCKPT_LOCAL_DIR": str(tmp_path / "other-node")})
+    assert p.returncode == 0, p.stderr
+    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
