@@ -108,7 +108,7 @@ class SetStatus:
 
 
 # ---------------------------------------------------------------- commit
-def commit_set(storage: Storage, s: CheckpointSet) -> str:
+def commit_set(storage: Storage, s: CheckpointSet, *, timeout: float | None = None) -> str:
     """Write the manifest of ``s`` after checking it; return its name.
 
     Checked first: the layout (``len(parts) == ranks``, planes ``[0, nz)``
@@ -126,6 +126,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     file of every part's chain must be in the shared store (``SetError``
     naming the first that is not), so the set stays whole when the
     node-local folder is lost. Then the manifest's own upload is waited for.
+    ``timeout`` bounds each of those two waits (``StorageError`` past it).
     """
     name = set_name(s.kernel_id, s.step, s.ranks)
     try:
@@ -140,7 +141,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} is {'missing' if e is None else e.error}")
         if e.state_digest != p.digest:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} has digest {e.state_digest}, not {p.digest}")
-    _check_uploaded(storage, index, check.parts, name)
+    _check_uploaded(storage, index, check.parts, name, timeout)
     data = s.to_json()
     try:
         storage.create(name, data)
@@ -155,7 +156,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
     if getattr(storage, "wait_uploaded", None) is not None:  # two-level: the manifest, not newer parts behind it
-        storage.wait_uploaded([name])  # type: ignore[attr-defined]
+        storage.wait_uploaded([name], timeout)  # type: ignore[attr-defined]
         if not storage.durable(name):  # type: ignore[attr-defined]
             raise SetError(name, f"the commit record did not reach the shared store: {storage.upload_failed(name)}")  # type: ignore[attr-defined]
     else:
@@ -163,13 +164,13 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     return name
 
 
-def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], name: str) -> None:
+def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], name: str, timeout: float | None) -> None:
     """Two-level storage: every file of every part's chain is in the shared store (else ``SetError``)."""
     durable = getattr(storage, "durable", None)
     if durable is None:
         return
     files = [e.name for p in parts for e in index.chain_of(index.entries[p.name])[0]]
-    storage.wait_uploaded(files)  # type: ignore[attr-defined]
+    storage.wait_uploaded(files, timeout)  # type: ignore[attr-defined]
     for f in files:
         if not durable(f):
             why = storage.upload_failed(f)  # type: ignore[attr-defined]

@@ -101,7 +101,7 @@ EX_RANK_LOST = 1
 _IN_FLIGHT, _FAILED, _DURABLE = 0, 1, 2
 #: Sets waiting for their commit at most; beyond, the oldest is dropped (a newer set covers it).
 MAX_SETS_PENDING = 4
-#: Share of the collective deadline a rank may spend flushing its stop checkpoint to the shared store.
+#: Share of the collective deadline a rank may spend waiting for uploads (its stop checkpoint, a commit record).
 FLUSH_SHARE = 0.5
 #: Test hook: keep this many sets minus one pending; once this many are, wait for their writes and resolve
 #: the older ones (a deterministic window of two pending sets: ``handed-2``).
@@ -387,7 +387,7 @@ class RankLoop(StepLoop):
         parts = tuple(Part(**d) for d in docs or ())
         s = CheckpointSet(self.cfg.kernel_id, step, self.run_id, self.comm.size, self.layout.nz, self.layout.decomposed, parts)
         try:
-            name = commit_set(self.mgr.storage, s)  # flushed: on two-level storage, in the shared store
+            name = commit_set(self.mgr.storage, s, timeout=self._flush_timeout())  # two-level: in the shared store
         except (CheckpointError, OSError, ValueError) as exc:
             log.error("cannot commit the checkpoint set at step %d: %s", step, exc)
             return False
@@ -414,13 +414,17 @@ class RankLoop(StepLoop):
         self._flush("periodic")
         self._resolve_pending(settle=True)
 
+    def _flush_timeout(self) -> float:
+        """Seconds a rank may wait for uploads: less than the peers' collective deadline."""
+        return float(getattr(self.comm, "timeout", DEFAULT_TIMEOUT)) * FLUSH_SHARE
+
     def _flush(self, what: str) -> bool:
         """This rank's saves durable (two-level: in the shared store) within a deadline shorter than the
         peers' collective deadline; False, with a clear error, when an upload failed or is still going."""
         storage = self.mgr.storage
         try:
             if getattr(storage, "durable", None) is not None:
-                storage.flush(timeout=getattr(self.comm, "timeout", DEFAULT_TIMEOUT) * FLUSH_SHARE)
+                storage.flush(timeout=self._flush_timeout())
             else:
                 storage.flush()
         except (CheckpointError, OSError) as exc:

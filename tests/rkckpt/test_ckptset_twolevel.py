@@ -20,7 +20,7 @@ import pytest
 
 from rkckpt import ckptset
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
-from rkckpt.storage import FileStorage, TwoLevelStorage, open_storage
+from rkckpt.storage import FileStorage, StorageError, TwoLevelStorage, open_storage
 from set_helpers import DECOMPOSED, KID, NZ, HeldStore, SetWriter, assert_reads_back, global_state, local_state, split
 
 pytestmark = pytest.mark.s3
@@ -115,3 +115,20 @@ def test_held_then_failed_upload_keeps_the_previous_set_and_a_lost_node_restores
     assert got is not None and (got.step, got.ranks) == (30, 3)
     assert_reads_back(fresh, got, 30, 2)
     fresh.close()
+
+
+def test_a_commit_record_whose_upload_hangs_is_an_error_at_the_deadline(tmp_path: Path) -> None:
+    """The manifest's own upload held: ``commit_set(timeout=...)`` raises instead of holding the ranks;
+    once the upload goes through, the set is whole in the shared store (its parts went first)."""
+    shared = FileStorage(tmp_path / "shared")
+    held = HeldStore(shared, lambda n: n.endswith(ckptset.SET_SUFFIX))
+    storage = TwoLevelStorage(FileStorage(tmp_path / "node"), held)
+    s = SetWriter(storage, 2).write(10, commit=False)
+    held.gate.clear()
+    with pytest.raises(StorageError, match="still uploading"):
+        ckptset.commit_set(storage, s, timeout=0.2)
+    assert ckptset.latest_set(shared, KID) is None
+    held.gate.set()
+    storage.flush()
+    assert ckptset.latest_set(shared, KID).step == 10
+    storage.close()
