@@ -464,3 +464,35 @@ def test_two_level_rank_killed_with_two_pending_then_node_lost_restores_from_s3(
     assert p.returncode == 0, p.stderr
     assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
     assert result(out) == ref
+
+
+def test_sets_pending_beyond_the_limit_drop_the_oldest(tmp_path: Path) -> None:
+    """Uploads held from step 20 on: at most ``MAX_SETS_PENDING`` (4) sets wait, the oldest are dropped (a newer
+    set's chain covers them), and at the stop the ones left are committed oldest first."""
+    from rkckpt.storage import FileStorage
+    from rkkernel.ranks import MAX_SETS_PENDING
+    from set_helpers import HeldStore
+
+    held = HeldStore(FileStorage(tmp_path / "shared"), lambda n: "-00000000001" not in n and n.startswith("wavesim.r0of1-"))
+    held.gate.clear()
+    loop, stop, commits = _held_loop(tmp_path, held, steps=80)
+    most: list[int] = []
+    boundary, flush = loop._boundary, loop._flush
+
+    def at_boundary() -> None:
+        if loop.step == 10:
+            loop.mgr.wait()
+            loop.mgr.storage.flush()
+        boundary()
+        most.append(len(loop.pending))
+        if loop.step == 70:
+            stop.signal_name = "SIGTERM"
+
+    def release_then_flush(what: str) -> bool:
+        held.gate.set()
+        return flush(what)
+
+    loop._boundary, loop._flush = at_boundary, release_then_flush
+    assert loop.run() == EX_TEMPFAIL
+    assert max(most) == MAX_SETS_PENDING and commits == [10, 40, 50, 60, 70], (most, commits)
+    assert latest_step(tmp_path / "shared") == 70
