@@ -7,14 +7,18 @@ each part holding its owned planes plus one halo plane on each inner side.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rkckpt import ckptset
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
-from rkckpt.storage import Storage
+from rkckpt.storage import Storage, StorageError
 
 KID = "wave"
 NZ = 12
@@ -104,3 +108,35 @@ class SetWriter:
             name = ckptset.commit_set(self.storage, s)
             s = ckptset.CheckpointSet(**{**s.__dict__, "name": name})
         return s
+
+
+class HeldStore:
+    """A shared store for forced windows: uploads of names ``match`` accepts are held (``gate`` clear) or fail (``fail``)."""
+
+    def __init__(self, inner: Any, match: Callable[[str], bool]) -> None:
+        self.inner, self.match = inner, match
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+        self.holding = threading.Event()  # set once an upload waits at the gate
+
+    def _check(self, name: str) -> None:
+        if self.match(name):
+            if not self.gate.is_set():
+                self.holding.set()
+            if not self.gate.wait(60):
+                raise StorageError(name, "the test never released the gate")
+            if self.fail:
+                raise StorageError(name, "upload refused (test)")
+
+    def save(self, name: str, data: Any) -> int:
+        self._check(name)
+        return self.inner.save(name, data)
+
+    def put_local(self, path: Any, name: str) -> int:
+        self._check(name)
+        put = getattr(self.inner, "put_local", None)
+        return put(path, name) if put is not None else self.inner.save(name, Path(path).read_bytes())
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)

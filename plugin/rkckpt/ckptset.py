@@ -112,7 +112,7 @@ class SetStatus:
 
 
 # ---------------------------------------------------------------- commit
-def commit_set(storage: Storage, s: CheckpointSet) -> str:
+def commit_set(storage: Storage, s: CheckpointSet, *, timeout: float | None = None) -> str:
     """Write the manifest of ``s`` after checking it; return its name.
 
     Checked first: the layout (``len(parts) == ranks``, planes ``[0, nz)``
@@ -123,6 +123,14 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
     already there for this name with other content (a set of an earlier,
     interrupted run at the same step, whose parts were written over since) is
     replaced atomically, with a warning.
+
+    On two-level storage (``durable``) the manifest must never reach the
+    shared store before its parts: this process's uploads of the parts'
+    chains are waited for (not newer saves queued behind them), and every
+    file of every part's chain must be in the shared store (``SetError``
+    naming the first that is not), so the set stays whole when the
+    node-local folder is lost. Then the manifest's own upload is waited for.
+    ``timeout`` bounds each of those two waits (``StorageError`` past it).
     """
     name = set_name(s.kernel_id, s.step, s.ranks)
     try:
@@ -137,6 +145,7 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} is {'missing' if e is None else e.error}")
         if e.state_digest != p.digest:
             raise SetError(p.name, f"refusing to commit set {name}: part {p.rank} has digest {e.state_digest}, not {p.digest}")
+    _check_uploaded(storage, index, check.parts, name, timeout)
     data = s.to_json()
     try:
         storage.create(name, data)
@@ -150,8 +159,26 @@ def commit_set(storage: Storage, s: CheckpointSet) -> str:
         if not same:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
-    storage.flush()
+    if getattr(storage, "wait_uploaded", None) is not None:  # two-level: the manifest, not newer parts behind it
+        storage.wait_uploaded([name], timeout)  # type: ignore[attr-defined]
+        if not storage.durable(name):  # type: ignore[attr-defined]
+            raise SetError(name, f"the commit record did not reach the shared store: {storage.upload_failed(name)}")  # type: ignore[attr-defined]
+    else:
+        storage.flush()
     return name
+
+
+def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], name: str, timeout: float | None) -> None:
+    """Two-level storage: every file of every part's chain is in the shared store (else ``SetError``)."""
+    durable = getattr(storage, "durable", None)
+    if durable is None:
+        return
+    files = [e.name for p in parts for e in index.chain_of(index.entries[p.name])[0]]
+    storage.wait_uploaded(files, timeout)  # type: ignore[attr-defined]
+    for f in files:
+        if not durable(f):
+            why = storage.upload_failed(f)  # type: ignore[attr-defined]
+            raise SetError(f, f"refusing to commit set {name}: a part is not in the shared store{f': {why}' if why else ' yet'}")
 
 
 # ---------------------------------------------------------------- verification

@@ -10,10 +10,16 @@ every rank or the ranks drift apart and hang in a halo exchange:
   part of the final set and all exit 75 at the same step.
 * **which checkpoint exists.** Each rank writes its part (its local regions,
   a full or a delta of its own chain ``<kernel>.r<rank>of<ranks>``) in the
-  background. A set exists only once rank 0 has written its commit record,
-  and rank 0 writes it only after every rank reported its part durable (the
-  parts' names and digests are gathered at a batch boundary). A kill at any
-  moment before the commit leaves the previous set the newest one.
+  background, with the manager's queue of two. A set exists only once rank 0
+  has written its commit record, and rank 0 writes it only after every rank
+  reported its part durable (the parts' names and digests are gathered at a
+  batch boundary). Sets handed over but not committed wait in ``pending``
+  (oldest first); at each boundary the oldest is resolved first, and a newer
+  one is never committed before it (its delta chain may need it). On
+  two-level storage "durable" means in the shared store (every file of the
+  part's chain: ``TwoLevelStorage.durable``), so a commit record never
+  reaches the shared store ahead of its parts. A kill at any moment before
+  the commit leaves the previous set the newest one.
 * **what to restore.** Rank 0 picks the newest restorable set (``latest_set``;
   a plain single-process chain counts as a 1-part set) and broadcasts it;
   each rank then reads only the planes it now owns (plus its halo planes), so
@@ -30,6 +36,7 @@ restored from (N ranks -> 1). What a rank reads and writes of a set is in
 
 Test signal points (``rkckpt.testhook``; each also as ``point@rN``, for rank N
 only): ``batch`` (a batch boundary, before the stop agreement),
+``handed-K`` (a periodic part was handed over, leaving K sets pending),
 ``part-written`` (this rank's part of a set is durable, not yet reported),
 ``before-commit`` (rank 0: every part durable, no commit record yet) and
 ``committed`` (rank 0: the commit record is durable).
@@ -37,6 +44,7 @@ only): ``batch`` (a batch boundary, before the stop agreement),
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -53,7 +61,7 @@ from rkckpt.errors import CheckpointError
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotResponse
 from rkstep.protocol import EX_TEMPFAIL, EX_USAGE
 
-from .comm import Comm, RankLost, world
+from .comm import DEFAULT_TIMEOUT, Comm, RankLost, world
 from .rankstate import (
     IDENTITY_KEY,
     Layout,
@@ -72,7 +80,9 @@ from .runner import StepLoop, _write_marker
 from .runtime import RestoreMismatch
 
 if TYPE_CHECKING:
+    from rkckpt.chain import ChainIndex, Entry
     from rkckpt.ckptset import CheckpointSet
+    from rkckpt.storage import Storage
     from rkstep.events import EventWriter
 
     from .plugin import KernelPlugin
@@ -89,6 +99,21 @@ LINGER = 1.0
 EX_RANK_LOST = 1
 #: Part write states reported at a batch boundary (reduced with "min").
 _IN_FLIGHT, _FAILED, _DURABLE = 0, 1, 2
+#: Sets waiting for their commit at most; beyond, the oldest is dropped (a newer set covers it).
+MAX_SETS_PENDING = 4
+#: Share of the collective deadline a rank may spend waiting for uploads (its stop checkpoint, a commit record).
+FLUSH_SHARE = 0.5
+#: Test hook: keep this many sets minus one pending; once this many are, wait for their writes and resolve
+#: the older ones (a deterministic window of two pending sets: ``handed-2``).
+HOLD_ENV = "RKSLURM_TEST_HOLD_SETS"
+
+
+def _hold() -> int:
+    """Sets that must be pending before any is resolved (1; more only under the test hook ``HOLD_ENV``)."""
+    try:
+        return max(1, int(os.environ.get(HOLD_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def fire(point: str, rank: int) -> None:
@@ -130,8 +155,8 @@ class RankLoop(StepLoop):
         self.layout: Layout
         #: step of the newest committed set this run restored from or committed (None: neither)
         self.committed: int | None = None
-        #: step of the periodic parts handed to the managers, not yet committed
-        self.pending: int | None = None
+        #: sets handed to the managers, not yet committed or dropped, oldest first: (step, ordinal of the write)
+        self.pending: list[tuple[int, int]] = []
         #: writes handed to this rank's manager so far, and the step of the last periodic one
         self.handed = 0
         self.last_handed: int | None = None
@@ -153,19 +178,22 @@ class RankLoop(StepLoop):
         return part_kernel_id(self.cfg.kernel_id, self.comm.rank, self.comm.size)
 
     # ------------------------------------------------------------ start
-    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
+    def _open_storage(self) -> Storage:
+        """The checkpoint folder (a test may wrap it to hold uploads back)."""
         from rkckpt.storage import open_storage
 
+        return open_storage(self.cfg.checkpoint_dir)
+
+    def _make_manager(self, policy: CheckpointPolicy) -> CheckpointManager:
         if "auto" in (self.cfg.checkpoint_every, self.cfg.checkpoint_seconds):
             raise ValueError("--checkpoint-every/--checkpoint-seconds auto is not supported on several ranks yet: give a number")
         self.layout = layout_of(self)
         self.identity = json.dumps(global_identity(self), sort_keys=True)
-        storage = open_storage(self.cfg.checkpoint_dir)
+        storage = self._open_storage()
         if self.comm.rank != 0:
             unlocked(storage)
-        # one write in flight at a time: a hand-over settles the previous part before the next is
-        # queued, so every part's step reaches a commit round (_resolve tracks one pending step)
-        return PartManager(storage, retention_off(policy), self.part_id, max_pending=1)
+        # the manager's queue of two: every hand-over is in ``pending`` until its set is resolved
+        return PartManager(storage, retention_off(policy), self.part_id)
 
     def _start(self) -> int | None:
         try:
@@ -255,9 +283,14 @@ class RankLoop(StepLoop):
         storage, kid = self.mgr.storage, self.part_id
         step = -1 if s is None else s.step
         named = names_in_manifests(storage, self.cfg.kernel_id)
-        for name in own_files_after(storage, kid, step):
-            if name not in named:
-                storage.delete(name)
+        stale = [n for n in own_files_after(storage, kid, step) if n not in named]
+        for name in stale:
+            storage.delete(name)
+        if stale:  # two-level: the deletes are queued; both levels must be rid of a name before it is written anew
+            try:
+                storage.flush()
+            except CheckpointError as exc:
+                log.warning("rank %d: uncommitted parts not yet removed from %s: %s", self.comm.rank, storage.url, exc)
         self.comm.barrier()
         if self.comm.rank == 0 and storage.exists(INDEX_NAME):
             storage.delete(INDEX_NAME)
@@ -292,36 +325,74 @@ class RankLoop(StepLoop):
         return due
 
     def _boundary(self) -> None:
-        """Hand-overs and commits: a periodic part handed over here is committed once every rank's is durable."""
+        """Hand-overs and commits: each periodic part handed over is pending until its set is resolved."""
         handed = self.submitted[0] if self.submitted is not None else None
         if handed is not None and handed != self.last_handed:
-            if self.pending is not None:  # this hand-over waited for the older write: that one is settled
-                self._resolve(self.pending)
-            self.last_handed, self.pending = handed, handed
             self.handed += 1
-        if self.pending is not None:
-            self._resolve(self.pending)
+            self.last_handed = handed
+            self.pending.append((handed, self.handed))
+            fire(f"handed-{len(self.pending)}", self.comm.rank)
+            if len(self.pending) > MAX_SETS_PENDING:  # the same on every rank: hand-overs are at the same steps
+                old, _ = self.pending.pop(0)
+                log.warning("rank %d: the checkpoint set at step %d is dropped: %d newer sets wait", self.comm.rank, old, MAX_SETS_PENDING)
+        hold = _hold()
+        if hold > 1:  # the test hook: keep hold - 1 sets pending, resolving the older ones once written
+            if len(self.pending) >= hold:
+                self.mgr.wait()
+                self._resolve_pending(keep=hold - 1)
+            return
+        self._resolve_pending()
 
-    def _part_state(self, step: int) -> tuple[int, dict[str, Any] | None]:
+    def _resolve_pending(self, *, keep: int = 0, settle: bool = False) -> None:
+        """Resolve the pending sets oldest first, up to the first one still being written (``settle``: all),
+        leaving at least ``keep``."""
+        while len(self.pending) > keep:
+            step, ordinal = self.pending[0]
+            if self._resolve(step, ordinal, settle=settle) is None:
+                return
+            self.pending.pop(0)
+
+    def _part_state(self, step: int, ordinal: int) -> tuple[int, dict[str, Any] | None]:
         """Whether this rank's part of ``step`` is durable, failed or still being written; its entry."""
-        for e in reversed(self.mgr.index.sorted(self.part_id)):
+        index = copy.copy(self.mgr.index)  # the writer thread adds entries: read a snapshot
+        index.entries = dict(index.entries)
+        for e in reversed(index.sorted(self.part_id)):
             if e.step == step:
-                return _DURABLE, {"rank": self.comm.rank, "name": e.name, "digest": str(e.state_digest)}
+                state = self._uploaded(index, e)
+                return state, ({"rank": self.comm.rank, "name": e.name, "digest": str(e.state_digest)} if state == _DURABLE else None)
         st = self.mgr.stats
-        return (_FAILED if st.completed + st.failed >= self.handed else _IN_FLIGHT), None
+        return (_FAILED if st.completed + st.failed >= ordinal else _IN_FLIGHT), None
 
-    def _resolve(self, step: int) -> bool:
-        """Commit the set of ``step`` once every part is durable (True: committed); drop it when one failed."""
-        state, entry = self._part_state(step)
-        if state == _DURABLE and self.durable_seen != step:  # once per part, however many boundaries it waits
+    def _uploaded(self, index: ChainIndex, e: Entry) -> int:
+        """Two-level storage: durable once every file of the part's chain is in the shared store."""
+        storage = self.mgr.storage
+        durable = getattr(storage, "durable", None)
+        if durable is None:
+            return _DURABLE
+        chain, _ = index.chain_of(e)
+        waiting = [c.name for c in chain if not durable(c.name)]
+        if not waiting:
+            return _DURABLE
+        failed = [(n, why) for n in waiting if (why := storage.upload_failed(n))]
+        if not failed:
+            return _IN_FLIGHT
+        storage.retry()  # a newer set on this chain may still make it
+        log.warning("rank %d: %s did not reach the shared store: %s", self.comm.rank, *failed[0])
+        return _FAILED
+
+    def _resolve(self, step: int, ordinal: int, *, settle: bool = False) -> bool | None:
+        """Commit the set of ``step`` once every part is durable (True); False: dropped (a part failed,
+        or still not durable when ``settle``); None: still being written."""
+        state, entry = self._part_state(step, ordinal)
+        if state == _DURABLE and (self.durable_seen is None or step > self.durable_seen):  # once per part
             self.durable_seen = step
             fire("part-written", self.comm.rank)
         worst = self.comm.allreduce_int(state, "min")
-        if worst == _IN_FLIGHT:
-            return False
-        self.pending = None
-        if worst == _FAILED:
-            log.warning("rank %d: the checkpoint set at step %d is not committed: a rank's part failed to write", self.comm.rank, step)
+        if worst == _IN_FLIGHT and not settle:
+            return None
+        if worst != _DURABLE:
+            why = "failed to write" if worst == _FAILED else "is still being written or uploaded"
+            log.warning("rank %d: the checkpoint set at step %d is not committed: a rank's part %s", self.comm.rank, step, why)
             return False
         lay = self.layout
         part = {**(entry or {}), "z0": lay.z0, "z1": lay.z1, "offset": lay.lo}
@@ -341,8 +412,7 @@ class RankLoop(StepLoop):
         parts = tuple(Part(**d) for d in docs or ())
         s = CheckpointSet(self.cfg.kernel_id, step, self.run_id, self.comm.size, self.layout.nz, self.layout.decomposed, parts)
         try:
-            name = commit_set(self.mgr.storage, s)
-            self.mgr.storage.flush()
+            name = commit_set(self.mgr.storage, s, timeout=self._flush_timeout())  # two-level: in the shared store
         except (CheckpointError, OSError, ValueError) as exc:
             log.error("cannot commit the checkpoint set at step %d: %s", step, exc)
             return False
@@ -364,26 +434,44 @@ class RankLoop(StepLoop):
 
     # ------------------------------------------------------------ stop and end
     def _settle(self) -> None:
-        """Wait for the periodic write in flight and commit (or drop) its set."""
+        """Wait for the periodic writes in flight and their uploads, then commit (or drop) every pending set."""
         self.mgr.wait()
-        if self.pending is not None:
-            self._resolve(self.pending)
+        self._flush("periodic")
+        self._resolve_pending(settle=True)
+
+    def _flush_timeout(self) -> float:
+        """Seconds a rank may wait for uploads: less than the peers' collective deadline."""
+        return float(getattr(self.comm, "timeout", DEFAULT_TIMEOUT)) * FLUSH_SHARE
+
+    def _flush(self, what: str) -> bool:
+        """This rank's saves durable (two-level: in the shared store) within a deadline shorter than the
+        peers' collective deadline; False, with a clear error, when an upload failed or is still going."""
+        storage = self.mgr.storage
+        try:
+            if getattr(storage, "durable", None) is not None:
+                storage.flush(timeout=self._flush_timeout())
+            else:
+                storage.flush()
+        except (CheckpointError, OSError) as exc:
+            log.error("rank %d: the %s checkpoint did not reach %s: %s", self.comm.rank, what, storage.url, exc)
+            return False
+        return True
 
     def _write_final(self, reason: str) -> bool:
-        """Every rank writes its part of the current step synchronously, then the set is committed."""
+        """Every rank writes its part of the current step and flushes it, then the set is committed."""
         self._settle()
         if self.committed == self.step:
             log.info("step %d is already checkpointed; nothing new to write", self.step)
             return True
         try:
             self.mgr.final(self._snapshot(reason))
-            self.mgr.flush()
         except (CheckpointError, OSError) as exc:
             log.error("rank %d: the %s checkpoint at step %d failed: %s", self.comm.rank, reason, self.step, exc)
+        self._flush(reason)
         self.handed += 1
-        ok = self._resolve(self.step)
+        ok = self._resolve(self.step, self.handed, settle=True)
         self._report_written()
-        return ok
+        return ok is True
 
     def _stopped(self) -> int:
         if not self._write_final("signal"):

@@ -126,3 +126,28 @@ def test_journal_that_contradicts_itself_is_ignored(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.INFO, logger="rkckpt.storage.twolevel"):
         _open(tmp_path, "n2", shared).close()
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "previous run" in r.getMessage()]
+
+
+def test_durable_means_in_the_shared_store_whoever_uploaded_it(tmp_path: Path) -> None:
+    """``durable``: this process's finished upload, or (a name it never saved: another rank's part) the
+    shared store has it; a failed upload says why and ``retry`` queues it again without waiting."""
+    shared = _Cut()
+    a, b = _open(tmp_path, "n1", shared), _open(tmp_path, "n2", shared)
+    x, y = "k-000000000100-full.rkcp", "k-000000000200-full.rkcp"
+    a.save(x, _ckpt(100))
+    a.wait_uploaded([x], timeout=30)
+    assert a.durable(x) and b.durable(x) and a.upload_failed(x) is None
+    shared.cut = True
+    a.save(y, _ckpt(200))
+    a.wait_uploaded([y], timeout=30)
+    assert not a.durable(y) and not b.durable(y)
+    assert a.upload_failed(y) == f"{y}: node gone"
+    shared.cut = False
+    assert a.retry() == 1
+    a.wait_uploaded([y], timeout=30)
+    assert a.durable(y) and b.durable(y) and a.upload_failed(y) is None
+    a.delete(x)
+    a.wait_uploaded([x], timeout=30)
+    assert not a.durable(x) and not shared.exists(x)
+    a.close()
+    b.close()

@@ -5,7 +5,10 @@ Every window is forced with the test signal points (``RKSLURM_TEST_SIGNAL``;
 ranks agree whether to stop), ``part-written`` (this rank's part of a set is
 durable, not yet reported), ``before-commit`` (rank 0: every part is
 durable, the commit record not yet written) and ``committed`` (rank 0: the
-commit record is durable). Each run is compared with one
+commit record is durable), ``handed-K`` (a periodic part handed over,
+leaving K sets pending; ``RKSLURM_TEST_HOLD_SETS=2`` keeps one pending until
+the next is handed over, so two are). On two-level storage the shared level
+is wrapped (``set_helpers.HeldStore``) to hold or fail uploads. Each run is compared with one
 uninterrupted single-process ``rkrun`` of the same options, bit for bit.
 """
 
@@ -341,3 +344,178 @@ def test_a_corrupt_part_checked_by_another_rank_passes_the_set_over_on_every_ran
     assert f"skipping checkpoint set {newest}" in p.stderr and part3 in p.stderr, p.stderr
     assert f"restored step {int(older.split('-')[1])} from {older} (4 rank(s)) on 2 rank(s)" in p.stderr, p.stderr
     assert result(out) == ref
+
+
+# ---------------------------------------------------------------- a queue of two: several sets pending
+def test_two_sets_pending_when_the_stop_arrives_all_are_committed_in_order(tmp_path: Path) -> None:
+    """``RKSLURM_TEST_HOLD_SETS=2`` keeps a set pending until the next is handed over; the stop lands at the
+    second hand-over that leaves two pending (steps 20 and 30): both are committed, oldest first, at the stop."""
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    env = {"RKSLURM_TEST_HOLD_SETS": "2", "RKSLURM_TEST_SIGNAL": "handed-2@r1:SIGTERM:2"}
+    p = run(2, *wave("numpy", ck, out), env=env)
+    assert p.returncode == EX_TEMPFAIL, p.stderr
+    assert p.stderr.count("stopped at step 30") == 2 and "not committed" not in p.stderr, p.stderr
+    assert "already checkpointed" in p.stderr, p.stderr  # the pending set of step 30 is the stop's checkpoint
+    assert manifests(ck) == [f"wavesim-0000000000{s}-set2.rkset.json" for s in (20, 30)]  # gc keeps 2 of 10, 20, 30
+    p = run(3, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 30 from wavesim-000000000030-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+def test_rank_killed_with_two_sets_pending_restores_the_newest_committed(tmp_path: Path) -> None:
+    """SIGKILL of rank 1 when its hand-over of step 30 leaves two sets pending (20, 30; 10 committed):
+    the newest committed set (10) is the restore point, bit-identical."""
+    ref = reference("numpy", tmp_path)
+    ck, out = tmp_path / "ck", tmp_path / "r.h5"
+    env = {"RKSLURM_TEST_HOLD_SETS": "2", "RKSLURM_TEST_SIGNAL": "handed-2@r1:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "2"}
+    p = run(2, *wave("numpy", ck, out), env=env, timeout=60, rank_logs=tmp_path)
+    assert p.returncode != 0
+    assert manifests(ck) == ["wavesim-000000000010-set2.rkset.json"]
+    assert any(ck.glob("wavesim.r1of2-000000000020-*"))  # written, never committed (30's may have been cut mid-write)
+    assert latest_step(ck) == 10
+    p = run(2, *wave("numpy", ck, out))
+    assert p.returncode == 0, p.stderr
+    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 2 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+def _held_loop(tmp_path: Path, held: object, steps: int = STEPS) -> tuple[object, object, list[int]]:
+    """A rank loop (one rank, no launcher) on two-level storage whose shared level is ``held``; its commits."""
+    from rkckpt.storage import FileStorage, TwoLevelStorage
+    from rkkernel.comm import SingleComm
+    from rkkernel.plugin import find_plugin
+    from rkkernel.ranks import RankLoop
+    from rkkernel.signals import StopFlag
+
+    commits: list[int] = []
+
+    class Loop(RankLoop):
+        def _open_storage(self):  # noqa: ANN202
+            return TwoLevelStorage(FileStorage(tmp_path / "node"), held)  # type: ignore[arg-type]
+
+        def _commit(self, step: int, docs: list | None) -> bool:
+            ok = super()._commit(step, docs)
+            commits.append(step)
+            return ok
+
+    stop = StopFlag()
+    loop = Loop(find_plugin("wavesim"), _loop_values(tmp_path / "shared", tmp_path / "r.h5", steps), stop, None, SingleComm())
+    return loop, stop, commits
+
+
+def test_two_level_stop_with_two_sets_held_uploads_commits_them_in_order(tmp_path: Path) -> None:
+    """Uploads of steps 20 and 30 held back: their sets stay pending (durable means in the shared store);
+    the stop arrives with both pending, its flush releases them, and the sets are committed 20, then 30."""
+    from rkckpt.storage import FileStorage
+    from rkkernel.ranks import SoloLoop
+    from rkkernel.signals import StopFlag
+    from set_helpers import HeldStore
+
+    ref = reference("numpy", tmp_path)
+    shared = FileStorage(tmp_path / "shared")
+    held = HeldStore(shared, lambda n: "-000000000020-" in n or "-000000000030-" in n)
+    held.gate.clear()
+    loop, stop, commits = _held_loop(tmp_path, held)
+    seen: list[list[int]] = []
+    boundary, flush = loop._boundary, loop._flush
+
+    def at_boundary() -> None:
+        if loop.step == 10:  # the set of step 10 written and uploaded before its first commit round
+            loop.mgr.wait()
+            loop.mgr.storage.flush()
+        boundary()
+        pending = [s for s, _ in loop.pending]
+        if 30 in pending and not seen:
+            seen.append(pending)
+            stop.signal_name = "SIGTERM"  # as the handler records it
+
+    def release_then_flush(what: str) -> bool:
+        assert not held.gate.is_set() or seen  # nothing of 20 or 30 reached the shared store before the stop
+        held.gate.set()
+        return flush(what)
+
+    loop._boundary, loop._flush = at_boundary, release_then_flush
+    assert loop.run() == EX_TEMPFAIL
+    assert seen == [[20, 30]] and commits == [10, 20, 30], (seen, commits)  # the stop at step 30: already in a set
+    assert latest_step(tmp_path / "shared") == 30
+    assert SoloLoop(loop.plugin, _loop_values(tmp_path / "shared", tmp_path / "r.h5"), StopFlag(), None).run() == 0
+    assert result(tmp_path / "r.h5") == ref
+
+
+def test_two_level_stop_whose_upload_fails_keeps_the_previous_set(tmp_path: Path) -> None:
+    """The stop checkpoint's upload fails: a clear error, exit 1, and the shared store's newest set is the last committed."""
+    from rkckpt.storage import FileStorage
+    from set_helpers import HeldStore
+
+    shared = FileStorage(tmp_path / "shared")
+    held = HeldStore(shared, lambda n: "-000000000025-" in n)
+    held.fail = True
+    loop, stop, commits = _held_loop(tmp_path, held)
+    boundary = loop._boundary
+
+    def at_boundary() -> None:
+        boundary()
+        if loop.step == 25:
+            stop.signal_name = "SIGTERM"
+
+    loop._boundary = at_boundary
+    assert loop.run() == 1
+    assert commits == [10, 20] and latest_step(tmp_path / "shared") == 20
+    assert manifests(tmp_path / "shared") == [f"wavesim-0000000000{s}-set1.rkset.json" for s in (10, 20)]
+
+
+@pytest.mark.s3
+def test_two_level_rank_killed_with_two_pending_then_node_lost_restores_from_s3(s3_server, tmp_path: Path) -> None:
+    """On S3 staged node-locally: rank 1 SIGKILLed with two sets pending; the shared store's newest set is the
+    last committed one, and after the node-local folder is lost 3 ranks restore it from S3, bit-identical."""
+    from rkckpt.ckptset import latest_set
+    from rkckpt.storage import open_storage
+
+    ref = reference("numpy", tmp_path)
+    url, out = f"s3://{s3_server.bucket()}/ck", tmp_path / "r.h5"
+    env = {"RKCKPT_S3_ENDPOINT": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    kill = {"RKSLURM_TEST_HOLD_SETS": "2", "RKSLURM_TEST_SIGNAL": "handed-2@r1:SIGKILL:2", "RKSLURM_RANK_TIMEOUT": "2"}
+    p = run(2, *wave("numpy", url, out), env={**env, **kill, "RKCKPT_LOCAL_DIR": str(tmp_path / "node")}, timeout=90, rank_logs=tmp_path)
+    assert p.returncode != 0
+    shared = open_storage(url, local=False, **s3_server.options())
+    assert [n for n in shared.list() if n.endswith(".rkset.json")] == ["wavesim-000000000010-set2.rkset.json"]
+    assert latest_set(shared, "wavesim").step == 10
+    shutil.rmtree(tmp_path / "node")
+    p = run(3, *wave("numpy", url, out), env={**env, "RKCKPT_LOCAL_DIR": str(tmp_path / "other-node")})
+    assert p.returncode == 0, p.stderr
+    assert "restored step 10 from wavesim-000000000010-set2.rkset.json (2 rank(s)) on 3 rank(s)" in p.stderr, p.stderr
+    assert result(out) == ref
+
+
+def test_sets_pending_beyond_the_limit_drop_the_oldest(tmp_path: Path) -> None:
+    """Uploads held from step 20 on: at most ``MAX_SETS_PENDING`` (4) sets wait, the oldest are dropped (a newer
+    set's chain covers them), and at the stop the ones left are committed oldest first."""
+    from rkckpt.storage import FileStorage
+    from rkkernel.ranks import MAX_SETS_PENDING
+    from set_helpers import HeldStore
+
+    held = HeldStore(FileStorage(tmp_path / "shared"), lambda n: "-00000000001" not in n and n.startswith("wavesim.r0of1-"))
+    held.gate.clear()
+    loop, stop, commits = _held_loop(tmp_path, held, steps=80)
+    most: list[int] = []
+    boundary, flush = loop._boundary, loop._flush
+
+    def at_boundary() -> None:
+        if loop.step == 10:
+            loop.mgr.wait()
+            loop.mgr.storage.flush()
+        boundary()
+        most.append(len(loop.pending))
+        if loop.step == 70:
+            stop.signal_name = "SIGTERM"
+
+    def release_then_flush(what: str) -> bool:
+        held.gate.set()
+        return flush(what)
+
+    loop._boundary, loop._flush = at_boundary, release_then_flush
+    assert loop.run() == EX_TEMPFAIL
+    assert max(most) == MAX_SETS_PENDING and commits == [10, 40, 50, 60, 70], (most, commits)
+    assert latest_step(tmp_path / "shared") == 70

@@ -15,6 +15,26 @@ Each checkpoint saved node-locally is also noted at once in the shared store
 opens the same store on another node (the first node died) compares that
 note with what reached the store and says in its log what was lost: nothing,
 or the checkpoints that never left the dead node.
+
+**Commit records go to the shared store last.** A coordinated checkpoint set
+(``rkckpt.ckptset``) is committed by a manifest naming its parts. The rule,
+so that the shared store never holds a manifest whose parts are not all
+there (a node lost after the commit must still leave a whole set):
+
+* a rank reports its part durable only when ``durable(name)`` holds for
+  every file of the part's chain, i.e. the shared store has them (not when
+  the node-local save returned);
+* ``ckptset.commit_set`` waits for this process's uploads of the parts'
+  chains (``wait_uploaded``: not for newer saves queued behind them), checks
+  ``durable`` for every file, and only then saves the manifest (node-local,
+  then uploaded behind everything before it in this queue) and waits for it;
+* there is no node-local-only commit: a same-node restore reads the local
+  copies of a set the shared store already has.
+
+``durable(name)`` is true once this process uploaded ``name``, or, for a
+name it never saved (another rank's part, an earlier run's file), once the
+shared store has it (asked once, remembered). An upload that failed is
+retried by ``retry()`` (non-blocking) or ``flush()``.
 """
 
 from __future__ import annotations
@@ -167,6 +187,7 @@ class TwoLevelStorage(StorageBase):
                     self.local.delete(name)  # only now: a queued upload may still need it
                     with self._cond:
                         self._failed.pop(name, None)
+                        self._durable.discard(name)
             except Exception as exc:  # noqa: BLE001 - recorded, retried by flush()
                 log.warning("flushing %s to %s failed: %s", name, self.shared.url, exc)
                 with self._cond:
@@ -216,18 +237,54 @@ class TwoLevelStorage(StorageBase):
         return n
 
     def durable(self, name: str) -> bool:
+        """Whether the shared store holds ``name`` (see the module docstring: the commit rule)."""
         with self._cond:
-            return name in self._durable
+            if name in self._durable:
+                return True
+            if name in self._pending or name in self._failed:
+                return False
+        try:
+            there = self.shared.exists(name)
+        except StorageError:
+            return False
+        if there:
+            with self._cond:
+                if name not in self._pending and name not in self._failed:
+                    self._durable.add(name)
+        return there
+
+    def wait_uploaded(self, names: Iterable[str], timeout: float | None = None) -> None:
+        """Wait until no upload of ``names`` is queued or running (not for the uploads queued after them,
+        unlike ``flush``); whether each arrived is ``durable``, why not is ``upload_failed``."""
+        wanted = set(names)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while wanted & self._pending.keys():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise StorageError(self.shared.url, f"{len(wanted & self._pending.keys())} object(s) still uploading")
+                self._cond.wait(left)
+
+    def upload_failed(self, name: str) -> str | None:
+        """Why the last upload of ``name`` failed, or None (none failed, or a retry is queued: ``retry``/``flush``)."""
+        with self._cond:
+            what = None if name in self._pending else self._failed.get(name)
+        return what.split(":", 1)[1] if what is not None and what.startswith("put:") else None
+
+    def retry(self) -> int:
+        """Queue the failed operations again, uploads before deletes, without waiting; how many."""
+        with self._cond:
+            owed = [(n, w) for n, w in self._failed.items() if n not in self._pending]
+        owed.sort(key=lambda item: not item[1].startswith("put:"))
+        for name, what in owed:
+            self._enqueue("put" if what.startswith("put:") else "delete", name)
+        return len(owed)
 
     def flush(self, timeout: float | None = None, *, retry: bool = True) -> None:
         """Wait until every save has reached the shared store; raise if one could not."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if retry:
-            with self._cond:
-                owed = list(self._failed.items())
-            owed.sort(key=lambda item: not item[1].startswith("put:"))  # uploads before deletes
-            for name, what in owed:
-                self._enqueue("put" if what.startswith("put:") else "delete", name)
+            self.retry()
         with self._cond:
             while self._pending:
                 left = None if deadline is None else deadline - time.monotonic()
