@@ -33,6 +33,7 @@ from rkckpt import ckptset
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Chunk, ChunkType, Metadata
 from rkckpt.storage import MemoryStorage
+from rkkernel.decomp import plan
 
 KID = "bench"
 HALO = 4
@@ -61,12 +62,8 @@ class Counting(MemoryStorage):
 
 
 def split(nz: int, ranks: int) -> list[tuple[int, int]]:
-    base, extra = divmod(nz, ranks)
-    out, at = [], 0
-    for r in range(ranks):
-        out.append((at, at + base + (r < extra)))
-        at = out[-1][1]
-    return out
+    """Each rank's owned planes [z0, z1), as rkrun splits the grid (``rkkernel.decomp.plan``)."""
+    return [(s.z0, s.z1) for s in plan(nz, ranks, 1)]
 
 
 def field(nz: int, n: int, step: int, phase: float) -> np.ndarray:

@@ -58,6 +58,7 @@ from rkckpt import ckptset
 from rkckpt.manager import CheckpointManager, CheckpointPolicy, SnapshotRequest, SnapshotResponse
 from rkckpt.model import Checkpoint, Metadata
 from rkckpt.storage import FileStorage
+from rkkernel.decomp import plan
 
 KID = "bench"
 STEP = 100
@@ -76,12 +77,8 @@ def moved(g: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 
 def slabs(nz: int, ranks: int) -> list[tuple[int, int]]:
-    base, extra = divmod(nz, ranks)
-    out, at = [], 0
-    for r in range(ranks):
-        out.append((at, at + base + (r < extra)))
-        at = out[-1][1]
-    return out
+    """Each rank's owned planes [z0, z1), as rkrun splits the grid (``rkkernel.decomp.plan``)."""
+    return [(s.z0, s.z1) for s in plan(nz, ranks, 1)]
 
 
 def part_state(g: dict[str, np.ndarray], rank: int, ranks: int, step: int = STEP) -> tuple[Checkpoint, int]:
