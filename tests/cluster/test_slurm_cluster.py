@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -89,3 +90,23 @@ def test_no_accounting_cluster_up_idempotent_and_down(slurm_env: dict[str, str])
     assert not base.exists()
     # the shared cluster is untouched
     assert subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20).stdout.count("UP")
+
+
+def test_generated_configs_run_no_command_substitution() -> None:
+    """A backtick in an unquoted here-document of slurm/up is a command run when the config is written: a comment
+    naming `srun rkrun ...` once ran srun on every bring-up (CI printed its "DNS SRV lookup failed" lines)."""
+    text = (REPO / "slurm" / "up").read_text()
+    bodies, delim = [], None
+    for line in text.splitlines():
+        if delim is None:
+            m = re.search(r"<<-?\s*([A-Za-z_]+)\s*$", line)  # unquoted delimiter: the body is expanded
+            if m:
+                delim, body = m.group(1), []
+        elif line.strip() == delim:
+            bodies.append("\n".join(body))
+            delim = None
+        else:
+            body.append(line)
+    assert bodies, "slurm/up writes its configs with here-documents"
+    for body in bodies:
+        assert "`" not in body, body
