@@ -532,25 +532,30 @@ class Executor(_stock.Executor):
         )
         if isinstance(new, str) or (new.nodes or 1) <= (shrunk.nodes or 1):
             return
-        if not self._cancel_waiting(step, obs.job_id):
-            return
-        self.logger.warning(
-            f"rkslurm: rule {step.rule}: Slurm requeued job {obs.job_id} on {shrunk.describe()}; cancelled it while it waits "
-            f"and resubmitting on {new.describe()} again; the step restores its checkpoint on {new.tasks or 1} rank(s)"
+        self._resize_waiting(
+            plan,
+            obs.job_id,
+            new,
+            "regrown",
+            f"Slurm requeued job {obs.job_id} on {shrunk.describe()}; cancelled it while it waits "
+            f"and resubmitting on {new.describe()} again",
         )
-        step.geometry = new
-        self._record(step, "regrown")
-        self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
 
-    def _cancel_waiting(self, step: Step, job_id: str) -> bool:
-        """Cancel a job that waits in the queue, to resubmit it in another size; False if it started first.
+    def _resize_waiting(self, plan: Plan, job_id: str, new: ranks.Geometry, event: str, why: str) -> bool:
+        """Cancel the waiting job ``job_id`` and resubmit its step on ``new`` (a shrink or a regrow); False,
+        with nothing changed, when the job started first.
 
         The job may start between the poll that saw it waiting and the cancel: then it keeps running at
         its size (a resubmission beside it would put two jobs on one checkpoint folder)."""
-        if self.slurm.cancel_pending(job_id):
-            return True
-        self.logger.warning(f"rkslurm: rule {step.rule}: job {job_id} started before it could be cancelled; it keeps its size")
-        return False
+        step = plan.step
+        if not self.slurm.cancel_pending(job_id):
+            self.logger.warning(f"rkslurm: rule {step.rule}: job {job_id} started before it could be cancelled; it keeps its size")
+            return False
+        self.logger.warning(f"rkslurm: rule {step.rule}: {why}; the step restores its checkpoint on {new.tasks or 1} rank(s)")
+        step.geometry = new
+        self._record(step, event)
+        self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
+        return True
 
     def _shrink_candidate(self, plan: Plan, now: float) -> pendingshrink.Candidate | None:
         step, obs = plan.step, plan.observation
@@ -594,17 +599,9 @@ class Executor(_stock.Executor):
         done: set[int] = set()
         for c, new, why in todo:
             plan = by_job[c.job_id][0]
-            step = plan.step
-            self.logger.warning(
-                f"rkslurm: rule {step.rule}: {why}; cancelling it and resubmitting on {new.describe()} "
-                f"(min nodes {step.min_nodes}); the step restores its checkpoint on {new.tasks or 1} rank(s)"
-            )
-            if not self._cancel_waiting(step, c.job_id):
-                continue
-            step.geometry = new
-            self._record(step, "shrunk")
-            self._resubmits[plan.key.job.jobid] = self._submit_pool.submit(self._submit, plan.key.job, step)
-            done.add(plan.key.job.jobid)
+            text = f"{why}; cancelling it and resubmitting on {new.describe()} (min nodes {plan.step.min_nodes})"
+            if self._resize_waiting(plan, c.job_id, new, "shrunk", text):
+                done.add(plan.key.job.jobid)
         return done
 
     def _on_success(self, step: Step) -> None:
