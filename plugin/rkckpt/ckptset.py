@@ -291,10 +291,10 @@ def verify_set(storage: Storage, s: CheckpointSet, *, index: ChainIndex | None =
     if index is None:
         index = ChainIndex(storage)
         index.refresh()
+    if full:
+        verify_parts(storage, s, (p.rank for p in s.parts), index=index)
+        return
     for p in s.parts:
-        if full:
-            _check_regions(s, p, _materialise(storage, index, p))
-            continue
         e = _part_entry(index, p)
         chain, problem = index.chain_of(e)
         if problem is not None:

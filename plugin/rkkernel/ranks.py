@@ -20,10 +20,11 @@ every rank or the ranks drift apart and hang in a halo exchange:
   part's chain: ``TwoLevelStorage.durable``), so a commit record never
   reaches the shared store ahead of its parts. A kill at any moment before
   the commit leaves the previous set the newest one.
-* **what to restore.** Rank 0 picks the newest restorable set (``latest_set``;
-  a plain single-process chain counts as a 1-part set) and broadcasts it;
-  each rank then reads only the planes it now owns (plus its halo planes), so
-  a set written by N ranks restores on M ranks.
+* **what to restore.** Rank 0 picks the newest set whose headers and
+  manifest agree (``latest_set``; a plain single-process chain counts as a
+  1-part set) and broadcasts it; the ranks check its parts' contents between
+  them (``_choose_set``), then each reads only the planes it now owns (plus
+  its halo planes), so a set written by N ranks restores on M ranks.
 
 A rank that dies makes the others' next collective miss its deadline
 (``comm.RankLost``): they log which operation and which rank is gone (or
