@@ -57,6 +57,7 @@ import argparse, hashlib, json, os, signal, sys, tempfile, time
     + ATOMIC_WRITE
     + STEP_ARGS
     + r"""ap.add_argument("--fail-at", type=int, default=None)
+ap.add_argument("--gate")  # a file holding a step number: this run waits there (tests force a window)
 a = ap.parse_args()
 if not a.checkpoint_dir:
     sys.exit("no checkpoint dir (RKSLURM_CHECKPOINT_DIR unset)")
@@ -87,6 +88,12 @@ def checkpoint():
     atomic_write(prog, json.dumps({"step": step, "h": h}))
     if ev:
         ev.checkpoint(step)
+def held():
+    try:
+        with open(a.gate) as f:
+            return step >= int(f.read())
+    except (TypeError, OSError, ValueError):  # no gate, or the gate is open
+        return False
 while step < a.steps:
     if stop:
         checkpoint()
@@ -100,6 +107,9 @@ while step < a.steps:
         if ev:
             ev.end(1, step)
         sys.exit(1)
+    if held():
+        time.sleep(0.05)
+        continue
     time.sleep(a.delay)
     h = hashlib.sha256(f"{h}:{step}".encode()).hexdigest()
     step += 1
@@ -263,8 +273,13 @@ class SlurmWorkflow:
         extra_resources: str = "",
         seed: str = "rkslurm",
         step_args: str = "",
+        gate: int | None = None,
     ) -> None:
+        """``gate``: the first run waits at that step until ``hold_at`` moves it or ``open_gate`` removes it."""
         self.step_script.write_text(STEP_SCRIPT)
+        if gate is not None:
+            self.hold_at(gate)
+            step_args = f"{step_args} --gate gate".strip()
         res = f'slurm_partition="{partition}", mem_mb=200'
         if extra_resources:
             res += ", " + extra_resources
@@ -280,6 +295,55 @@ rule sim:
     shell: "exec {shlex.quote(sys.executable)} step.py --steps {{params.steps}} --seed {{params.seed}} --delay {delay} --checkpoint-every {checkpoint_every} --trace trace.jsonl --out {{output}}{" " + step_args if step_args else ""}"
 """
         )
+
+    @property
+    def gate_path(self) -> Path:
+        return self.root / "gate"
+
+    def hold_at(self, step: int) -> None:
+        """The running step (and any later run) waits once it reaches ``step``; written atomically."""
+        tmp = self.gate_path.with_suffix(".tmp")
+        tmp.write_text(str(step))
+        os.replace(tmp, self.gate_path)
+
+    def open_gate(self) -> None:
+        self.gate_path.unlink(missing_ok=True)
+
+    def progressed(self, run_no: int, min_steps: int) -> bool:
+        """The ``run_no``-th run of the step is running and has checkpointed ``min_steps`` beyond its start."""
+        tr = self.trace()
+        starts = [i for i, e in enumerate(tr) if e["event"] == "start"]
+        if len(starts) < run_no:
+            return False
+        begin = tr[starts[run_no - 1]]["step"]
+        return any(e["event"] == "ckpt" and e["step"] >= begin + min_steps for e in tr[starts[run_no - 1] :])
+
+    def wait_running(self, p: subprocess.Popen, run_no: int = 1, min_steps: int = 4) -> dict:
+        """The ``run_no``-th start event, once that run has made ``min_steps`` of progress; snakemake must still run."""
+        wait_until(lambda: self.progressed(run_no, min_steps) or p.poll() is not None, 120, f"run {run_no} of the step to make progress")
+        if p.poll() is not None:
+            out = p.stdout.read() if p.stdout else ""
+            raise AssertionError(f"snakemake ended (rc {p.returncode}) before run {run_no} made progress:\n{out[-6000:]}")
+        return self.events("start")[run_no - 1]
+
+    def preempt_when_running(self, p: subprocess.Popen, run_no: int, hold: int = 8) -> int:
+        """Preempt the ``run_no``-th run once it made progress; the step it stopped at.
+
+        With a gate (``write(gate=...)``) the run waits at the gate, so Slurm's
+        preemption latency never races the step's end; after the stop the gate
+        moves ``hold`` steps on for the next run (``open_gate`` lets it finish).
+        """
+        self.wait_running(p, run_no)
+        submit_urgent(3)
+        wait_until(lambda: len(self.events("stop")) >= run_no or p.poll() is not None, 60, f"preemption {run_no} to stop the step")
+        stops = self.events("stop")
+        if len(stops) < run_no:
+            out = p.stdout.read() if p.stdout else ""
+            raise AssertionError(f"snakemake ended (rc {p.returncode}) before preemption {run_no} stopped the step:\n{out[-6000:]}")
+        at = stops[run_no - 1]["step"]
+        if self.gate_path.exists():
+            self.hold_at(at + hold)
+        return at
 
     def trace(self) -> list[dict]:
         if not self.trace_path.exists():

@@ -23,25 +23,6 @@ from fixtures_slurm import BASE, SlurmWorkflow, submit_urgent, wait_until
 pytestmark = pytest.mark.slurm
 
 
-def _progress_after(w: SlurmWorkflow, starts: int, min_steps: int) -> bool:
-    """The `starts`-th run of the step is running and has checkpointed min_steps beyond its start."""
-    tr = w.trace()
-    st = [i for i, e in enumerate(tr) if e["event"] == "start"]
-    if len(st) < starts:
-        return False
-    begin = tr[st[starts - 1]]["step"]
-    return any(e["event"] == "ckpt" and e["step"] >= begin + min_steps for e in tr[st[starts - 1] :])
-
-
-def _preempt_when_running(w: SlurmWorkflow, run_no: int, p: subprocess.Popen) -> None:
-    wait_until(lambda: _progress_after(w, run_no, 4) or p.poll() is not None, 120, f"run {run_no} of the step to make progress")
-    if p.poll() is not None:
-        out = p.stdout.read() if p.stdout else ""
-        raise AssertionError(f"snakemake ended (rc {p.returncode}) before the step could be preempted:\n{out[-6000:]}")
-    submit_urgent(3)
-    wait_until(lambda: len(w.events("stop")) >= run_no or p.poll() is not None, 60, f"preemption {run_no} to stop the step")
-
-
 def _assert_continuous(w: SlurmWorkflow, stops: int) -> int:
     """Every restart resumed exactly where the previous run stopped (grace period → 0 steps lost).
 
@@ -66,12 +47,13 @@ def _submitted_ids(out: str) -> list[str]:
 
 def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: SlurmWorkflow) -> None:
     w = slurm_workflow
-    w.write(steps=40, delay=0.25, partition="scavenger")
+    w.write(steps=40, delay=0.25, partition="scavenger", gate=8)
     ref = w.reference(40)
     t0 = time.monotonic()
     p = w.start()
-    _preempt_when_running(w, 1, p)
-    _preempt_when_running(w, 2, p)
+    w.preempt_when_running(p, 1)
+    w.preempt_when_running(p, 2)
+    w.open_gate()
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-5000:]
     assert json.loads((w.root / "result.json").read_text()) == ref
@@ -97,11 +79,12 @@ def test_cancel_mode_preempted_twice_completes_bit_identical(slurm_workflow: Slu
 
 def test_requeue_mode_no_duplicate_submission(slurm_workflow: SlurmWorkflow) -> None:
     w = slurm_workflow
-    w.write(steps=40, delay=0.25, partition="requeue")
+    w.write(steps=40, delay=0.25, partition="requeue", gate=8)
     ref = w.reference(40)
     p = w.start()
-    _preempt_when_running(w, 1, p)
-    _preempt_when_running(w, 2, p)
+    w.preempt_when_running(p, 1)
+    w.preempt_when_running(p, 2)
+    w.open_gate()
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-5000:]
     assert (w.root / "result.json").read_bytes() == (w.root / "ref" / "out.json").read_bytes()
@@ -120,8 +103,8 @@ def test_cap_exceeded_fails_cleanly_listing_slurm_ids(slurm_workflow: SlurmWorkf
     w.write(steps=400, delay=0.25, partition="scavenger")
     t0 = time.monotonic()
     p = w.start("--rkslurm-max-preemptions", "1")
-    _preempt_when_running(w, 1, p)
-    _preempt_when_running(w, 2, p)
+    w.preempt_when_running(p, 1)
+    w.preempt_when_running(p, 2)
     out, _ = p.communicate(timeout=90)
     assert p.returncode != 0
     assert time.monotonic() - t0 < 180
@@ -141,8 +124,8 @@ def test_requeue_cap_cancels_the_requeued_job(slurm_workflow: SlurmWorkflow) -> 
     w = slurm_workflow
     w.write(steps=400, delay=0.25, partition="requeue")
     p = w.start("--rkslurm-max-preemptions", "1")
-    _preempt_when_running(w, 1, p)
-    _preempt_when_running(w, 2, p)
+    w.preempt_when_running(p, 1)
+    w.preempt_when_running(p, 2)
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0
     ids = set(_submitted_ids(out))
@@ -183,7 +166,7 @@ def test_slurmctld_restart_mid_run_still_completes(slurm_workflow: SlurmWorkflow
     w.write(steps=60, delay=0.25, partition="scavenger")
     ref = w.reference(60)
     p = w.start()
-    wait_until(lambda: _progress_after(w, 1, 3) or p.poll() is not None, 120, "the step to run")
+    wait_until(lambda: w.progressed(1, 3) or p.poll() is not None, 120, "the step to run")
     pid = _slurmctld_pid()
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "slurmctld to stop")
@@ -199,13 +182,14 @@ def test_slurmctld_restart_mid_run_still_completes(slurm_workflow: SlurmWorkflow
 
 def test_changed_params_start_fresh_unchanged_resume(slurm_workflow: SlurmWorkflow) -> None:
     w = slurm_workflow
-    w.write(steps=30, delay=0.25, partition="scavenger", seed="A")
+    w.write(steps=30, delay=0.25, partition="scavenger", seed="A", gate=8)
     p = w.start("--rkslurm-max-preemptions", "0")
-    _preempt_when_running(w, 1, p)
+    w.preempt_when_running(p, 1)
     out, _ = p.communicate(timeout=90)
     assert p.returncode != 0
     stopped_at = w.events("stop")[0]["step"]
     assert stopped_at > 0
+    w.open_gate()
     # same rule again: resumes from the checkpoint
     rc, out = w.run()
     assert rc == 0, out[-5000:]
@@ -214,9 +198,11 @@ def test_changed_params_start_fresh_unchanged_resume(slurm_workflow: SlurmWorkfl
     # now change a param after another interruption: the old checkpoint must not be used
     (w.root / "result.json").unlink()
     w.trace_path.unlink()
+    w.hold_at(8)
     p = w.start("--rkslurm-max-preemptions", "0")
-    _preempt_when_running(w, 1, p)
+    w.preempt_when_running(p, 1)
     p.communicate(timeout=90)
+    w.open_gate()
     assert w.events("stop")[0]["step"] > 0
     w.write(steps=30, delay=0.25, partition="scavenger", seed="B")
     ref_b = w.reference(30, seed="B")

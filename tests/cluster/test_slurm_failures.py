@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_slurm import SlurmWorkflow, wait_until
+from fixtures_slurm import SlurmWorkflow
 
 pytestmark = pytest.mark.slurm
 
@@ -28,22 +28,6 @@ PART = "main"
 
 def _submitted_ids(out: str) -> list[str]:
     return re.findall(r"submitted with SLURM jobid (\d+)", out)
-
-
-def _running_step(w: SlurmWorkflow, p: subprocess.Popen, min_step: int, run_no: int = 1) -> dict:
-    """The trace's `run_no`-th start event, once that run has checkpointed min_step beyond its start."""
-
-    def ready() -> bool:
-        tr = w.trace()
-        starts = [i for i, e in enumerate(tr) if e["event"] == "start"]
-        if len(starts) < run_no:
-            return False
-        begin = tr[starts[run_no - 1]]
-        return any(e["event"] == "ckpt" and e["step"] >= begin["step"] + min_step for e in tr[starts[run_no - 1] :])
-
-    wait_until(lambda: ready() or p.poll() is not None, 120, f"run {run_no} of the step to make progress")
-    assert p.poll() is None, "snakemake ended too early"
-    return w.events("start")[run_no - 1]
 
 
 def _squeue_ids() -> set[str]:
@@ -59,7 +43,7 @@ def test_user_scancel_fails_the_step_at_once(slurm_workflow: SlurmWorkflow) -> N
     w = slurm_workflow
     w.write(steps=400, delay=0.25, partition=PART)
     p = w.start()
-    job = _running_step(w, p, 3)["job"]
+    job = w.wait_running(p, min_steps=3)["job"]
     subprocess.run(["scancel", job], check=True, timeout=20)
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0
@@ -75,7 +59,7 @@ def _kill_and_finish(w: SlurmWorkflow, how: str) -> str:
     w.write(steps=40, delay=0.25, partition=PART)
     w.reference(40)
     p = w.start()
-    start = _running_step(w, p, 4)
+    start = w.wait_running(p, min_steps=4)
     if how == "sigkill":
         os.kill(int(start["pid"]), signal.SIGKILL)  # the step runs on this machine (the cluster's one node)
     else:
@@ -140,7 +124,7 @@ def test_sbatch_outage_during_a_resubmission_is_survived(slurm_workflow: SlurmWo
     w.reference(40)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     p = w.start("--rkslurm-submit-retry-minutes", "2", env=env)
-    os.kill(int(_running_step(w, p, 4)["pid"]), signal.SIGKILL)  # a resubmission is due
+    os.kill(int(w.wait_running(p, min_steps=4)["pid"]), signal.SIGKILL)  # a resubmission is due
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-5000:]
     _bit_identical(w)
@@ -155,7 +139,7 @@ def test_rerun_after_the_head_died_adopts_the_running_job(slurm_workflow: SlurmW
     w.write(steps=80, delay=0.25, partition=PART)
     w.reference(80)
     p = w.start()
-    job = _running_step(w, p, 3)["job"]
+    job = w.wait_running(p, min_steps=3)["job"]
     p.kill()  # the head dies hard; its Slurm job runs on
     p.communicate(timeout=30)
     assert job in _squeue_ids()
@@ -174,7 +158,7 @@ def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_wor
     w = slurm_workflow
     w.write(steps=400, delay=0.25, partition=PART)
     p = w.start()
-    job = _running_step(w, p, 3)["job"]
+    job = w.wait_running(p, min_steps=3)["job"]
     folder = w.root / ".snakemake/rkslurm/sim/_"
     shutil.rmtree(folder)
     out, _ = p.communicate(timeout=120)
@@ -185,15 +169,15 @@ def test_checkpoint_folder_deleted_mid_run_is_said_in_the_executor_log(slurm_wor
 
 def test_requeued_rerun_records_its_restart_count(slurm_workflow: SlurmWorkflow) -> None:
     """Before: the rerun Slurm requeued (same job id, Restarts=1) said restart=0."""
-    from fixtures_slurm import submit_urgent
     from rkstep import StepPaths, attempts, read_events
 
     w = slurm_workflow
-    w.write(steps=40, delay=0.25, partition="requeue")
+    w.write(steps=40, delay=0.25, partition="requeue", gate=8)
     w.reference(40)
     p = w.start("--rkslurm-keep-checkpoints")
-    job = _running_step(w, p, 4)["job"]
-    submit_urgent(3)
+    job = w.wait_running(p)["job"]
+    w.preempt_when_running(p, 1)
+    w.open_gate()
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-5000:]
     _bit_identical(w)

@@ -57,6 +57,7 @@ from mpi4py import MPI
     + ATOMIC_WRITE
     + STEP_ARGS
     + r"""ap.add_argument("--cells", type=int, default=12)
+ap.add_argument("--gate")  # a file holding a step number: the ranks wait there (tests force a window)
 a = ap.parse_args()
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -103,6 +104,15 @@ def checkpoint():
         if ev:
             ev.checkpoint(step)
 
+def held():
+    if rank != 0:
+        return None
+    try:
+        with open(a.gate) as f:
+            return step >= int(f.read())
+    except (TypeError, OSError, ValueError):  # no gate, or the gate is open
+        return False
+
 trace("start", step, hosts=hosts)
 if ev:
     ev.start(step)
@@ -116,6 +126,9 @@ while step < a.steps:
         if ev:
             ev.stop(step, "SIGTERM"); ev.end(75, step)
         sys.exit(75)
+    if comm.bcast(held(), root=0):  # rank 0 decides for all: every rank makes the same collective calls
+        time.sleep(a.delay)  # a step's pace: every rank's signal lands before the next agreement, as when running
+        continue
     time.sleep(a.delay)
     mine = [hashlib.sha256(f"{h}:{step}".encode()).hexdigest() for h in mine]
     step += 1
@@ -139,7 +152,7 @@ rule all:
 rule sim:
     output: "result.json"
     resources: slurm_partition="{partition}", mem_mb=200, nodes=2, tasks=4{extra}
-    shell: "{launcher} {py} mpi_step.py --steps {steps} --delay {delay} --trace trace.jsonl --out {{output}}"
+    shell: "{launcher} {py} mpi_step.py --steps {steps} --delay {delay} --trace trace.jsonl --out {{output}}{gate}"
 """
 
 
@@ -148,11 +161,26 @@ def nodes(slurm_env: dict[str, str]) -> list[str]:
     return multinode(mpi=True)
 
 
-def _write(w: SlurmWorkflow, launcher: str, partition: str, steps: int, delay: float = 0.25, extra: str = "") -> bytes:
-    """The workflow, and the bytes a one-process run of the same step writes (the reference)."""
+def _write(
+    w: SlurmWorkflow, launcher: str, partition: str, steps: int, delay: float = 0.25, extra: str = "", gate: int | None = None
+) -> bytes:
+    """The workflow, and the bytes a one-process run of the same step writes (the reference).
+
+    ``gate``: the ranks wait at that step until the test moves the gate (``w.hold_at``) or opens it.
+    """
     (w.root / "mpi_step.py").write_text(MPI_STEP_SCRIPT)
+    if gate is not None:
+        w.hold_at(gate)
     (w.root / "Snakefile").write_text(
-        SNAKEFILE.format(partition=partition, extra=extra, launcher=launcher, py=shlex.quote(sys.executable), steps=steps, delay=delay)
+        SNAKEFILE.format(
+            partition=partition,
+            extra=extra,
+            launcher=launcher,
+            py=shlex.quote(sys.executable),
+            steps=steps,
+            delay=delay,
+            gate="" if gate is None else " --gate gate",
+        )
     )
     ref = w.root / "ref"
     cmd = [sys.executable, "mpi_step.py", "--steps", str(steps), "--delay", "0", "--checkpoint-dir", str(ref / "ck")]
@@ -170,14 +198,29 @@ def _job_field(job_id: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _preempt_at_step_5(w: SlurmWorkflow, p: subprocess.Popen, node: str | None = None, seconds: float = 3) -> Callable[[], str]:
+def _preempt_at_step_5(
+    w: SlurmWorkflow, p: subprocess.Popen, node: str | None = None, seconds: float = 3, then_hold: int | None = None
+) -> Callable[[], str]:
     """A disruption for :func:`run_until_done`: once the 4 ranks checkpointed step 5, an urgent job
-    (on ``node`` only, for ``seconds``) preempts the step; returns the urgent job's id."""
+    (on ``node`` only, for ``seconds``) preempts the step; returns the urgent job's id.
+
+    A gated step (``_write(gate=...)``) waits at its gate, so the preemption never races its end;
+    once it stopped, the gate opens, or moves ``then_hold`` steps past the stop for the next run.
+    """
 
     def preempt() -> str:
         wait_until(lambda: any(e["step"] >= 5 for e in w.events("ckpt")) or p.poll() is not None, 150, "the 4 ranks to checkpoint")
         assert p.poll() is None, "snakemake ended before the preemption"
-        return submit_urgent(seconds, node=node)
+        before = len(w.events("stop"))
+        urgent = submit_urgent(seconds, node=node)
+        if w.gate_path.exists():
+            wait_until(lambda: len(w.events("stop")) > before or p.poll() is not None, 120, "the preemption to stop the ranks")
+            stops = w.events("stop")
+            if then_hold is not None and stops:
+                w.hold_at(stops[-1]["step"] + then_hold)
+            else:
+                w.open_gate()
+        return urgent
 
     return preempt
 
@@ -186,7 +229,7 @@ def test_two_node_four_rank_step_preempted_resubmitted_and_restored_bit_identica
     """srun --mpi=pmi2 on scavenger (CANCEL, GraceTime): every rank gets SIGTERM, all stop at one step,
     the step is resubmitted as a new job of the same shape and restores from its checkpoint."""
     w = slurm_workflow
-    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40)
+    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=40, gate=8)
     p = w.start()
     out = run_until_done(w, p, 240, _preempt_at_step_5(w, p))
     assert p.returncode == 0, out[-5000:]
@@ -265,10 +308,11 @@ def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_
     given back and the 1x2 job is preempted in turn: its resubmission asks for 2x4 again (the rule's
     size, not the shrunk one). The result is bit-identical."""
     w = slurm_workflow
-    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=80)
+    ref = _write(w, "srun --mpi=pmi2", "scavenger", steps=80, gate=8)
     p = w.start("--rkslurm-min-nodes", "1", "--rkslurm-shrink-after", "6")
     undo: list[Callable[[], object]] = []
-    preempt = _preempt_at_step_5(w, p, node=nodes[0], seconds=300)  # the urgent job holds the node until the test cancels it
+    # the urgent job holds the node until the test cancels it; the shrunk run waits 6 steps past the stop
+    preempt = _preempt_at_step_5(w, p, node=nodes[0], seconds=300, then_hold=6)
 
     def hold_one_node_then_preempt_the_shrunk_job() -> None:
         urgent = preempt()
@@ -281,6 +325,8 @@ def test_preempted_two_node_step_whose_resubmission_cannot_start_shrinks_to_the_
         subprocess.run(["scancel", urgent], capture_output=True, timeout=20, check=True)  # the first node is free again
         wait_until(lambda: _job_field(urgent, "JobState") != "RUNNING", 60, "the urgent job to end")
         submit_urgent(1, node=shrunk["hosts"][0])
+        wait_until(lambda: len(w.events("stop")) >= 2 or p.poll() is not None, 120, "the preemption to stop the shrunk job")
+        w.open_gate()
 
     out = run_until_done(w, p, 300, hold_one_node_then_preempt_the_shrunk_job, undo)
     assert p.returncode == 0, out[-5000:]

@@ -140,7 +140,7 @@ rule all:
 rule sim_a:
     output: "a.json"
     resources: slurm_partition="scavenger", mem_mb=200, slurm_extra="--nodelist={node_a}"
-    shell: "exec {py} step.py --steps {steps} --seed A --delay 0.25 --trace trace_a.jsonl --checkpoint-dir ck_a --out {{output}}"
+    shell: "exec {py} step.py --steps {steps} --seed A --delay 0.25 --trace trace_a.jsonl --checkpoint-dir ck_a --out {{output}} --gate gate"
 
 rule sim_b:
     output: "b.json"
@@ -169,11 +169,14 @@ def test_preempting_one_of_two_steps_on_different_nodes_leaves_the_other_alone(s
     def ckpts(t: Path) -> int:
         return max((e["step"] for e in _trace(t) if e["event"] == "ckpt"), default=0)
 
+    w.hold_at(8)  # step A waits at step 8 until its preemption stopped it: Slurm's latency never races its end
     p = w.start("--jobs", "2")
     with _failing_nodes(p):
         wait_until(lambda: (ckpts(ta) >= 4 and ckpts(tb) >= 4) or p.poll() is not None, 180, "both steps to run")
         assert p.poll() is None
         submit_urgent(3, node=nodes[0])
+        wait_until(lambda: any(e["event"] == "stop" for e in _trace(ta)) or p.poll() is not None, 60, "the preemption to stop step A")
+        w.open_gate()
         out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-5000:]
     a, b = _trace(ta), _trace(tb)
