@@ -80,6 +80,7 @@ __all__ = [
     "manifest_names",
     "parse_manifest",
     "part_checkpoint",
+    "PartHeaders",
     "part_head",
     "part_kernel_id",
     "plain_view",
@@ -159,25 +160,20 @@ def commit_set(storage: Storage, s: CheckpointSet, *, timeout: float | None = No
         if not same:
             log.warning("replacing the manifest %s of an earlier run (%s)", name, exc.problem)
             storage.save(name, data)
-    if getattr(storage, "wait_uploaded", None) is not None:  # two-level: the manifest, not newer parts behind it
-        storage.wait_uploaded([name], timeout)  # type: ignore[attr-defined]
-        if not storage.durable(name):  # type: ignore[attr-defined]
-            raise SetError(name, f"the commit record did not reach the shared store: {storage.upload_failed(name)}")  # type: ignore[attr-defined]
-    else:
-        storage.flush()
+    storage.expedite([name])  # its parts are uploaded: it need not wait behind newer parts' uploads
+    storage.wait_uploaded([name], timeout)  # the manifest alone, not the newer parts queued behind it
+    if not storage.durable(name):
+        raise SetError(name, f"the commit record did not reach the shared store: {storage.upload_failed(name)}")
     return name
 
 
 def _check_uploaded(storage: Storage, index: ChainIndex, parts: Iterable[Part], name: str, timeout: float | None) -> None:
     """Two-level storage: every file of every part's chain is in the shared store (else ``SetError``)."""
-    durable = getattr(storage, "durable", None)
-    if durable is None:
-        return
     files = [e.name for p in parts for e in index.chain_of(index.entries[p.name])[0]]
-    storage.wait_uploaded(files, timeout)  # type: ignore[attr-defined]
+    storage.wait_uploaded(files, timeout)
     for f in files:
-        if not durable(f):
-            why = storage.upload_failed(f)  # type: ignore[attr-defined]
+        if not storage.durable(f):
+            why = storage.upload_failed(f)
             raise SetError(f, f"refusing to commit set {name}: a part is not in the shared store{f': {why}' if why else ' yet'}")
 
 
@@ -218,10 +214,45 @@ def plain_view(storage: Storage) -> Storage:
 
 def _index_of(storage: Storage, parts: Iterable[Part]) -> ChainIndex:
     """A chain index of just the chains of ``parts`` (never saved: it is partial)."""
-    kids = {m["kernel_id"] for p in parts if (m := NAME_RE.match(p.name))}
-    index = ChainIndex(_KernelView(storage, kids))  # type: ignore[arg-type]
-    index.refresh()
-    return index
+    return PartHeaders(storage).covering(parts)
+
+
+class PartHeaders:
+    """The chain headers of a set's parts, each part's read once for all the reads of one restore.
+
+    A rank restoring on a new layout asks for part 0's control chunks, its
+    planes from the parts that own them and whole regions from part 0: each
+    call would otherwise list the store and read (or stat) the same part's
+    chain headers again. Pass one ``PartHeaders`` to ``part_head``,
+    ``read_planes_of`` and ``read_replicated_of``; it grows by the parts asked
+    for and is never saved (it is partial).
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._kids: set[str] = set()
+        self._index: ChainIndex | None = None
+
+    def covering(self, parts: Iterable[Part]) -> ChainIndex:
+        """An index holding at least the chains of ``parts``."""
+        kids = {m["kernel_id"] for p in parts if (m := NAME_RE.match(p.name))} - self._kids
+        if kids or self._index is None:
+            index = ChainIndex(_KernelView(self.storage, kids))  # type: ignore[arg-type]
+            index.refresh()
+            if self._index is None:
+                self._index = index
+            else:  # the views list disjoint kernels: their entries never collide
+                self._index.entries.update(index.entries)
+            self._kids |= kids
+        return self._index
+
+
+def _headers(storage: Storage, headers: PartHeaders | None) -> PartHeaders:
+    if headers is None:
+        return PartHeaders(storage)
+    if headers.storage is not storage:
+        raise ValueError("these part headers were read from another store")
+    return headers
 
 
 def _part_entry(index: ChainIndex, p: Part) -> Entry:
@@ -463,7 +494,9 @@ def _cut(p: Part, region: str, arr: np.ndarray, planes: tuple[int, int] | None) 
 STATE_CHUNKS = (ChunkType.CONTROL_BLOCK, ChunkType.H2K_QUEUE, ChunkType.K2H_QUEUE, ChunkType.HLC_STATE, ChunkType.HALO_BUFFERS)
 
 
-def part_head(storage: Storage, s: CheckpointSet, rank: int, chunk_types: Iterable[int] = STATE_CHUNKS) -> Checkpoint:
+def part_head(
+    storage: Storage, s: CheckpointSet, rank: int, chunk_types: Iterable[int] = STATE_CHUNKS, *, headers: PartHeaders | None = None
+) -> Checkpoint:
     """Part ``rank``'s metadata and its chunks of ``chunk_types`` (no regions), read by byte range through its chain.
 
     What a rank restoring on a new layout needs of a part besides the planes
@@ -473,7 +506,7 @@ def part_head(storage: Storage, s: CheckpointSet, rank: int, chunk_types: Iterab
     if not 0 <= rank < len(s.parts):
         raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
     p = s.parts[rank]
-    index = _index_of(storage, [p])
+    index = _headers(storage, headers).covering([p])
     try:
         names = _part_chain(index, p)
         if names is None:
@@ -498,7 +531,9 @@ def read_planes(storage: Storage, s: CheckpointSet, region: str, z0: int, z1: in
     return read_planes_of(storage, s, [region], z0, z1)[region]
 
 
-def read_planes_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], z0: int, z1: int) -> dict[str, np.ndarray]:
+def read_planes_of(
+    storage: Storage, s: CheckpointSet, regions: Sequence[str], z0: int, z1: int, *, headers: PartHeaders | None = None
+) -> dict[str, np.ndarray]:
     """``read_planes`` of several regions: each part's chain headers are read once for all of them."""
     for region in regions:
         if region not in s.decomposed:
@@ -506,7 +541,7 @@ def read_planes_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], z
     if not 0 <= z0 < z1 <= s.nz:
         raise ValueError(f"planes [{z0}, {z1}) are not a non-empty range within [0, {s.nz})")
     parts = overlapping(s, z0, z1)
-    index = _index_of(storage, parts)
+    index = _headers(storage, headers).covering(parts)
     pieces: dict[str, list[np.ndarray]] = {r: [] for r in regions}
     for p in parts:
         a, b = max(z0, p.z0) - p.z0 + p.offset, min(z1, p.z1) - p.z0 + p.offset
@@ -523,7 +558,9 @@ def read_replicated(storage: Storage, s: CheckpointSet, region: str) -> np.ndarr
     return read_replicated_of(storage, s, [region])[region]
 
 
-def read_replicated_of(storage: Storage, s: CheckpointSet, regions: Sequence[str], rank: int = 0) -> dict[str, np.ndarray]:
+def read_replicated_of(
+    storage: Storage, s: CheckpointSet, regions: Sequence[str], rank: int = 0, *, headers: PartHeaders | None = None
+) -> dict[str, np.ndarray]:
     """Whole regions (not decomposed) from part ``rank``: its chain headers are read once for all of them."""
     for region in regions:
         if region in s.decomposed:
@@ -531,7 +568,7 @@ def read_replicated_of(storage: Storage, s: CheckpointSet, regions: Sequence[str
     if not 0 <= rank < len(s.parts):
         raise ValueError(f"set {s.name or s.kernel_id} has no part {rank}")
     p = s.parts[rank]
-    arrays = _part_regions(storage, _index_of(storage, [p]), p, regions)
+    arrays = _part_regions(storage, _headers(storage, headers).covering([p]), p, regions)
     return {r: np.array(a) for r, a in zip(regions, arrays, strict=True)}
 
 

@@ -16,6 +16,9 @@ import signal
 from collections import Counter
 
 ENV = "RKSLURM_TEST_SIGNAL"
+#: Multi-rank steps: keep this many sets minus one pending; once this many are, wait for their writes and
+#: resolve the older ones (a deterministic window of two pending sets: ``handed-2``).
+HOLD_SETS_ENV = "RKSLURM_TEST_HOLD_SETS"
 
 _seen: Counter[str] = Counter()
 
@@ -42,3 +45,11 @@ def fire(point: str) -> None:
     for n, sig in plan.get(point, ()):
         if n == _seen[point]:
             os.kill(os.getpid(), sig)
+
+
+def sets_held() -> int:
+    """Sets that must be pending before any is resolved: 1, more only under ``HOLD_SETS_ENV``."""
+    try:
+        return max(1, int(os.environ.get(HOLD_SETS_ENV, "1")))
+    except ValueError:
+        return 1

@@ -104,17 +104,6 @@ _IN_FLIGHT, _FAILED, _DURABLE = 0, 1, 2
 MAX_SETS_PENDING = 4
 #: Share of the collective deadline a rank may spend waiting for uploads (its stop checkpoint, a commit record).
 FLUSH_SHARE = 0.5
-#: Test hook: keep this many sets minus one pending; once this many are, wait for their writes and resolve
-#: the older ones (a deterministic window of two pending sets: ``handed-2``).
-HOLD_ENV = "RKSLURM_TEST_HOLD_SETS"
-
-
-def _hold() -> int:
-    """Sets that must be pending before any is resolved (1; more only under the test hook ``HOLD_ENV``)."""
-    try:
-        return max(1, int(os.environ.get(HOLD_ENV, "1")))
-    except ValueError:
-        return 1
 
 
 def fire(point: str, rank: int) -> None:
@@ -336,8 +325,8 @@ class RankLoop(StepLoop):
             if len(self.pending) > MAX_SETS_PENDING:  # the same on every rank: hand-overs are at the same steps
                 old, _ = self.pending.pop(0)
                 log.warning("rank %d: the checkpoint set at step %d is dropped: %d newer sets wait", self.comm.rank, old, MAX_SETS_PENDING)
-        hold = _hold()
-        if hold > 1:  # the test hook: keep hold - 1 sets pending, resolving the older ones once written
+        hold = testhook.sets_held()
+        if hold > 1:  # the test window: keep hold - 1 sets pending, resolving the older ones once written
             if len(self.pending) >= hold:
                 self.mgr.wait()
                 self._resolve_pending(keep=hold - 1)
@@ -365,13 +354,10 @@ class RankLoop(StepLoop):
         return (_FAILED if st.completed + st.failed >= ordinal else _IN_FLIGHT), None
 
     def _uploaded(self, index: ChainIndex, e: Entry) -> int:
-        """Two-level storage: durable once every file of the part's chain is in the shared store."""
+        """Durable once every file of the part's chain is (two-level storage: in the shared store)."""
         storage = self.mgr.storage
-        durable = getattr(storage, "durable", None)
-        if durable is None:
-            return _DURABLE
         chain, _ = index.chain_of(e)
-        waiting = [c.name for c in chain if not durable(c.name)]
+        waiting = [c.name for c in chain if not storage.durable(c.name)]
         if not waiting:
             return _DURABLE
         failed = [(n, why) for n in waiting if (why := storage.upload_failed(n))]
@@ -449,10 +435,7 @@ class RankLoop(StepLoop):
         peers' collective deadline; False, with a clear error, when an upload failed or is still going."""
         storage = self.mgr.storage
         try:
-            if getattr(storage, "durable", None) is not None:
-                storage.flush(timeout=self._flush_timeout())
-            else:
-                storage.flush()
+            storage.flush(timeout=self._flush_timeout())
         except (CheckpointError, OSError) as exc:
             log.error("rank %d: the %s checkpoint did not reach %s: %s", self.comm.rank, what, storage.url, exc)
             return False

@@ -25,7 +25,7 @@ from .runtime import FINGERPRINT_KEY, RestoreMismatch
 if TYPE_CHECKING:
     import numpy as np
 
-    from rkckpt.ckptset import CheckpointSet
+    from rkckpt.ckptset import CheckpointSet, PartHeaders
     from rkckpt.model import Checkpoint
     from rkckpt.storage import Storage
 
@@ -173,13 +173,14 @@ def rank_field(storage: Storage, s: CheckpointSet, region: str) -> np.ndarray:
     return rank_fields(storage, s, [region])[region]
 
 
-def rank_fields(storage: Storage, s: CheckpointSet, regions: list[str]) -> dict[str, np.ndarray]:
+def rank_fields(storage: Storage, s: CheckpointSet, regions: list[str], headers: PartHeaders | None = None) -> dict[str, np.ndarray]:
     """``rank_field`` of several regions: each part's chain is opened once for all of them."""
     import numpy as np
 
-    from rkckpt.ckptset import read_replicated_of
+    from rkckpt.ckptset import PartHeaders, read_replicated_of
 
-    per_part = [read_replicated_of(storage, s, regions, rank=p.rank) for p in s.parts]
+    headers = headers or PartHeaders(storage)
+    per_part = [read_replicated_of(storage, s, regions, rank=p.rank, headers=headers) for p in s.parts]
     return {r: np.maximum.reduce([values[r] for values in per_part]) for r in regions}
 
 
@@ -191,13 +192,14 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
     range, part 0's metadata and control chunks and only the planes it now
     holds from the parts that own them (``rkckpt.rangeread``).
     """
-    from rkckpt.ckptset import STATE_CHUNKS, part_checkpoint, part_head
+    from rkckpt.ckptset import STATE_CHUNKS, PartHeaders, part_checkpoint, part_head
     from rkckpt.model import Checkpoint
 
     p = s.parts[rank] if s.name is not None and s.ranks == size else None
     own = p is not None and (p.z0, p.z1, p.offset) == (layout.z0, layout.z1, layout.lo)
     # on a new layout: part 0's metadata and control chunks by byte range, never its regions
-    base = part_checkpoint(loop.mgr.storage, s, rank) if own else part_head(loop.mgr.storage, s, 0)
+    headers = PartHeaders(loop.mgr.storage)  # each part's chain headers read once for this whole restore
+    base = part_checkpoint(loop.mgr.storage, s, rank) if own else part_head(loop.mgr.storage, s, 0, headers=headers)
     mine, theirs = global_identity(loop), identity_of(base)
     if mine != theirs:
         raise RestoreMismatch(s.name, f"the set is of another simulation ({theirs}), this run is {mine}")
@@ -210,18 +212,20 @@ def read_set_state(loop: StepLoop, s: CheckpointSet, rank: int, size: int, layou
         if c is not None:
             ckpt.chunks.append(c)
     names = [r.name for r in spec.regions if r.role != "halo"] + [sr.region for sr in loop.krun.series if sr.region in base.regions()]
-    arrays = {n: base.region(n) for n in names} if own else _regions_on_new_layout(loop, s, names, layout)
+    arrays = {n: base.region(n) for n in names} if own else _regions_on_new_layout(loop, s, names, layout, headers)
     for name in names:
         ckpt.add_region(name, arrays[name])
     return RestorePoint(s.step, ckpt, [q.name for q in s.parts], kernel_id=loop.cfg.kernel_id)
 
 
-def _regions_on_new_layout(loop: StepLoop, s: CheckpointSet, names: list[str], layout: Layout) -> dict[str, np.ndarray]:
+def _regions_on_new_layout(
+    loop: StepLoop, s: CheckpointSet, names: list[str], layout: Layout, headers: PartHeaders
+) -> dict[str, np.ndarray]:
     """Regions ``names`` of this rank's new slab, from the parts of a set written on another layout.
 
     Split regions: only this rank's planes, from the parts that own them;
     per-rank fields: the max over every part; the rest: whole, from part 0.
-    Each kind reads a part's chain headers once for all its regions.
+    ``headers``: each part's chain headers are read once for all of them.
     """
     from rkckpt.ckptset import read_planes_of, read_replicated_of
 
@@ -230,9 +234,9 @@ def _regions_on_new_layout(loop: StepLoop, s: CheckpointSet, names: list[str], l
     split = [n for n in names if n in layout.decomposed]
     fields = [n for n in names if n not in split and roles.get(n, "series") == "field" and len(s.parts) > 1]
     whole = [n for n in names if n not in split and n not in fields]
-    out = read_planes_of(storage, s, split, *layout.planes) if split else {}
+    out = read_planes_of(storage, s, split, *layout.planes, headers=headers) if split else {}
     if fields:
-        out.update(rank_fields(storage, s, fields))
+        out.update(rank_fields(storage, s, fields, headers))
     if whole:
-        out.update(read_replicated_of(storage, s, whole))
+        out.update(read_replicated_of(storage, s, whole, headers=headers))
     return out

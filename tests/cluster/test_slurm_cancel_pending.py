@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slurm
 
 def _sbatch(*args: str) -> str:
     out = subprocess.run(
-        ["sbatch", "--parsable", "-J", "rk-cancel-pending", "-p", "main", "-n", "1", *args, "--wrap", "sleep 120"],
+        ["sbatch", "--parsable", "-J", "rk-cancel-pending", "-p", "main", "-n", "1", "-o", "/dev/null", *args, "--wrap", "sleep 120"],
         capture_output=True,
         text=True,
         check=True,

@@ -370,3 +370,47 @@ def test_a_sharded_stream_is_read_whole_and_cut(tmp_path: Path, monkeypatch: pyt
     with ChainReader([path.name], lambda n: FileSource(tmp_path / n)) as reader:
         assert np.array_equal(reader.region("wave", (5, 9)), wave[5:9])
         assert np.array_equal(reader.region("wave"), wave)
+
+
+def test_one_restore_reads_each_part_chain_headers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Part 0's control chunks, the planes of parts 0-1 and part 0's whole regions: with one ``PartHeaders``
+    the store is listed once per new part and no chain header is read twice; without it, again per call."""
+    import rkckpt.chain as chain_mod
+
+    storage = LoggedMemory()
+    s = write_sets(storage, 4, compressed=True, steps=(1, 2, 3))
+    if storage.exists(chain_mod.INDEX_NAME):
+        storage.delete(chain_mod.INDEX_NAME)  # every header from its file
+    entries: list[str] = []
+    lists = [0]
+    real_entry, real_list = chain_mod._read_entry, storage.list
+
+    def counted_entry(st, name, size=None):  # noqa: ANN001, ANN202
+        entries.append(name)
+        return real_entry(st, name, size)
+
+    def counted_list() -> list[str]:
+        lists[0] += 1
+        return real_list()
+
+    monkeypatch.setattr(chain_mod, "_read_entry", counted_entry)
+    monkeypatch.setattr(storage, "list", counted_list)
+
+    def restore(headers: ckptset.PartHeaders | None) -> tuple[object, ...]:
+        entries.clear()
+        lists[0] = 0
+        head = ckptset.part_head(storage, s, 0, headers=headers)
+        planes = ckptset.read_planes_of(storage, s, ["p", "q"], 0, NZ // 2, headers=headers)
+        whole = ckptset.read_replicated_of(storage, s, ["t"], headers=headers)
+        control = tuple(bytes(c.data) for c in head.chunks)
+        return control, planes["p"].tobytes(), planes["q"].tobytes(), whole["t"].tobytes()
+
+    alone = restore(None)
+    alone_entries, alone_lists = sorted(entries), lists[0]
+    shared = restore(ckptset.PartHeaders(storage))
+    assert shared == alone  # the same state either way
+    assert len(entries) == len(set(entries)), f"a chain header read twice: {sorted(entries)}"
+    assert lists[0] == 2  # part 0, then part 1 (the other owner of planes [0, NZ/2))
+    assert alone_lists == 3 and len(alone_entries) > len(entries), (alone_lists, alone_entries, sorted(entries))
+    with pytest.raises(ValueError, match="another store"):
+        ckptset.part_head(MemoryStorage(), s, 0, headers=ckptset.PartHeaders(storage))

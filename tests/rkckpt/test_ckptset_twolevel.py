@@ -132,3 +132,40 @@ def test_a_commit_record_whose_upload_hangs_is_an_error_at_the_deadline(tmp_path
     storage.flush()
     assert ckptset.latest_set(shared, KID).step == 10
     storage.close()
+
+
+def test_a_commit_record_goes_before_newer_parts_queued_ahead_of_it(s3_server, tmp_path: Path) -> None:
+    """Set 10's record is saved while set 20's part uploads (held) and set 30's waits in the queue:
+    it reaches the shared store before set 30's part, not behind it (``Storage.expedite``)."""
+    from helpers import wait_until
+
+    shared = _s3(s3_server)
+    held = HeldStore(shared, lambda n: "-000000000020-" in n)
+    arrived: list[str] = []
+    check = held._check
+
+    def recorded(name: str) -> None:
+        check(name)
+        arrived.append(name)
+
+    held._check = recorded  # type: ignore[method-assign]
+    stores = [TwoLevelStorage(FileStorage(tmp_path / "node"), held)]
+    mgrs = _rank_managers(stores)
+    s10 = _write_parts(stores, mgrs, 10)
+    stores[0].flush()
+    held.gate.clear()
+    _write_parts(stores, mgrs, 20)
+    assert held.holding.wait(30)  # the one upload thread is busy with set 20's part
+    s30 = _write_parts(stores, mgrs, 30)
+    record = ckptset.set_name(KID, 10, 1)
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(ckptset.commit_set(stores[0], s10, timeout=60)))
+    t.start()
+    wait_until(lambda: record in stores[0]._pending, 30, "the commit record to be queued")
+    held.gate.set()
+    t.join(60)
+    assert done == [record]
+    stores[0].flush()
+    assert arrived.index(record) < arrived.index(s30.parts[0].name), arrived
+    assert _latest_shared(shared) == 10
+    stores[0].close()

@@ -46,6 +46,15 @@ class StoreTests:
     def test_is_a_storage(self, store: Storage) -> None:
         assert isinstance(store, Storage) and store.list() == []
 
+    def test_saved_is_durable_once_flushed(self, store: Storage) -> None:
+        """What a commit record relies on: after ``wait_uploaded`` and ``flush`` a saved object is durable
+        and no transfer of it is said to have failed (two-level: it is in the shared store)."""
+        store.save("part", b"p" * 100)
+        store.wait_uploaded(["part"], timeout=30)
+        store.flush(timeout=30)
+        assert store.durable("part") and store.upload_failed("part") is None
+        assert store.retry() == 0  # nothing failed, nothing queued again
+
     def test_save_bytes_or_writer_and_load(self, store: Storage) -> None:
         assert store.save("one", b"0123456789") == 10
         assert store.save("two", lambda f: f.write(b"y" * 7000)) == 7000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from ..errors import CheckpointError
@@ -120,7 +120,17 @@ class Storage(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def flush(self) -> None: ...
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def durable(self, name: str) -> bool: ...
+
+    def wait_uploaded(self, names: Iterable[str], timeout: float | None = None) -> None: ...
+
+    def upload_failed(self, name: str) -> str | None: ...
+
+    def expedite(self, names: Iterable[str]) -> None: ...
+
+    def retry(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -159,8 +169,30 @@ class StorageBase:
         for b in self.iter_chunks(name):
             f.write(b)
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         """Make everything saved so far durable (no-op for synchronous stores)."""
+
+    # Where a saved object may not yet be in its final place (two-level storage
+    # uploads behind the save), a commit record must wait for it. A synchronous
+    # store has nothing to wait for: what ``save`` returned from is durable.
+
+    def durable(self, name: str) -> bool:
+        """Whether ``name`` is where a restore on another node will look for it."""
+        return True
+
+    def wait_uploaded(self, names: Iterable[str], timeout: float | None = None) -> None:
+        """Wait until no transfer of ``names`` is still going (whether each arrived is ``durable``)."""
+
+    def upload_failed(self, name: str) -> str | None:
+        """Why the last transfer of ``name`` failed, or None."""
+        return None
+
+    def expedite(self, names: Iterable[str]) -> None:
+        """Let the transfers of ``names`` go before others still queued (a commit record)."""
+
+    def retry(self) -> int:
+        """Queue failed transfers again without waiting; how many."""
+        return 0
 
     def close(self) -> None:
         pass

@@ -42,10 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -94,8 +94,8 @@ class TwoLevelStorage(StorageBase):
         self.local = local
         self.shared = shared
         self.url = f"{local.url} -> {shared.url}"
-        self._queue: queue.Queue[object] = queue.Queue()
         self._cond = threading.Condition()
+        self._ops: deque[object] = deque()  # (op, name) in upload order, under _cond; ``expedite`` reorders
         self._pending: dict[str, int] = {}  # name -> outstanding operations
         self._failed: dict[str, str] = {}  # name -> last error (upload still owed)
         self._durable: set[str] = set()
@@ -159,7 +159,10 @@ class TwoLevelStorage(StorageBase):
     # ---------------------------------------------------------------- background
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            with self._cond:
+                while not self._ops:
+                    self._cond.wait()
+                item = self._ops.popleft()
             if item is _STOP:
                 return
             op, name = item  # type: ignore[misc]
@@ -204,7 +207,21 @@ class TwoLevelStorage(StorageBase):
             self._pending[name] = self._pending.get(name, 0) + 1
             if op == "put":
                 self._durable.discard(name)
-        self._queue.put((op, name))
+            self._ops.append((op, name))
+            self._cond.notify_all()
+
+    def expedite(self, names: Iterable[str]) -> None:
+        """Move the queued uploads of ``names`` ahead of every other queued operation, in the order given.
+
+        A commit record names parts whose uploads ``commit_set`` has already
+        waited for: it need not wait behind the uploads of newer parts queued
+        since (an upload already running is not interrupted).
+        """
+        with self._cond:
+            front = [("put", n) for n in names if ("put", n) in self._ops]
+            for item in front:
+                self._ops.remove(item)
+            self._ops.extendleft(reversed(front))
 
     # ---------------------------------------------------------------- interface
     def acquire_lock(self) -> None:
@@ -338,7 +355,9 @@ class TwoLevelStorage(StorageBase):
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            with self._cond:
+                self._ops.append(_STOP)
+                self._cond.notify_all()
             self._thread.join(timeout=60)
         self.local.close()
         self.shared.close()
