@@ -125,7 +125,7 @@ def test_real_rkrun_two_node_four_rank_step_preempted_and_restored_bit_identical
     """scavenger (CANCEL + GraceTime): every rank gets SIGTERM, they agree on one stop step, commit the final
     set and exit 75; the resubmitted 2x4 job restores that set on 4 ranks."""
     w = slurm_workflow
-    args = ARGS.format(steps=240)
+    args = ARGS.format(steps=400)  # 94 batches of 150 ms after step 24: some 14 s for the preemption to land
     _workflow(w, "scavenger", args, throttle_ms=150)
     ref = _reference(w, args)
     p = w.start("--rkslurm-keep-successful-logs")
