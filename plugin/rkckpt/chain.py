@@ -67,7 +67,10 @@ def open_source(storage: Storage, name: str) -> Source:
     (an ``.rk.h5`` object's HDF5 structure too), never downloaded whole.
     """
     local = _local_path(storage, name)
-    return forms.for_chain_name(name).open_stream(local or name, None if local else storage)
+    if local is None:
+        return forms.for_chain_name(name).open_stream(name, storage)
+    # the storage's own folder holds no links: refused when opened, not only when it was looked at
+    return forms.for_chain_name(name).open_stream(local, None, follow_links=False)
 
 
 @dataclass
@@ -509,7 +512,9 @@ def read_region(storage: Storage, name: str, region: str) -> np.ndarray:
         form = forms.for_chain_name(name)
         if form.read_region is not None:
             local = _local_path(storage, name)
-            return form.read_region(local or name, region, None if local else storage)
+            if local is None:
+                return form.read_region(name, region, storage)
+            return form.read_region(local, region, None, follow_links=False)
         info = Checkpoint(meta).regions().get(region)
         if info is None:
             raise CheckpointError(name, f"no region named {region!r}")

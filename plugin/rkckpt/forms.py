@@ -56,8 +56,10 @@ class Form:
     read: Callable[[str, Source], stream.ParsedFile]  # (path, the path opened) -> parsed checkpoint
     write: Callable[[Path, Checkpoint, WriteOptions, str | None], int]  # atomic write of a path; bytes written
     write_to: Callable[[BinaryIO, Checkpoint, WriteOptions, str | None], int]  # stream into a new file object
-    open_stream: Callable[[str, Any], Source]  # (path or object name, storage or None) -> the RKCKPT stream
-    read_region: Callable[[str, str, Any], np.ndarray] | None  # a region by range reads, when the form indexes them
+    # (path or object name, storage or None, follow_links=) -> the RKCKPT stream
+    open_stream: Callable[..., Source]
+    # (path or object name, region, storage or None, follow_links=): a region by range reads, when the form indexes them
+    read_region: Callable[..., np.ndarray] | None
     shards: bool  # may the stream be sharded
 
 
@@ -66,8 +68,8 @@ def _rkcp_write(path: Path, ckpt: Checkpoint, options: WriteOptions, chain_base:
         return stream.write_to(f, ckpt, options)
 
 
-def _rkcp_open_stream(name: str, storage: Any) -> Source:
-    return FileSource(name) if storage is None else StorageSource(storage, name)
+def _rkcp_open_stream(name: str, storage: Any, *, follow_links: bool = True) -> Source:
+    return FileSource(name, follow_links=follow_links) if storage is None else StorageSource(storage, name)
 
 
 RKCP = Form(

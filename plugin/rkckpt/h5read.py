@@ -75,7 +75,7 @@ class _Opened:
     they declare.
     """
 
-    def __init__(self, path: str | os.PathLike[str], storage: Any = None, *, libhdf5: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], storage: Any = None, *, libhdf5: bool = False, follow_links: bool = True) -> None:
         self.source = os.fspath(path)
         self.storage = storage
         self.raw: Source
@@ -83,7 +83,7 @@ class _Opened:
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self.located: h5layout.Located | None = None
         if storage is None:
-            self.raw = FileSource(self.source)  # refuses FIFOs and devices without blocking
+            self.raw = FileSource(self.source, follow_links=follow_links)  # refuses FIFOs and devices without blocking
         else:
             self.raw = StorageSource(storage, self.source)
         try:
@@ -136,6 +136,19 @@ class _Opened:
             self.file = h5py.File(local, "r")
         except (OSError, ValueError) as exc:
             raise CheckpointError(self.source, f"cannot open as HDF5: {exc}") from None
+        self._check_same_file()
+
+    def _check_same_file(self) -> None:
+        """libhdf5 opened the path again: it must be the file already open here (never a link swapped in since)."""
+        fd = getattr(self.raw, "fd", None)
+        if fd is None:
+            return
+        try:
+            a, b = os.fstat(fd), os.fstat(self.file.id.get_vfd_handle())
+        except (OSError, ValueError, TypeError):  # a driver without a file descriptor: nothing to compare
+            return
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise CheckpointError(self.source, "the file changed while it was being opened (replaced, or a link swapped in)")
 
     def _structure(self) -> Any:
         """The h5py file for the extras, probed first (a storage object: its structure copied locally)."""
@@ -354,12 +367,13 @@ def read_stream(path: str | os.PathLike[str]) -> bytes:
 
 
 @_guarded
-def open_stream(path: str | os.PathLike[str], storage: Any = None) -> Source:
+def open_stream(path: str | os.PathLike[str], storage: Any = None, *, follow_links: bool = True) -> Source:
     """A byte-range source over the stream inside a ``.rk.h5`` (HDF5 structure checked first).
 
     The HDF5 file is closed again; the caller closes the returned source.
+    ``follow_links=False``: a symbolic link under ``path`` is refused when it is opened.
     """
-    h = _Opened(path, storage)
+    h = _Opened(path, storage, follow_links=follow_links)
     h.close_structure()
     return h.stream
 
@@ -414,9 +428,9 @@ def _read_entry(h: _Opened, entry: IndexEntry, what: str) -> bytes | memoryview:
 
 
 @_guarded
-def read_region(path: str | os.PathLike[str], name: str, storage: Any = None) -> np.ndarray:
+def read_region(path: str | os.PathLike[str], name: str, storage: Any = None, *, follow_links: bool = True) -> np.ndarray:
     """One named region as an array, reading only its slice of the stream (also from a storage object)."""
-    with _Opened(path, storage) as h:
+    with _Opened(path, storage, follow_links=follow_links) as h:
         info = h.regions().get(name)
         if info is None:
             raise CheckpointError(h.source, f"no region named {name!r}")

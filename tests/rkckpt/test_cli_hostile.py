@@ -187,3 +187,29 @@ def test_a_link_to_a_valid_checkpoint_of_another_run_is_never_restored(tmp_path,
     r = run("latest", d, "--json")
     assert r.exit_code == 0 and json.loads(r.output)["step"] == 3, r.output
     assert os.path.islink(planted) and (other / name(4, "full")).is_file()  # neither the link nor its target is touched
+
+
+@pytest.mark.parametrize("fmt", ["rk.h5", "rkcp"])
+def test_a_link_swapped_in_after_the_folder_was_looked_at_is_refused_when_opened(tmp_path, monkeypatch, fmt):
+    """The window between ``local_path``'s ``lstat`` and the open: the name is a regular file when looked at,
+    a link to another run's valid checkpoint when opened. The open itself refuses it (``O_NOFOLLOW``)."""
+    from rkckpt.chain import open_source, read_region
+    from rkckpt.errors import CheckpointError
+
+    d, other = tmp_path / "ck", tmp_path / "other-run"
+    for folder, steps in ((d, [4]), (other, [4])):
+        with CheckpointManager(folder, CheckpointPolicy(every_steps=1, full_every=1, checkpoint_format=fmt), KID) as m:
+            for s in steps:
+                m.submit(SnapshotResponse(SnapshotRequest(s), state(s)))
+    n = checkpoint_name(KID, 4, "full", fmt)
+    storage = FileStorage(d, create=False)
+    assert storage.local_path(n) is not None  # looked at: a regular file
+    looked = storage.local_path
+    monkeypatch.setattr(storage, "local_path", lambda name: looked(name) or storage.path(name))  # the lstat answer, kept
+    (d / n).unlink()
+    (d / n).symlink_to(other / n)  # swapped in after the look
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        open_source(storage, n).close()
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        read_region(storage, n, state(4).regions().popitem()[0])
+    assert (other / n).is_file() and os.path.islink(d / n)
