@@ -181,3 +181,78 @@ def test_index_saves_are_spaced_and_flushed(tmp_path, monkeypatch) -> None:
         m.submit(SnapshotResponse(SnapshotRequest(5), _state(5)))
         m.wait()
         assert _saved_steps(tmp_path) == {1, 2, 3, 4, 5}
+
+
+def _big_state(step: int) -> Checkpoint:
+    """Payloads over the inline CRC limit (64 KiB), so the helper thread does the CRCs."""
+    c = Checkpoint(Metadata("crc", "test", step))
+    c.add_region("a", np.arange(1 << 16, dtype=np.float64) * step)
+    return c
+
+
+def _round_trip(step: int) -> bool:
+    import io
+
+    from rkckpt import stream
+    from rkckpt.source import MemorySource
+
+    buf = io.BytesIO()
+    stream.write_to(buf, _big_state(step))
+    got = stream.read_source(MemorySource(buf.getvalue())).checkpoint
+    return got.region("a").tobytes() == _big_state(step).region("a").tobytes()
+
+
+def _crc_helpers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("rkckpt-crc")]
+
+
+def test_crc_helper_is_one_per_calling_thread_and_goes_with_it() -> None:
+    """Streams written and read in one thread share one helper (no thread started per stream); a thread's helper
+    exits once the thread has ended; a forked child gets a helper of its own (the parent's worker is not there)."""
+    import gc
+    import threading
+
+    from helpers import wait_until
+
+    assert _round_trip(1)
+    mine = set(_crc_helpers())
+    assert mine  # kept after the stream, for the next one
+    for step in range(2, 6):
+        assert _round_trip(step)
+    assert set(_crc_helpers()) == mine  # reused, none added
+
+    def other() -> None:
+        assert _round_trip(7)
+        seen.append(set(_crc_helpers()) - mine)
+
+    seen: list[set] = []
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(60)
+    assert len(seen) == 1 and len(seen[0]) == 1  # the other thread had its own helper
+    gc.collect()
+    wait_until(lambda: not (set(_crc_helpers()) & seen[0]), 30, "the ended thread's helper to exit")
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a round trip must not wait on the parent's worker, which it does not have
+        try:
+            os.write(w, b"ok" if _round_trip(9) else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+    import signal
+
+    ready: list = []
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready, "the forked child hung on its CRC helper"
+        assert os.read(r, 8) == b"ok"
+    finally:
+        os.close(r)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
